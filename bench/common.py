@@ -1,0 +1,65 @@
+"""Shared benchmark plumbing: timing, the hardware limits measured in the same run, JSON-line output."""
+
+import json
+import platform
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+
+
+def environment(device: torch.device) -> dict:
+    info = {
+        "device": str(device),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "threads": torch.get_num_threads(),
+        "machine": platform.machine(),
+    }
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    else:
+        info["cpu"] = platform.processor() or platform.machine()
+    return info
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def median_time(fn: Callable[[], object], device: torch.device, *, warmup: int = 3, iters: int = 20,
+                min_seconds: float = 0.0) -> float:
+    """Median wall time of fn() in seconds, synchronising the device around each call."""
+    for _ in range(warmup):
+        fn()
+    _sync(device)
+    times = []
+    started = time.perf_counter()
+    while len(times) < iters or time.perf_counter() - started < min_seconds:
+        t0 = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def streaming_read_bandwidth(device: torch.device, nbytes: int = 1 << 30) -> float:
+    """The memory bandwidth limit in bytes/s, measured now.
+
+    CPU: a streaming read (a sum over a buffer far larger than the last-level cache, all threads).
+    CUDA: a device-to-device copy (bytes read + bytes written per second).
+    """
+    if device.type == "cuda":
+        src = torch.empty(nbytes // 4, dtype=torch.float32, device=device)
+        dst = torch.empty_like(src)
+        seconds = median_time(lambda: dst.copy_(src), device, iters=20)
+        return 2 * nbytes / seconds
+    buffer = torch.ones(nbytes // 4, dtype=torch.float32)
+    seconds = median_time(lambda: buffer.sum(), device, warmup=2, iters=10)
+    return nbytes / seconds
+
+
+def emit(record: dict) -> None:
+    print(json.dumps(record, sort_keys=False), flush=True)

@@ -1,0 +1,51 @@
+// The op schemas of fast_inference, all in one place, and the Python module that loads them.
+//
+// Each schema has a CPU implementation (csrc/cpu/) and a CUDA implementation (csrc/cuda/)
+// registered with TORCH_LIBRARY_IMPL next to the kernel. Python wrappers with shapes and
+// docstrings live in fast_inference/ops/, fake (meta) kernels in fast_inference/ops/_fake.py.
+#include <Python.h>
+#include <torch/library.h>
+
+TORCH_LIBRARY(fast_inference, m) {
+  // ---- KV cache ---------------------------------------------------------------------------
+  // key, value: [num_tokens, num_kv_heads, head_size]
+  // key_cache, value_cache: [num_blocks, block_size, num_kv_heads, head_size]
+  // slot_mapping: int64 [num_tokens], slot = block_id * block_size + offset; negative = padding
+  m.def("reshape_and_cache(Tensor key, Tensor value, Tensor(a!) key_cache, Tensor(b!) value_cache, "
+        "Tensor slot_mapping) -> ()");
+  // block_mapping: int64 [n, 2] of (src, dst) block ids, applied to every layer's caches
+  m.def("copy_blocks(Tensor(a!)[] key_caches, Tensor(b!)[] value_caches, Tensor block_mapping) -> ()");
+  // src, dst: [num_blocks, ...] on any devices; block_mapping: int64 [n, 2] (src, dst)
+  m.def("swap_blocks(Tensor src, Tensor(a!) dst, Tensor block_mapping) -> ()");
+
+  // ---- attention --------------------------------------------------------------------------
+  // query: [num_query_tokens, num_heads, head_size]; block_tables: int32 [num_seqs, max_blocks]
+  // seq_lens: int32 [num_seqs]; cu_query_lens: int32 [num_seqs + 1]
+  // out: [num_query_tokens, num_heads, head_size], written in place
+  m.def("paged_attention(Tensor query, Tensor key_cache, Tensor value_cache, Tensor block_tables, "
+        "Tensor seq_lens, Tensor cu_query_lens, float scale, bool causal, Tensor(a!) out) -> ()");
+
+  // ---- sampling ---------------------------------------------------------------------------
+  // logits: float [B, V]; temperature f32 [B]; top_k int32 [B]; top_p f32 [B]; min_p f32 [B];
+  // seeds, offsets: int64 [B]. Returns int64 [B] token ids.
+  m.def("sample(Tensor logits, Tensor temperature, Tensor top_k, Tensor top_p, Tensor min_p, "
+        "Tensor seeds, Tensor offsets) -> Tensor");
+  // In place on logits [B, V]. Ragged token lists: row b owns ids[cu_lens[b]:cu_lens[b+1]].
+  // prompt_token_ids/output_token_ids: int64 [total]; *_cu_lens: int32 [B + 1];
+  // presence_penalty, frequency_penalty, repetition_penalty: f32 [B]
+  m.def("apply_penalties(Tensor(a!) logits, Tensor prompt_token_ids, Tensor prompt_cu_lens, "
+        "Tensor output_token_ids, Tensor output_cu_lens, Tensor presence_penalty, "
+        "Tensor frequency_penalty, Tensor repetition_penalty) -> ()");
+  // In place on logits [B, V]: logits[b, token_ids[i]] += biases[i] for i in row b's range.
+  // token_ids int64 [total]; biases f32 [total] (-inf masks a token: min_tokens uses this);
+  // cu_lens int32 [B + 1]
+  m.def("apply_logit_bias(Tensor(a!) logits, Tensor token_ids, Tensor biases, Tensor cu_lens) -> ()");
+  // logits [B, V] raw (before temperature / filtering); token_ids int64 [B];
+  // returns (token_logprobs f32 [B], top_ids int64 [B, num_top], top_logprobs f32 [B, num_top])
+  m.def("compute_logprobs(Tensor logits, Tensor token_ids, int num_top) -> (Tensor, Tensor, Tensor)");
+}
+
+// `import fast_inference._C` loads this library, which runs the registrations above.
+static PyModuleDef fast_inference_module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+
+PyMODINIT_FUNC PyInit__C(void) { return PyModule_Create(&fast_inference_module); }

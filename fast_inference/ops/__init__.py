@@ -1,0 +1,30 @@
+"""fast_inference.ops: typed wrappers over the torch.ops.fast_inference.* kernels (CPU and CUDA).
+
+Every op has a pure-PyTorch reference with the same signature in fast_inference.ops.reference.
+"""
+
+import torch
+
+import fast_inference._C  # noqa: F401  (loads the kernels and registers torch.ops.fast_inference)
+
+from . import _fake  # noqa: F401  (fake kernels for torch.compile / opcheck)
+from .attention import paged_attention
+from .cache import copy_blocks, reshape_and_cache, swap_blocks
+from .sampling import apply_logit_bias, apply_penalties, compute_logprobs, sample
+
+__all__ = [
+    "apply_logit_bias",
+    "apply_penalties",
+    "compute_logprobs",
+    "copy_blocks",
+    "paged_attention",
+    "reshape_and_cache",
+    "sample",
+    "swap_blocks",
+    "cuda_ops_available",
+]
+
+
+def cuda_ops_available() -> bool:
+    """True when this build of the extension has CUDA kernels registered."""
+    return torch._C._dispatch_has_kernel_for_dispatch_key("fast_inference::paged_attention", "CUDA")

@@ -1,0 +1,49 @@
+"""Fake (meta) kernels: output shapes and dtypes of the fast_inference ops for torch.compile and opcheck."""
+
+import torch
+
+
+@torch.library.register_fake("fast_inference::reshape_and_cache")
+def _reshape_and_cache_fake(key, value, key_cache, value_cache, slot_mapping):
+    return None
+
+
+@torch.library.register_fake("fast_inference::copy_blocks")
+def _copy_blocks_fake(key_caches, value_caches, block_mapping):
+    return None
+
+
+@torch.library.register_fake("fast_inference::swap_blocks")
+def _swap_blocks_fake(src, dst, block_mapping):
+    return None
+
+
+@torch.library.register_fake("fast_inference::paged_attention")
+def _paged_attention_fake(query, key_cache, value_cache, block_tables, seq_lens, cu_query_lens, scale, causal, out):
+    return None
+
+
+@torch.library.register_fake("fast_inference::sample")
+def _sample_fake(logits, temperature, top_k, top_p, min_p, seeds, offsets):
+    return logits.new_empty((logits.shape[0],), dtype=torch.int64)
+
+
+@torch.library.register_fake("fast_inference::apply_penalties")
+def _apply_penalties_fake(logits, prompt_token_ids, prompt_cu_lens, output_token_ids, output_cu_lens,
+                          presence_penalty, frequency_penalty, repetition_penalty):
+    return None
+
+
+@torch.library.register_fake("fast_inference::apply_logit_bias")
+def _apply_logit_bias_fake(logits, token_ids, biases, cu_lens):
+    return None
+
+
+@torch.library.register_fake("fast_inference::compute_logprobs")
+def _compute_logprobs_fake(logits, token_ids, num_top):
+    batch = logits.shape[0]
+    return (
+        logits.new_empty((batch,), dtype=torch.float32),
+        logits.new_empty((batch, num_top), dtype=torch.int64),
+        logits.new_empty((batch, num_top), dtype=torch.float32),
+    )
