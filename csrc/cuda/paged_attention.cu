@@ -1,10 +1,13 @@
 // CUDA entry point of paged_attention: argument checks, split workspace, launches on the current stream.
 //
+// c10::cuda::getCurrentCUDAStream is at::cuda's current stream without ATen/cuda/CUDAContext.h (which needs
+// cusparse.h, absent from a bare CUDA toolkit).
 // No host synchronisation: grids and the workspace are sized from tensor sizes only (the context
 // bound is block_tables.size(1) * block_size), so the op is safe inside a CUDA graph. The values of
 // block_tables / seq_lens / cu_query_lens are not checked on the host: an out-of-range block id, or a
 // seq_len below q_len or past the block table, gives NaN in that sequence's output rows.
-#include <ATen/cuda/CUDAContext.h>
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
@@ -32,7 +35,7 @@ void paged_attention_cuda(const at::Tensor& query,         // [num_query_tokens,
               "key_cache must be 16-byte aligned");
   TORCH_CHECK(value_cache.data_ptr() == nullptr || reinterpret_cast<uintptr_t>(value_cache.data_ptr()) % 16 == 0,
               "value_cache must be 16-byte aligned");
-  TORCH_CHECK(d.num_query_tokens <= INT32_MAX && d.num_blocks <= INT32_MAX && d.num_seqs < 65536 * 32768LL,
+  TORCH_CHECK(d.num_query_tokens + d.num_seqs <= INT32_MAX && d.num_blocks <= INT32_MAX,
               "paged_attention: sizes exceed the CUDA kernels' 32-bit indices");
   const int64_t max_context = d.max_blocks_per_seq * d.block_size;
   TORCH_CHECK(max_context <= INT32_MAX, "block_tables.size(1) * block_size = ", max_context,
@@ -45,7 +48,7 @@ void paged_attention_cuda(const at::Tensor& query,         // [num_query_tokens,
   if (d.num_query_tokens == 0 || d.num_seqs == 0) return;
 
   const c10::cuda::CUDAGuard guard(query.device());
-  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
 
   cuda::PagedAttentionParams p{};
   p.query = query.data_ptr();
