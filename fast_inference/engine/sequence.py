@@ -64,6 +64,7 @@ class Request:
     # n > 1: the first sequence prefills the prompt alone and is forked into n once its prefill completes.
     pending_forks: int = 0
     num_cached_tokens: int = 0
+    seed: int = 0  # the request's seed (given, or drawn from the engine's seeded RNG)
     stop_token_ids: frozenset[int] = frozenset()  # EOS (unless ignore_eos) + params.stop_token_ids
     # Per-row tensors for logit bias + min_tokens masking, built once: (token_ids, biases).
     bias_ids: list[int] = field(default_factory=list)
