@@ -1,12 +1,11 @@
 """Request-level behaviour: n > 1, stop strings / token ids, min/max tokens, seeds, logprobs, streaming, abort."""
 
 import pytest
+from engine_utils import PROMPTS, assert_no_leak, hf_greedy
 
 from fast_inference import LLM, SamplingParams
 from fast_inference.engine.config import EngineArgs
 from fast_inference.engine.llm_engine import LLMEngine
-
-from engine_utils import PROMPTS, assert_no_leak, hf_greedy
 
 
 @pytest.fixture(scope="module")
@@ -169,7 +168,7 @@ def test_streaming_text_is_append_only(llama_dir):
             if out.finished:
                 finals[out.request_id] = out
     tok = engine.tokenizer
-    for rid, out in finals.items():
+    for _rid, out in finals.items():
         comp = out.outputs[0]
         full = tok.decode(comp.token_ids, skip_special_tokens=True)
         if comp.finish_reason == "length":
