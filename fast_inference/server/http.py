@@ -223,6 +223,11 @@ class HTTPServer:
         if len(event.headers) > limits.max_header_count:
             await self._send_error_and_close(
                 conn, writer, APIError(431, f"Too many request headers (limit {limits.max_header_count})"))
+        # h11 bounds only a head still incomplete in its buffer; one that arrived whole is checked here.
+        head_size = len(event.target) + sum(len(n) + len(v) + 4 for n, v in event.headers)
+        if head_size > limits.max_header_bytes:
+            await self._send_error_and_close(
+                conn, writer, APIError(431, f"Request head exceeds the limit of {limits.max_header_bytes} bytes"))
         headers: dict[str, str] = {}
         for name, value in event.headers:
             key = name.decode("latin-1")
