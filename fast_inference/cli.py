@@ -31,6 +31,8 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--block-size", type=int, default=16, help="tokens per KV-cache block")
     serve.add_argument("--no-enable-prefix-caching", action="store_true", help="disable prefix caching")
     serve.add_argument("--seed", type=int, default=0)
+    serve.add_argument("--num-threads", type=int, default=None,
+                       help="torch intra-op CPU threads for the engine (default: torch's choice)")
     serve.add_argument("--chat-template", default=None, help="Jinja chat template: a file path or the template")
     serve.add_argument("--allowed-origins", nargs="*", default=[],
                        help="CORS origins allowed to call the API ('*' for any); none: CORS off")
@@ -98,6 +100,10 @@ def serve(args: argparse.Namespace) -> int:
     api_key = args.api_key or os.environ.get("FAST_INFERENCE_API_KEY") or None
 
     def engine_factory():
+        if args.num_threads is not None:
+            import torch
+
+            torch.set_num_threads(args.num_threads)
         from .engine.config import EngineArgs
         from .engine.llm_engine import LLMEngine
 

@@ -125,12 +125,13 @@ class ServerThread:
 
         asyncio.run(main())
 
-    def start(self, ready_timeout: float = 120.0) -> "ServerThread":
+    def start(self, ready_timeout: float | None = 120.0) -> "ServerThread":
+        """Start listening; then wait up to `ready_timeout` s for the engine (None: do not wait)."""
         self._thread.start()
         self._started.wait()
         if self._error is not None:
             raise self._error
-        if not self.server.engine._ready.wait(ready_timeout):
+        if ready_timeout is not None and not self.server.engine._ready.wait(ready_timeout):
             raise TimeoutError("engine did not load in time")
         return self
 

@@ -9,10 +9,14 @@ from types import SimpleNamespace
 
 import jsonschema
 import pytest
+import torch
 
 from fast_inference.server.http import Limits
 from fast_inference.server.routes import ServerConfig
 from fast_inference.server.serve import Server, ServerThread
+
+# Tiny models gain nothing from intra-op threads, and on a shared machine OpenMP spin-waits cost 10-100x.
+torch.set_num_threads(1)
 
 SPEC = Path(os.environ.get("FI_OPENAI_SPEC", "/work/shared/openai-spec/openai-subset.json"))
 MODEL_NAME = "tiny-test"
@@ -50,12 +54,13 @@ def engine_factory(model_dir: Path, max_model_len: int = 256, max_num_seqs: int 
 
 
 def start_server(model_dir: Path, *, api_key: str | None = None, allowed_origins=(), limits: Limits | None = None,
-                 max_pending_requests: int = 2048, factory=None, drain_timeout: float = 10.0) -> ServerThread:
+                 max_pending_requests: int = 2048, factory=None, drain_timeout: float = 10.0,
+                 wait: bool = True) -> ServerThread:
     config = ServerConfig(served_model_names=[MODEL_NAME, "alias"], model_path=str(model_dir), api_key=api_key,
                           allowed_origins=list(allowed_origins), max_pending_requests=max_pending_requests)
     server = Server(factory or engine_factory(model_dir), config, host="127.0.0.1", port=0, limits=limits,
                     drain_timeout=drain_timeout)
-    return ServerThread(server).start()
+    return ServerThread(server).start(120.0 if wait else None)
 
 
 @pytest.fixture(scope="session")

@@ -230,3 +230,44 @@ def test_graceful_shutdown_drains(model_dir):
     conn.close()
     stopper.join(30)
     assert not stopper.is_alive()
+
+
+def test_health_503_while_loading_then_200(model_dir):
+    from .conftest import engine_factory
+
+    release = threading.Event()
+    real = engine_factory(model_dir)
+
+    def slow_factory():
+        release.wait(30)
+        return real()
+
+    thread = start_server(model_dir, factory=slow_factory, wait=False)
+    try:
+        r = call(thread.port, "GET", "/health")
+        assert r.status == 503 and r.json()["error"]["code"] == "model_loading"
+        busy = call(thread.port, "POST", "/v1/completions", gen_body())
+        assert busy.status == 503
+        assert call(thread.port, "GET", "/ping").status == 200
+        release.set()
+        deadline = time.monotonic() + 30
+        while call(thread.port, "GET", "/health").status != 200:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        assert call(thread.port, "POST", "/v1/completions", gen_body()).status == 200
+    finally:
+        release.set()
+        thread.stop()
+
+
+def test_failed_engine_reports_unhealthy(model_dir):
+    def broken():
+        raise RuntimeError("weights are corrupt")
+
+    thread = start_server(model_dir, factory=broken)
+    try:
+        r = call(thread.port, "GET", "/health")
+        assert r.status == 503 and "corrupt" in r.json()["error"]["message"]
+        assert call(thread.port, "POST", "/v1/completions", gen_body()).status == 503
+    finally:
+        thread.stop()
