@@ -88,7 +88,7 @@ class RawConn:
                 if not data:
                     return True
                 self.buf += data
-        except (TimeoutError, socket.timeout):
+        except TimeoutError:
             return False
         except ConnectionResetError:
             return True
