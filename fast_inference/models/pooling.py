@@ -3,7 +3,8 @@
 A sentence-transformers model directory is a pipeline of modules (modules.json): the Transformer (the
 checkpoint in the directory itself), a Pooling module (1_Pooling/config.json: which token reductions
 to concatenate) and optionally a Normalize module (unit L2 norm). sentence_bert_config.json gives
-the maximum sequence length. A plain Hugging Face directory without modules.json gets what
+the maximum sequence length (sentence-transformers >= 5 keeps it as the tokenizer's model_max_length
+instead). A plain Hugging Face directory without modules.json gets what
 sentence-transformers itself builds for one: mean pooling, no normalization.
 """
 
@@ -31,7 +32,7 @@ _LEGACY_KEYS = {
 class PoolingConfig:
     modes: tuple[str, ...]  # reductions, concatenated in this order
     normalize: bool  # L2-normalize the pooled vector (a Normalize module follows Pooling)
-    max_seq_length: int | None  # sentence_bert_config.json's limit, None when the directory has none
+    max_seq_length: int | None  # sentence_bert_config.json's or the tokenizer's limit; None when neither has one
     sentence_transformers: bool  # the directory has a modules.json
 
     def output_dim(self, hidden_size: int) -> int:
@@ -65,6 +66,12 @@ def load_pooling_config(model_dir: str | os.PathLike) -> PoolingConfig:
     if sbert_path.is_file():
         value = json.loads(sbert_path.read_text()).get("max_seq_length")
         max_seq_length = int(value) if value is not None else None
+    tokenizer_path = model_dir / "tokenizer_config.json"
+    if max_seq_length is None and tokenizer_path.is_file():
+        value = json.loads(tokenizer_path.read_text()).get("model_max_length")
+        # Tokenizers without a limit store a huge sentinel (int(1e30)); that is no limit.
+        if isinstance(value, int) and 0 < value < 1_000_000:
+            max_seq_length = value
 
     modules_path = model_dir / "modules.json"
     if not modules_path.is_file():
