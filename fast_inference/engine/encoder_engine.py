@@ -84,6 +84,7 @@ class EncoderEngine:
         block_size: int = 16,
         device: str | torch.device = "cpu",
         tokenizer=None,
+        prepack_weights: bool | None = None,  # oneDNN blocked weights + fused epilogues (default: when available)
     ) -> None:
         model_dir = Path(model)
         if not model_dir.is_dir():
@@ -107,7 +108,7 @@ class EncoderEngine:
 
         self.device = torch.device(device)
         torch_dtype = _resolve_dtype(dtype)
-        self.model = BertEncoder.from_pretrained(model_dir, torch_dtype, self.device)
+        self.model = BertEncoder.from_pretrained(model_dir, torch_dtype, self.device, prepack_weights)
         if tokenizer is None:
             from transformers import AutoTokenizer
 

@@ -70,8 +70,11 @@ def test_minilm_matches_sentence_transformers(engine, reference):
 
 
 def test_minilm_small_token_budget_splits_batches(reference):
-    # 64 tokens per forward forces many forwards (and one input of ~45 tokens alone in its batch).
-    small = EncoderEngine(MINILM_DIR, max_model_len=64, max_num_batched_tokens=64, max_num_seqs=4, block_size=8)
+    # 64 tokens per forward forces many forwards (and one input of ~45 tokens alone in its batch);
+    # this engine also runs the plain F.linear path instead of the prepacked oneDNN one.
+    small = EncoderEngine(MINILM_DIR, max_model_len=64, max_num_batched_tokens=64, max_num_seqs=4, block_size=8,
+                          prepack_weights=False)
+    assert all(layer.qkv.packed is None for layer in small.model.layers)
     ids = small.tokenize(SENTENCES)
     out = small.embed(ids)
     assert small.stats()["num_forwards"] >= len(SENTENCES) // 4
