@@ -1,0 +1,242 @@
+"""EncoderEngine: embeddings from a BERT-family encoder, many inputs per forward under a token budget.
+
+An encoder request is a single forward pass with no decode steps, so there is nothing to schedule
+across steps: embed() packs the inputs into flat, unpadded batches of at most max_num_batched_tokens
+tokens, runs one forward per batch through a scratch paged KV cache (bidirectional attention through
+ops.paged_attention), pools each sequence as the model's sentence-transformers config says, and
+returns the vectors in input order. The engine exposes the surface the server and the LLM API use for
+any engine; the generation entry points say plainly that this model serves embeddings only.
+"""
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from fast_inference.models.bert import BertConfig, BertEncoder, EncoderBatch
+from fast_inference.models.pooling import PoolingConfig, load_pooling_config, pool
+
+_DTYPES = {"float32": torch.float32, "float": torch.float32, "bfloat16": torch.bfloat16,
+           "float16": torch.float16, "half": torch.float16}
+
+
+def is_encoder_model(model_dir: str | os.PathLike) -> bool:
+    """True when the directory holds a BERT-family encoder (served for embeddings by EncoderEngine)."""
+    path = Path(model_dir) / "config.json"
+    try:
+        config = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return False
+    if config.get("is_decoder", False):
+        return False
+    if config.get("model_type") == "bert":
+        return True
+    archs = config.get("architectures") or []
+    return any(arch.startswith("Bert") and not arch.startswith("BertLMHead") for arch in archs)
+
+
+def _resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        resolved = dtype
+    elif dtype == "auto":
+        # Encoders are small and embeddings are compared across systems: float32 unless asked otherwise.
+        resolved = torch.float32
+    elif dtype in _DTYPES:
+        resolved = _DTYPES[dtype]
+    else:
+        raise ValueError(f"dtype: {dtype!r} is not one of 'auto', {sorted(_DTYPES)}")
+    if resolved not in (torch.float32, torch.float16, torch.bfloat16):
+        raise ValueError(f"dtype: {resolved} is not float32, float16 or bfloat16")
+    return resolved
+
+
+@dataclass(slots=True)
+class EncoderModelConfig:
+    """What the server and the LLM API read about the served model (the same names as LLMEngine's)."""
+
+    model_path: str
+    architecture: str
+    max_model_len: int
+    vocab_size: int
+    hidden_size: int
+    embedding_size: int  # length of the pooled vector (hidden_size x number of pooling modes)
+    dtype: torch.dtype
+    device: torch.device
+    pooling: PoolingConfig
+    eos_token_ids: set[int] = field(default_factory=set)
+
+
+class EncoderEngine:
+    """Embedding-only engine over a BERT-family model directory (optionally in sentence-transformers layout)."""
+
+    supports_generation = False
+
+    def __init__(
+        self,
+        model: str | os.PathLike,
+        *,
+        dtype: str | torch.dtype = "auto",
+        max_model_len: int | None = None,
+        max_num_batched_tokens: int = 8192,
+        max_num_seqs: int = 256,
+        block_size: int = 16,
+        device: str | torch.device = "cpu",
+        tokenizer=None,
+        prepack_weights: bool | None = None,  # oneDNN blocked weights + fused epilogues (default: when available)
+    ) -> None:
+        model_dir = Path(model)
+        if not model_dir.is_dir():
+            raise ValueError(f"model: {model} is not a directory")
+        if block_size < 1:
+            raise ValueError(f"block_size: must be >= 1, got {block_size}")
+        if max_num_seqs < 1:
+            raise ValueError(f"max_num_seqs: must be >= 1, got {max_num_seqs}")
+        bert_config = BertConfig.from_model_dir(model_dir)
+        pooling = load_pooling_config(model_dir)
+        limit = bert_config.max_position_embeddings
+        if pooling.max_seq_length is not None:
+            limit = min(limit, pooling.max_seq_length)
+        if max_model_len is not None:
+            if not 1 <= max_model_len <= bert_config.max_position_embeddings:
+                raise ValueError(f"max_model_len: {max_model_len} is outside [1, max_position_embeddings="
+                                 f"{bert_config.max_position_embeddings}]")
+            limit = max_model_len
+        if max_num_batched_tokens < limit:
+            raise ValueError(f"max_num_batched_tokens: {max_num_batched_tokens} is below max_model_len {limit}")
+
+        self.device = torch.device(device)
+        torch_dtype = _resolve_dtype(dtype)
+        self.model = BertEncoder.from_pretrained(model_dir, torch_dtype, self.device, prepack_weights)
+        if tokenizer is None:
+            from transformers import AutoTokenizer
+
+            tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+        self.tokenizer = tokenizer
+        self.model_config = EncoderModelConfig(
+            model_path=str(model_dir),
+            architecture=bert_config.architecture,
+            max_model_len=limit,
+            vocab_size=bert_config.vocab_size,
+            hidden_size=bert_config.hidden_size,
+            embedding_size=pooling.output_dim(bert_config.hidden_size),
+            dtype=torch_dtype,
+            device=self.device,
+            pooling=pooling,
+        )
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.max_num_seqs = max_num_seqs
+        self.block_size = block_size
+        # Scratch KV cache shared by all layers: a batch never needs more blocks than its tokens fill
+        # plus one partly filled block per sequence.
+        self.num_blocks = -(-max_num_batched_tokens // block_size) + max_num_seqs
+        shape = (self.num_blocks, block_size, bert_config.num_attention_heads, bert_config.head_size)
+        self.key_cache = torch.zeros(shape, dtype=torch_dtype, device=self.device)
+        self.value_cache = torch.zeros(shape, dtype=torch_dtype, device=self.device)
+        self._num_embedded = 0
+        self._num_embedded_tokens = 0
+        self._num_forwards = 0
+
+    # ---- embeddings -----------------------------------------------------------------------------
+
+    def tokenize(self, texts: list[str], truncate_prompt_tokens: int | None = None) -> list[list[int]]:
+        """Token ids as sentence-transformers makes them; truncate_prompt_tokens keeps the special tokens."""
+        if truncate_prompt_tokens is None:
+            return self.tokenizer(list(texts), add_special_tokens=True)["input_ids"]
+        if not 1 <= truncate_prompt_tokens <= self.model_config.max_model_len:
+            raise ValueError(f"truncate_prompt_tokens: {truncate_prompt_tokens} is outside "
+                             f"[1, max_model_len={self.model_config.max_model_len}]")
+        return self.tokenizer(list(texts), add_special_tokens=True, truncation=True,
+                              max_length=truncate_prompt_tokens)["input_ids"]
+
+    def embed(self, token_id_lists: list[list[int]]) -> torch.Tensor:
+        """Pooled (and, when the model says so, normalized) embeddings: float32 [len(token_id_lists), D]."""
+        if len(token_id_lists) == 0:
+            raise ValueError("token_id_lists: must not be empty")
+        max_len, vocab = self.model_config.max_model_len, self.model_config.vocab_size
+        lens = []
+        for i, ids in enumerate(token_id_lists):
+            if len(ids) == 0:
+                raise ValueError(f"token_id_lists[{i}]: empty input")
+            if len(ids) > max_len:
+                raise ValueError(f"token_id_lists[{i}]: {len(ids)} tokens exceed the model's maximum length "
+                                 f"{max_len}")
+            lens.append(len(ids))
+        flat = torch.tensor([t for ids in token_id_lists for t in ids], dtype=torch.int64)
+        low, high = int(flat.min()), int(flat.max())
+        if low < 0 or high >= vocab:
+            bad = low if low < 0 else high
+            row = next(i for i, ids in enumerate(token_id_lists) if bad in ids)
+            raise ValueError(f"token_id_lists[{row}]: token id {bad} is outside [0, vocab_size={vocab})")
+
+        out = torch.empty(len(lens), self.model_config.embedding_size, dtype=torch.float32)
+        start = 0
+        offset = 0  # token offset of token_id_lists[start] in flat
+        while start < len(lens):
+            end, tokens = start, 0
+            while end < len(lens) and end - start < self.max_num_seqs and tokens + lens[end] <= self.max_num_batched_tokens:
+                tokens += lens[end]
+                end += 1
+            out[start:end] = self._forward(flat[offset:offset + tokens], lens[start:end])
+            offset += tokens
+            start = end
+        self._num_embedded += len(lens)
+        self._num_embedded_tokens += offset
+        return out
+
+    def _forward(self, input_ids: torch.Tensor, lens: list[int]) -> torch.Tensor:
+        """One forward over a packed batch: int64 [sum(lens)] ids -> float32 [len(lens), D]."""
+        bs = self.block_size
+        seq_lens = torch.tensor(lens, dtype=torch.int64)
+        num_seqs = seq_lens.numel()
+        cu = torch.zeros(num_seqs + 1, dtype=torch.int64)
+        torch.cumsum(seq_lens, 0, out=cu[1:])
+        blocks = (seq_lens + bs - 1) // bs
+        first_block = torch.cumsum(blocks, 0) - blocks
+        token_seq = torch.repeat_interleave(torch.arange(num_seqs), seq_lens)
+        positions = torch.arange(int(cu[-1])) - cu[:-1][token_seq]
+        slot_mapping = first_block[token_seq] * bs + positions
+        # Sequence s owns blocks first_block[s] .. first_block[s] + blocks[s] - 1; unused table entries
+        # point at block 0 and are never read (seq_lens bounds the kernel).
+        j = torch.arange(int(blocks.max()))
+        block_tables = torch.where(j < blocks[:, None], first_block[:, None] + j, 0).to(torch.int32)
+        dev = self.device
+        batch = EncoderBatch(
+            key_cache=self.key_cache,
+            value_cache=self.value_cache,
+            slot_mapping=slot_mapping.to(dev),
+            block_tables=block_tables.to(dev),
+            seq_lens=seq_lens.to(torch.int32).to(dev),
+            cu_seq_lens=cu.to(torch.int32).to(dev),
+        )
+        hidden = self.model.forward(input_ids.to(dev), positions.to(dev), batch)
+        self._num_forwards += 1
+        return pool(hidden, cu.to(dev), self.model_config.pooling).cpu()
+
+    # ---- the engine surface shared with LLMEngine -------------------------------------------------
+
+    def add_request(self, *args, **kwargs):
+        raise ValueError(f"this model serves embeddings only; {self.model_config.architecture} at "
+                         f"{self.model_config.model_path} cannot generate text (use /v1/embeddings or LLM.embed)")
+
+    def abort_request(self, request_id) -> None:
+        """Nothing to abort: embed() finishes before it returns."""
+
+    def has_unfinished_requests(self) -> bool:
+        return False
+
+    def step(self) -> list:
+        return []
+
+    def stats(self) -> dict:
+        return {
+            "num_running": 0,
+            "num_waiting": 0,
+            "num_free_blocks": self.num_blocks,
+            "num_total_blocks": self.num_blocks,
+            "kv_cache_usage": 0.0,
+            "num_embedded_inputs": self._num_embedded,
+            "num_embedded_tokens": self._num_embedded_tokens,
+            "num_forwards": self._num_forwards,
+        }
