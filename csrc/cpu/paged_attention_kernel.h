@@ -9,8 +9,9 @@
 //   zero_acc(R), rescale_acc(r, alpha), read_acc(r, float dst[D])
 //   scores(r0, R, k, k_stride, n, S, S_stride)  S[r][t] = dot(q[r], k[t]) for r0 <= r < r0+R, t < n (rows of T)
 //   accumulate(P, P_stride, r0, R, v, v_stride, n)  acc[r] += sum_t P[r][t] * v[t] for r0 <= r < r0+R
-//   static exp_sub_sum(x, n, m) -> sum      x[t] = exp(x[t] - m) (as the accumulate step will weigh it)
-//   static max(x, n), static scale(x, n, s)
+//   exp_row(r, s, n, visible, scale, m) -> sum  P[r][t] = exp(s[t] * scale - m) for t < visible, 0 up to n,
+//                                           stored where accumulate reads it, at the precision it uses
+//   static max(x, n)
 //
 // Work item = (sequence, tile of query tokens, kv heads, KV split). All the query heads of a GQA group
 // and all the tokens of the tile are the rows that share every K/V row read from the cache, so each
@@ -180,17 +181,15 @@ void paged_attention_impl(const PagedAttentionArgs& a) {
             float* s = S.data() + r * bs;
             // Causal: keys past this row's position are masked; rows with nothing visible add nothing.
             const int64_t visible = std::clamp<int64_t>(row_pos[r] - pos0 + 1, 0, n);
-            std::fill(s + visible, s + n, 0.f);
-            if (visible == 0) continue;
-            Ops<T>::scale(s, visible, a.scale);
-            const float block_max = Ops<T>::max(s, visible);
+            // scale > 0, so the scaled maximum is the maximum scaled
+            const float block_max = visible > 0 ? Ops<T>::max(s, visible) * a.scale : kNegInf;
             if (block_max > m[r]) {
               const float alpha = std::exp(m[r] - block_max);  // 0 on the first visible block
               ops.rescale_acc(r, alpha);
               l[r] *= alpha;
               m[r] = block_max;
             }
-            l[r] += Ops<T>::exp_sub_sum(s, visible, m[r]);
+            l[r] += ops.exp_row(r, s, n, visible, a.scale, m[r]);
           }
           if (prefetch) prefetch_rows(reinterpret_cast<const char*>(value_cache + ahead + hh * D), stride_bytes, bs, row_bytes);
           ops.accumulate(S.data(), bs, r0, RH, value_cache + offset, cache_stride_token, n);
@@ -292,9 +291,10 @@ class PortableOps {
     }
   }
 
-  static float exp_sub_sum(float* x, int64_t n, float m) {
+  float exp_row(int64_t /*r*/, float* s, int64_t n, int64_t visible, float scale, float m) const {
     float sum = 0.f;
-    for (int64_t i = 0; i < n; ++i) sum += (x[i] = std::exp(x[i] - m));
+    for (int64_t t = 0; t < visible; ++t) sum += (s[t] = std::exp(s[t] * scale - m));
+    std::fill(s + visible, s + n, 0.f);
     return sum;
   }
   static float max(const float* x, int64_t n) {
