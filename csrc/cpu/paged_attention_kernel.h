@@ -168,14 +168,27 @@ void paged_attention_impl(const PagedAttentionArgs& a) {
       for (int64_t pos0 = w.kv_begin; pos0 < w.kv_end; pos0 += bs) {
         const int64_t n = std::min<int64_t>(bs, w.kv_end - pos0);
         const int64_t block_offset = table[pos0 / bs] * cache_stride_block + head_offset;
-        // Prefetch the same head's rows kPrefetchBlocks blocks ahead, a head at a time: small bursts
-        // between the compute keep the miss queues from filling and stalling the core.
+        // Prefetch the block kPrefetchBlocks ahead in small bursts between the compute (a full miss queue
+        // stalls the core). An item that covers every kv head reads whole contiguous blocks: prefetch
+        // them in address order, a slice per head, which also keeps the hardware streamer engaged;
+        // otherwise prefetch this head's rows.
         const bool prefetch = pos0 + kPrefetchBlocks * bs < w.kv_end;
+        const bool whole_blocks = heads == a.num_kv_heads;
         const int64_t ahead = prefetch ? table[pos0 / bs + kPrefetchBlocks] * cache_stride_block + head_offset : 0;
         const int64_t stride_bytes = cache_stride_token * int64_t(sizeof(T)), row_bytes = D * int64_t(sizeof(T));
+        const char* k_ahead = reinterpret_cast<const char*>(key_cache + ahead);
+        const char* v_ahead = reinterpret_cast<const char*>(value_cache + ahead);
         for (int64_t hh = 0; hh < heads; ++hh) {
           const int64_t r0 = hh * RH, offset = block_offset + hh * D;
-          if (prefetch) prefetch_rows(reinterpret_cast<const char*>(key_cache + ahead + hh * D), stride_bytes, bs, row_bytes);
+          if (prefetch && whole_blocks) {
+            const int64_t bytes = bs * stride_bytes, lo = bytes * hh / heads, hi = bytes * (hh + 1) / heads;
+            for (int64_t b = lo; b < hi; b += 64) {
+              __builtin_prefetch(k_ahead + b, 0, 2);
+              __builtin_prefetch(v_ahead + b, 0, 2);
+            }
+          } else if (prefetch) {
+            prefetch_rows(k_ahead + hh * row_bytes, stride_bytes, bs, row_bytes);
+          }
           ops.scores(r0, RH, key_cache + offset, cache_stride_token, n, S.data(), bs);
           for (int64_t r = r0; r < r0 + RH; ++r) {
             float* s = S.data() + r * bs;
@@ -191,7 +204,7 @@ void paged_attention_impl(const PagedAttentionArgs& a) {
             }
             l[r] += ops.exp_row(r, s, n, visible, a.scale, m[r]);
           }
-          if (prefetch) prefetch_rows(reinterpret_cast<const char*>(value_cache + ahead + hh * D), stride_bytes, bs, row_bytes);
+          if (prefetch && !whole_blocks) prefetch_rows(v_ahead + hh * row_bytes, stride_bytes, bs, row_bytes);
           ops.accumulate(S.data(), bs, r0, RH, value_cache + offset, cache_stride_token, n);
         }
       }
