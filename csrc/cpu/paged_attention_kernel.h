@@ -52,8 +52,9 @@ constexpr int kMaxRowsPerHead = 64;
 constexpr int kMaxRowsPerItem = 64;
 // Never split a sequence's keys into chunks shorter than this: the merge pass costs a full row each.
 constexpr int kMinSplitTokens = 256;
-// How far ahead (in blocks) the K/V rows of a work item are prefetched into L2.
+// How far ahead (in blocks) the K/V rows of a work item with a subset of the kv heads are prefetched.
 constexpr int64_t kPrefetchBlocks = 2;
+inline volatile uint8_t touch_sink = 0;
 
 template <typename T>
 inline float to_float(T x) {
@@ -163,32 +164,33 @@ void paged_attention_impl(const PagedAttentionArgs& a) {
         l[r] = 0.f;
       }
       ops.zero_acc(R);
+      uint8_t touch = 0;  // the early loads' bytes, kept so the compiler keeps the loads
       const int32_t* table = a.block_tables + int64_t(w.seq) * a.block_tables_stride;
       const int64_t head_offset = w.head_begin * D;
       for (int64_t pos0 = w.kv_begin; pos0 < w.kv_end; pos0 += bs) {
         const int64_t n = std::min<int64_t>(bs, w.kv_end - pos0);
         const int64_t block_offset = table[pos0 / bs] * cache_stride_block + head_offset;
-        // Prefetch the block kPrefetchBlocks ahead in small bursts between the compute (a full miss queue
-        // stalls the core). An item that covers every kv head reads whole contiguous blocks: prefetch
-        // them in address order, a slice per head, which also keeps the hardware streamer engaged;
-        // otherwise prefetch this head's rows.
-        const bool prefetch = pos0 + kPrefetchBlocks * bs < w.kv_end;
+        // Bring the next block in early. An item that covers every kv head reads whole contiguous
+        // blocks: one load per cache line of the next block, in address order, which the hardware
+        // streamer follows far better than software prefetches (measured on Zen 4: the per-head row
+        // pattern reaches about half the streaming bandwidth). An item with a subset of the heads
+        // prefetches its own rows kPrefetchBlocks ahead instead, in small bursts per head.
         const bool whole_blocks = heads == a.num_kv_heads;
-        const int64_t ahead = prefetch ? table[pos0 / bs + kPrefetchBlocks] * cache_stride_block + head_offset : 0;
         const int64_t stride_bytes = cache_stride_token * int64_t(sizeof(T)), row_bytes = D * int64_t(sizeof(T));
+        if (whole_blocks && pos0 + bs < w.kv_end) {
+          const int64_t next = table[pos0 / bs + 1] * cache_stride_block;
+          const char* k_next = reinterpret_cast<const char*>(key_cache + next);
+          const char* v_next = reinterpret_cast<const char*>(value_cache + next);
+          const int64_t bytes = std::min<int64_t>(bs, w.kv_end - pos0 - bs) * stride_bytes;
+          for (int64_t b = 0; b < bytes; b += 64) touch ^= uint8_t(k_next[b] ^ v_next[b]);
+        }
+        const bool prefetch = !whole_blocks && pos0 + kPrefetchBlocks * bs < w.kv_end;
+        const int64_t ahead = prefetch ? table[pos0 / bs + kPrefetchBlocks] * cache_stride_block + head_offset : 0;
         const char* k_ahead = reinterpret_cast<const char*>(key_cache + ahead);
         const char* v_ahead = reinterpret_cast<const char*>(value_cache + ahead);
         for (int64_t hh = 0; hh < heads; ++hh) {
           const int64_t r0 = hh * RH, offset = block_offset + hh * D;
-          if (prefetch && whole_blocks) {
-            const int64_t bytes = bs * stride_bytes, lo = bytes * hh / heads, hi = bytes * (hh + 1) / heads;
-            for (int64_t b = lo; b < hi; b += 64) {
-              __builtin_prefetch(k_ahead + b, 0, 2);
-              __builtin_prefetch(v_ahead + b, 0, 2);
-            }
-          } else if (prefetch) {
-            prefetch_rows(k_ahead + hh * row_bytes, stride_bytes, bs, row_bytes);
-          }
+          if (prefetch) prefetch_rows(k_ahead + hh * row_bytes, stride_bytes, bs, row_bytes);
           ops.scores(r0, RH, key_cache + offset, cache_stride_token, n, S.data(), bs);
           for (int64_t r = r0; r < r0 + RH; ++r) {
             float* s = S.data() + r * bs;
@@ -204,10 +206,11 @@ void paged_attention_impl(const PagedAttentionArgs& a) {
             }
             l[r] += ops.exp_row(r, s, n, visible, a.scale, m[r]);
           }
-          if (prefetch && !whole_blocks) prefetch_rows(v_ahead + hh * row_bytes, stride_bytes, bs, row_bytes);
+          if (prefetch) prefetch_rows(v_ahead + hh * row_bytes, stride_bytes, bs, row_bytes);
           ops.accumulate(S.data(), bs, r0, RH, value_cache + offset, cache_stride_token, n);
         }
       }
+      touch_sink = touch;
       for (int64_t r = 0; r < R; ++r) {
         const int64_t tok = row_tok[r], head = row_head[r];
         if (w.num_splits == 1) {
