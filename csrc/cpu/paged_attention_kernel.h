@@ -136,6 +136,34 @@ void paged_attention_impl(const PagedAttentionArgs& a) {
   const int64_t cache_stride_block = bs * a.num_kv_heads * D, cache_stride_token = a.num_kv_heads * D;
   constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
+  // Merge the splits of a split item's (token, head) rows: rescale each split to the global max.
+  // Run by whichever thread finishes the group's last split, so there is no second parallel pass.
+  auto merge_group = [&](const WorkItem& w, std::vector<float>& merged) {
+    for (int64_t tok = w.q_begin; tok < w.q_end; ++tok) {
+      for (int64_t head = w.head_begin * group; head < w.head_end * group; ++head) {
+        const int64_t p0 = (tok * a.num_heads + head) * max_splits;
+        float m_all = kNegInf;
+        for (int sp = 0; sp < w.num_splits; ++sp) m_all = std::max(m_all, part_ml[2 * (p0 + sp)]);
+        std::fill(merged.begin(), merged.end(), 0.f);
+        float l_all = 0.f;
+        for (int sp = 0; sp < w.num_splits; ++sp) {
+          const float ms = part_ml[2 * (p0 + sp)];
+          if (ms == kNegInf) continue;  // this split saw no visible key
+          const float wgt = std::exp(ms - m_all);
+          l_all += wgt * part_ml[2 * (p0 + sp) + 1];
+          const float* src = part_acc.data() + (p0 + sp) * D;
+          for (int64_t d = 0; d < D; ++d) merged[d] += wgt * src[d];
+        }
+        const float inv = l_all > 0.f ? 1.f / l_all : 0.f;
+        T* dst = out + tok * a.out_stride_token + head * a.out_stride_head;
+        for (int64_t d = 0; d < D; ++d) dst[d] = T(merged[d] * inv);
+      }
+    }
+  };
+  // Splits of one group are consecutive items; the counter lives at the group's first item.
+  std::vector<std::atomic<int32_t>> splits_left(max_splits > 1 ? items.size() : 0);
+  for (size_t i = 0; i < splits_left.size(); ++i) splits_left[i].store(items[i].split == 0 ? items[i].num_splits : 0);
+
   // Threads take items from a shared counter rather than fixed ranges: items differ in cost (causal
   // tiles, ragged lengths) and on a shared machine one descheduled thread must not hold the rest.
   std::atomic<int64_t> next_item{0};
@@ -224,35 +252,9 @@ void paged_attention_impl(const PagedAttentionArgs& a) {
           part_ml[2 * p + 1] = l[r];
         }
       }
-    }
-  });
-  if (max_splits == 1) return;
-
-  // Merge the splits of every (token, head) row that was split: rescale each to the global max.
-  at::parallel_for(0, int64_t(items.size()), 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> merged(D);
-    for (int64_t wi = begin; wi < end; ++wi) {
-      const WorkItem& w = items[wi];
-      if (w.num_splits == 1 || w.split != 0) continue;
-      for (int64_t tok = w.q_begin; tok < w.q_end; ++tok) {
-        for (int64_t head = w.head_begin * group; head < w.head_end * group; ++head) {
-          const int64_t p0 = (tok * a.num_heads + head) * max_splits;
-          float m_all = kNegInf;
-          for (int sp = 0; sp < w.num_splits; ++sp) m_all = std::max(m_all, part_ml[2 * (p0 + sp)]);
-          std::fill(merged.begin(), merged.end(), 0.f);
-          float l_all = 0.f;
-          for (int sp = 0; sp < w.num_splits; ++sp) {
-            const float ms = part_ml[2 * (p0 + sp)];
-            if (ms == kNegInf) continue;  // this split saw no visible key
-            const float wgt = std::exp(ms - m_all);
-            l_all += wgt * part_ml[2 * (p0 + sp) + 1];
-            const float* src = part_acc.data() + (p0 + sp) * D;
-            for (int64_t d = 0; d < D; ++d) merged[d] += wgt * src[d];
-          }
-          const float inv = l_all > 0.f ? 1.f / l_all : 0.f;
-          T* dst = out + tok * a.out_stride_token + head * a.out_stride_head;
-          for (int64_t d = 0; d < D; ++d) dst[d] = T(merged[d] * inv);
-        }
+      // acq_rel: the last finisher sees every other split's partials before merging them.
+      if (w.num_splits > 1 && splits_left[wi - w.split].fetch_sub(1, std::memory_order_acq_rel) == 1) {
+        merge_group(items[wi - w.split], row);
       }
     }
   });
