@@ -127,8 +127,11 @@ void reshape_and_cache_cuda(const at::Tensor& key, const at::Tensor& value, at::
 // key_caches, value_caches: per layer [num_blocks, block_size, num_kv_heads, head_size] on one CUDA device;
 // block_mapping: int64 [n, 2] on that device. The pairs are copied in parallel, so no pair's dst may be
 // another pair's src (the block manager's copy-on-write never produces such chains).
-void copy_blocks_cuda(const std::vector<at::Tensor>& key_caches, const std::vector<at::Tensor>& value_caches,
+// (C++ argument types must equal the CPU kernel's: the dispatcher rejects differing signatures.)
+void copy_blocks_cuda(at::TensorList key_caches_list, at::TensorList value_caches_list,
                       const at::Tensor& block_mapping) {
+  const std::vector<at::Tensor> key_caches(key_caches_list.begin(), key_caches_list.end());
+  const std::vector<at::Tensor> value_caches(value_caches_list.begin(), value_caches_list.end());
   check_copy_blocks(key_caches, value_caches, block_mapping);
   if (key_caches.empty() || block_mapping.size(0) == 0) return;
   const at::Tensor& first = key_caches[0];

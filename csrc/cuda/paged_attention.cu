@@ -27,7 +27,7 @@ void paged_attention_cuda(const at::Tensor& query,         // [num_query_tokens,
                           const at::Tensor& seq_lens,      // int32 [num_seqs]
                           const at::Tensor& cu_query_lens, // int32 [num_seqs + 1]
                           double scale, bool causal,
-                          const at::Tensor& out) {         // [num_query_tokens, num_heads, head_size]
+                          at::Tensor& out) {               // [num_query_tokens, num_heads, head_size]
   const PagedAttentionDims d =
       check_paged_attention(query, key_cache, value_cache, block_tables, seq_lens, cu_query_lens, scale, out);
   TORCH_CHECK(query.is_cuda(), "query must be a CUDA tensor, got ", query.device());
