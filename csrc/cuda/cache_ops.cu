@@ -151,8 +151,8 @@ void copy_blocks_cuda(at::TensorList key_caches_list, at::TensorList value_cache
   divisible.push_back(block_bytes);
   int unit = 16;
   for (int64_t v : divisible) unit = std::min(unit, copy_unit({v}));
-  // The address table goes to the device on the current stream; a pageable source is staged by
-  // cudaMemcpyAsync before it returns, so this needs no host sync and `addresses` may die after.
+  // The address table goes to the device on the current stream. Its pageable source is consumed
+  // (staged by the driver) before cudaMemcpyAsync returns, so `addresses` may die right after.
   const at::Tensor ptrs = at::from_blob(addresses.data(), {num_caches}, at::TensorOptions().dtype(at::kLong))
                               .to(first.device(), /*non_blocking=*/true);
   const int64_t num_blocks = first.size(0);

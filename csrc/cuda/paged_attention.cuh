@@ -8,7 +8,8 @@
 //   reduce  (q_len == 1 and more than one split): log-sum-exp merge of the split partials.
 //   prefill (sequences with q_len >= 2): grid (num_seqs + num_query_tokens / BQ, num_heads); one
 //           CTA = one tile of BQ query tokens of one head, K/V staged through shared memory in tiles,
-//           online softmax (see find_prefill_tile for the tile mapping).
+//           online softmax (see find_prefill_tile for the tile mapping). f16/bf16 run the
+//           tensor-core (WMMA) kernel, f32 a CUDA-core kernel that keeps full f32 precision.
 // Faults that cannot be checked on the host without a sync (a block id outside [0, num_blocks), a
 // seq_len < q_len or > max_blocks_per_seq * block_size) write NaN into the affected output rows;
 // the kernels never read or write out of bounds.

@@ -100,13 +100,17 @@ def test_long_prefix_prefill_and_decode_mixed(dtype):
 
 
 def test_prefill_tile_mapping_many_sequences():
-    # query lengths around the 32-row tile (head 128) so that tiles of neighbours meet in every way
+    # query lengths around the f32 kernel's 32-row tiles (head 128) and the tensor-core kernel's 64-row
+    # tiles, so that the tiles of neighbouring sequences meet in every way
     query_lens = [2, 31, 32, 33, 1, 64, 65, 3, 95, 1, 1, 127, 2, 96]
     seq_lens = [q + extra for q, extra in zip(query_lens, [0, 5, 40, 0, 9, 100, 0, 1, 33, 1000, 2, 0, 7, 12])]
     args = make_batch(query_lens, seq_lens, num_heads=4, num_kv_heads=2, head_size=128, block_size=16,
                       dtype=torch.float32)
     check_against_reference(args, causal=True, dtype=torch.float32)
-    # head 256 uses 16-row tiles
+    # f32 head 256 uses 16-row tiles; bf16 runs on tensor cores with 64-row tiles
+    args = make_batch(query_lens, seq_lens, num_heads=2, num_kv_heads=1, head_size=256, block_size=8,
+                      dtype=torch.float32)
+    check_against_reference(args, causal=True, dtype=torch.float32)
     args = make_batch(query_lens, seq_lens, num_heads=2, num_kv_heads=1, head_size=256, block_size=8,
                       dtype=torch.bfloat16)
     check_against_reference(args, causal=True, dtype=torch.bfloat16)
@@ -191,11 +195,13 @@ def test_decode_cuda_graph_capture_and_replay():
         torch.testing.assert_close(out, want, rtol=1.6e-2, atol=1.6e-2, msg=f"replay {step}")
 
 
-@pytest.mark.parametrize("head_size", [40, 104, 200])
-def test_other_head_sizes_use_the_next_bucket(head_size):
-    args = make_batch([1, 9], [900, 20], num_heads=4, num_kv_heads=2, head_size=head_size, block_size=16,
-                      dtype=torch.float16)
-    check_against_reference(args, dtype=torch.float16)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("head_size", [8, 40, 104, 200])
+def test_other_head_sizes_use_the_next_bucket(dtype, head_size):
+    # head sizes that are not multiples of 16 leave zero padding columns in the tensor-core tiles
+    args = make_batch([1, 9, 70], [900, 20, 75], num_heads=4, num_kv_heads=2, head_size=head_size, block_size=16,
+                      dtype=dtype)
+    check_against_reference(args, dtype=dtype)
 
 
 # ---- KV-cache ops ---------------------------------------------------------------------------------
