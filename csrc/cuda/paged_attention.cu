@@ -5,7 +5,10 @@
 // No host synchronisation: grids and the workspace are sized from tensor sizes only (the context
 // bound is block_tables.size(1) * block_size), so the op is safe inside a CUDA graph. The values of
 // block_tables / seq_lens / cu_query_lens are not checked on the host: an out-of-range block id, or a
-// seq_len below q_len or past the block table, gives NaN in that sequence's output rows.
+// seq_len below q_len or past the block table, gives NaN in that sequence's output rows; query rows
+// that cu_query_lens does not cover are left unwritten.
+// Workspace: 4 * num_seqs * num_heads * max_splits * (head_size + 1) bytes of float32 split partials,
+// max_splits = ceil(block_tables.size(1) * block_size / 512), so keep block_tables as wide as needed.
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAGuard.h>

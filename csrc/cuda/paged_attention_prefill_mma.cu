@@ -33,7 +33,8 @@ struct MmaShape {
   static constexpr size_t kSBytes = size_t(NWARPS) * 16 * LDS * 4;
   static constexpr size_t kPBytes = size_t(NWARPS) * 16 * LDP * 2;
   static constexpr size_t kOBytes = size_t(NWARPS) * 16 * LDO * 4;
-  static constexpr size_t kSmemBytes = kQBytes + 2 * kKVBytes + kSBytes + kPBytes + kOBytes;
+  static constexpr size_t kOffsetFlag = kQBytes + 2 * kKVBytes + kSBytes + kPBytes + kOBytes;
+  static constexpr size_t kSmemBytes = kOffsetFlag + 16;  // + the fault flag
   static_assert(kQBytes % 32 == 0 && kKVBytes % 32 == 0 && kSBytes % 32 == 0 && kPBytes % 32 == 0,
                 "WMMA fragments need 32-byte aligned shared-memory buffers");
 };
@@ -52,7 +53,8 @@ __global__ void __launch_bounds__(kPrefillThreads) paged_attention_prefill_mma_k
   T* p_all = reinterpret_cast<T*>(smem_raw + S::kQBytes + 2 * S::kKVBytes + S::kSBytes);       // [NWARPS][16][LDP]
   float* o_all =
       reinterpret_cast<float*>(smem_raw + S::kQBytes + 2 * S::kKVBytes + S::kSBytes + S::kPBytes);  // [NWARPS][16][LDO]
-  __shared__ int s_bad;
+  // Everything lives in the dynamic buffer, so its base (128-byte aligned) is the only alignment to trust.
+  int& s_bad = *reinterpret_cast<int*>(smem_raw + S::kOffsetFlag);
 
   PrefillTile tl;
   if (!find_prefill_tile<BQ>(p, tl)) return;
