@@ -127,8 +127,11 @@ void reshape_and_cache_cuda(const at::Tensor& key, const at::Tensor& value, at::
 // key_caches, value_caches: per layer [num_blocks, block_size, num_kv_heads, head_size] on one CUDA device;
 // block_mapping: int64 [n, 2] on that device. The pairs are copied in parallel, so no pair's dst may be
 // another pair's src (the block manager's copy-on-write never produces such chains).
-void copy_blocks_cuda(const std::vector<at::Tensor>& key_caches, const std::vector<at::Tensor>& value_caches,
+// (C++ argument types must equal the CPU kernel's: the dispatcher rejects differing signatures.)
+void copy_blocks_cuda(at::TensorList key_caches_list, at::TensorList value_caches_list,
                       const at::Tensor& block_mapping) {
+  const std::vector<at::Tensor> key_caches(key_caches_list.begin(), key_caches_list.end());
+  const std::vector<at::Tensor> value_caches(value_caches_list.begin(), value_caches_list.end());
   check_copy_blocks(key_caches, value_caches, block_mapping);
   if (key_caches.empty() || block_mapping.size(0) == 0) return;
   const at::Tensor& first = key_caches[0];
@@ -148,8 +151,8 @@ void copy_blocks_cuda(const std::vector<at::Tensor>& key_caches, const std::vect
   divisible.push_back(block_bytes);
   int unit = 16;
   for (int64_t v : divisible) unit = std::min(unit, copy_unit({v}));
-  // The address table goes to the device on the current stream; a pageable source is staged by
-  // cudaMemcpyAsync before it returns, so this needs no host sync and `addresses` may die after.
+  // The address table goes to the device on the current stream. Its pageable source is consumed
+  // (staged by the driver) before cudaMemcpyAsync returns, so `addresses` may die right after.
   const at::Tensor ptrs = at::from_blob(addresses.data(), {num_caches}, at::TensorOptions().dtype(at::kLong))
                               .to(first.device(), /*non_blocking=*/true);
   const int64_t num_blocks = first.size(0);

@@ -5,7 +5,10 @@
 // No host synchronisation: grids and the workspace are sized from tensor sizes only (the context
 // bound is block_tables.size(1) * block_size), so the op is safe inside a CUDA graph. The values of
 // block_tables / seq_lens / cu_query_lens are not checked on the host: an out-of-range block id, or a
-// seq_len below q_len or past the block table, gives NaN in that sequence's output rows.
+// seq_len below q_len or past the block table, gives NaN in that sequence's output rows; query rows
+// that cu_query_lens does not cover are left unwritten.
+// Workspace: 4 * num_seqs * num_heads * max_splits * (head_size + 1) bytes of float32 split partials,
+// max_splits = ceil(block_tables.size(1) * block_size / 512), so keep block_tables as wide as needed.
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -27,7 +30,7 @@ void paged_attention_cuda(const at::Tensor& query,         // [num_query_tokens,
                           const at::Tensor& seq_lens,      // int32 [num_seqs]
                           const at::Tensor& cu_query_lens, // int32 [num_seqs + 1]
                           double scale, bool causal,
-                          const at::Tensor& out) {         // [num_query_tokens, num_heads, head_size]
+                          at::Tensor& out) {               // [num_query_tokens, num_heads, head_size]
   const PagedAttentionDims d =
       check_paged_attention(query, key_cache, value_cache, block_tables, seq_lens, cu_query_lens, scale, out);
   TORCH_CHECK(query.is_cuda(), "query must be a CUDA tensor, got ", query.device());

@@ -8,8 +8,8 @@
 //   reduce  (q_len == 1 and more than one split): log-sum-exp merge of the split partials.
 //   prefill (sequences with q_len >= 2): grid (num_seqs + num_query_tokens / BQ, num_heads); one
 //           CTA = one tile of BQ query tokens of one head, K/V staged through shared memory in tiles,
-//           online softmax. Sequence s owns the tile indices [cu[s] / BQ + s, cu[s + 1] / BQ + s + 1),
-//           which never overlap and fit the grid (see prefill_tile_start).
+//           online softmax (see find_prefill_tile for the tile mapping). f16/bf16 run the
+//           tensor-core (WMMA) kernel, f32 a CUDA-core kernel that keeps full f32 precision.
 // Faults that cannot be checked on the host without a sync (a block id outside [0, num_blocks), a
 // seq_len < q_len or > max_blocks_per_seq * block_size) write NaN into the affected output rows;
 // the kernels never read or write out of bounds.
@@ -54,8 +54,42 @@ __device__ __forceinline__ bool bad_context(int ctx, int q_len, const PagedAtten
 
 __device__ __forceinline__ int num_decode_splits(int ctx) { return (ctx + kPartitionSize - 1) / kPartitionSize; }
 
+// The query tile of a prefill CTA: query rows [row0, row0 + BQ) of sequence seq.
+struct PrefillTile {
+  int seq, q_begin, q_len, row0, ctx;
+};
+
+// Finds the tile of CTA blockIdx.x. Sequence s (cu = cu_query_lens[s]) owns the grid indices
+// [cu / BQ + s, cu / BQ + s + ceil(q_len / BQ)): these ranges grow with s, never overlap
+// (floor((cu + q) / BQ) - floor(cu / BQ) + 1 >= ceil(q / BQ)) and all lie below
+// num_query_tokens / BQ + num_seqs, which sizes the grid. False when the CTA has no rows (tile past
+// q_len, q_len < 2 which is the decode kernel's, or a malformed cu_query_lens).
+template <int BQ>
+__device__ __forceinline__ bool find_prefill_tile(const PagedAttentionParams& p, PrefillTile& t) {
+  const int* cu = p.cu_query_lens;
+  const int x = blockIdx.x;
+  int lo = 0, hi = p.num_seqs - 1;  // the last s with cu[s] / BQ + s <= x
+  while (lo < hi) {
+    const int mid = (lo + hi + 1) / 2;
+    if (cu[mid] / BQ + mid <= x) lo = mid;
+    else hi = mid - 1;
+  }
+  t.seq = lo;
+  t.q_begin = cu[lo];
+  t.q_len = cu[lo + 1] - t.q_begin;
+  if (t.q_len < 2) return false;
+  const int tile = x - (t.q_begin / BQ + lo);
+  if (tile < 0 || (int64_t)tile * BQ >= t.q_len) return false;
+  if (t.q_begin < 0 || (int64_t)t.q_begin + t.q_len > p.num_query_tokens) return false;
+  t.row0 = tile * BQ;
+  t.ctx = p.seq_lens[lo];
+  return true;
+}
+
 // Launchers, one per dtype; head_size picks the compiled head-size bucket (64, 128 or 256).
+// Prefill runs on tensor cores (WMMA) for f16/bf16 and on CUDA cores for f32 (full f32 precision).
 template <typename T> void launch_paged_attention_decode(const PagedAttentionParams& p, cudaStream_t stream);
 template <typename T> void launch_paged_attention_prefill(const PagedAttentionParams& p, cudaStream_t stream);
+template <typename T> void launch_paged_attention_prefill_mma(const PagedAttentionParams& p, cudaStream_t stream);
 
 }  // namespace fast_inference::cuda

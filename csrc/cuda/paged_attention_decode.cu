@@ -34,7 +34,7 @@ __global__ void __launch_bounds__(kDecodeThreads) paged_attention_decode_kernel(
   constexpr int kRedFloats = NWARPS * H * DMAX;
   __shared__ __align__(16) float smem[kScoreFloats > kRedFloats ? kScoreFloats : kRedFloats];
   __shared__ float s_max[H], s_sum[H];
-  __shared__ int s_bad;
+  __shared__ int s_blocks[kPartitionSize];   // the split's block ids (a split spans <= kPartitionSize blocks)
   float* q_s = smem;                         // [H][DMAX], scaled queries (pass 1)
   float* logits = smem + H * DMAX;           // [H][kPartitionSize], scores then probabilities
   float* red = smem;                         // [NWARPS][H][DMAX], per-warp V sums (after pass 3)
@@ -70,8 +70,22 @@ __global__ void __launch_bounds__(kDecodeThreads) paged_attention_decode_kernel(
     const int g = i / head_size, d = i - g * head_size;
     q_s[g * DMAX + d] = to_float(query[(int64_t)(head0 + g) * p.q_stride_head + d]) * p.scale_log2;
   }
-  if (tid == 0) s_bad = 0;
-  __syncthreads();
+  const int t_begin = split * kPartitionSize;
+  const int t_end = min(ctx, t_begin + kPartitionSize);
+  const int n = t_end - t_begin;
+  // Stage the split's block ids (marking out-of-range ones -1) so the K/V loads below depend on a
+  // shared-memory read instead of a second global load.
+  const int first_block = t_begin >> p.block_shift;
+  const int num_split_blocks = ((t_end - 1) >> p.block_shift) - first_block + 1;
+  const int* block_table = p.block_tables + (int64_t)seq * p.bt_stride + first_block;
+  int bad_id = 0;
+  for (int i = tid; i < num_split_blocks; i += kDecodeThreads) {
+    const int blk = block_table[i];
+    const bool ok = blk >= 0 && blk < p.num_blocks;
+    s_blocks[i] = ok ? blk : -1;
+    bad_id |= !ok;
+  }
+  const bool bad = __syncthreads_or(bad_id) != 0;  // also publishes q_s and s_blocks
 
   // This lane's slice of every query head: chunks lane_in_row + i * L.
   float q[H][F];
@@ -89,13 +103,9 @@ __global__ void __launch_bounds__(kDecodeThreads) paged_attention_decode_kernel(
   const int64_t blk_stride = tok_stride * p.block_size;
   const T* k_cache = static_cast<const T*>(p.key_cache) + (int64_t)kv_head * head_size;
   const T* v_cache = static_cast<const T*>(p.value_cache) + (int64_t)kv_head * head_size;
-  const int* block_table = p.block_tables + (int64_t)seq * p.bt_stride;
-  const int t_begin = split * kPartitionSize;
-  const int t_end = min(ctx, t_begin + kPartitionSize);
-  const int n = t_end - t_begin;
 
   // Loads U rows of `cache` (tokens base + u * NROWS + row) into registers; zeros past the split
-  // or for a block id out of range (which flags the CTA as faulted).
+  // or for a block id out of range (the CTA's output is NaN then).
   auto load_rows = [&](const T* cache, int base, uint4 (&raw)[U][CPL], bool (&ok)[U]) {
 #pragma unroll
     for (int u = 0; u < U; ++u) {
@@ -104,8 +114,8 @@ __global__ void __launch_bounds__(kDecodeThreads) paged_attention_decode_kernel(
 #pragma unroll
       for (int i = 0; i < CPL; ++i) raw[u][i] = make_uint4(0u, 0u, 0u, 0u);
       if (t < t_end) {
-        const int blk = block_table[t >> p.block_shift];
-        if (blk >= 0 && blk < p.num_blocks) {
+        const int blk = s_blocks[(t >> p.block_shift) - first_block];
+        if (blk >= 0) {
           ok[u] = true;
           const T* src = cache + blk * blk_stride + (t & (p.block_size - 1)) * tok_stride;
 #pragma unroll
@@ -113,8 +123,6 @@ __global__ void __launch_bounds__(kDecodeThreads) paged_attention_decode_kernel(
             const int c = lane_in_row + i * L;
             if (c < nc) raw[u][i] = load16(src + c * VEC);
           }
-        } else {
-          s_bad = 1;
         }
       }
     }
@@ -227,7 +235,6 @@ __global__ void __launch_bounds__(kDecodeThreads) paged_attention_decode_kernel(
   }
   __syncthreads();
 
-  const bool bad = s_bad != 0;
   for (int i = tid; i < nh * head_size; i += kDecodeThreads) {
     const int g = i / head_size, d = i - g * head_size;
     float o = 0.f;

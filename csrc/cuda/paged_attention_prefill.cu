@@ -1,5 +1,7 @@
-// CUDA prefill path of paged_attention (q_len >= 2): query tiles, K/V tiles staged in shared memory, online softmax.
+// CUDA prefill path of paged_attention (q_len >= 2) on CUDA cores (float32): query tiles, K/V tiles in shared memory.
 #include <c10/cuda/CUDAException.h>
+
+#include <type_traits>
 
 #include "cuda/cuda_utils.cuh"
 #include "cuda/paged_attention.cuh"
@@ -19,12 +21,6 @@ struct PrefillShape {
   static constexpr int F = CPT * 4;                 // floats per thread
 };
 
-// First grid x-index of sequence s's query tiles. Sequence s (cu = cu_query_lens[s]) owns the indices
-// [cu / BQ + s, cu / BQ + s + ceil(q_len / BQ)): these ranges grow with s, never overlap
-// (floor((cu + q) / BQ) - floor(cu / BQ) + 1 >= ceil(q / BQ)), and all lie below
-// num_query_tokens / BQ + num_seqs, which sizes the grid.
-__device__ __forceinline__ int prefill_tile_start(const int* cu, int s, int bq) { return cu[s] / bq + s; }
-
 // grid (num_seqs + num_query_tokens / BQ, num_heads), block kPrefillThreads.
 template <typename T, int DMAX>
 __global__ void __launch_bounds__(kPrefillThreads) paged_attention_prefill_kernel(const PagedAttentionParams p) {
@@ -34,32 +30,18 @@ __global__ void __launch_bounds__(kPrefillThreads) paged_attention_prefill_kerne
   __shared__ __align__(16) float v_s[BK * DMAX];  // [BK][DMAX]
   __shared__ int s_bad;
 
-  // Which sequence owns this tile: the last s with prefill_tile_start(s) <= blockIdx.x.
-  const int x = blockIdx.x;
-  int lo = 0, hi = p.num_seqs - 1;
-  while (lo < hi) {
-    const int mid = (lo + hi + 1) / 2;
-    if (prefill_tile_start(p.cu_query_lens, mid, BQ) <= x) lo = mid;
-    else hi = mid - 1;
-  }
-  const int seq = lo;
-  const int q_begin = p.cu_query_lens[seq];
-  const int q_len = p.cu_query_lens[seq + 1] - q_begin;
-  if (q_len < 2) return;  // q_len == 1 is the decode kernel's
-  const int tile = x - prefill_tile_start(p.cu_query_lens, seq, BQ);
-  if (tile < 0 || (int64_t)tile * BQ >= q_len) return;
-  if (q_begin < 0 || (int64_t)q_begin + q_len > p.num_query_tokens) return;  // malformed cu_query_lens
+  PrefillTile tl;
+  if (!find_prefill_tile<BQ>(p, tl)) return;
+  const int seq = tl.seq, q_begin = tl.q_begin, q_len = tl.q_len, row0 = tl.row0, ctx = tl.ctx;
 
   const int head = blockIdx.y;
   const int kv_head = head / (p.num_heads / p.num_kv_heads);
   const int head_size = p.head_size;
   const int tid = threadIdx.x, r = tid / TPR, tr = tid % TPR;
-  const int row0 = tile * BQ;
   const int qi = row0 + r;
   const bool active = qi < q_len;
   T* out = static_cast<T*>(p.out) + (int64_t)(q_begin + qi) * p.o_stride_tok + (int64_t)head * p.o_stride_head;
 
-  const int ctx = p.seq_lens[seq];
   if (bad_context(ctx, q_len, p)) {
     if (active)
       for (int d = tr; d < head_size; d += TPR) out[d] = from_float<T>(fault_nan());
@@ -195,13 +177,14 @@ void launch_prefill_bucket(const PagedAttentionParams& p, cudaStream_t stream) {
 
 template <typename T>
 void launch_paged_attention_prefill(const PagedAttentionParams& p, cudaStream_t stream) {
-  using Tc = typename CudaType<T>::type;
-  if (p.head_size <= 64) {
-    launch_prefill_bucket<Tc, 64>(p, stream);
+  if constexpr (!std::is_same_v<T, float>) {
+    launch_paged_attention_prefill_mma<T>(p, stream);
+  } else if (p.head_size <= 64) {
+    launch_prefill_bucket<float, 64>(p, stream);
   } else if (p.head_size <= 128) {
-    launch_prefill_bucket<Tc, 128>(p, stream);
+    launch_prefill_bucket<float, 128>(p, stream);
   } else {
-    launch_prefill_bucket<Tc, 256>(p, stream);
+    launch_prefill_bucket<float, 256>(p, stream);
   }
 }
 
