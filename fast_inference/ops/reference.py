@@ -1,8 +1,8 @@
 # ---- sampling ----
 # Pure-PyTorch references of the sampling ops (test oracles; slow, sort-based, float64 where it matters).
-import math as _math
+import math as _math  # noqa: E402  (this section is appended below the attention references)
 
-import torch as _torch
+import torch as _torch  # noqa: E402
 
 _MASK32 = 0xFFFFFFFF
 _MASS_SCALE = 2.0**40
