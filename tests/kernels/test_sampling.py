@@ -107,6 +107,17 @@ def test_portable_cpu_kernels_draw_the_same_tokens():
     assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]
 
 
+@devices
+def test_sample_matches_reference_draw_at_llm_vocab_size(device):
+    gen = torch.Generator().manual_seed(12)
+    vocab = 151936
+    logits = (torch.randn(4, vocab, generator=gen) * 2.5).to(device)
+    args = params(4, device, temperature=torch.tensor([0.7, 1.0, 1.3, 0.9]), top_k=torch.tensor([0, 40, 5000, 0]),
+                  top_p=torch.tensor([0.9, 0.95, 0.5, 1.0]), min_p=torch.tensor([0.0, 0.0, 0.0, 0.02]),
+                  seed=torch.tensor([1, 2, 3, 4]), offsets=torch.tensor([10, 20, 30, 40]))
+    assert torch.equal(ops.sample(logits, *args).cpu(), ref.sample(logits.cpu(), *(a.cpu() for a in args)))
+
+
 @pytest.mark.cuda
 @pytest.mark.skipif(not HAS_CUDA, reason="needs a GPU")
 def test_cpu_and_cuda_draw_identical_tokens():
