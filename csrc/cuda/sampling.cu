@@ -75,6 +75,39 @@ struct SampleShared {
   long long found;
 };
 
+// After a 256-bin histogram is complete: the largest digit d with above + (sum of bins >= d) >= need.
+// Warp 0 searches (each lane owns 8 consecutive bins; suffix sums by shuffles); the result lands in
+// sh.digit and sh.above (= above + the sum of the bins > d), visible to all threads on return.
+__device__ void find_digit(SampleShared& sh, unsigned long long above, unsigned long long need) {
+  if (threadIdx.x < 32) {
+    const int lane = threadIdx.x;
+    unsigned long long own = 0;
+    for (int j = 0; j < 8; ++j) own += sh.hist[lane * 8 + j];
+    unsigned long long suffix = own;  // sum over lanes >= lane
+    for (int o = 1; o < 32; o <<= 1) {
+      const unsigned long long v = __shfl_down_sync(0xffffffffu, suffix, o);
+      if (lane + o < 32) suffix += v;
+    }
+    if (lane == 0) {  // never used when the inputs hold their invariant (above < need <= above + total)
+      sh.digit = 0;
+      sh.above = above;
+    }
+    __syncwarp();
+    const unsigned long long before = above + (suffix - own);
+    if (before < need && before + own >= need) {
+      unsigned long long cum = before;
+      int d = lane * 8 + 7;
+      for (; d > lane * 8; --d) {
+        if (cum + sh.hist[d] >= need) break;
+        cum += sh.hist[d];
+      }
+      sh.digit = static_cast<uint32_t>(d);
+      sh.above = cum;
+    }
+  }
+  __syncthreads();
+}
+
 // The k-th largest value of the row (1 <= k < V) by radix select on float keys.
 template <typename scalar_t>
 __device__ float kth_largest(const scalar_t* row, int64_t vocab, int k, SampleShared& sh) {
@@ -88,17 +121,7 @@ __device__ float kth_largest(const scalar_t* row, int64_t vocab, int k, SampleSh
       if ((key & mask) == prefix) atomicAdd(&sh.hist[(key >> shift) & 255u], 1ull);
     }
     __syncthreads();
-    if (threadIdx.x == 0) {
-      unsigned long long cum = 0;
-      int d = 255;
-      for (; d > 0; --d) {
-        if (cum + sh.hist[d] >= remaining) break;
-        cum += sh.hist[d];
-      }
-      sh.digit = static_cast<uint32_t>(d);
-      sh.above = cum;
-    }
-    __syncthreads();
+    find_digit(sh, 0, remaining);
     prefix |= sh.digit << shift;
     mask |= 255u << shift;
     remaining -= sh.above;
@@ -125,17 +148,7 @@ __device__ uint32_t top_p_threshold(const scalar_t* row, int64_t vocab, float m,
       }
     }
     __syncthreads();
-    if (threadIdx.x == 0) {
-      unsigned long long cum = above;
-      int d = 255;
-      for (; d > 0; --d) {
-        if (cum + sh.hist[d] >= target) break;
-        cum += sh.hist[d];
-      }
-      sh.digit = static_cast<uint32_t>(d);
-      sh.above = cum;
-    }
-    __syncthreads();
+    find_digit(sh, above, target);
     prefix |= sh.digit << shift;
     mask |= 255u << shift;
     above = sh.above;

@@ -10,7 +10,7 @@ import torch
 from fast_inference import ops
 from fast_inference.ops import reference as ref
 
-HAS_CUDA = torch.cuda.is_available() and ops.cuda_ops_available()
+HAS_CUDA = torch.cuda.is_available() and torch._C._dispatch_has_kernel_for_dispatch_key("fast_inference::sample", "CUDA")
 CUDA = pytest.param("cuda", marks=[pytest.mark.cuda, pytest.mark.skipif(not HAS_CUDA, reason="needs a GPU")])
 DEVICES = ["cpu", CUDA]
 devices = pytest.mark.parametrize("device", DEVICES)
@@ -105,6 +105,17 @@ def test_portable_cpu_kernels_draw_the_same_tokens():
     env = dict(os.environ, FI_SAMPLING_PORTABLE="1", PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
     done = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]
+
+
+@devices
+def test_sample_matches_reference_draw_at_llm_vocab_size(device):
+    gen = torch.Generator().manual_seed(12)
+    vocab = 151936
+    logits = (torch.randn(4, vocab, generator=gen) * 2.5).to(device)
+    args = params(4, device, temperature=torch.tensor([0.7, 1.0, 1.3, 0.9]), top_k=torch.tensor([0, 40, 5000, 0]),
+                  top_p=torch.tensor([0.9, 0.95, 0.5, 1.0]), min_p=torch.tensor([0.0, 0.0, 0.0, 0.02]),
+                  seed=torch.tensor([1, 2, 3, 4]), offsets=torch.tensor([10, 20, 30, 40]))
+    assert torch.equal(ops.sample(logits, *args).cpu(), ref.sample(logits.cpu(), *(a.cpu() for a in args)))
 
 
 @pytest.mark.cuda
@@ -378,3 +389,44 @@ def test_opcheck_all_ops(device):
                           (logits.clone(), ids, torch.randn(ids.numel(), generator=gen).to(device), cu))
     tokens = torch.randint(0, 300, (8,), generator=gen).to(device)
     torch.library.opcheck(torch.ops.fast_inference.compute_logprobs.default, (logits, tokens, 5))
+
+
+# ---- CUDA specifics -------------------------------------------------------------------------------
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a GPU")
+def test_sample_replays_in_a_cuda_graph():
+    gen = torch.Generator().manual_seed(11)
+    logits, args = mixed_batch(32, 5000, gen, "cuda")
+    expect = ops.sample(logits, *args)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        ops.sample(logits, *args)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = ops.sample(logits, *args)  # no value checks while capturing: no host sync
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(out, expect)
+    args[5].add_(1)  # the next step: new offsets, same graph
+    graph.replay()
+    assert torch.equal(out, ops.sample(logits, *args))
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a GPU")
+def test_cuda_bad_rows_raise_in_eager_and_yield_minus_one_unchecked():
+    logits = torch.randn(3, 100, device="cuda")
+    logits[1, 5] = float("nan")
+    logits[2] = float("-inf")
+    with pytest.raises(ValueError, match="row 1 contains NaN"):
+        ops.sample(logits, *params(3, "cuda"))
+    out = ops.sample(logits, *params(3, "cuda"), check_values=False)
+    assert out[1].item() == -1 and out[2].item() == -1 and 0 <= out[0].item() < 100
+    with pytest.raises(ValueError, match="top_p"):
+        ops.sample(logits[:1], *params(1, "cuda", top_p=0.0))
+    ids, cu = ragged([[1, 200], [3], []], "cuda")
+    with pytest.raises(ValueError, match="token_ids"):
+        ops.apply_logit_bias(logits, ids, torch.zeros(3, device="cuda"), cu)
