@@ -49,7 +49,11 @@ def main() -> None:
     ap.add_argument("--decode-steps", type=int, default=32)
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--skip-hf", action="store_true", help="skip the transformers baseline")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="intra-op threads for both engines (default: torch's choice)")
     args = ap.parse_args()
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
 
     from fast_inference import LLM, SamplingParams
     from fast_inference.models.config import parse_dtype
