@@ -137,20 +137,22 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], meta: AttentionMetadata) -> torch.Tensor:
         tokens = x.shape[0]
+        heads, kv_heads, d = self.num_heads, self.num_kv_heads, self.head_dim
         qkv = self.qkv_proj(x)
-        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q = q.view(tokens, self.num_heads, self.head_dim)
-        k = k.view(tokens, self.num_kv_heads, self.head_dim)
-        v = v.reshape(tokens, self.num_kv_heads, self.head_dim).contiguous()
-        if self.q_norm is not None:
-            q = self.q_norm(q)
-            k = self.k_norm(k)
         cos, sin = rope
-        q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
+        if self.q_norm is None:
+            # q and k rotated together: one pass over [T, heads + kv_heads, D] (fewer ops per layer).
+            qk = _rotate(qkv[:, :self.q_size + self.kv_size].view(tokens, heads + kv_heads, d), cos, sin)
+            q, k = qk[:, :heads], qk[:, heads:]
+        else:
+            q, k = qkv[:, :self.q_size], qkv[:, self.q_size:self.q_size + self.kv_size]
+            q = _rotate(self.q_norm(q.view(tokens, heads, d)), cos, sin)
+            k = _rotate(self.k_norm(k.view(tokens, kv_heads, d)), cos, sin)
+        v = qkv[:, self.q_size + self.kv_size:].view(tokens, kv_heads, d)  # strided rows: the ops accept them
         ops.reshape_and_cache(k, v, self.key_cache, self.value_cache, meta.slot_mapping)
         out = ops.paged_attention(q, self.key_cache, self.value_cache, meta.block_tables, meta.seq_lens,
                                   meta.cu_query_lens, self.scale, causal=meta.causal)
-        return self.o_proj(out.view(tokens, self.q_size))
+        return self.o_proj(out.reshape(tokens, self.q_size))
 
 
 class MLP(nn.Module):
