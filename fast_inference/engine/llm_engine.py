@@ -264,7 +264,12 @@ class LLMEngine:
             stop_reason = None if token in self.model_config.eos_token_ids and not (
                 params.stop_token_ids and token in params.stop_token_ids) else token
             if params.include_stop_str_in_output:
-                self._add_text(seq, decode_new_text(self.tokenizer, seq, params.skip_special_tokens), stops, False)
+                self._add_text(seq, flush_text(self.tokenizer, seq, params.skip_special_tokens), stops, False)
+            else:
+                # Release text still pending before the stop token (e.g. a trailing partial character).
+                seq.token_ids.pop()
+                self._add_text(seq, flush_text(self.tokenizer, seq, params.skip_special_tokens), stops, False)
+                seq.token_ids.append(token)
         else:
             found = self._add_text(seq, decode_new_text(self.tokenizer, seq, params.skip_special_tokens), stops, checks)
             if found is not None:
