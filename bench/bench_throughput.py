@@ -7,6 +7,7 @@ Run: PYTHONPATH=. python bench/bench_throughput.py [--num-prompts 32 --prompt-le
 """
 
 import argparse
+import os
 import sys
 import tempfile
 import time
@@ -62,7 +63,8 @@ def main() -> None:
     device = torch.device("cpu")
     env = environment(device)
     bandwidth = streaming_read_bandwidth(device)
-    emit({"bench": "throughput", "event": "env", **env, "read_bandwidth_GBps": round(bandwidth / 1e9, 2)})
+    emit({"bench": "throughput", "event": "env", **env, "read_bandwidth_GBps": round(bandwidth / 1e9, 2),
+          "load_average_1m": round(os.getloadavg()[0], 2), "cpu_count": os.cpu_count()})
 
     with tempfile.TemporaryDirectory() as tmp:
         hf_model = build_smollm_like(Path(tmp), dtype)
