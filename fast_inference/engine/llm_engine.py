@@ -21,6 +21,7 @@ from .sequence import Request, Sequence, SequenceStatus
 logger = logging.getLogger("fast_inference.engine")
 
 _SEED_MASK = (1 << 63) - 1
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "spiece.model", "vocab.txt")
 
 
 def _child_seed(seed: int, index: int) -> int:
@@ -31,10 +32,15 @@ def _child_seed(seed: int, index: int) -> int:
 def load_tokenizer(path: str, chat_template: str | None = None):
     from transformers import AutoTokenizer
 
+    local = Path(path)
+    if local.is_dir() and not any((local / name).is_file() for name in _TOKENIZER_FILES):
+        raise ValueError(f"no tokenizer in {path!r}: expected one of {', '.join(_TOKENIZER_FILES)}")
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError) as e:
         raise ValueError(f"cannot load a tokenizer from {path!r}: {e}") from e
+    if len(tokenizer) <= 1:
+        raise ValueError(f"the tokenizer loaded from {path!r} is empty (missing or unreadable tokenizer files)")
     if chat_template is not None:
         template_path = Path(chat_template)
         tokenizer.chat_template = template_path.read_text() if template_path.is_file() else chat_template
