@@ -158,7 +158,7 @@ class LLMEngine:
             req.bias_values = [float(b) for b in params.logit_bias.values()]
         if params.min_tokens > 0:
             req.min_tokens_mask_ids = sorted(stop_ids)
-        seed = params.seed if params.seed is not None else self._rng.getrandbits(63)
+        seed = params.seed & _SEED_MASK if params.seed is not None else self._rng.getrandbits(63)
         req.seqs.append(self._new_seq(req, 0, list(token_ids), _child_seed(seed, 0), max_tokens))
         req.seed = seed
         self.requests[request_id] = req
