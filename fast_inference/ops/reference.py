@@ -85,7 +85,7 @@ def paged_attention(
 
 # ---- sampling ----
 # Pure-PyTorch references of the sampling ops (test oracles; slow, sort-based, float64 where it matters).
-import math as _math  # noqa: E402  (this section is appended below the attention references)
+import math as _math  # noqa: E402  (the sampling section keeps its own imports)
 
 import torch as _torch  # noqa: E402
 
