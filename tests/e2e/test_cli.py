@@ -27,7 +27,7 @@ class CLIServer:
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
         self.port = int(self.wait_for(r"Listening on http://127\.0\.0\.1:(\d+)").group(1))
-        self.wait_for(r"KV cache: \d+ blocks")
+        self.wait_for(r"fast_inference\.server:   KV cache: \d+ blocks")  # logged once /health is 200
 
     def _read(self) -> None:
         for line in self.proc.stderr:
