@@ -42,6 +42,7 @@ class Request:
     body: bytes
     client: str
     http_version: str = "1.1"
+    started: float = 0.0  # perf_counter() when the app began handling it
 
 
 @dataclass(slots=True)
@@ -50,6 +51,7 @@ class Response:
     body: bytes = b""
     content_type: str = "application/json"
     headers: list[tuple[str, str]] = field(default_factory=list)
+    logged_by_job: bool = False  # the handler already wrote this request's log line
 
 
 @dataclass(slots=True)
@@ -169,6 +171,7 @@ class HTTPServer:
     async def _send_error_and_close(self, conn: h11.Connection, writer: asyncio.StreamWriter, err: APIError,
                                     request: Request | None = None) -> None:
         """Answer a protocol-level fault (400/408/413/431) if the state allows, then close."""
+        logger.info("%s HTTP %d: %s", request.client if request else "-", err.status, err.message)
         if conn.our_state in (h11.IDLE, h11.SEND_RESPONSE):
             body = err.to_json()
             headers = [("content-type", "application/json"), ("content-length", str(len(body))),

@@ -299,15 +299,17 @@ def token_id_list(value: Any, vocab_size: int, param: str) -> list[int] | None:
 
 
 def prompts_of(value: Any, tokenizer, vocab_size: int, param: str) -> tuple[list[list[int]], list[str | None]]:
-    """str | list[str] | list[int] | list[list[int]] -> token-id prompts (+ their text, when given as text)."""
+    """str | list[str] | list[int] | list[list[int]] -> token-id prompts (+ their text, when given as text).
+
+    Text gets the tokenizer's special tokens (e.g. BOS), as the engine's own tokenize() and vLLM do."""
     if isinstance(value, str):
-        return [tokenizer.encode(value, add_special_tokens=False)], [value]
+        return [tokenizer.encode(value)], [value]
     if isinstance(value, list) and value:
         ids = token_id_list(value, vocab_size, param)
         if ids is not None:
             return [ids], [None]
         if all(isinstance(v, str) for v in value):
-            return [tokenizer.encode(v, add_special_tokens=False) for v in value], list(value)
+            return [tokenizer.encode(v) for v in value], list(value)
         if all(isinstance(v, list) for v in value):
             lists = []
             for i, v in enumerate(value):

@@ -23,6 +23,7 @@ from .metrics import Metrics
 logger = logging.getLogger("fast_inference.server")
 
 _OPEN_PATHS = frozenset({"/health", "/ping"})
+_QUIET_PATHS = frozenset({"/health", "/ping", "/metrics"})  # probes and scrapes: logged at debug only
 
 
 @dataclass(slots=True)
@@ -69,6 +70,7 @@ class OpenAIApp:
 
     # -- dispatch ------------------------------------------------------------------------------------
     async def __call__(self, request: Request) -> Response | StreamingResponse:
+        request.started = time.perf_counter()
         path = request.path
         route = self.routes.get(path)
         if route is None:
@@ -101,8 +103,12 @@ class OpenAIApp:
     def _finish(self, request: Request, path: str, response: Response | StreamingResponse):
         endpoint = path if path in self.routes else ("/v1/models/{id}" if path.startswith("/v1/models/") else "other")
         self.metrics.request_done(endpoint, response.status)
-        if response.status >= 400 and request.method == "POST":
-            logger.info("%s %s -> %d", request.method, path, response.status)
+        # Generations that started log their own line when they end (with token counts); the rest here.
+        if not (getattr(response, "logged_by_job", False) or isinstance(response, StreamingResponse)):
+            level = logging.DEBUG if path in _QUIET_PATHS and response.status < 500 else logging.INFO
+            if logger.isEnabledFor(level):
+                logger.log(level, "%s %s %s status=%d latency=%.1fms", request.client, request.method, path,
+                           response.status, (time.perf_counter() - request.started) * 1e3)
         return response
 
     def _check_key(self, request: Request) -> None:
@@ -358,7 +364,9 @@ class OpenAIApp:
         if gen.stream:
             return StreamingResponse(200, job.stream())
         try:
-            return self._json(await job.collect())
+            response = self._json(await job.collect())
+            response.logged_by_job = True
+            return response
         except asyncio.CancelledError:
             job.status = 499  # the client went away: the engine request is aborted in close()
             raise

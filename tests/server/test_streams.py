@@ -6,7 +6,7 @@ import time
 import openai
 
 from .conftest import MODEL_NAME
-from .rawhttp import RawConn, request
+from .rawhttp import RawConn, call, request
 
 
 def wait_idle(server, timeout: float = 10.0) -> dict:
@@ -85,3 +85,41 @@ def test_64_concurrent_streams_match_greedy(server):
     for i, (a, b) in enumerate(zip(streams, singles)):
         assert a == b, f"stream {i} differs from its non-streamed greedy answer"
     wait_idle(server)
+
+
+def test_fault_mid_stream_sends_error_then_done(model_dir, schemas):
+    import json
+
+    from .conftest import start_server
+
+    thread = start_server(model_dir)
+    try:
+        engine = thread.server.engine.engine
+        real_step = engine.step
+        conn = RawConn(thread.port, timeout=30)
+        conn.send(request("POST", "/v1/chat/completions",
+                          {"model": MODEL_NAME, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 200,
+                           "ignore_eos": True, "stream": True}))
+        status, _ = conn.read_head()
+        assert status == 200
+        chunks = conn.iter_chunks()
+        next(chunks)
+        next(chunks)
+
+        def broken_step():
+            raise RuntimeError("device fault")
+
+        engine.step = broken_step  # the next engine step fails
+        rest = b"".join(chunks).decode()
+        conn.close()
+        events = [block[len("data: "):] for block in rest.split("\n\n") if block]
+        assert events[-1] == "[DONE]"
+        error = json.loads(events[-2])
+        schemas.validate("ErrorResponse", error)
+        assert error["error"]["type"] == "server_error" and "device fault" not in error["error"]["message"]
+        engine.step = real_step
+        # the server keeps serving
+        r = call(thread.port, "POST", "/v1/completions", {"model": MODEL_NAME, "prompt": "x", "max_tokens": 2})
+        assert r.status == 200
+    finally:
+        thread.stop()
