@@ -3,6 +3,7 @@
 import asyncio
 import contextlib
 import logging
+import os
 import signal
 import threading
 from collections.abc import Callable
@@ -69,6 +70,13 @@ class Server:
         if self._loop is not None and self._stop is not None:
             self._loop.call_soon_threadsafe(self._stop.set)
 
+    def _on_signal(self, sig: signal.Signals) -> None:
+        if self._stop is not None and self._stop.is_set():
+            logger.warning("%s again: exiting now without draining", sig.name)
+            os._exit(1)
+        logger.info("%s received (send it again to exit at once)", sig.name)
+        self.request_stop()
+
     async def serve_until_stopped(self) -> None:
         ready = asyncio.ensure_future(self.wait_ready())
         stop = asyncio.ensure_future(self._stop.wait())
@@ -97,7 +105,7 @@ def run(server: Server) -> None:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             with contextlib.suppress(NotImplementedError):
-                loop.add_signal_handler(sig, server.request_stop)
+                loop.add_signal_handler(sig, server._on_signal, sig)
         await server.serve_until_stopped()
 
     asyncio.run(main())

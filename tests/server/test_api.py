@@ -353,3 +353,42 @@ def test_client_error_types(client):
     with pytest.raises(openai.BadRequestError) as info:
         client.chat.completions.create(model=MODEL_NAME, messages=CHAT, temperature=9)
     assert info.value.body["param"] == "temperature"
+
+
+def test_concurrent_embeddings_are_batched(server):
+    import threading
+    import time
+
+    engine = server.server.engine.engine
+    real_embed = engine.embed
+    calls = []
+
+    def recording_embed(token_id_lists):
+        calls.append(len(token_id_lists))
+        if len(calls) == 1:
+            time.sleep(0.5)  # hold the engine thread so the others queue up behind this call
+        return real_embed(token_id_lists)
+
+    engine.embed = recording_embed
+    try:
+        results = []
+
+        def one(i):
+            results.append(call(server.port, "POST", "/v1/embeddings", {"model": MODEL_NAME, "input": f"text {i}"}))
+
+        threads = [threading.Thread(target=one, args=(i,)) for i in range(8)]
+        threads[0].start()
+        time.sleep(0.2)
+        for t in threads[1:]:
+            t.start()
+        for t in threads:
+            t.join()
+    finally:
+        engine.embed = real_embed
+    assert all(r.status == 200 for r in results)
+    assert sum(calls) == 8 and len(calls) < 8, calls  # the 7 waiting requests shared engine calls
+    # a batched answer equals the answer alone
+    alone = call(server.port, "POST", "/v1/embeddings", {"model": MODEL_NAME, "input": "text 3"}).json()
+    batched = [r.json() for r in results if r.json()["usage"]["prompt_tokens"] == alone["usage"]["prompt_tokens"]]
+    assert any(max(abs(a - b) for a, b in zip(b["data"][0]["embedding"], alone["data"][0]["embedding"])) < 1e-4
+               for b in batched)
