@@ -105,7 +105,7 @@ class OpenAIApp:
         self.metrics.request_done(endpoint, response.status)
         # Generations that started log their own line when they end (with token counts); the rest here.
         if not (getattr(response, "logged_by_job", False) or isinstance(response, StreamingResponse)):
-            level = logging.DEBUG if path in _QUIET_PATHS and response.status < 500 else logging.INFO
+            level = logging.DEBUG if path in _QUIET_PATHS and response.status != 500 else logging.INFO
             if logger.isEnabledFor(level):
                 logger.log(level, "%s %s %s status=%d latency=%.1fms", request.client, request.method, path,
                            response.status, (time.perf_counter() - request.started) * 1e3)
