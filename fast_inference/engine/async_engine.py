@@ -132,7 +132,9 @@ class AsyncEngine:
         return len(self._streams)
 
     # -- loop-side API -------------------------------------------------------------------------------
-    async def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams) -> RequestStream:
+    async def add_request(
+        self, request_id: str, prompt: str | list[int], params: SamplingParams
+    ) -> RequestStream:
         """Queue a request; returns once the engine has accepted it (raises ValueError if it refused)."""
         if self.state != "ready":
             raise EngineDeadError(f"engine is not ready ({self.state})")
@@ -269,7 +271,7 @@ class AsyncEngine:
             return
         start = 0
         for _, lists, future in embeds:
-            self._call(_resolve, future, vectors[start:start + len(lists)], None)
+            self._call(_resolve, future, vectors[start : start + len(lists)], None)
             start += len(lists)
 
     def _step_failed(self, exc: Exception) -> None:

@@ -19,9 +19,17 @@ logger = logging.getLogger("fast_inference.server")
 class Server:
     """HTTP server + AsyncEngine. /health answers 503 while the engine factory runs, 200 once ready."""
 
-    def __init__(self, engine_factory: Callable[[], Any], config: ServerConfig, *, host: str = "127.0.0.1",
-                 port: int = 8000, limits: Limits | None = None, drain_timeout: float = 30.0,
-                 is_demo: bool = False) -> None:
+    def __init__(
+        self,
+        engine_factory: Callable[[], Any],
+        config: ServerConfig,
+        *,
+        host: str = "127.0.0.1",
+        port: int = 8000,
+        limits: Limits | None = None,
+        drain_timeout: float = 30.0,
+        is_demo: bool = False,
+    ) -> None:
         self.engine = AsyncEngine(engine_factory)
         self.config = config
         self.host = host
@@ -39,8 +47,7 @@ class Server:
         self._stop = asyncio.Event()
         http_box: list[HTTPServer] = []
         self.app = OpenAIApp(self.engine, self.config, connections=lambda: http_box[0].num_connections)
-        self.http = HTTPServer(self.app, self.limits,
-                               on_error_headers=self.app.cors_headers)
+        self.http = HTTPServer(self.app, self.limits, on_error_headers=self.app.cors_headers)
         http_box.append(self.http)
         self.port = await self.http.start(self.host, self.port)
         logger.info("Listening on http://%s:%d (health: 503 until the model is loaded)", self.host, self.port)
@@ -56,11 +63,21 @@ class Server:
         cfg = engine.model_config
         blocks = getattr(engine, "num_total_blocks", 0)
         block_size = getattr(engine, "block_size", 0)
-        what = "the built-in demo model (tiny random-weight Llama, made locally)" if self.is_demo else cfg.model_path
+        what = (
+            "the built-in demo model (tiny random-weight Llama, made locally)"
+            if self.is_demo
+            else cfg.model_path
+        )
         logger.info("Model ready: serving %s as %s", what, ", ".join(self.config.served_model_names))
-        logger.info("  URL: http://%s:%d/v1  device=%s dtype=%s max_model_len=%d architecture=%s",
-                    self.host, self.port, cfg.device, str(cfg.dtype).replace("torch.", ""), cfg.max_model_len,
-                    cfg.architecture)
+        logger.info(
+            "  URL: http://%s:%d/v1  device=%s dtype=%s max_model_len=%d architecture=%s",
+            self.host,
+            self.port,
+            cfg.device,
+            str(cfg.dtype).replace("torch.", ""),
+            cfg.max_model_len,
+            cfg.architecture,
+        )
         logger.info("  KV cache: %d blocks x %d tokens = %d tokens", blocks, block_size, blocks * block_size)
         if self.config.api_key:
             logger.info("  API key required on all routes except /health and /ping")

@@ -35,8 +35,16 @@ def use_real_engine() -> bool:
 def model_dir(tmp_path_factory) -> Path:
     from fast_inference.models.demo import build_model_dir
 
-    return build_model_dir(tmp_path_factory.mktemp("tiny_model"), hidden_size=64, num_layers=2, num_heads=4,
-                           num_kv_heads=2, intermediate_size=128, max_position_embeddings=512, seed=7)
+    return build_model_dir(
+        tmp_path_factory.mktemp("tiny_model"),
+        hidden_size=64,
+        num_layers=2,
+        num_heads=4,
+        num_kv_heads=2,
+        intermediate_size=128,
+        max_position_embeddings=512,
+        seed=7,
+    )
 
 
 def engine_factory(model_dir: Path, max_model_len: int = 256, max_num_seqs: int = 64):
@@ -44,22 +52,49 @@ def engine_factory(model_dir: Path, max_model_len: int = 256, max_num_seqs: int 
         from fast_inference.engine.config import EngineArgs
         from fast_inference.engine.llm_engine import LLMEngine
 
-        args = EngineArgs(model=str(model_dir), dtype="float32", device="cpu", max_model_len=max_model_len,
-                          max_num_seqs=max_num_seqs, seed=0)
+        args = EngineArgs(
+            model=str(model_dir),
+            dtype="float32",
+            device="cpu",
+            max_model_len=max_model_len,
+            max_num_seqs=max_num_seqs,
+            seed=0,
+        )
         return lambda: LLMEngine(args)
     from .fake_engine import FakeEngine
 
-    args = SimpleNamespace(model=str(model_dir), max_model_len=max_model_len, max_num_seqs=max_num_seqs, block_size=16)
+    args = SimpleNamespace(
+        model=str(model_dir), max_model_len=max_model_len, max_num_seqs=max_num_seqs, block_size=16
+    )
     return lambda: FakeEngine(args)
 
 
-def start_server(model_dir: Path, *, api_key: str | None = None, allowed_origins=(), limits: Limits | None = None,
-                 max_pending_requests: int = 2048, factory=None, drain_timeout: float = 10.0,
-                 wait: bool = True) -> ServerThread:
-    config = ServerConfig(served_model_names=[MODEL_NAME, "alias"], model_path=str(model_dir), api_key=api_key,
-                          allowed_origins=list(allowed_origins), max_pending_requests=max_pending_requests)
-    server = Server(factory or engine_factory(model_dir), config, host="127.0.0.1", port=0, limits=limits,
-                    drain_timeout=drain_timeout)
+def start_server(
+    model_dir: Path,
+    *,
+    api_key: str | None = None,
+    allowed_origins=(),
+    limits: Limits | None = None,
+    max_pending_requests: int = 2048,
+    factory=None,
+    drain_timeout: float = 10.0,
+    wait: bool = True,
+) -> ServerThread:
+    config = ServerConfig(
+        served_model_names=[MODEL_NAME, "alias"],
+        model_path=str(model_dir),
+        api_key=api_key,
+        allowed_origins=list(allowed_origins),
+        max_pending_requests=max_pending_requests,
+    )
+    server = Server(
+        factory or engine_factory(model_dir),
+        config,
+        host="127.0.0.1",
+        port=0,
+        limits=limits,
+        drain_timeout=drain_timeout,
+    )
     return ServerThread(server).start(120.0 if wait else None)
 
 
@@ -74,7 +109,9 @@ def server(model_dir):
 def no_leaked_threads():
     before = {t.ident for t in threading.enumerate()}
     yield
-    leaked = [t for t in threading.enumerate() if t.ident not in before and t.name.startswith("fast-inference")]
+    leaked = [
+        t for t in threading.enumerate() if t.ident not in before and t.name.startswith("fast-inference")
+    ]
     assert not leaked, f"leaked threads: {leaked}"
 
 

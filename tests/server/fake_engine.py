@@ -44,9 +44,15 @@ class FakeEngine:
         vocab = len(self.tokenizer)
         eos = self.tokenizer.convert_tokens_to_ids("<|im_end|>")
         self.model_config = SimpleNamespace(
-            max_model_len=args.max_model_len or 256, vocab_size=vocab, eos_token_ids=[eos],
-            dtype=torch.float32, device=torch.device("cpu"), architecture="LlamaForCausalLM",
-            hidden_size=16, model_path=str(args.model))
+            max_model_len=args.max_model_len or 256,
+            vocab_size=vocab,
+            eos_token_ids=[eos],
+            dtype=torch.float32,
+            device=torch.device("cpu"),
+            architecture="LlamaForCausalLM",
+            hidden_size=16,
+            model_path=str(args.model),
+        )
         self.supports_generation = True
         self.block_size = args.block_size
         self.num_total_blocks = 4096
@@ -58,11 +64,17 @@ class FakeEngine:
         self.embed_calls: list[int] = []
 
     def add_request(self, request_id, prompt, params, arrival_time=None) -> None:
-        ids = self.tokenizer.encode(prompt, add_special_tokens=False) if isinstance(prompt, str) else list(prompt)
+        ids = (
+            self.tokenizer.encode(prompt, add_special_tokens=False)
+            if isinstance(prompt, str)
+            else list(prompt)
+        )
         if not ids:
             raise ValueError("prompt must not be empty")
         if len(ids) >= self.model_config.max_model_len:
-            raise ValueError(f"prompt of {len(ids)} tokens exceeds max_model_len {self.model_config.max_model_len}")
+            raise ValueError(
+                f"prompt of {len(ids)} tokens exceeds max_model_len {self.model_config.max_model_len}"
+            )
         if request_id in self._requests:
             raise ValueError(f"duplicate request id {request_id}")
         req = _Req(request_id, prompt if isinstance(prompt, str) else None, ids, params, arrival_time)
@@ -101,8 +113,10 @@ class FakeEngine:
                 token = best[0]
         lp = None
         if p.logprobs is not None:
-            lp = {c: Logprob(-0.5 - k, rank=k + 1, decoded_token=self.tokenizer.decode([c])) for k, c in
-                  enumerate(cands[: max(p.logprobs, 1)])}
+            lp = {
+                c: Logprob(-0.5 - k, rank=k + 1, decoded_token=self.tokenizer.decode([c]))
+                for k, c in enumerate(cands[: max(p.logprobs, 1)])
+            }
             if token not in lp:
                 lp[token] = Logprob(-9.0, rank=50, decoded_token=self.tokenizer.decode([token]))
         return token, lp
@@ -139,16 +153,32 @@ class FakeEngine:
                             seq.finish_reason, seq.stop_reason = "stop", s
                             break
                 max_tokens = p.max_tokens if p.max_tokens is not None else 10**9
-                if seq.finish_reason is None and (len(seq.token_ids) >= max_tokens
-                                                  or total >= self.model_config.max_model_len):
+                if seq.finish_reason is None and (
+                    len(seq.token_ids) >= max_tokens or total >= self.model_config.max_model_len
+                ):
                     seq.finish_reason = "length"
             finished = all(s.finish_reason is not None for s in req.seqs)
-            outputs.append(RequestOutput(
-                request_id, req.prompt, req.prompt_ids,
-                [CompletionOutput(s.index, s.text, list(s.token_ids), s.cumulative_logprob if s.logprobs is not None
-                                  else None, list(s.logprobs) if s.logprobs is not None else None,
-                                  s.finish_reason, s.stop_reason) for s in req.seqs],
-                finished, req.metrics))
+            outputs.append(
+                RequestOutput(
+                    request_id,
+                    req.prompt,
+                    req.prompt_ids,
+                    [
+                        CompletionOutput(
+                            s.index,
+                            s.text,
+                            list(s.token_ids),
+                            s.cumulative_logprob if s.logprobs is not None else None,
+                            list(s.logprobs) if s.logprobs is not None else None,
+                            s.finish_reason,
+                            s.stop_reason,
+                        )
+                        for s in req.seqs
+                    ],
+                    finished,
+                    req.metrics,
+                )
+            )
             if finished:
                 self.abort_request(request_id)
         return outputs
@@ -156,10 +186,16 @@ class FakeEngine:
     def stats(self) -> dict:
         self.stats_calls += 1
         running = min(len(self._order), self.max_num_seqs)
-        return {"num_running": running, "num_waiting": len(self._order) - running,
-                "num_free_blocks": self._free, "num_total_blocks": self.num_total_blocks,
-                "kv_cache_usage": 1.0 - self._free / self.num_total_blocks, "prefix_cache_hit_rate": 0.0,
-                "num_prompt_tokens": 0, "num_generation_tokens": 0}
+        return {
+            "num_running": running,
+            "num_waiting": len(self._order) - running,
+            "num_free_blocks": self._free,
+            "num_total_blocks": self.num_total_blocks,
+            "kv_cache_usage": 1.0 - self._free / self.num_total_blocks,
+            "prefix_cache_hit_rate": 0.0,
+            "num_prompt_tokens": 0,
+            "num_generation_tokens": 0,
+        }
 
     def embed(self, token_id_lists: list[list[int]]) -> torch.Tensor:
         self.embed_calls.append(len(token_id_lists))
