@@ -1,11 +1,9 @@
 """Server test fixtures: a tiny local model, a live server on 127.0.0.1:0 in a background thread, schemas."""
 
-import importlib.util
 import json
 import os
 import threading
 from pathlib import Path
-from types import SimpleNamespace
 
 import jsonschema
 import pytest
@@ -18,17 +16,14 @@ from fast_inference.server.serve import Server, ServerThread
 # Tiny models gain nothing from intra-op threads, and on a shared machine OpenMP spin-waits cost 10-100x.
 torch.set_num_threads(1)
 
-SPEC = Path(os.environ.get("FI_OPENAI_SPEC", "/work/shared/openai-spec/openai-subset.json"))
+_ROOT = Path(__file__).resolve().parents[2]
+_SPEC_CANDIDATES = [
+    os.environ.get("FI_OPENAI_SPEC"),
+    _ROOT.parent / "shared" / "openai-spec" / "openai-subset.json",  # the checkout's sibling shared/
+    _ROOT / "shared" / "openai-spec" / "openai-subset.json",
+    Path("/work/shared/openai-spec/openai-subset.json"),
+]
 MODEL_NAME = "tiny-test"
-
-
-def real_engine_available() -> bool:
-    return importlib.util.find_spec("fast_inference.engine.llm_engine") is not None
-
-
-def use_real_engine() -> bool:
-    choice = os.environ.get("FI_TEST_ENGINE", "auto")
-    return choice == "real" or (choice == "auto" and real_engine_available())
 
 
 @pytest.fixture(scope="session")
@@ -48,25 +43,18 @@ def model_dir(tmp_path_factory) -> Path:
 
 
 def engine_factory(model_dir: Path, max_model_len: int = 256, max_num_seqs: int = 64):
-    if use_real_engine():
-        from fast_inference.engine.config import EngineArgs
-        from fast_inference.engine.llm_engine import LLMEngine
+    from fast_inference.engine.config import EngineArgs
+    from fast_inference.engine.llm_engine import LLMEngine
 
-        args = EngineArgs(
-            model=str(model_dir),
-            dtype="float32",
-            device="cpu",
-            max_model_len=max_model_len,
-            max_num_seqs=max_num_seqs,
-            seed=0,
-        )
-        return lambda: LLMEngine(args)
-    from .fake_engine import FakeEngine
-
-    args = SimpleNamespace(
-        model=str(model_dir), max_model_len=max_model_len, max_num_seqs=max_num_seqs, block_size=16
+    args = EngineArgs(
+        model=str(model_dir),
+        dtype="float32",
+        device="cpu",
+        max_model_len=max_model_len,
+        max_num_seqs=max_num_seqs,
+        seed=0,
     )
-    return lambda: FakeEngine(args)
+    return lambda: LLMEngine(args)
 
 
 def start_server(
@@ -132,7 +120,10 @@ def _nullable(node):
 
 class Schemas:
     def __init__(self) -> None:
-        spec = json.loads(SPEC.read_text())
+        found = [Path(p) for p in _SPEC_CANDIDATES if p and Path(p).is_file()]
+        if not found:
+            raise FileNotFoundError(f"openai-subset.json not found (set FI_OPENAI_SPEC); looked in {_SPEC_CANDIDATES}")
+        spec = json.loads(found[0].read_text())
         self.root = _nullable(spec)
         self.root.pop("paths", None)
 
