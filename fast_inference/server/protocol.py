@@ -183,7 +183,7 @@ def _sampling(
             top_p=_num(body, "top_p", 1.0, 0.0, 1.0, lo_open=True),
             top_k=top_k,
             min_p=_num(body, "min_p", 0.0, 0.0, 1.0),
-            seed=_int(body, "seed", None),
+            seed=_int(body, "seed", None, -(2**63), 2**63 - 1),  # int64, as OpenAI
             presence_penalty=_num(body, "presence_penalty", 0.0, -2.0, 2.0),
             frequency_penalty=_num(body, "frequency_penalty", 0.0, -2.0, 2.0),
             repetition_penalty=_num(body, "repetition_penalty", 1.0, 0.0, None, lo_open=True),

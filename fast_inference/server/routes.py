@@ -11,6 +11,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
+from urllib.parse import unquote
 
 from .. import __version__
 from ..engine.async_engine import AsyncEngine, EngineDeadError, RequestStream
@@ -271,7 +272,7 @@ class OpenAIApp:
         )
 
     async def get_model(self, request: Request) -> Response:
-        name = request.path[len("/v1/models/") :]
+        name = unquote(request.path[len("/v1/models/") :])
         if name not in self.config.served_model_names:
             raise APIError(404, f"The model '{name}' does not exist", param="model", code="model_not_found")
         return self._json(self._model_card(name))

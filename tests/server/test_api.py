@@ -330,6 +330,7 @@ def test_models(server, schemas, client):
     assert missing.status == 404
     schemas.validate("ErrorResponse", missing.json())
     assert client.models.retrieve("alias").id == "alias"
+    assert call(server.port, "GET", "/v1/models/tiny%2Dtest").json()["id"] == MODEL_NAME  # percent-decoded
 
 
 def test_tokenize_detokenize(server):
@@ -372,6 +373,7 @@ def test_health_ping_version_metrics(server):
         ({"messages": CHAT, "temperature": 5}, 400, "temperature"),
         ({"messages": CHAT, "top_p": 0}, 400, "top_p"),
         ({"messages": CHAT, "n": 0}, 400, "n"),
+    ({"messages": CHAT, "seed": 2**64}, 400, "seed"),
         ({"messages": CHAT, "max_tokens": "many"}, 400, "max_tokens"),
         ({"messages": CHAT, "stop": 3}, 400, "stop"),
         ({"messages": CHAT, "logit_bias": {"x": 1}}, 400, "logit_bias"),
