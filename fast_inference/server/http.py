@@ -62,6 +62,9 @@ class StreamingResponse:
     chunks: AsyncIterator[bytes]
     content_type: str = "text/event-stream"
     headers: list[tuple[str, str]] = field(default_factory=list)
+    # Always called once the response is over, also when it never started (the generator's own
+    # `finally` does not run if it was never iterated).
+    on_close: Callable[[], None] | None = None
 
 
 App = Callable[[Request], Awaitable[Response | StreamingResponse]]
@@ -475,6 +478,8 @@ class HTTPServer:
             if aclose is not None:
                 with contextlib.suppress(BaseException):
                     await aclose()
+            if response.on_close is not None:
+                response.on_close()
         return True
 
     async def _drain(self, writer: asyncio.StreamWriter) -> None:

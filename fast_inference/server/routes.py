@@ -458,7 +458,7 @@ class OpenAIApp:
             raise
         job = _Job(self, gen, request_id, streams, arrival)
         if gen.stream:
-            return StreamingResponse(200, job.stream())
+            return StreamingResponse(200, job.stream(), on_close=job.close)
         try:
             response = self._json(await job.collect())
             response.logged_by_job = True
