@@ -10,6 +10,7 @@ import struct
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from urllib.parse import unquote
 
@@ -24,6 +25,8 @@ from .metrics import Metrics
 logger = logging.getLogger("fast_inference.server")
 
 _OPEN_PATHS = frozenset({"/health", "/ping"})
+# Requests with larger bodies are tokenized (and chat-templated) off the event loop.
+_INLINE_TOKENIZE_BYTES = 16 * 1024
 _QUIET_PATHS = frozenset({"/health", "/ping", "/metrics"})  # probes and scrapes: logged at debug only
 
 
@@ -54,6 +57,8 @@ class OpenAIApp:
         self._tokenizer = None
         self._token_text: protocol.TokenText | None = None
         self.inflight = 0  # engine requests this server has queued or running
+        self._pool: ThreadPoolExecutor | None = None  # the tokenizer thread, started on first need
+        self._pool_tokenizer = None
         self.routes: dict[str, dict[str, Callable]] = {
             "/v1/chat/completions": {"POST": self.chat_completions},
             "/v1/completions": {"POST": self.completions},
@@ -208,6 +213,25 @@ class OpenAIApp:
             self._token_text = protocol.TokenText(self._tokenizer)
         return self._tokenizer
 
+    async def _tokenizing(self, request: Request, fn: Callable):
+        """fn(tokenizer): in line for small requests; for large ones on the tokenizer thread, with that
+        thread's own tokenizer copy, so a long prompt never stalls the event loop and every other stream."""
+        tokenizer = self.tokenizer
+        if len(request.body) <= _INLINE_TOKENIZE_BYTES:
+            return fn(tokenizer)
+        if self._pool is None:
+            try:
+                self._pool_tokenizer = copy.deepcopy(tokenizer)
+            except Exception:  # cannot get a private copy: sharing one across threads is not safe
+                return fn(tokenizer)
+            self._pool = ThreadPoolExecutor(1, thread_name_prefix="fast-inference-tokenizer")
+        return await asyncio.get_running_loop().run_in_executor(self._pool, fn, self._pool_tokenizer)
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
+
     def _require_ready(self) -> None:
         if self.engine.state == "loading":
             raise APIError(503, "The model is still loading; retry shortly", code="model_loading")
@@ -342,8 +366,9 @@ class OpenAIApp:
         self._require_ready()
         if "input" not in body:
             raise invalid("'input' is required", "input")
-        prompts, _ = protocol.prompts_of(
-            body["input"], self.tokenizer, self._model_config.vocab_size, "input"
+        vocab = self._model_config.vocab_size
+        prompts, _ = await self._tokenizing(
+            request, lambda tokenizer: protocol.prompts_of(body["input"], tokenizer, vocab, "input")
         )
         encoding = body.get("encoding_format") or "float"
         if encoding not in ("float", "base64"):
@@ -417,20 +442,16 @@ class OpenAIApp:
                 "model",
             )
         cfg = self._model_config
-        tokenizer = self.tokenizer
-        if chat:
-            gen = protocol.parse_chat(
-                body,
-                self.config.served_model_names,
-                tokenizer,
-                cfg.max_model_len,
-                cfg.vocab_size,
-                self.config.chat_template,
-            )
-        else:
-            gen = protocol.parse_completion(
-                body, self.config.served_model_names, tokenizer, cfg.max_model_len, cfg.vocab_size
-            )
+        names = self.config.served_model_names
+
+        def parse(tokenizer) -> protocol.GenerationRequest:
+            if chat:
+                return protocol.parse_chat(
+                    body, names, tokenizer, cfg.max_model_len, cfg.vocab_size, self.config.chat_template
+                )
+            return protocol.parse_completion(body, names, tokenizer, cfg.max_model_len, cfg.vocab_size)
+
+        gen = await self._tokenizing(request, parse)
         request_id = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
         self._admit(len(gen.prompts))
         streams: list[RequestStream] = []

@@ -111,6 +111,8 @@ class Server:
         if self.http is not None:
             await self.http.shutdown(self.drain_timeout)
         await asyncio.get_running_loop().run_in_executor(None, self.engine.shutdown)
+        if self.app is not None:
+            self.app.close()
         logger.info("Stopped")
 
 

@@ -122,7 +122,9 @@ class Schemas:
     def __init__(self) -> None:
         found = [Path(p) for p in _SPEC_CANDIDATES if p and Path(p).is_file()]
         if not found:
-            raise FileNotFoundError(f"openai-subset.json not found (set FI_OPENAI_SPEC); looked in {_SPEC_CANDIDATES}")
+            raise FileNotFoundError(
+                f"openai-subset.json not found (set FI_OPENAI_SPEC); looked in {_SPEC_CANDIDATES}"
+            )
         spec = json.loads(found[0].read_text())
         self.root = _nullable(spec)
         self.root.pop("paths", None)

@@ -373,7 +373,7 @@ def test_health_ping_version_metrics(server):
         ({"messages": CHAT, "temperature": 5}, 400, "temperature"),
         ({"messages": CHAT, "top_p": 0}, 400, "top_p"),
         ({"messages": CHAT, "n": 0}, 400, "n"),
-    ({"messages": CHAT, "seed": 2**64}, 400, "seed"),
+        ({"messages": CHAT, "seed": 2**64}, 400, "seed"),
         ({"messages": CHAT, "max_tokens": "many"}, 400, "max_tokens"),
         ({"messages": CHAT, "stop": 3}, 400, "stop"),
         ({"messages": CHAT, "logit_bias": {"x": 1}}, 400, "logit_bias"),
@@ -503,3 +503,19 @@ def test_concurrent_embeddings_are_batched(server):
         max(abs(a - b) for a, b in zip(b["data"][0]["embedding"], alone["data"][0]["embedding"])) < 1e-4
         for b in batched
     )
+
+
+def test_large_request_tokenized_off_loop(server, schemas):
+    # A body over the in-line limit is tokenized on the tokenizer thread: same answer as in line.
+    small = completion_raw(server, schemas, prompt="Hello, world", max_tokens=6, temperature=0)
+    big = completion_raw(server, schemas, prompt="Hello, world", max_tokens=6, temperature=0, pad="x" * 20000)
+    assert big["choices"][0]["text"] == small["choices"][0]["text"]
+    chat_small = chat_raw(server, schemas, max_tokens=5, temperature=0)
+    chat_big = chat_raw(server, schemas, max_tokens=5, temperature=0, pad="x" * 20000)
+    assert chat_big["choices"][0]["message"]["content"] == chat_small["choices"][0]["message"]["content"]
+    too_long = call(server.port, "POST", "/v1/completions", {"model": MODEL_NAME, "prompt": "word " * 5000})
+    assert too_long.status == 400 and too_long.json()["error"]["code"] == "context_length_exceeded"
+    emb = call(
+        server.port, "POST", "/v1/embeddings", {"model": MODEL_NAME, "input": "hi", "pad": "y" * 20000}
+    )
+    assert emb.status == 200
