@@ -1,6 +1,9 @@
 // CPU paged_attention: argument and value checks, run-time ISA dispatch, and the portable kernel.
 #include <torch/library.h>
 
+#include <cstdlib>
+#include <cstring>
+
 #include "checks/attention_checks.h"
 #include "cpu/paged_attention.h"
 
@@ -45,17 +48,21 @@ void check_paged_attention_values(const PagedAttentionDims& d, const at::Tensor&
   }
 }
 
-bool has_avx512_bf16() {
-  static const bool ok = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-                         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
-                         __builtin_cpu_supports("avx512bf16");
-  return ok;
-}
+enum class Isa { kPortable, kAvx2, kAvx512 };
 
-bool has_avx2() {
-  static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
-                         __builtin_cpu_supports("f16c");
-  return ok;
+// The best kernel this CPU runs, unless FI_CPU_ISA=portable|avx2|avx512 asks for a lower one (tests
+// use it to cover every path on one machine; asking for an unsupported ISA falls back).
+Isa detect_isa() {
+  const bool avx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                      __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
+                      __builtin_cpu_supports("avx512bf16") && __builtin_cpu_supports("fma") &&
+                      __builtin_cpu_supports("f16c");
+  const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+  Isa best = avx512 ? Isa::kAvx512 : avx2 ? Isa::kAvx2 : Isa::kPortable;
+  const char* want = std::getenv("FI_CPU_ISA");
+  if (want != nullptr && std::strcmp(want, "portable") == 0) return Isa::kPortable;
+  if (want != nullptr && std::strcmp(want, "avx2") == 0 && best != Isa::kPortable) return Isa::kAvx2;
+  return best;
 }
 
 }  // namespace
@@ -68,6 +75,7 @@ void paged_attention_cpu(const at::Tensor& query, const at::Tensor& key_cache, c
   const PagedAttentionDims d =
       check_paged_attention(query, key_cache, value_cache, block_tables, seq_lens, cu_query_lens, scale, out);
   check_paged_attention_values(d, block_tables, seq_lens, cu_query_lens);
+  static const Isa isa = detect_isa();
   if (d.num_query_tokens == 0) return;
   PagedAttentionArgs args{};
   args.query = query.data_ptr();
@@ -89,7 +97,11 @@ void paged_attention_cpu(const at::Tensor& query, const at::Tensor& key_cache, c
   args.block_size = d.block_size;
   args.scale = float(scale);
   args.causal = causal;
-  paged_attention_portable(args, query.scalar_type());
+  switch (isa) {
+    case Isa::kAvx512: paged_attention_avx512(args, query.scalar_type()); break;
+    case Isa::kAvx2: paged_attention_avx2(args, query.scalar_type()); break;
+    case Isa::kPortable: paged_attention_portable(args, query.scalar_type()); break;
+  }
 }
 
 TORCH_LIBRARY_IMPL(fast_inference, CPU, m) { m.impl("paged_attention", &paged_attention_cpu); }

@@ -2,18 +2,19 @@
 //
 // Included by each per-ISA translation unit with FI_CPU_ISA defined to a distinct namespace name, so
 // every inline function and template here gets its own copy compiled with that file's ISA flags (the
-// linker can never swap an AVX-512 copy into the portable path). The ISA supplies an `Ops` policy:
+// linker can never swap an AVX-512 copy into the portable path). The ISA supplies an `Ops<T>` class,
+// one instance per thread, holding the work item's queries and float32 accumulators:
 //
-//   Ops::scores<T>(q, R, D, k, k_stride, n, S, S_stride)       S[r][t] = dot(q[r], k[t]) for r<R, t<n
-//   Ops::accumulate<T>(P, P_stride, R, D, v, v_stride, n, acc) acc[r] += sum_t P[r][t] * v[t]
-//   Ops::exp_sub_sum(x, n, m)                                 x[t] = exp(x[t] - m), returns the sum
-//   Ops::max(x, n), Ops::scale(x, n, s)
+//   load_query(r, q_row)                   row r of the item's queries (D elements of T)
+//   zero_acc(R), rescale_acc(r, alpha), read_acc(r, float dst[D])
+//   scores(r0, R, k, k_stride, n, S, S_stride)  S[r][t] = dot(q[r], k[t]) for r0 <= r < r0+R, t < n (rows of T)
+//   accumulate(P, P_stride, r0, R, v, v_stride, n)  acc[r] += sum_t P[r][t] * v[t] for r0 <= r < r0+R
+//   static exp_sub_sum(x, n, m) -> sum      x[t] = exp(x[t] - m) (as the accumulate step will weigh it)
+//   static max(x, n), static scale(x, n, s)
 //
-// where q, acc, S, P are float32 rows and k, v point at cache rows of element type T (f32/f16/bf16).
-//
-// Work item = (sequence, tile of query tokens, kv head, KV split). All the query heads of a GQA group
-// and all the tokens of the tile form the R rows that share every K/V row read from the cache, so
-// each cache row is read once per work item. Long contexts with few work items are split along the
+// Work item = (sequence, tile of query tokens, kv heads, KV split). All the query heads of a GQA group
+// and all the tokens of the tile are the rows that share every K/V row read from the cache, so each
+// cache row is read once per work item. Long contexts with few work items are split along the
 // KV axis; each split writes (acc, max, sum) partials that a second pass merges.
 #pragma once
 
@@ -35,25 +36,37 @@
 namespace fast_inference::cpu::FI_CPU_ISA {
 
 struct WorkItem {
-  int32_t seq, q_begin, q_end, kv_head;
-  int32_t kv_begin, kv_end;  // key positions [kv_begin, kv_end) this item reads
+  int32_t seq, q_begin, q_end;  // query tokens [q_begin, q_end) of sequence seq (global token indices)
+  int32_t head_begin, head_end;  // kv heads [head_begin, head_end)
+  int32_t kv_begin, kv_end;      // key positions [kv_begin, kv_end) this item reads
   int32_t split, num_splits;
 };
 
-// Rows of one work item: the tile's query tokens times the group's heads. 64 rows keep the f32 query,
-// accumulator and score tiles inside L2 while amortising each K/V row over many dot products.
-constexpr int kMaxRowsPerTile = 64;
+// Rows per kv head of a work item: the tile's query tokens times the GQA group. 64 rows amortise every
+// K/V row over many dot products while the f32 query, accumulator and score tiles stay in L2.
+constexpr int kMaxRowsPerHead = 64;
+// A work item takes several kv heads when each has few rows (decode): it then reads every cache block
+// front to back, one contiguous run the hardware prefetcher streams, instead of short per-head rows.
+constexpr int kMaxRowsPerItem = 64;
 // Never split a sequence's keys into chunks shorter than this: the merge pass costs a full row each.
 constexpr int kMinSplitTokens = 256;
+// How far ahead (in blocks) the K/V rows of a work item are prefetched into L2.
+constexpr int64_t kPrefetchBlocks = 2;
 
 template <typename T>
 inline float to_float(T x) {
   return static_cast<float>(x);
 }
 
-template <typename T>
-std::vector<WorkItem> make_work_items(const PagedAttentionArgs& a, int q_tile) {
-  const int64_t groups = a.num_kv_heads;
+// Prefetch n rows of `bytes` bytes, `stride` bytes apart, into L2 (prefetcht1): the rows are consumed
+// a few microseconds later, long enough for L1 to have evicted them.
+inline void prefetch_rows(const char* rows, int64_t stride, int64_t n, int64_t bytes) {
+  for (int64_t t = 0; t < n; ++t) {
+    for (int64_t b = 0; b < bytes; b += 64) __builtin_prefetch(rows + t * stride + b, 0, 2);
+  }
+}
+
+inline std::vector<WorkItem> make_work_items(const PagedAttentionArgs& a, int q_tile, int heads_per_item) {
   std::vector<WorkItem> base;
   for (int64_t s = 0; s < a.num_seqs; ++s) {
     const int32_t q0 = a.cu_query_lens[s], q1 = a.cu_query_lens[s + 1], seq_len = a.seq_lens[s];
@@ -61,24 +74,26 @@ std::vector<WorkItem> make_work_items(const PagedAttentionArgs& a, int q_tile) {
       const int32_t t1 = std::min<int32_t>(t + q_tile, q1);
       // The last key any row of the tile may see: its last token's position (causal) or the whole context.
       const int32_t kv_end = a.causal ? seq_len - (q1 - q0) + (t1 - q0) : seq_len;
-      base.push_back({int32_t(s), t, t1, 0, 0, kv_end, 0, 1});
+      base.push_back({int32_t(s), t, t1, 0, 0, 0, kv_end, 0, 1});
     }
   }
+  const int64_t head_groups = (a.num_kv_heads + heads_per_item - 1) / heads_per_item;
   // Split the KV axis when there are too few items to keep every thread busy through the tail.
   const int64_t threads = at::get_num_threads();
-  const int64_t base_count = int64_t(base.size()) * groups;
+  const int64_t base_count = int64_t(base.size()) * head_groups;
   int64_t want_splits = 1;
   if (base_count > 0 && base_count < 4 * threads) want_splits = (4 * threads + base_count - 1) / base_count;
   std::vector<WorkItem> items;
-  items.reserve(base.size() * groups * want_splits);
+  items.reserve(base.size() * head_groups * want_splits);
   for (const WorkItem& b : base) {
     const int64_t blocks = (b.kv_end + a.block_size - 1) / a.block_size;
     const int64_t min_blocks = std::max<int64_t>(1, kMinSplitTokens / a.block_size);
     const int64_t splits = std::max<int64_t>(1, std::min<int64_t>(want_splits, blocks / min_blocks));
-    for (int64_t h = 0; h < groups; ++h) {
+    for (int64_t hg = 0; hg < head_groups; ++hg) {
       for (int64_t sp = 0; sp < splits; ++sp) {
         WorkItem w = b;
-        w.kv_head = int32_t(h);
+        w.head_begin = int32_t(hg * heads_per_item);
+        w.head_end = int32_t(std::min<int64_t>(a.num_kv_heads, (hg + 1) * heads_per_item));
         w.split = int32_t(sp);
         w.num_splits = int32_t(splits);
         w.kv_begin = int32_t(blocks * sp / splits * a.block_size);
@@ -90,13 +105,18 @@ std::vector<WorkItem> make_work_items(const PagedAttentionArgs& a, int q_tile) {
   return items;
 }
 
-template <typename T, typename Ops>
+template <typename T, template <typename> class Ops>
 void paged_attention_impl(const PagedAttentionArgs& a) {
   const int64_t D = a.head_size, bs = a.block_size;
   const int64_t group = a.num_heads / a.num_kv_heads;
-  const int q_tile = int(std::max<int64_t>(1, kMaxRowsPerTile / group));
-  const int64_t max_rows = q_tile * group;
-  const std::vector<WorkItem> items = make_work_items<T>(a, q_tile);
+  const int q_tile = int(std::max<int64_t>(1, kMaxRowsPerHead / group));
+  // Decode-like batches (every sequence has few query tokens) group kv heads into one item.
+  int32_t max_q_len = 0;
+  for (int64_t s = 0; s < a.num_seqs; ++s) max_q_len = std::max(max_q_len, a.cu_query_lens[s + 1] - a.cu_query_lens[s]);
+  const int64_t rows_per_head = std::min<int64_t>(q_tile, std::max<int32_t>(max_q_len, 1)) * group;
+  const int heads_per_item = int(std::clamp<int64_t>(kMaxRowsPerItem / rows_per_head, 1, a.num_kv_heads));
+  const int64_t max_rows = rows_per_head * heads_per_item;
+  const std::vector<WorkItem> items = make_work_items(a, q_tile, heads_per_item);
   int max_splits = 1;
   for (const WorkItem& w : items) max_splits = std::max(max_splits, w.num_splits);
   const int64_t num_tokens = a.cu_query_lens[a.num_seqs];
@@ -115,57 +135,72 @@ void paged_attention_impl(const PagedAttentionArgs& a) {
   constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
   at::parallel_for(0, int64_t(items.size()), 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> q(max_rows * D), acc(max_rows * D), S(max_rows * bs), m(max_rows), l(max_rows);
-    std::vector<int32_t> row_pos(max_rows);
+    Ops<T> ops(max_rows, D, bs);  // per-thread scratch: queries, accumulators
+    std::vector<float> S(max_rows * bs), m(max_rows), l(max_rows), row(D);
+    std::vector<int32_t> row_pos(max_rows), row_tok(max_rows), row_head(max_rows);
     for (int64_t wi = begin; wi < end; ++wi) {
       const WorkItem& w = items[wi];
       const int64_t q_len = a.cu_query_lens[w.seq + 1] - a.cu_query_lens[w.seq];
       const int64_t first_pos = a.seq_lens[w.seq] - q_len - a.cu_query_lens[w.seq];  // + token index
-      const int64_t R = (w.q_end - w.q_begin) * group;
-      // Row r = (token q_begin + r / group, head kv_head * group + r % group).
+      const int64_t heads = w.head_end - w.head_begin;
+      const int64_t RH = (w.q_end - w.q_begin) * group;  // rows per kv head
+      const int64_t R = RH * heads;
+      // Row r = (kv head head_begin + r / RH, token q_begin + (r % RH) / group, query head of the group r % group).
       for (int64_t r = 0; r < R; ++r) {
-        const int64_t tok = w.q_begin + r / group, head = w.kv_head * group + r % group;
-        const T* src = query + tok * a.q_stride_token + head * a.q_stride_head;
-        for (int64_t d = 0; d < D; ++d) q[r * D + d] = to_float(src[d]);
+        const int64_t kvh = w.head_begin + r / RH, tok = w.q_begin + (r % RH) / group;
+        const int64_t head = kvh * group + r % group;
+        row_tok[r] = int32_t(tok);
+        row_head[r] = int32_t(head);
+        ops.load_query(r, query + tok * a.q_stride_token + head * a.q_stride_head);
         row_pos[r] = a.causal ? int32_t(first_pos + tok) : std::numeric_limits<int32_t>::max();
         m[r] = kNegInf;
         l[r] = 0.f;
       }
-      std::fill(acc.begin(), acc.begin() + R * D, 0.f);
+      ops.zero_acc(R);
       const int32_t* table = a.block_tables + int64_t(w.seq) * a.block_tables_stride;
+      const int64_t head_offset = w.head_begin * D;
+      const int64_t run_bytes = heads * D * int64_t(sizeof(T));  // this item's part of one cache token
       for (int64_t pos0 = w.kv_begin; pos0 < w.kv_end; pos0 += bs) {
         const int64_t n = std::min<int64_t>(bs, w.kv_end - pos0);
-        const int64_t block = table[pos0 / bs];
-        const int64_t offset = block * cache_stride_block + w.kv_head * D;
-        Ops::template scores<T>(q.data(), R, D, key_cache + offset, cache_stride_token, n, S.data(), bs);
-        for (int64_t r = 0; r < R; ++r) {
-          float* s = S.data() + r * bs;
-          // Causal: keys past this row's position are masked; rows with nothing visible add nothing.
-          const int64_t visible = std::clamp<int64_t>(row_pos[r] - pos0 + 1, 0, n);
-          std::fill(s + visible, s + n, 0.f);
-          if (visible == 0) continue;
-          Ops::scale(s, visible, a.scale);
-          const float block_max = Ops::max(s, visible);
-          const float m_new = std::max(m[r], block_max);
-          const float alpha = std::exp(m[r] - m_new);  // 0 on the first visible block
-          if (alpha != 1.f) {
-            Ops::scale(acc.data() + r * D, D, alpha);
-            l[r] *= alpha;
-          }
-          m[r] = m_new;
-          l[r] += Ops::exp_sub_sum(s, visible, m_new);
+        const int64_t block_offset = table[pos0 / bs] * cache_stride_block + head_offset;
+        if (pos0 + kPrefetchBlocks * bs < w.kv_end) {
+          const int64_t ahead = table[pos0 / bs + kPrefetchBlocks] * cache_stride_block + head_offset;
+          const int64_t stride_bytes = cache_stride_token * int64_t(sizeof(T));
+          prefetch_rows(reinterpret_cast<const char*>(key_cache + ahead), stride_bytes, bs, run_bytes);
+          prefetch_rows(reinterpret_cast<const char*>(value_cache + ahead), stride_bytes, bs, run_bytes);
         }
-        Ops::template accumulate<T>(S.data(), bs, R, D, value_cache + offset, cache_stride_token, n, acc.data());
+        for (int64_t hh = 0; hh < heads; ++hh) {
+          const int64_t r0 = hh * RH, offset = block_offset + hh * D;
+          ops.scores(r0, RH, key_cache + offset, cache_stride_token, n, S.data(), bs);
+          for (int64_t r = r0; r < r0 + RH; ++r) {
+            float* s = S.data() + r * bs;
+            // Causal: keys past this row's position are masked; rows with nothing visible add nothing.
+            const int64_t visible = std::clamp<int64_t>(row_pos[r] - pos0 + 1, 0, n);
+            std::fill(s + visible, s + n, 0.f);
+            if (visible == 0) continue;
+            Ops<T>::scale(s, visible, a.scale);
+            const float block_max = Ops<T>::max(s, visible);
+            if (block_max > m[r]) {
+              const float alpha = std::exp(m[r] - block_max);  // 0 on the first visible block
+              ops.rescale_acc(r, alpha);
+              l[r] *= alpha;
+              m[r] = block_max;
+            }
+            l[r] += Ops<T>::exp_sub_sum(s, visible, m[r]);
+          }
+          ops.accumulate(S.data(), bs, r0, RH, value_cache + offset, cache_stride_token, n);
+        }
       }
       for (int64_t r = 0; r < R; ++r) {
-        const int64_t tok = w.q_begin + r / group, head = w.kv_head * group + r % group;
+        const int64_t tok = row_tok[r], head = row_head[r];
         if (w.num_splits == 1) {
+          ops.read_acc(r, row.data());
           const float inv = l[r] > 0.f ? 1.f / l[r] : 0.f;
           T* dst = out + tok * a.out_stride_token + head * a.out_stride_head;
-          for (int64_t d = 0; d < D; ++d) dst[d] = T(acc[r * D + d] * inv);
+          for (int64_t d = 0; d < D; ++d) dst[d] = T(row[d] * inv);
         } else {
           const int64_t p = (tok * a.num_heads + head) * max_splits + w.split;
-          std::copy(acc.begin() + r * D, acc.begin() + (r + 1) * D, part_acc.begin() + p * D);
+          ops.read_acc(r, part_acc.data() + p * D);
           part_ml[2 * p] = m[r];
           part_ml[2 * p + 1] = l[r];
         }
@@ -181,8 +216,7 @@ void paged_attention_impl(const PagedAttentionArgs& a) {
       const WorkItem& w = items[wi];
       if (w.num_splits == 1 || w.split != 0) continue;
       for (int64_t tok = w.q_begin; tok < w.q_end; ++tok) {
-        for (int64_t g = 0; g < group; ++g) {
-          const int64_t head = w.kv_head * group + g;
+        for (int64_t head = w.head_begin * group; head < w.head_end * group; ++head) {
           const int64_t p0 = (tok * a.num_heads + head) * max_splits;
           float m_all = kNegInf;
           for (int sp = 0; sp < w.num_splits; ++sp) m_all = std::max(m_all, part_ml[2 * (p0 + sp)]);
@@ -206,7 +240,7 @@ void paged_attention_impl(const PagedAttentionArgs& a) {
 }
 
 // Dispatch on the element type; Ops is the instruction set's policy.
-template <typename Ops>
+template <template <typename> class Ops>
 void paged_attention_dispatch(const PagedAttentionArgs& a, c10::ScalarType dtype) {
   switch (dtype) {
     case c10::ScalarType::Float: return paged_attention_impl<float, Ops>(a);
@@ -217,31 +251,42 @@ void paged_attention_dispatch(const PagedAttentionArgs& a, c10::ScalarType dtype
 }
 
 // Plain C++ loops: the fallback for any CPU, and the reference shape of what the vector ISAs do.
-struct PortableOps {
-  template <typename T>
-  static void scores(const float* q, int64_t R, int64_t D, const T* k, int64_t k_stride, int64_t n, float* S,
-                     int64_t S_stride) {
+// Scratch per thread: the work item's queries and accumulators as float32 rows [R][D].
+template <typename T>
+class PortableOps {
+ public:
+  PortableOps(int64_t max_rows, int64_t D, int64_t /*block_size*/) : D_(D), q_(max_rows * D), acc_(max_rows * D) {}
+
+  void load_query(int64_t r, const T* src) {
+    for (int64_t d = 0; d < D_; ++d) q_[r * D_ + d] = to_float(src[d]);
+  }
+  void zero_acc(int64_t R) { std::fill(acc_.begin(), acc_.begin() + R * D_, 0.f); }
+  void rescale_acc(int64_t r, float alpha) { scale(acc_.data() + r * D_, D_, alpha); }
+  void read_acc(int64_t r, float* dst) const { std::copy_n(acc_.data() + r * D_, D_, dst); }
+
+  // k: n rows of D elements, k_stride apart. S[r][t] = dot(q[r], k[t]).
+  void scores(int64_t r0, int64_t R, const T* k, int64_t k_stride, int64_t n, float* S, int64_t S_stride) const {
     for (int64_t t = 0; t < n; ++t) {
       const T* kt = k + t * k_stride;
-      for (int64_t r = 0; r < R; ++r) {
+      for (int64_t r = r0; r < r0 + R; ++r) {
         float sum = 0.f;
-        for (int64_t d = 0; d < D; ++d) sum += q[r * D + d] * to_float(kt[d]);
+        for (int64_t d = 0; d < D_; ++d) sum += q_[r * D_ + d] * to_float(kt[d]);
         S[r * S_stride + t] = sum;
       }
     }
   }
-  template <typename T>
-  static void accumulate(const float* P, int64_t P_stride, int64_t R, int64_t D, const T* v, int64_t v_stride,
-                         int64_t n, float* acc) {
+  // v: n rows of D elements, v_stride apart. acc[r] += sum_t P[r][t] * v[t].
+  void accumulate(const float* P, int64_t P_stride, int64_t r0, int64_t R, const T* v, int64_t v_stride, int64_t n) {
     for (int64_t t = 0; t < n; ++t) {
       const T* vt = v + t * v_stride;
-      for (int64_t r = 0; r < R; ++r) {
+      for (int64_t r = r0; r < r0 + R; ++r) {
         const float p = P[r * P_stride + t];
         if (p == 0.f) continue;
-        for (int64_t d = 0; d < D; ++d) acc[r * D + d] += p * to_float(vt[d]);
+        for (int64_t d = 0; d < D_; ++d) acc_[r * D_ + d] += p * to_float(vt[d]);
       }
     }
   }
+
   static float exp_sub_sum(float* x, int64_t n, float m) {
     float sum = 0.f;
     for (int64_t i = 0; i < n; ++i) sum += (x[i] = std::exp(x[i] - m));
@@ -255,6 +300,10 @@ struct PortableOps {
   static void scale(float* x, int64_t n, float s) {
     for (int64_t i = 0; i < n; ++i) x[i] *= s;
   }
+
+ private:
+  int64_t D_;
+  std::vector<float> q_, acc_;
 };
 
 }  // namespace fast_inference::cpu::FI_CPU_ISA

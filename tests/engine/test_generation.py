@@ -1,10 +1,9 @@
 """Greedy generation through the real ops is token-identical to transformers, under every scheduling mode."""
 
 import pytest
+from engine_utils import PROMPTS, assert_no_leak, hf_greedy
 
 from fast_inference import LLM, SamplingParams
-
-from engine_utils import PROMPTS, assert_no_leak, hf_greedy
 
 MAX_NEW = 24
 

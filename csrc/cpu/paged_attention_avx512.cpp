@@ -1,0 +1,200 @@
+// AVX-512 paged attention: bf16 through AVX512_BF16 dot products, f32/f16 through widened f32 FMAs.
+//
+// bf16 path (the common serving dtype): q.k uses vdpbf16ps straight on the cached bf16 rows (exact
+// bf16 products, f32 accumulation; the scale is applied to the f32 scores). p.v pairs two cache
+// tokens per 32-bit lane (unpack lo/hi of rows t and t+1) and multiplies them by (p_t, p_t+1) rounded
+// to bf16, as GPU flash attention does with P; the softmax denominator sums those same rounded p,
+// so the weights stay normalised. Accumulation is f32 throughout.
+// GCC 12 flags its own AVX-512 intrinsic headers with false -Wmaybe-uninitialized warnings.
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+
+#include <cstring>
+
+#include "cpu/vec_avx512.h"
+
+#define FI_CPU_ISA avx512
+#include "cpu/paged_attention_kernel.h"
+#include "cpu/paged_attention_fma_ops.h"
+
+namespace fast_inference::cpu::avx512 {
+
+template <typename T>
+class Avx512Ops : public FmaOpsFor<Vec512>::Ops<T> {
+  using FmaOpsFor<Vec512>::Ops<T>::Ops;
+};
+
+template <>
+class Avx512Ops<c10::BFloat16> {
+ public:
+  using T = c10::BFloat16;
+
+  // Rows are padded to Dp (a multiple of 32 bf16 = one zmm); cache rows are read with a mask instead.
+  Avx512Ops(int64_t max_rows, int64_t D, int64_t block_size)
+      : D_(D),
+        chunks_((D + 31) / 32),
+        Dp_(chunks_ * 32),
+        p_stride_(block_size + 2),
+        last_mask_(D % 32 == 0 ? ~__mmask32(0) : __mmask32((1u << (D % 32)) - 1)),
+        q_(max_rows * Dp_),
+        acc_(max_rows * Dp_),
+        p_(max_rows * p_stride_) {}
+
+  void load_query(int64_t r, const T* src) {
+    uint16_t* q = q_.data() + r * Dp_;
+    std::memcpy(q, src, D_ * sizeof(uint16_t));
+    std::fill(q + D_, q + Dp_, uint16_t(0));
+  }
+  void zero_acc(int64_t R) { std::fill(acc_.begin(), acc_.begin() + R * Dp_, 0.f); }
+  void rescale_acc(int64_t r, float alpha) { scale(acc_.data() + r * Dp_, Dp_, alpha); }
+
+  // The accumulator of chunk c holds d = 32c + 8L + j in lane 4L + j of its "lo" half and
+  // d = 32c + 8L + 4 + j in lane 4L + j of its "hi" half (the unpack lo/hi order of accumulate).
+  void read_acc(int64_t r, float* dst) const {
+    const float* acc = acc_.data() + r * Dp_;
+    for (int64_t c = 0; c < chunks_; ++c) {
+      for (int i = 0; i < 16; ++i) {
+        const int64_t d = 32 * c + 8 * (i / 4) + i % 4;
+        if (d < D_) dst[d] = acc[32 * c + i];
+        if (d + 4 < D_) dst[d + 4] = acc[32 * c + 16 + i];
+      }
+    }
+  }
+
+  // k: n cache rows, k_stride apart. Sixteen tokens at a time keep one accumulator per token in a
+  // register and reduce all sixteen with one transpose-and-add tree.
+  void scores(int64_t r0, int64_t R, const T* k, int64_t k_stride, int64_t n, float* S, int64_t S_stride) const {
+    const uint16_t* kb = reinterpret_cast<const uint16_t*>(k);
+    for (int64_t r = r0; r < r0 + R; ++r) {
+      const uint16_t* q = q_.data() + r * Dp_;
+      int64_t t = 0;
+      for (; t + 16 <= n; t += 16) {
+        __m512 a[16];
+        for (int j = 0; j < 16; ++j) a[j] = _mm512_setzero_ps();
+        for (int64_t c = 0; c < chunks_; ++c) {
+          const __m512bh qv = (__m512bh)_mm512_loadu_si512(q + 32 * c);
+          const __mmask32 mk = chunk_mask(c);
+          const uint16_t* kc = kb + t * k_stride + 32 * c;
+          for (int j = 0; j < 16; ++j) {
+            a[j] = _mm512_dpbf16_ps(a[j], (__m512bh)_mm512_maskz_loadu_epi16(mk, kc + j * k_stride), qv);
+          }
+        }
+        _mm512_storeu_ps(S + r * S_stride + t, reduce_add_16(a));
+      }
+      for (; t < n; ++t) {
+        __m512 a = _mm512_setzero_ps();
+        for (int64_t c = 0; c < chunks_; ++c) {
+          const __m512bh qv = (__m512bh)_mm512_loadu_si512(q + 32 * c);
+          a = _mm512_dpbf16_ps(a, (__m512bh)_mm512_maskz_loadu_epi16(chunk_mask(c), kb + t * k_stride + 32 * c), qv);
+        }
+        S[r * S_stride + t] = _mm512_reduce_add_ps(a);
+      }
+    }
+  }
+
+  // acc[r] += sum_t P[r][t] v[t]; P already holds bf16-exact values (see exp_sub_sum).
+  void accumulate(const float* P, int64_t P_stride, int64_t r0, int64_t R, const T* v, int64_t v_stride, int64_t n) {
+    for (int64_t r = r0; r < r0 + R; ++r) {
+      uint16_t* pr = p_.data() + r * p_stride_;
+      for (int64_t t = 0; t < n; t += 16) {
+        const __mmask16 mk = Vec512::mask(int(n - t));
+        const __m256bh b = _mm512_cvtneps_pbh(_mm512_maskz_loadu_ps(mk, P + r * P_stride + t));
+        _mm256_mask_storeu_epi16(pr + t, mk, (__m256i)b);
+      }
+      pr[n] = 0;  // the partner of an odd last token
+    }
+    const uint16_t* vb = reinterpret_cast<const uint16_t*>(v);
+    int64_t r = r0;
+    for (; r + 8 <= r0 + R; r += 8) accumulate_rows<8>(r, vb, v_stride, n);
+    switch (r0 + R - r) {
+      case 1: accumulate_rows<1>(r, vb, v_stride, n); break;
+      case 2: accumulate_rows<2>(r, vb, v_stride, n); break;
+      case 3: accumulate_rows<3>(r, vb, v_stride, n); break;
+      case 4: accumulate_rows<4>(r, vb, v_stride, n); break;
+      case 5: accumulate_rows<5>(r, vb, v_stride, n); break;
+      case 6: accumulate_rows<6>(r, vb, v_stride, n); break;
+      case 7: accumulate_rows<7>(r, vb, v_stride, n); break;
+      default: break;
+    }
+  }
+
+  // x[t] = exp(x[t] - m) rounded to bf16 (the precision accumulate multiplies with); returns their sum.
+  static float exp_sub_sum(float* x, int64_t n, float m) {
+    const __m512 neg_m = _mm512_set1_ps(-m);
+    __m512 sum = _mm512_setzero_ps();
+    for (int64_t i = 0; i < n; i += 16) {
+      const __mmask16 mk = Vec512::mask(int(n - i));
+      const __m512 e = Vec512::exp(_mm512_add_ps(_mm512_maskz_loadu_ps(mk, x + i), neg_m));
+      const __m512i wide = _mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(e));
+      const __m512 rounded = _mm512_castsi512_ps(_mm512_slli_epi32(wide, 16));
+      _mm512_mask_storeu_ps(x + i, mk, rounded);
+      sum = _mm512_mask_add_ps(sum, mk, sum, rounded);
+    }
+    return _mm512_reduce_add_ps(sum);
+  }
+  static float max(const float* x, int64_t n) {
+    __m512 best = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+    for (int64_t i = 0; i < n; i += 16) {
+      const __mmask16 mk = Vec512::mask(int(n - i));
+      best = _mm512_mask_max_ps(best, mk, best, _mm512_maskz_loadu_ps(mk, x + i));
+    }
+    return _mm512_reduce_max_ps(best);
+  }
+  static void scale(float* x, int64_t n, float s) {
+    const __m512 sv = _mm512_set1_ps(s);
+    for (int64_t i = 0; i < n; i += 16) {
+      const __mmask16 mk = Vec512::mask(int(n - i));
+      _mm512_mask_storeu_ps(x + i, mk, _mm512_mul_ps(_mm512_maskz_loadu_ps(mk, x + i), sv));
+    }
+  }
+
+ private:
+  __mmask32 chunk_mask(int64_t c) const { return c == chunks_ - 1 ? last_mask_ : ~__mmask32(0); }
+
+  // RB rows at once: 2 * RB accumulators per 32-wide chunk stay in registers over the block's tokens.
+  template <int RB>
+  void accumulate_rows(int64_t r0, const uint16_t* v, int64_t v_stride, int64_t n) {
+    for (int64_t c = 0; c < chunks_; ++c) {
+      const __mmask32 mk = chunk_mask(c);
+      __m512 lo[RB], hi[RB];
+      for (int i = 0; i < RB; ++i) {
+        lo[i] = _mm512_loadu_ps(acc_.data() + (r0 + i) * Dp_ + 32 * c);
+        hi[i] = _mm512_loadu_ps(acc_.data() + (r0 + i) * Dp_ + 32 * c + 16);
+      }
+      const uint16_t* vc = v + 32 * c;
+      for (int64_t t = 0; t < n; t += 2) {
+        const __m512i v0 = _mm512_maskz_loadu_epi16(mk, vc + t * v_stride);
+        // Never read the row after the last token: it may be another sequence's or uninitialised.
+        const __m512i v1 = t + 1 < n ? _mm512_maskz_loadu_epi16(mk, vc + (t + 1) * v_stride) : _mm512_setzero_si512();
+        const __m512bh pair_lo = (__m512bh)_mm512_unpacklo_epi16(v0, v1);
+        const __m512bh pair_hi = (__m512bh)_mm512_unpackhi_epi16(v0, v1);
+        for (int i = 0; i < RB; ++i) {
+          uint32_t pp;
+          std::memcpy(&pp, p_.data() + (r0 + i) * p_stride_ + t, sizeof(pp));
+          const __m512bh pv = (__m512bh)_mm512_set1_epi32(int32_t(pp));
+          lo[i] = _mm512_dpbf16_ps(lo[i], pair_lo, pv);
+          hi[i] = _mm512_dpbf16_ps(hi[i], pair_hi, pv);
+        }
+      }
+      for (int i = 0; i < RB; ++i) {
+        _mm512_storeu_ps(acc_.data() + (r0 + i) * Dp_ + 32 * c, lo[i]);
+        _mm512_storeu_ps(acc_.data() + (r0 + i) * Dp_ + 32 * c + 16, hi[i]);
+      }
+    }
+  }
+
+  int64_t D_, chunks_, Dp_, p_stride_;
+  __mmask32 last_mask_;
+  std::vector<uint16_t> q_;
+  std::vector<float> acc_;
+  std::vector<uint16_t> p_;  // P rows as bf16, one spare slot for an odd token count
+};
+
+}  // namespace fast_inference::cpu::avx512
+
+namespace fast_inference::cpu {
+
+void paged_attention_avx512(const PagedAttentionArgs& args, c10::ScalarType dtype) {
+  avx512::paged_attention_dispatch<avx512::Avx512Ops>(args, dtype);
+}
+
+}  // namespace fast_inference::cpu
