@@ -3,9 +3,11 @@
     python bench/bench_http.py [--seconds 3] [--skip-fastapi]
 
 1. sse_chunk: CPU time per streamed token chunk. `format_write` times the server's own hot path (ChunkEncoder
-   + h11 framing + transport write) on the event-loop thread; the baseline is the naive path (build the
-   chunk dict, json.dumps it, same framing and write). `server_loop` is the whole event-loop cost per chunk
-   of a live server streaming 20k tokens from an instant synthetic engine (delivery, deltas, format, write).
+   + h11 framing + transport write) on the event-loop thread; baselines: the naive path (build the chunk
+   dict, json.dumps it, same framing and write) and the floor (pre-framed bytes into the transport).
+   `server_loop` is the whole event-loop CPU per chunk of a live server streaming 20k tokens from an
+   instant synthetic engine over TCP loopback (wake-up, delivery, deltas, format, write; the kernel's
+   loopback send runs in the server thread and is included), with 1 and with 64 concurrent streams.
 2. health: GET /health requests/s, one keep-alive load generator process with 16 connections against
    (a) this server and (b) a uvicorn + FastAPI app (same h11 parser, same asyncio loop, access log off)
    answering the same route; each server alone in its own process, measured in the same run.
@@ -312,7 +314,7 @@ def bench_sse_format_write(n: int = 50000) -> None:
     from bench.common import emit
     from fast_inference.server import sse
 
-    async def run(naive: bool) -> float:
+    async def run(mode: str) -> float:
         rsock, wsock = socket.socketpair()
         stop = threading.Event()
 
@@ -350,10 +352,16 @@ def bench_sse_format_write(n: int = 50000) -> None:
             "system_fingerprint": "fp_x",
         }
         words = [" the", " quick", " brown", " fox", " jumps", " over", " lazy", " dog", "\n", ' "q"']
+        framed = [b"%x\r\n%s\r\n" % (len(c), c) for c in (enc.text(0, w) for w in words)]
         t0 = time.thread_time()
         for i in range(n):
             token = words[i % 10]
-            if naive:
+            if mode == "raw":  # the floor: pre-framed bytes straight into the transport (kernel send)
+                writer.write(framed[i % 10])
+                if writer.transport.get_write_buffer_size() > 256 * 1024:
+                    await writer.drain()
+                continue
+            if mode == "naive":
                 chunk = (
                     b"data: "
                     + json.dumps(
@@ -383,8 +391,9 @@ def bench_sse_format_write(n: int = 50000) -> None:
         rsock.close()
         return cpu / n
 
-    ours = min(asyncio.run(run(False)) for _ in range(3))
-    naive = min(asyncio.run(run(True)) for _ in range(3))
+    ours = min(asyncio.run(run("ours")) for _ in range(3))
+    naive = min(asyncio.run(run("naive")) for _ in range(3))
+    raw = min(asyncio.run(run("raw")) for _ in range(3))
     emit(
         {
             "bench": "sse_chunk_format_write",
@@ -392,55 +401,81 @@ def bench_sse_format_write(n: int = 50000) -> None:
             "us_per_chunk": round(ours * 1e6, 2),
             "naive_json_dumps_us_per_chunk": round(naive * 1e6, 2),
             "speedup_vs_naive": round(naive / ours, 2),
+            "raw_transport_write_us_per_chunk": round(raw * 1e6, 2),
+            "formatting_us_per_chunk": round((ours - raw) * 1e6, 2),
             "target_us": 10.0,
         }
     )
 
 
-def bench_sse_server_loop(tokens: int = 20000) -> None:
+_STREAM_CLIENT = """
+import selectors, socket, sys
+port, streams, request = int(sys.argv[1]), int(sys.argv[2]), bytes.fromhex(sys.argv[3])
+sel = selectors.DefaultSelector()
+bufs = {}
+for _ in range(streams):
+    s = socket.create_connection(("127.0.0.1", port))
+    s.sendall(request)
+    sel.register(s, selectors.EVENT_READ)
+    bufs[s] = bytearray()
+events = 0
+while bufs:
+    for key, _ in sel.select():
+        s = key.fileobj
+        data = s.recv(1 << 20)
+        buf = bufs[s]
+        buf += data
+        if not data or buf.endswith(b"0\\r\\n\\r\\n"):
+            events += buf.count(b"data: ")
+            sel.unregister(s)
+            s.close()
+            del bufs[s]
+print(events)
+"""
+
+
+def bench_sse_server_loop(tokens: int = 20000, streams: int = 1) -> None:
+    """Event-loop CPU per content chunk of a live server streaming from an instant engine."""
     from bench.common import emit
     from fast_inference.server.serve import ServerThread
 
     thread = ServerThread(_synthetic_server()).start()
-    loop_cpu = lambda: thread.call(_thread_time)  # noqa: E731
+    per_stream = tokens // streams
     try:
         body = json.dumps(
             {
                 "model": "synthetic",
                 "messages": [{"role": "user", "content": "hi"}],
-                "max_tokens": tokens,
+                "max_tokens": per_stream,
                 "stream": True,
             }
         ).encode()
-        code = (
-            "import socket,sys\n"
-            f"s=socket.create_connection(('127.0.0.1',{thread.port}))\n"
-            f"s.sendall(b'POST /v1/chat/completions HTTP/1.1\\r\\nHost: x\\r\\nContent-Length: {len(body)}\\r\\n\\r\\n'"
-            f"+{body!r})\n"
-            "buf=b''\n"
-            "while not buf.endswith(b'0\\r\\n\\r\\n'):\n"
-            "    d=s.recv(1<<20)\n"
-            "    if not d: break\n"
-            "    buf+=d\n"
-            "print(buf.count(b'data: '))\n"
+        request = b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%s" % (
+            len(body),
+            body,
         )
-        before = loop_cpu()
+        before = thread.call(_thread_time)
         t0 = time.perf_counter()
-        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+        out = subprocess.run(
+            [sys.executable, "-c", _STREAM_CLIENT, str(thread.port), str(streams), request.hex()],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
         wall = time.perf_counter() - t0
-        cpu = loop_cpu() - before
-        chunks = int(out.stdout) - 3  # minus the role chunk, the final chunk and [DONE]
+        cpu = thread.call(_thread_time) - before
+        chunks = int(out.stdout) - 3 * streams  # minus each stream's role chunk, final chunk and [DONE]
     finally:
         thread.stop()
     emit(
         {
             "bench": "sse_server_loop",
-            "tokens": tokens,
+            "streams": streams,
+            "tokens": per_stream * streams,
             "content_chunks": chunks,
             "loop_cpu_us_per_chunk": round(cpu / chunks * 1e6, 2),
-            "tokens_per_chunk": round(tokens / chunks, 2),
+            "tokens_per_chunk": round(per_stream * streams / chunks, 2),
             "wall_s": round(wall, 2),
-            "target_us": 10.0,
         }
     )
 
@@ -568,7 +603,8 @@ def main() -> None:
     )
     if args.only in (None, "sse"):
         bench_sse_format_write()
-        bench_sse_server_loop()
+        bench_sse_server_loop(streams=1)
+        bench_sse_server_loop(streams=64)
     if args.only in (None, "health"):
         bench_health(args.seconds, args.skip_fastapi)
     if args.only in (None, "ttft"):
