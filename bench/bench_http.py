@@ -33,6 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 CONNECTIONS = 16
+STEP_SECONDS = 0.0005  # the synthetic engine's step time (GIL released, like a real step's kernels)
 
 
 # -- an instant engine with LLMEngine's interface (no model compute), for HTTP-only measurements -----------
@@ -89,7 +90,7 @@ class SyntheticEngine:
             )
             if done:
                 del self._requests[rid]
-        time.sleep(0)  # let the event loop thread in, as a real step's kernels would
+        time.sleep(STEP_SECONDS)  # a step's kernels run without the GIL: the loop thread gets it meanwhile
         return outputs
 
     def stats(self):
@@ -434,48 +435,117 @@ print(events)
 """
 
 
-def bench_sse_server_loop(tokens: int = 20000, streams: int = 1) -> None:
-    """Event-loop CPU per content chunk of a live server streaming from an instant engine."""
+class _FloorServer:
+    """The floor of any engine-thread + event-loop design: a thread wakes the loop once per step
+    (call_soon_threadsafe) and the loop writes one pre-built chunk per stream. No HTTP parsing, no
+    protocol, no formatting: what is left is wake-up + transport write + kernel loopback send."""
+
+    def __init__(self, steps: int) -> None:
+        self.steps = steps
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.port = 0
+        self._ready = threading.Event()
+        self._stop: asyncio.Event | None = None
+        self._thread = threading.Thread(target=lambda: asyncio.run(self._main()), daemon=True)
+
+    async def _main(self) -> None:
+        self.loop = asyncio.get_running_loop()
+        self._stop = asyncio.Event()
+        writers: list[asyncio.StreamWriter] = []
+        chunk = b"%x\r\n%s\r\n" % (len(b"data: {}\n\n"), b"data: {}\n\n")
+
+        def deliver() -> None:  # one wake-up per step, every stream gets its chunk
+            for w in writers:
+                w.write(chunk)
+
+        def engine(n: int) -> None:
+            for _ in range(n):
+                time.sleep(STEP_SECONDS)
+                self.loop.call_soon_threadsafe(deliver)
+            self.loop.call_soon_threadsafe(lambda: [w.write(b"0\r\n\r\n") for w in writers])
+
+        async def on_conn(reader, writer):
+            await reader.readuntil(b"\r\n\r\n")
+            await reader.readexactly(int(self._length))
+            writer.write(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n")
+            writers.append(writer)
+            if len(writers) == self._streams:
+                threading.Thread(target=engine, args=(self.steps,), daemon=True).start()
+            await self._stop.wait()
+
+        server = await asyncio.start_server(on_conn, "127.0.0.1", 0)
+        self.port = server.sockets[0].getsockname()[1]
+        self._ready.set()
+        await self._stop.wait()
+        server.close()
+
+    def start(self, streams: int, body_length: int) -> "_FloorServer":
+        self._streams, self._length = streams, body_length
+        self._thread.start()
+        self._ready.wait()
+        return self
+
+    def call(self, fn):
+        return asyncio.run_coroutine_threadsafe(fn(), self.loop).result(30)
+
+    def stop(self) -> None:
+        self.loop.call_soon_threadsafe(self._stop.set)
+        self._thread.join(10)
+
+
+def _stream_run(server, port: int, streams: int, request: bytes) -> tuple[float, int]:
+    """(event-loop CPU seconds, content events) for one run of the stream client against `server`."""
+    before = server.call(_thread_time)
+    out = subprocess.run(
+        [sys.executable, "-c", _STREAM_CLIENT, str(port), str(streams), request.hex()],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return server.call(_thread_time) - before, int(out.stdout)
+
+
+def bench_sse_server_loop(tokens: int, streams: int) -> None:
+    """Event-loop CPU per content chunk of a live server, and of the floor design, same client."""
     from bench.common import emit
     from fast_inference.server.serve import ServerThread
 
-    thread = ServerThread(_synthetic_server()).start()
     per_stream = tokens // streams
+    body = json.dumps(
+        {
+            "model": "synthetic",
+            "messages": [{"role": "user", "content": "hi"}],
+            "max_tokens": per_stream,
+            "stream": True,
+        }
+    ).encode()
+    request = b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%s" % (
+        len(body),
+        body,
+    )
+    thread = ServerThread(_synthetic_server()).start()
     try:
-        body = json.dumps(
-            {
-                "model": "synthetic",
-                "messages": [{"role": "user", "content": "hi"}],
-                "max_tokens": per_stream,
-                "stream": True,
-            }
-        ).encode()
-        request = b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%s" % (
-            len(body),
-            body,
-        )
-        before = thread.call(_thread_time)
-        t0 = time.perf_counter()
-        out = subprocess.run(
-            [sys.executable, "-c", _STREAM_CLIENT, str(thread.port), str(streams), request.hex()],
-            capture_output=True,
-            text=True,
-            check=True,
-        )
-        wall = time.perf_counter() - t0
-        cpu = thread.call(_thread_time) - before
-        chunks = int(out.stdout) - 3 * streams  # minus each stream's role chunk, final chunk and [DONE]
+        cpu, events = _stream_run(thread, thread.port, streams, request)
+        chunks = events - 3 * streams  # minus each stream's role chunk, final chunk and [DONE]
     finally:
         thread.stop()
+    floor = _FloorServer(per_stream).start(streams, len(body))
+    try:
+        floor_cpu, floor_chunks = _stream_run(floor, floor.port, streams, request)
+    finally:
+        floor.stop()
+    ours_us = cpu / chunks * 1e6
+    floor_us = floor_cpu / floor_chunks * 1e6
     emit(
         {
             "bench": "sse_server_loop",
             "streams": streams,
             "tokens": per_stream * streams,
             "content_chunks": chunks,
-            "loop_cpu_us_per_chunk": round(cpu / chunks * 1e6, 2),
             "tokens_per_chunk": round(per_stream * streams / chunks, 2),
-            "wall_s": round(wall, 2),
+            "loop_cpu_us_per_chunk": round(ours_us, 2),
+            "floor_loop_cpu_us_per_chunk": round(floor_us, 2),
+            "above_floor_us_per_chunk": round(ours_us - floor_us, 2),
         }
     )
 
@@ -603,8 +673,8 @@ def main() -> None:
     )
     if args.only in (None, "sse"):
         bench_sse_format_write()
-        bench_sse_server_loop(streams=1)
-        bench_sse_server_loop(streams=64)
+        bench_sse_server_loop(tokens=4000, streams=1)
+        bench_sse_server_loop(tokens=12800, streams=64)
     if args.only in (None, "health"):
         bench_health(args.seconds, args.skip_fastapi)
     if args.only in (None, "ttft"):
