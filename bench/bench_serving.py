@@ -229,19 +229,6 @@ def main() -> None:
         }
     )
 
-    baseline = {}
-    if not args.no_baseline:
-        from fast_inference.engine.config import EngineArgs
-        from fast_inference.engine.llm_engine import LLMEngine
-
-        engine = LLMEngine(
-            EngineArgs(model=model, device=args.device, max_num_seqs=max_seqs, enable_prefix_caching=False)
-        )
-        engine_baseline(engine, levels[args.concurrency[0]][:2], 1, 4)  # warm-up
-        for c in args.concurrency:
-            baseline[c] = engine_baseline(engine, [list(p) for p in levels[c]], c, args.output_len)
-        del engine
-
     server_args = [
         "--num-threads",
         str(args.num_threads),
@@ -253,14 +240,32 @@ def main() -> None:
         "bench",
         "--no-enable-prefix-caching",
         "--log-level",
-        "info",
-    ]  # info: the port and readiness are read from the log
+        "info",  # info: the port and readiness are read from the log
+    ]
     if args.model:
         server_args += ["--model", args.model]
     server = ServerProcess(server_args)
+    engine = None
     try:
-        asyncio.run(run_level(server.port, "bench", levels[args.concurrency[0]][:2], 1, 4))  # warm-up
+        if not args.no_baseline:
+            from fast_inference.engine.config import EngineArgs
+            from fast_inference.engine.llm_engine import LLMEngine
+
+            engine = LLMEngine(
+                EngineArgs(
+                    model=model, device=args.device, max_num_seqs=max_seqs, enable_prefix_caching=False
+                )
+            )
+        # Warm both up with a full pass of the first level, then measure each level on the engine and
+        # right after on the server, so that load drift on a shared machine hits both alike.
+        first = args.concurrency[0]
+        if engine is not None:
+            engine_baseline(engine, [list(p) for p in levels[first]], first, args.output_len)
+        asyncio.run(run_level(server.port, "bench", [list(p) for p in levels[first]], first, args.output_len))
         for c in args.concurrency:
+            baseline = None
+            if engine is not None:
+                baseline = engine_baseline(engine, [list(p) for p in levels[c]], c, args.output_len)
             record = {
                 "bench": "serving",
                 "concurrency": c,
@@ -268,9 +273,9 @@ def main() -> None:
                     run_level(server.port, "bench", [list(p) for p in levels[c]], c, args.output_len)
                 ),
             }
-            if c in baseline:
-                record["engine_output_throughput"] = round(baseline[c], 2)
-                record["ratio_vs_engine"] = round(record["output_throughput"] / baseline[c], 3)
+            if baseline is not None:
+                record["engine_output_throughput"] = round(baseline, 2)
+                record["ratio_vs_engine"] = round(record["output_throughput"] / baseline, 3)
             emit(record)
     finally:
         server.stop()
