@@ -77,6 +77,18 @@ class ServerProcess:
             self.proc.wait()
 
 
+def thread_cpu(pid: int) -> dict[int, float]:
+    """CPU seconds (user + system) of each thread of process `pid`."""
+    out = {}
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            fields = Path(f"/proc/{pid}/task/{tid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:  # the thread ended meanwhile
+            continue
+        out[int(tid)] = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return out
+
+
 async def one_request(
     reader: asyncio.StreamReader, writer: asyncio.StreamWriter, model: str, prompt: list[int], output_len: int
 ) -> dict:
@@ -266,12 +278,20 @@ def main() -> None:
             baseline = None
             if engine is not None:
                 baseline = engine_baseline(engine, [list(p) for p in levels[c]], c, args.output_len)
+            cpu0 = thread_cpu(server.proc.pid)
+            result = asyncio.run(
+                run_level(server.port, "bench", [list(p) for p in levels[c]], c, args.output_len)
+            )
+            cpu1 = thread_cpu(server.proc.pid)
+            spent = {tid: cpu1[tid] - cpu0.get(tid, 0.0) for tid in cpu1}
+            loop_cpu = spent.pop(server.proc.pid, 0.0)  # the main thread runs the event loop
             record = {
                 "bench": "serving",
                 "concurrency": c,
-                **asyncio.run(
-                    run_level(server.port, "bench", [list(p) for p in levels[c]], c, args.output_len)
-                ),
+                **result,
+                # Where the server's CPU went: event-loop thread vs the busiest other (the engine thread).
+                "loop_thread_cpu_share": round(loop_cpu / result["duration_s"], 3),
+                "engine_thread_cpu_share": round(max(spent.values(), default=0.0) / result["duration_s"], 3),
             }
             if baseline is not None:
                 record["engine_output_throughput"] = round(baseline, 2)
