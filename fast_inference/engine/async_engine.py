@@ -14,6 +14,8 @@ from .sampling_params import SamplingParams
 
 logger = logging.getLogger("fast_inference.engine")
 
+_MAX_CONSECUTIVE_FAILURES = 10
+
 
 class EngineDeadError(RuntimeError):
     """The engine thread failed; the request cannot complete."""
@@ -99,6 +101,7 @@ class AsyncEngine:
         self._ready = threading.Event()
         self.stats_snapshot: dict = {}
         self.step_count = 0
+        self._failures = 0  # consecutive failed steps
         self._active: set[str] = set()  # engine thread only: ids added and not yet finished or aborted
 
     # -- life cycle ----------------------------------------------------------------------------------
@@ -132,7 +135,9 @@ class AsyncEngine:
         return len(self._streams)
 
     # -- loop-side API -------------------------------------------------------------------------------
-    async def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams) -> RequestStream:
+    async def add_request(
+        self, request_id: str, prompt: str | list[int], params: SamplingParams
+    ) -> RequestStream:
         """Queue a request; returns once the engine has accepted it (raises ValueError if it refused)."""
         if self.state != "ready":
             raise EngineDeadError(f"engine is not ready ({self.state})")
@@ -141,6 +146,8 @@ class AsyncEngine:
         stream = RequestStream(request_id, self)
         self._streams[request_id] = stream
         self._commands.put(("add", request_id, prompt, params, time.time()))
+        if self.state == "stopped":  # the engine thread may have drained its queue already
+            self._fail_one(request_id, EngineDeadError("the server is shutting down"))
         try:
             await stream._accepted
         except BaseException:
@@ -159,6 +166,8 @@ class AsyncEngine:
             raise EngineDeadError(f"engine is not ready ({self.state})")
         future = asyncio.get_running_loop().create_future()
         self._commands.put(("embed", token_id_lists, future))
+        if self.state == "stopped":
+            _resolve(future, None, EngineDeadError("the server is shutting down"))
         return await future
 
     async def get_stats(self) -> dict:
@@ -167,6 +176,8 @@ class AsyncEngine:
             return dict(self.stats_snapshot)
         future = asyncio.get_running_loop().create_future()
         self._commands.put(("stats", future))
+        if self.state == "stopped":
+            _resolve(future, dict(self.stats_snapshot), None)
         return await future
 
     # -- engine thread -------------------------------------------------------------------------------
@@ -194,29 +205,47 @@ class AsyncEngine:
         commands = self._commands
         while True:
             batch = []
-            if not engine.has_unfinished_requests():
-                batch.append(commands.get())  # idle: sleep until there is work
+            if self.state != "ready" or not engine.has_unfinished_requests():
+                batch.append(commands.get())  # idle (or failed): sleep until there is a command
             while True:
                 try:
                     batch.append(commands.get_nowait())
                 except queue.Empty:
                     break
             if not self._apply(batch):
-                break
-            if engine.has_unfinished_requests():
+                self.state = "stopped"
+                # Whatever was queued with or after the stop gets an answer instead of waiting forever.
+                while True:
+                    try:
+                        batch.append(commands.get_nowait())
+                    except queue.Empty:
+                        break
+                self._reject(batch)
+                return
+            if self.state == "ready" and engine.has_unfinished_requests():
                 try:
                     outputs = engine.step()
                 except Exception as exc:
                     self._step_failed(exc)
                     continue
                 self.step_count += 1
+                self._failures = 0
                 self.stats_snapshot = engine.stats()
                 for output in outputs:
                     if output.finished:
                         self._active.discard(output.request_id)
                 if outputs:
                     self._call(self._deliver, outputs)
-        self.state = "stopped"
+
+    def _reject(self, batch: list[tuple]) -> None:
+        error = EngineDeadError("the server is shutting down")
+        for command in batch:
+            if command[0] == "add":
+                self._call(self._fail_one, command[1], error)
+            elif command[0] == "embed":
+                self._call(_resolve, command[2], None, error)
+            elif command[0] == "stats":
+                self._call(_resolve, command[1], dict(self.stats_snapshot), None)
 
     def _apply(self, batch: list[tuple]) -> bool:
         """Run queued commands on the engine thread; False once asked to stop."""
@@ -227,6 +256,11 @@ class AsyncEngine:
             kind = command[0]
             if kind == "add":
                 _, request_id, prompt, params, arrival = command
+                if self.state != "ready":
+                    self._call(
+                        self._fail_one, request_id, EngineDeadError(f"engine is {self.state}: {self.error}")
+                    )
+                    continue
                 try:
                     engine.add_request(request_id, prompt, params, arrival_time=arrival)
                     accepted.append(request_id)
@@ -248,8 +282,7 @@ class AsyncEngine:
             elif kind == "stop":
                 self._abort_all()
                 self._call(self._fail_all, EngineDeadError("the server is shutting down"))
-                for command2 in embeds:
-                    self._call(_resolve, command2[2], None, EngineDeadError("the server is shutting down"))
+                self._reject(embeds)
                 return False
         if accepted:
             self._call(self._accept_many, accepted)
@@ -269,13 +302,24 @@ class AsyncEngine:
             return
         start = 0
         for _, lists, future in embeds:
-            self._call(_resolve, future, vectors[start:start + len(lists)], None)
+            self._call(_resolve, future, vectors[start : start + len(lists)], None)
             start += len(lists)
 
     def _step_failed(self, exc: Exception) -> None:
-        logger.error("engine step failed: %s\n%s", exc, traceback.format_exc())
+        """Fail the requests in flight (not later ones); after repeated failures mark the engine failed."""
+        self._failures += 1
+        if self._failures <= 3:
+            logger.error("engine step failed: %s\n%s", exc, traceback.format_exc())
+        ids = list(self._active)
         self._abort_all()
-        self._call(self._fail_all, EngineDeadError(f"engine step failed: {type(exc).__name__}"))
+        self._call(self._fail_ids, ids, EngineDeadError(f"engine step failed: {type(exc).__name__}"))
+        if self._failures >= _MAX_CONSECUTIVE_FAILURES:
+            self.error = (
+                f"{_MAX_CONSECUTIVE_FAILURES} consecutive engine steps failed, last: {type(exc).__name__}"
+            )
+            self.state = "failed"  # /health answers 503 from now on; new requests are refused
+            logger.error("engine marked failed: %s", self.error)
+        time.sleep(min(0.5, 0.005 * 2**self._failures))  # do not spin on a persistent fault
 
     def _abort_all(self) -> None:
         for request_id in list(self._active):
@@ -306,6 +350,10 @@ class AsyncEngine:
         stream = self._streams.pop(request_id, None)
         if stream is not None:
             stream._fail(exc)
+
+    def _fail_ids(self, request_ids: list[str], exc: BaseException) -> None:
+        for request_id in request_ids:
+            self._fail_one(request_id, exc)
 
     def _fail_all(self, exc: BaseException) -> None:
         streams, self._streams = self._streams, {}
