@@ -1,0 +1,78 @@
+"""EngineArgs (what a user may set) and the resolved cache/scheduler configuration of one engine."""
+
+import re
+from dataclasses import dataclass
+
+import torch
+
+from fast_inference.models.config import ModelConfig, load_model_config  # noqa: F401  (re-exported)
+
+_UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "m": 1000**2, "mb": 1000**2, "g": 1000**3, "gb": 1000**3,
+          "kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "tib": 1 << 40, "t": 1000**4, "tb": 1000**4}
+
+
+def parse_memory(value: str | int | float) -> int:
+    """'2GiB', '512MB', '1e9' or an int -> bytes."""
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        if value <= 0:
+            raise ValueError(f"kv_cache_memory must be positive, got {value}")
+        return int(value)
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:e[0-9]+)?)\s*([a-zA-Z]*)\s*", str(value))
+    if m is None or m.group(2).lower() not in _UNITS:
+        raise ValueError(f"kv_cache_memory must be bytes or a size like '2GiB' or '512MB', got {value!r}")
+    nbytes = int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+    if nbytes <= 0:
+        raise ValueError(f"kv_cache_memory must be positive, got {value!r}")
+    return nbytes
+
+
+def resolve_device(device: str | torch.device) -> torch.device:
+    if isinstance(device, str) and device == "auto":
+        return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError as e:
+        raise ValueError(f"device must be 'auto', 'cpu' or 'cuda[:i]', got {device!r}") from e
+    if dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"device must be 'auto', 'cpu' or 'cuda[:i]', got {device!r}")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device 'cuda' requested but no CUDA device is available")
+    return dev
+
+
+@dataclass
+class EngineArgs:
+    model: str
+    dtype: str = "auto"
+    device: str = "auto"
+    max_model_len: int | None = None
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int | None = None  # None: max(2048, ...) with chunked prefill
+    kv_cache_memory: str | int | None = None  # None: a fraction of the device's free memory
+    block_size: int = 16
+    enable_prefix_caching: bool = True
+    seed: int = 0
+    tokenizer: str | None = None
+    chat_template: str | None = None
+    enforce_eager: bool = False  # CUDA: do not capture decode steps into CUDA graphs
+
+    def validate(self) -> None:
+        if not isinstance(self.model, str | bytes) and not hasattr(self.model, "__fspath__"):
+            raise ValueError(f"model must be a path to a Hugging Face model directory, got {self.model!r}")
+        if self.max_num_seqs < 1:
+            raise ValueError(f"max_num_seqs must be at least 1, got {self.max_num_seqs}")
+        if self.max_num_batched_tokens is not None and self.max_num_batched_tokens < 1:
+            raise ValueError(f"max_num_batched_tokens must be at least 1, got {self.max_num_batched_tokens}")
+        if self.block_size < 1 or self.block_size & (self.block_size - 1):
+            raise ValueError(f"block_size must be a power of two, got {self.block_size}")
+        if self.kv_cache_memory is not None:
+            parse_memory(self.kv_cache_memory)
+
+
+@dataclass(slots=True)
+class SchedulerConfig:
+    max_num_seqs: int
+    max_num_batched_tokens: int
+    max_model_len: int
+    block_size: int
+    enable_prefix_caching: bool

@@ -1,0 +1,207 @@
+"""ModelRunner: owns the model and its paged KV cache; turns a scheduled batch into one varlen forward."""
+
+import logging
+
+import torch
+
+from fast_inference.models.config import ModelConfig
+from fast_inference.models.loader import load_model
+from fast_inference.ops.attention_metadata import AttentionMetadata
+
+from .sequence import Sequence
+
+logger = logging.getLogger("fast_inference.engine")
+
+_GIB = 1 << 30
+
+
+def available_memory(device: torch.device) -> int:
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return free
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 4 * _GIB
+
+
+class ModelRunner:
+    def __init__(self, cfg: ModelConfig, block_size: int, kv_cache_memory: int | None, max_num_seqs: int,
+                 max_num_batched_tokens: int, enforce_eager: bool = False):
+        self.cfg = cfg
+        self.device = cfg.device
+        self.block_size = block_size
+        self.max_num_seqs = max_num_seqs
+        self.model = load_model(cfg)
+        # Bytes of key + value for one token across all layers.
+        self.kv_bytes_per_token = (2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim
+                                   * torch.empty((), dtype=cfg.dtype).element_size())
+        bytes_per_block = self.kv_bytes_per_token * block_size
+        if kv_cache_memory is None:
+            kv_cache_memory = self._default_cache_bytes(max_num_seqs, max_num_batched_tokens)
+        self.num_blocks = kv_cache_memory // bytes_per_block
+        if self.num_blocks < 1:
+            raise ValueError(f"kv_cache_memory ({kv_cache_memory} bytes) holds {self.num_blocks} blocks of "
+                             f"{bytes_per_block} bytes; need at least one block")
+        shape = (self.num_blocks, block_size, cfg.num_kv_heads, cfg.head_dim)
+        # Zeroed: touched once now (resident memory stays flat afterwards) and never NaN in padding reads.
+        self.key_caches = [torch.zeros(shape, dtype=cfg.dtype, device=self.device) for _ in range(cfg.num_layers)]
+        self.value_caches = [torch.zeros(shape, dtype=cfg.dtype, device=self.device) for _ in range(cfg.num_layers)]
+        self.model.bind_kv_cache(self.key_caches, self.value_caches)
+        logger.info("KV cache: %d blocks x %d tokens = %d tokens (%.1f MiB, %s %s)", self.num_blocks, block_size,
+                    self.num_blocks * block_size, self.num_blocks * bytes_per_block / (1 << 20), cfg.dtype,
+                    self.device)
+        self.max_blocks_per_seq = -(-cfg.max_model_len // block_size)
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        if self.device.type == "cuda" and not enforce_eager:
+            self._capture_cuda_graphs()
+
+    def _default_cache_bytes(self, max_num_seqs: int, max_num_batched_tokens: int) -> int:
+        free = available_memory(self.device)
+        # No use for more than every sequence at full length.
+        useful = self.kv_bytes_per_token * max_num_seqs * self.cfg.max_model_len
+        if self.device.type == "cuda":
+            # Leave room for activations of the largest step and the sampler's float32 logits.
+            act = max_num_batched_tokens * (self.cfg.hidden_size * 16 + self.cfg.intermediate_size * 8) \
+                + max_num_seqs * self.cfg.vocab_size * 16
+            return max(min(int(free * 0.85) - act, useful), 0)
+        # CPU: the machine is shared with the rest of the process and other programs.
+        return min(int(free * 0.25), 4 * _GIB, useful)
+
+    # ---- inputs ---------------------------------------------------------------------------------
+    def prepare(self, seqs: list[Sequence], num_new: list[int]) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
+        """Flatten the step's sequences into input_ids/positions and the paged-attention metadata."""
+        bs = self.block_size
+        input_ids: list[int] = []
+        starts: list[int] = []
+        width = 0
+        for seq, n in zip(seqs, num_new):
+            start = seq.num_computed
+            starts.append(start)
+            if n == 1:
+                input_ids.append(seq.token_ids[start])
+            else:
+                input_ids.extend(seq.token_ids[start:start + n])
+            if len(seq.block_table) > width:
+                width = len(seq.block_table)
+        tables = [seq.block_table + [0] * (width - len(seq.block_table)) for seq in seqs]
+        dev = self.device
+        q_lens = torch.tensor(num_new, dtype=torch.int32)
+        starts_t = torch.tensor(starts, dtype=torch.int64)
+        block_tables = torch.tensor(tables, dtype=torch.int32)
+        cu = torch.zeros(len(seqs) + 1, dtype=torch.int32)
+        torch.cumsum(q_lens, 0, out=cu[1:])
+        total = len(input_ids)
+        if total == len(seqs):  # pure decode
+            positions = starts_t
+            seq_index = torch.arange(len(seqs))
+        else:
+            seq_index = torch.repeat_interleave(torch.arange(len(seqs)), q_lens.long())
+            positions = torch.arange(total) - cu[:-1].long()[seq_index] + starts_t[seq_index]
+        slots = block_tables[seq_index, positions // bs].long() * bs + positions % bs
+        seq_lens = (starts_t + q_lens).to(torch.int32)
+        meta = AttentionMetadata(
+            slot_mapping=slots.to(dev, non_blocking=True),
+            block_tables=block_tables.to(dev, non_blocking=True),
+            seq_lens=seq_lens.to(dev, non_blocking=True),
+            cu_query_lens=cu.to(dev, non_blocking=True),
+            max_query_len=max(num_new),
+        )
+        ids = torch.tensor(input_ids, dtype=torch.int64).to(dev, non_blocking=True)
+        return ids, positions.to(dev, non_blocking=True), meta
+
+    # ---- execution ------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def execute(self, seqs: list[Sequence], num_new: list[int], logit_rows: list[int]) -> torch.Tensor | None:
+        """Run the step; return float32 logits [len(logit_rows), vocab] for the given batch rows
+        (each row's last new token), or None when no row needs sampling."""
+        total = sum(num_new)
+        if self.graphs and total == len(seqs) and len(seqs) <= self._max_graph_bs:
+            logits = self._replay(seqs)
+            if not logit_rows:
+                return None
+            return logits[torch.tensor(logit_rows, device=self.device)] if len(logit_rows) != len(seqs) else logits
+        input_ids, positions, meta = self.prepare(seqs, num_new)
+        hidden = self.model(input_ids, positions, meta)
+        if not logit_rows:
+            return None
+        cu_end = torch.tensor(num_new, dtype=torch.int64).cumsum(0) - 1
+        last = cu_end[torch.tensor(logit_rows, dtype=torch.int64)]
+        return self.model.compute_logits(hidden[last.to(self.device)])
+
+    @torch.inference_mode()
+    def hidden_states(self, seqs: list[Sequence], num_new: list[int]) -> torch.Tensor:
+        """Final hidden state [len(seqs), hidden] of each sequence's last new token (for embeddings)."""
+        input_ids, positions, meta = self.prepare(seqs, num_new)
+        hidden = self.model(input_ids, positions, meta)
+        last = torch.tensor(num_new, dtype=torch.int64).cumsum(0) - 1
+        return hidden[last.to(self.device)]
+
+    # ---- CUDA graphs (decode only) -------------------------------------------------------------
+    def _capture_cuda_graphs(self) -> None:
+        """Capture the decode step (model + lm_head) for a ladder of batch sizes; a batch runs in the
+        smallest graph that holds it, padded with rows that write nowhere (slot -1)."""
+        max_bs = min(self.max_num_seqs, 256)
+        sizes = [b for b in (1, 2, 4, 8) if b <= max_bs] + list(range(16, max_bs + 1, 16))
+        if max_bs not in sizes:
+            sizes.append(max_bs)
+        dev = self.device
+        self._max_graph_bs = max(sizes)
+        n = self._max_graph_bs
+        self._g_ids = torch.zeros(n, dtype=torch.int64, device=dev)
+        self._g_pos = torch.zeros(n, dtype=torch.int64, device=dev)
+        self._g_slots = torch.full((n,), -1, dtype=torch.int64, device=dev)
+        self._g_tables = torch.zeros((n, self.max_blocks_per_seq), dtype=torch.int32, device=dev)
+        self._g_lens = torch.ones(n, dtype=torch.int32, device=dev)
+        self._g_cu = torch.arange(n + 1, dtype=torch.int32, device=dev)
+        self._g_out: dict[int, torch.Tensor] = {}
+        pool = None
+        try:
+            with torch.inference_mode():
+                for b in sorted(sizes, reverse=True):
+                    meta = AttentionMetadata(self._g_slots[:b], self._g_tables[:b], self._g_lens[:b],
+                                             self._g_cu[:b + 1], max_query_len=1)
+                    hidden = self.model(self._g_ids[:b], self._g_pos[:b], meta)  # warm-up outside capture
+                    self.model.compute_logits(hidden)
+                    torch.cuda.synchronize(dev)
+                    graph = torch.cuda.CUDAGraph()
+                    with torch.cuda.graph(graph, pool=pool):
+                        hidden = self.model(self._g_ids[:b], self._g_pos[:b], meta)
+                        self._g_out[b] = self.model.compute_logits(hidden)
+                    if pool is None:
+                        pool = graph.pool()
+                    self.graphs[b] = graph
+            torch.cuda.synchronize(dev)
+            self._graph_sizes = sorted(self.graphs)
+            logger.info("captured CUDA graphs for decode batch sizes %s", self._graph_sizes)
+        except RuntimeError as e:  # a kernel that cannot be captured: run eagerly instead
+            logger.warning("CUDA graph capture failed (%s); running decode steps eagerly", e)
+            self.graphs.clear()
+            self._g_out.clear()
+
+    def _replay(self, seqs: list[Sequence]) -> torch.Tensor:
+        b = len(seqs)
+        size = next(s for s in self._graph_sizes if s >= b)
+        bs = self.block_size
+        ids, pos, slots, lens = [], [], [], []
+        for seq in seqs:
+            p = seq.num_computed
+            ids.append(seq.token_ids[p])
+            pos.append(p)
+            slots.append(seq.block_table[p // bs] * bs + p % bs)
+            lens.append(p + 1)
+        width = max(len(s.block_table) for s in seqs)
+        tables = torch.tensor([s.block_table + [0] * (width - len(s.block_table)) for s in seqs], dtype=torch.int32)
+        pad = size - b
+        self._g_ids[:size].copy_(torch.tensor(ids + [0] * pad), non_blocking=True)
+        self._g_pos[:size].copy_(torch.tensor(pos + [0] * pad), non_blocking=True)
+        self._g_slots[:size].copy_(torch.tensor(slots + [-1] * pad), non_blocking=True)
+        self._g_lens[:size].copy_(torch.tensor(lens + [1] * pad, dtype=torch.int32), non_blocking=True)
+        self._g_tables[:b, :width].copy_(tables, non_blocking=True)
+        self._g_tables[b:size].zero_()
+        self.graphs[size].replay()
+        return self._g_out[size][:b]

@@ -1,0 +1,95 @@
+"""Greedy generation through the real ops is token-identical to transformers, under every scheduling mode."""
+
+import pytest
+from engine_utils import PROMPTS, assert_no_leak, hf_greedy
+
+from fast_inference import LLM, SamplingParams
+
+MAX_NEW = 24
+
+
+def _check_against_hf(llm: LLM, path, prompts=PROMPTS, max_new=MAX_NEW):
+    tok = llm.get_tokenizer()
+    params = SamplingParams(temperature=0.0, max_tokens=max_new, ignore_eos=True)
+    outs = llm.generate(prompts, params, use_tqdm=False)
+    assert [o.prompt for o in outs] == list(prompts)
+    for prompt, out in zip(prompts, outs):
+        ids = tok.encode(prompt)
+        assert out.prompt_token_ids == ids
+        ref = hf_greedy(str(path), tuple(ids), max_new)
+        assert out.outputs[0].token_ids == ref, f"mismatch for prompt {prompt!r}"
+        assert out.outputs[0].finish_reason == "length"
+        assert out.outputs[0].text == tok.decode(ref, skip_special_tokens=True)
+    assert_no_leak(llm.engine)
+    return outs
+
+
+@pytest.mark.parametrize("name", ["llama", "mistral", "qwen2", "qwen3"])
+def test_greedy_matches_transformers(model_dirs, name):
+    llm = LLM(model_dirs[name], dtype="float32", kv_cache_memory="8MiB")
+    cfg = llm.engine.model_config
+    assert cfg.architecture.lower().startswith(name)
+    _check_against_hf(llm, model_dirs[name])
+
+
+def test_preemption_keeps_output_identical(llama_dir):
+    # 4 blocks of 16 tokens: far less than the batch needs, so the youngest requests are preempted
+    # and recomputed, several times.
+    bytes_per_block = 2 * 2 * 2 * 16 * 4 * 16
+    llm = LLM(llama_dir, dtype="float32", kv_cache_memory=4 * bytes_per_block)
+    assert llm.engine.num_total_blocks == 4
+    _check_against_hf(llm, llama_dir)
+    assert llm.engine.stats()["num_preemptions"] > 0
+
+
+@pytest.mark.parametrize("prefix_caching", [True, False])
+def test_prefix_caching_on_and_off(llama_dir, prefix_caching):
+    shared = PROMPTS[1] + " " + PROMPTS[4]
+    prompts = [shared + " one", shared + " two", shared, shared + " three four"]
+    llm = LLM(llama_dir, dtype="float32", kv_cache_memory="8MiB", enable_prefix_caching=prefix_caching,
+              max_num_seqs=1)  # one at a time, so later requests find the earlier ones' blocks cached
+    _check_against_hf(llm, llama_dir, prompts)
+    hit_rate = llm.engine.stats()["prefix_cache_hit_rate"]
+    assert (hit_rate > 0.5) if prefix_caching else (hit_rate == 0.0)
+    # A second round hits the cache (freed cached blocks survive on the LRU list) and stays identical.
+    outs = _check_against_hf(llm, llama_dir, prompts)
+    if prefix_caching:
+        assert all(o.num_cached_tokens >= 16 for o in outs)
+
+
+def test_chunked_prefill_mixes_decodes_and_chunks(llama_dir):
+    llm = LLM(llama_dir, dtype="float32", kv_cache_memory="8MiB", max_num_batched_tokens=7)
+    engine = llm.engine
+    seen_mixed = False
+    original = engine.scheduler.schedule
+
+    def spy():
+        out = original()
+        news = out.num_new_tokens
+        nonlocal seen_mixed
+        seen_mixed |= any(n == 1 for n in news) and any(n > 1 for n in news)
+        assert sum(news) <= 7
+        return out
+
+    engine.scheduler.schedule = spy
+    _check_against_hf(llm, llama_dir)
+    assert seen_mixed
+
+
+def test_token_id_prompts_and_single_prompt(llama_dir):
+    llm = LLM(llama_dir, dtype="float32", kv_cache_memory="8MiB")
+    tok = llm.get_tokenizer()
+    ids = tok.encode(PROMPTS[0])
+    params = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
+    by_ids = llm.generate([ids], params, use_tqdm=False)[0]
+    by_text = llm.generate(PROMPTS[0], params, use_tqdm=False)[0]
+    assert by_ids.prompt is None and by_ids.prompt_token_ids == ids
+    assert by_ids.outputs[0].token_ids == by_text.outputs[0].token_ids == hf_greedy(str(llama_dir), tuple(ids), 8)
+    assert_no_leak(llm.engine)
+
+
+def test_bfloat16_runs(llama_dir):
+    llm = LLM(llama_dir, dtype="bfloat16", kv_cache_memory="8MiB")
+    outs = llm.generate(PROMPTS[:2], SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True), use_tqdm=False)
+    assert all(len(o.outputs[0].token_ids) == 8 for o in outs)
+    assert_no_leak(llm.engine)
