@@ -1,0 +1,421 @@
+"""HTTP-layer costs of the server: CPU per SSE chunk, GET /health req/s vs uvicorn+FastAPI, TTFT vs prefill.
+
+    python bench/bench_http.py [--seconds 3] [--skip-fastapi]
+
+1. sse_chunk: CPU time per streamed token chunk. `format_write` times the server's own hot path (ChunkEncoder
+   + h11 framing + transport write) on the event-loop thread; the baseline is the naive path (build the
+   chunk dict, json.dumps it, same framing and write). `server_loop` is the whole event-loop cost per chunk
+   of a live server streaming 20k tokens from an instant synthetic engine (delivery, deltas, format, write).
+2. health: GET /health requests/s, one keep-alive load generator process with 16 connections against
+   (a) this server and (b) a uvicorn + FastAPI app (same h11 parser, same asyncio loop, access log off)
+   answering the same route; each server alone in its own process, measured in the same run.
+3. ttft: time to first token at concurrency 1 (a client process streaming /v1/completions with max_tokens=1)
+   against the engine's own time for the same work (LLMEngine.add_request + step in process), demo model.
+FastAPI and uvicorn are benchmark-only dependencies (pip install fastapi uvicorn).
+"""
+
+import argparse
+import asyncio
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+CONNECTIONS = 16
+
+
+# -- an instant engine with LLMEngine's interface (no model compute), for HTTP-only measurements -----------
+class SyntheticEngine:
+    supports_generation = True
+
+    def __init__(self, model_dir: str) -> None:
+        import torch
+        from transformers import AutoTokenizer
+
+        from fast_inference.engine.outputs import CompletionOutput, RequestOutput
+
+        self._types = (CompletionOutput, RequestOutput)
+        self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        self.model_config = SimpleNamespace(max_model_len=1 << 20, vocab_size=len(self.tokenizer), eos_token_ids=[],
+                                            dtype=torch.float32, device=torch.device("cpu"),
+                                            architecture="synthetic", hidden_size=8, model_path=model_dir)
+        self.num_total_blocks, self.block_size = 1024, 16
+        self._token = self.tokenizer.encode(" the", add_special_tokens=False)[0]
+        self._requests: dict[str, list] = {}
+
+    def add_request(self, request_id, prompt, params, arrival_time=None):
+        self._requests[request_id] = [prompt, params.max_tokens, []]
+
+    def abort_request(self, request_id):
+        self._requests.pop(request_id, None)
+
+    def has_unfinished_requests(self):
+        return bool(self._requests)
+
+    def step(self):
+        completion_output, request_output = self._types
+        outputs = []
+        for rid, state in list(self._requests.items()):
+            prompt, max_tokens, tokens = state
+            tokens.append(self._token)
+            done = len(tokens) >= max_tokens
+            text = " the" * len(tokens)
+            outputs.append(request_output(rid, None, prompt, [completion_output(0, text, list(tokens), None, None,
+                                                                                "length" if done else None)], done))
+            if done:
+                del self._requests[rid]
+        time.sleep(0)  # let the event loop thread in, as a real step's kernels would
+        return outputs
+
+    def stats(self):
+        return {"num_running": len(self._requests), "num_waiting": 0, "num_free_blocks": 1024,
+                "num_total_blocks": 1024, "kv_cache_usage": 0.0, "prefix_cache_hit_rate": 0.0}
+
+    def embed(self, token_id_lists):
+        raise NotImplementedError
+
+
+def _demo_dir() -> str:
+    from fast_inference.models.demo import ensure_demo_model
+
+    return str(ensure_demo_model())
+
+
+def _synthetic_server():
+    from fast_inference.server.routes import ServerConfig
+    from fast_inference.server.serve import Server
+
+    model_dir = _demo_dir()
+    return Server(lambda: SyntheticEngine(model_dir), ServerConfig(["synthetic"], model_path=model_dir),
+                  host="127.0.0.1", port=0)
+
+
+# -- subprocess roles ---------------------------------------------------------------------------------------
+def serve_ours() -> None:
+    import logging
+
+    logging.basicConfig(level=logging.WARNING)
+    from fast_inference.server.serve import run
+
+    server = _synthetic_server()
+    orig_start = server.start
+
+    async def start():
+        port = await orig_start()
+        print(port, flush=True)
+        return port
+
+    server.start = start
+    run(server)
+
+
+def serve_fastapi() -> None:
+    import uvicorn
+    from fastapi import FastAPI
+    from fastapi.responses import Response
+
+    app = FastAPI()
+
+    @app.get("/health")
+    async def health():
+        return Response(status_code=200)
+
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", 0))
+    print(sock.getsockname()[1], flush=True)
+    config = uvicorn.Config(app, http="h11", loop="asyncio", access_log=False, log_level="warning")
+    uvicorn.Server(config).run(sockets=[sock])
+
+
+def load(port: int, seconds: float, connections: int) -> None:
+    """Keep-alive GET /health from `connections` sockets, one request in flight on each; prints req/s."""
+    import selectors
+
+    request = b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+    marker = b"HTTP/1.1 200"
+    sel = selectors.DefaultSelector()
+    socks = []
+    for _ in range(connections):
+        s = socket.create_connection(("127.0.0.1", port))
+        s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        s.setblocking(False)
+        sel.register(s, selectors.EVENT_READ, [b""])
+        socks.append(s)
+    for s in socks:
+        s.send(request)
+    done = 0
+    warm_until = time.perf_counter() + 0.5
+    counting = False
+    end = warm_until + seconds
+    while True:
+        now = time.perf_counter()
+        if not counting and now >= warm_until:
+            counting, done, start = True, 0, now
+        if now >= end:
+            break
+        for key, _ in sel.select(0.5):
+            s = key.fileobj
+            data = key.data[0] + s.recv(65536)
+            # A complete /health response is short and ends with an empty body: count status lines.
+            got = data.count(marker)
+            key.data[0] = data[data.rfind(b"\r\n\r\n") + 4:] if got else data
+            for _ in range(got):
+                done += 1
+                s.send(request)
+    print(json.dumps({"rps": done / (time.perf_counter() - start)}))
+
+
+def ttft_client(port: int, prompts: list[str]) -> None:
+    """Stream /v1/completions (max_tokens 1) one request at a time; prints the TTFTs in seconds."""
+    s = socket.create_connection(("127.0.0.1", port))
+    s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    times = []
+    for prompt in prompts:
+        body = json.dumps({"model": "demo", "prompt": prompt, "max_tokens": 1, "temperature": 0,
+                           "stream": True}).encode()
+        req = (b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+               b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+        buf = b""
+        t0 = time.perf_counter()
+        s.sendall(req)
+        first = None
+        while b"data: [DONE]" not in buf:
+            buf += s.recv(65536)
+            if first is None and b'"text"' in buf:
+                first = time.perf_counter() - t0
+        while not buf.endswith(b"0\r\n\r\n"):
+            buf += s.recv(65536)
+        times.append(first)
+    print(json.dumps(times))
+
+
+# -- measurements -------------------------------------------------------------------------------------------
+def _spawn(role: list[str]) -> tuple[subprocess.Popen, int]:
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.Popen([sys.executable, __file__, *role], stdout=subprocess.PIPE, text=True, env=env)
+    port = int(proc.stdout.readline())
+    deadline = time.time() + 120
+    while time.time() < deadline:  # ready = /health answers 200
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=2) as s:
+                s.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+                if s.recv(100).startswith(b"HTTP/1.1 200"):
+                    return proc, port
+        except OSError:
+            pass
+        time.sleep(0.2)
+    proc.kill()
+    raise RuntimeError(f"{role} did not become healthy")
+
+
+def _run_load(port: int, seconds: float) -> float:
+    out = subprocess.run([sys.executable, __file__, "--role", "load", "--port", str(port), "--seconds", str(seconds)],
+                         capture_output=True, text=True, check=True)
+    return json.loads(out.stdout)["rps"]
+
+
+def bench_health(seconds: float, skip_fastapi: bool) -> None:
+    from bench.common import emit
+
+    results: dict[str, list[float]] = {"fast_inference": [], "uvicorn_fastapi": []}
+    roles = [("fast_inference", ["--role", "serve-ours"])]
+    if not skip_fastapi:
+        roles.append(("uvicorn_fastapi", ["--role", "serve-fastapi"]))
+    for _ in range(2):  # alternate, so slow drifts on a shared machine hit both
+        for name, role in roles:
+            proc, port = _spawn(role)
+            try:
+                results[name].append(_run_load(port, seconds))
+            finally:
+                proc.terminate()
+                proc.wait(30)
+    ours = max(results["fast_inference"])
+    record = {"bench": "http_health", "connections": CONNECTIONS, "seconds": seconds,
+              "fast_inference_rps": round(ours), "runs": {k: [round(v) for v in vs] for k, vs in results.items()}}
+    if results["uvicorn_fastapi"]:
+        theirs = max(results["uvicorn_fastapi"])
+        record.update(uvicorn_fastapi_rps=round(theirs), ratio_vs_fastapi=round(ours / theirs, 2), target_ratio=1.5)
+    emit(record)
+
+
+def bench_sse_format_write(n: int = 50000) -> None:
+    import h11
+
+    from bench.common import emit
+    from fast_inference.server import sse
+
+    async def run(naive: bool) -> float:
+        rsock, wsock = socket.socketpair()
+        stop = threading.Event()
+
+        def drain():
+            rsock.settimeout(0.2)
+            while not stop.is_set():
+                try:
+                    if not rsock.recv(1 << 20):
+                        return
+                except (TimeoutError, OSError):
+                    continue
+
+        reader_thread = threading.Thread(target=drain, daemon=True)
+        reader_thread.start()
+        _, writer = await asyncio.open_connection(sock=wsock)
+        conn = h11.Connection(h11.SERVER)
+        conn.receive_data(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n")
+        conn.next_event()
+        conn.next_event()
+        writer.write(conn.send(h11.Response(status_code=200, headers=[("content-type", "text/event-stream")])))
+        enc = sse.ChunkEncoder(chat=True, request_id="chatcmpl-0123456789abcdef0123456789abcdef",
+                               created=int(time.time()), model="fast-inference-demo", fingerprint="fp_x")
+        head = {"id": "chatcmpl-0123456789abcdef0123456789abcdef", "object": "chat.completion.chunk",
+                "created": int(time.time()), "model": "fast-inference-demo", "system_fingerprint": "fp_x"}
+        words = [" the", " quick", " brown", " fox", " jumps", " over", " lazy", " dog", "\n", " \"q\""]
+        t0 = time.thread_time()
+        for i in range(n):
+            token = words[i % 10]
+            if naive:
+                chunk = b"data: " + json.dumps({**head, "choices": [{"index": 0, "delta": {"content": token},
+                                                                     "logprobs": None, "finish_reason": None}]}
+                                               ).encode() + b"\n\n"
+            else:
+                chunk = enc.text(0, token)
+            writer.write(conn.send(h11.Data(data=chunk)))
+            if writer.transport.get_write_buffer_size() > 256 * 1024:
+                await writer.drain()
+        cpu = time.thread_time() - t0
+        writer.close()
+        stop.set()
+        reader_thread.join()
+        rsock.close()
+        return cpu / n
+
+    ours = min(asyncio.run(run(False)) for _ in range(3))
+    naive = min(asyncio.run(run(True)) for _ in range(3))
+    emit({"bench": "sse_chunk_format_write", "chunks": n, "us_per_chunk": round(ours * 1e6, 2),
+          "naive_json_dumps_us_per_chunk": round(naive * 1e6, 2), "speedup_vs_naive": round(naive / ours, 2),
+          "target_us": 10.0})
+
+
+def bench_sse_server_loop(tokens: int = 20000) -> None:
+    from bench.common import emit
+    from fast_inference.server.serve import ServerThread
+
+    thread = ServerThread(_synthetic_server()).start()
+    loop_cpu = lambda: thread.call(_thread_time)  # noqa: E731
+    try:
+        body = json.dumps({"model": "synthetic", "messages": [{"role": "user", "content": "hi"}],
+                           "max_tokens": tokens, "stream": True}).encode()
+        code = (
+            "import socket,sys\n"
+            f"s=socket.create_connection(('127.0.0.1',{thread.port}))\n"
+            f"s.sendall(b'POST /v1/chat/completions HTTP/1.1\\r\\nHost: x\\r\\nContent-Length: {len(body)}\\r\\n\\r\\n'"
+            f"+{body!r})\n"
+            "buf=b''\n"
+            "while not buf.endswith(b'0\\r\\n\\r\\n'):\n"
+            "    d=s.recv(1<<20)\n"
+            "    if not d: break\n"
+            "    buf+=d\n"
+            "print(buf.count(b'data: '))\n")
+        before = loop_cpu()
+        t0 = time.perf_counter()
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+        wall = time.perf_counter() - t0
+        cpu = loop_cpu() - before
+        chunks = int(out.stdout) - 3  # minus the role chunk, the final chunk and [DONE]
+    finally:
+        thread.stop()
+    emit({"bench": "sse_server_loop", "tokens": tokens, "content_chunks": chunks,
+          "loop_cpu_us_per_chunk": round(cpu / chunks * 1e6, 2), "tokens_per_chunk": round(tokens / chunks, 2),
+          "wall_s": round(wall, 2), "target_us": 10.0})
+
+
+async def _thread_time() -> float:
+    return time.thread_time()
+
+
+def bench_ttft(iters: int) -> None:
+    import torch
+
+    from bench.common import emit
+    from fast_inference.engine.config import EngineArgs
+    from fast_inference.engine.llm_engine import LLMEngine
+    from fast_inference.engine.sampling_params import SamplingParams
+    from fast_inference.server.routes import ServerConfig
+    from fast_inference.server.serve import Server, ServerThread
+
+    torch.set_num_threads(1)
+    model_dir = _demo_dir()
+    # Distinct prompts (no prefix-cache hits), ~40 tokens each, the same list for engine and server.
+    prompts = [f"{i} The quick brown fox jumps over the lazy dog. Attention lets every token look back at the "
+               f"context in fixed-size blocks of memory {i}." for i in range(iters + 5)]
+    args = EngineArgs(model=model_dir, device="cpu", max_model_len=512, enable_prefix_caching=False)
+    engine = LLMEngine(args)
+    params = SamplingParams(max_tokens=1, temperature=0)
+    engine_times = []
+    for i, prompt in enumerate(prompts):
+        t0 = time.perf_counter()
+        engine.add_request(f"r{i}", prompt, params)
+        while not any(o.outputs[0].token_ids for o in engine.step()):
+            pass
+        while engine.has_unfinished_requests():
+            engine.step()
+        engine_times.append(time.perf_counter() - t0)
+    del engine
+    server = Server(lambda: LLMEngine(args), ServerConfig(["demo"], model_path=model_dir), host="127.0.0.1", port=0)
+    thread = ServerThread(server).start()
+    try:
+        out = subprocess.run([sys.executable, __file__, "--role", "ttft", "--port", str(thread.port),
+                              "--prompts", json.dumps(prompts)], capture_output=True, text=True, check=True)
+        server_times = json.loads(out.stdout)
+    finally:
+        thread.stop()
+    engine_ms = statistics.median(engine_times[5:]) * 1e3
+    server_ms = statistics.median(server_times[5:]) * 1e3
+    emit({"bench": "ttft_c1", "iters": iters, "engine_prefill_ms_p50": round(engine_ms, 3),
+          "server_ttft_ms_p50": round(server_ms, 3), "overhead_ms": round(server_ms - engine_ms, 3),
+          "target_overhead_ms": 2.0})
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--role", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--port", type=int, default=0, help=argparse.SUPPRESS)
+    parser.add_argument("--prompts", default="[]", help=argparse.SUPPRESS)
+    parser.add_argument("--seconds", type=float, default=3.0, help="load duration per /health run")
+    parser.add_argument("--ttft-iters", type=int, default=40)
+    parser.add_argument("--skip-fastapi", action="store_true")
+    parser.add_argument("--only", choices=["sse", "health", "ttft"], default=None)
+    args = parser.parse_args()
+    if args.role == "serve-ours":
+        return serve_ours()
+    if args.role == "serve-fastapi":
+        return serve_fastapi()
+    if args.role == "load":
+        return load(args.port, args.seconds, CONNECTIONS)
+    if args.role == "ttft":
+        return ttft_client(args.port, json.loads(args.prompts))
+    from bench.common import emit
+
+    emit({"bench": "environment", "cpus": os.cpu_count(), "python": sys.version.split()[0],
+          "load_avg": os.getloadavg()[0]})
+    if args.only in (None, "sse"):
+        bench_sse_format_write()
+        bench_sse_server_loop()
+    if args.only in (None, "health"):
+        bench_health(args.seconds, args.skip_fastapi)
+    if args.only in (None, "ttft"):
+        bench_ttft(args.ttft_iters)
+
+
+if __name__ == "__main__":
+    main()

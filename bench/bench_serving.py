@@ -1,0 +1,222 @@
+"""Online serving benchmark (the metrics of `vllm bench serve`) against a server this script starts on loopback.
+
+    python bench/bench_serving.py [--model DIR] [--concurrency 1 8 32 64] [--input-len 64] [--output-len 32]
+
+Per concurrency level: TTFT, TPOT and ITL at p50/p99 (ms), output tokens/s and requests/s, measured by an
+asyncio streaming client that keeps `concurrency` requests in flight. The baseline, measured in the same
+run, is the engine itself (LLMEngine in this process, same requests, same number in flight): the ratio
+server/engine output throughput is what the HTTP + async layers cost. Prompts are random token ids
+(exact lengths, no prefix-cache hits); generation is greedy with ignore_eos, so every request produces
+exactly --output-len tokens.
+"""
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import re
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from bench.common import emit  # noqa: E402
+
+
+def pct(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(round(q / 100 * (len(ordered) - 1))))]
+
+
+class ServerProcess:
+    """`python -m fast_inference serve --port 0 ...` on 127.0.0.1; its log is drained in a thread."""
+
+    def __init__(self, args: list[str]) -> None:
+        env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+        self.proc = subprocess.Popen([sys.executable, "-m", "fast_inference", "serve", "--port", "0", *args],
+                                     cwd=ROOT, env=env, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
+        self.lines: list[str] = []
+        self.port: int | None = None
+        self._ready = threading.Event()
+        threading.Thread(target=self._read, daemon=True).start()
+        if not self._ready.wait(300) or self.port is None:
+            self.stop()
+            raise RuntimeError("server did not start:\n" + "".join(self.lines[-30:]))
+
+    def _read(self) -> None:
+        for line in self.proc.stderr:
+            if len(self.lines) < 200:
+                self.lines.append(line)
+            m = re.search(r"Listening on http://127\.0\.0\.1:(\d+)", line)
+            if m:
+                self.port = int(m.group(1))
+            if "fast_inference.server:   KV cache:" in line or "engine failed" in line:
+                self._ready.set()
+        self._ready.set()
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+async def one_request(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, model: str,
+                      prompt: list[int], output_len: int) -> dict:
+    body = json.dumps({"model": model, "prompt": prompt, "max_tokens": output_len, "temperature": 0,
+                       "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}).encode()
+    start = time.perf_counter()
+    writer.write(b"POST /v1/completions HTTP/1.1\r\nHost: bench\r\nContent-Type: application/json\r\n"
+                 b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+    head = await reader.readuntil(b"\r\n\r\n")
+    if not head.startswith(b"HTTP/1.1 200"):
+        raise RuntimeError(head.decode(errors="replace") + (await reader.read(4096)).decode(errors="replace"))
+    chunk_times: list[float] = []
+    usage = None
+    while True:
+        size = int((await reader.readuntil(b"\r\n")).split(b";")[0], 16)
+        if size == 0:
+            await reader.readuntil(b"\r\n")
+            break
+        data = await reader.readexactly(size + 2)
+        now = time.perf_counter()
+        for event in data[:-2].split(b"\n\n"):
+            if not event.startswith(b"data: {"):
+                continue
+            obj = json.loads(event[6:])
+            if obj.get("usage"):
+                usage = obj["usage"]
+            if any(c.get("text") for c in obj["choices"]):
+                chunk_times.append(now)
+    end = time.perf_counter()
+    return {"ttft": chunk_times[0] - start, "latency": end - start,
+            "itl": [b - a for a, b in zip(chunk_times, chunk_times[1:])],
+            "output_tokens": usage["completion_tokens"] if usage else len(chunk_times)}
+
+
+async def run_level(port: int, model: str, prompts: list[list[int]], concurrency: int, output_len: int) -> dict:
+    queue = list(prompts)
+    results: list[dict] = []
+
+    async def worker() -> None:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.get_extra_info("socket").setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        while queue:
+            prompt = queue.pop()
+            results.append(await one_request(reader, writer, model, prompt, output_len))
+        writer.close()
+
+    start = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    duration = time.perf_counter() - start
+    ttft = [r["ttft"] * 1e3 for r in results]
+    tpot = [(r["latency"] - r["ttft"]) / (r["output_tokens"] - 1) * 1e3 for r in results if r["output_tokens"] > 1]
+    itl = [x * 1e3 for r in results for x in r["itl"]]
+    tokens = sum(r["output_tokens"] for r in results)
+    return {"requests": len(results), "duration_s": round(duration, 3),
+            "request_throughput": round(len(results) / duration, 3),
+            "output_throughput": round(tokens / duration, 2),
+            "ttft_ms_p50": round(pct(ttft, 50), 2), "ttft_ms_p99": round(pct(ttft, 99), 2),
+            "tpot_ms_p50": round(pct(tpot, 50), 2), "tpot_ms_p99": round(pct(tpot, 99), 2),
+            "itl_ms_p50": round(pct(itl, 50), 2), "itl_ms_p99": round(pct(itl, 99), 2)}
+
+
+def engine_baseline(engine, prompts: list[list[int]], concurrency: int, output_len: int) -> float:
+    """Output tokens/s of the bare engine with `concurrency` requests kept in flight."""
+    from fast_inference.engine.sampling_params import SamplingParams
+
+    params = SamplingParams(max_tokens=output_len, temperature=0, ignore_eos=True)
+    pending = list(prompts)
+    active = 0
+    tokens = 0
+    start = time.perf_counter()
+    counter = 0
+    while pending or active:
+        while pending and active < concurrency:
+            counter += 1
+            engine.add_request(f"b{concurrency}-{counter}", pending.pop(), params)
+            active += 1
+        for out in engine.step():
+            if out.finished:
+                active -= 1
+                tokens += sum(len(c.token_ids) for c in out.outputs)
+    return tokens / (time.perf_counter() - start)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default=None, help="model directory (default: the built-in demo model)")
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32, 64])
+    parser.add_argument("--num-prompts", type=int, default=None, help="per level (default: max(8, 2 x concurrency))")
+    parser.add_argument("--input-len", type=int, default=64)
+    parser.add_argument("--output-len", type=int, default=32)
+    parser.add_argument("--num-threads", type=int, default=1, help="torch CPU threads (server and baseline)")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--no-baseline", action="store_true", help="skip the in-process engine baseline")
+    args = parser.parse_args()
+
+    import torch
+
+    from fast_inference.models.demo import ensure_demo_model
+
+    model = args.model or str(ensure_demo_model())
+    torch.set_num_threads(args.num_threads)
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model)
+    special = set(tokenizer.all_special_ids)
+    vocab = [t for t in range(len(tokenizer)) if t not in special]
+    rng = random.Random(0)
+    max_c = max(args.concurrency)
+    max_seqs = max(64, max_c)
+    levels = {}
+    for c in args.concurrency:
+        n = args.num_prompts or max(8, 2 * c)
+        levels[c] = [[rng.choice(vocab) for _ in range(args.input_len)] for _ in range(n)]
+    emit({"bench": "serving_config", "model": "demo" if args.model is None else model, "input_len": args.input_len,
+          "output_len": args.output_len, "concurrency": args.concurrency, "num_threads": args.num_threads,
+          "cpus": os.cpu_count(), "load_avg": round(os.getloadavg()[0], 2)})
+
+    baseline = {}
+    if not args.no_baseline:
+        from fast_inference.engine.config import EngineArgs
+        from fast_inference.engine.llm_engine import LLMEngine
+
+        engine = LLMEngine(EngineArgs(model=model, device=args.device, max_num_seqs=max_seqs,
+                                      enable_prefix_caching=False))
+        engine_baseline(engine, levels[args.concurrency[0]][:2], 1, 4)  # warm-up
+        for c in args.concurrency:
+            baseline[c] = engine_baseline(engine, [list(p) for p in levels[c]], c, args.output_len)
+        del engine
+
+    server_args = ["--num-threads", str(args.num_threads), "--max-num-seqs", str(max_seqs),
+                   "--device", args.device, "--served-model-name", "bench", "--no-enable-prefix-caching",
+                   "--log-level", "info"]  # info: the port and readiness are read from the log
+    if args.model:
+        server_args += ["--model", args.model]
+    server = ServerProcess(server_args)
+    try:
+        asyncio.run(run_level(server.port, "bench", levels[args.concurrency[0]][:2], 1, 4))  # warm-up
+        for c in args.concurrency:
+            record = {"bench": "serving", "concurrency": c, **asyncio.run(
+                run_level(server.port, "bench", [list(p) for p in levels[c]], c, args.output_len))}
+            if c in baseline:
+                record["engine_output_throughput"] = round(baseline[c], 2)
+                record["ratio_vs_engine"] = round(record["output_throughput"] / baseline[c], 3)
+            emit(record)
+    finally:
+        server.stop()
+
+
+if __name__ == "__main__":
+    main()

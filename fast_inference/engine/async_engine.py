@@ -1,0 +1,322 @@
+"""AsyncEngine: runs LLMEngine on its own thread and hands each request's outputs to asyncio consumers."""
+
+import asyncio
+import logging
+import queue
+import threading
+import time
+import traceback
+from collections.abc import Callable
+from typing import Any
+
+from .outputs import RequestOutput
+from .sampling_params import SamplingParams
+
+logger = logging.getLogger("fast_inference.engine")
+
+
+class EngineDeadError(RuntimeError):
+    """The engine thread failed; the request cannot complete."""
+
+
+class RequestStream:
+    """The outputs of one request, consumed on the event loop.
+
+    Outputs are cumulative, so a slow consumer only ever needs the latest one: the engine thread
+    overwrites `_latest` and the consumer never falls behind or buffers more than one output.
+    """
+
+    __slots__ = ("request_id", "_engine", "_latest", "_error", "_waiter", "_accepted", "finished")
+
+    def __init__(self, request_id: str, engine: "AsyncEngine") -> None:
+        self.request_id = request_id
+        self._engine = engine
+        self._latest: RequestOutput | None = None
+        self._error: BaseException | None = None
+        self._waiter: asyncio.Future | None = None
+        self._accepted: asyncio.Future = asyncio.get_running_loop().create_future()
+        self.finished = False
+
+    # engine thread -> loop (always called on the loop thread)
+    def _put(self, output: RequestOutput) -> None:
+        self._latest = output
+        if output.finished:
+            self.finished = True
+        self._wake()
+
+    def _fail(self, error: BaseException) -> None:
+        self._error = error
+        self.finished = True
+        if not self._accepted.done():
+            self._accepted.set_exception(error)
+        self._wake()
+
+    def _accept(self) -> None:
+        if not self._accepted.done():
+            self._accepted.set_result(None)
+
+    def _wake(self) -> None:
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+
+    # consumer side
+    def __aiter__(self) -> "RequestStream":
+        return self
+
+    async def __anext__(self) -> RequestOutput:
+        while self._latest is None:
+            if self._error is not None:
+                error, self._error = self._error, None
+                raise error
+            if self.finished:
+                raise StopAsyncIteration
+            self._waiter = asyncio.get_running_loop().create_future()
+            await self._waiter
+            self._waiter = None
+        output, self._latest = self._latest, None
+        return output
+
+    def abort(self) -> None:
+        """Stop the request in the engine (client went away); a no-op once it has finished."""
+        if not self.finished:
+            self.finished = True
+            self._engine.abort(self.request_id)
+
+
+class AsyncEngine:
+    """Owns the engine thread. The event loop only enqueues commands and receives outputs; it never
+    waits on model compute. Commands: add, abort, embed (pending ones batched into one call), stats."""
+
+    def __init__(self, engine_factory: Callable[[], Any]) -> None:
+        self._factory = engine_factory
+        self.engine: Any = None
+        self.state = "loading"  # loading | ready | failed | stopped
+        self.error: str | None = None
+        self._commands: queue.SimpleQueue = queue.SimpleQueue()
+        self._streams: dict[str, RequestStream] = {}
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._ready = threading.Event()
+        self.stats_snapshot: dict = {}
+        self.step_count = 0
+        self._active: set[str] = set()  # engine thread only: ids added and not yet finished or aborted
+
+    # -- life cycle ----------------------------------------------------------------------------------
+    def start(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._thread = threading.Thread(target=self._run, name="fast-inference-engine", daemon=True)
+        self._thread.start()
+
+    @property
+    def ready(self) -> bool:
+        return self.state == "ready"
+
+    async def wait_ready(self, timeout: float | None = None) -> None:
+        loop = asyncio.get_running_loop()
+        ok = await loop.run_in_executor(None, self._ready.wait, timeout)
+        if not ok:
+            raise TimeoutError("engine did not become ready in time")
+        if self.state != "ready":
+            raise EngineDeadError(f"engine failed to start: {self.error}")
+
+    def shutdown(self, timeout: float = 10.0) -> None:
+        """Abort everything and stop the engine thread (blocking; call from a worker or after the loop)."""
+        if self._thread is None:
+            return
+        self._commands.put(("stop",))
+        self._thread.join(timeout)
+        self._thread = None
+
+    @property
+    def num_requests(self) -> int:
+        return len(self._streams)
+
+    # -- loop-side API -------------------------------------------------------------------------------
+    async def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams) -> RequestStream:
+        """Queue a request; returns once the engine has accepted it (raises ValueError if it refused)."""
+        if self.state != "ready":
+            raise EngineDeadError(f"engine is not ready ({self.state})")
+        if request_id in self._streams:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        stream = RequestStream(request_id, self)
+        self._streams[request_id] = stream
+        self._commands.put(("add", request_id, prompt, params, time.time()))
+        try:
+            await stream._accepted
+        except BaseException:
+            # Refused, or cancelled while waiting for the ack: make sure it does not run.
+            stream.finished = True
+            self.abort(request_id)
+            raise
+        return stream
+
+    def abort(self, request_id: str) -> None:
+        self._streams.pop(request_id, None)
+        self._commands.put(("abort", request_id))
+
+    async def embed(self, token_id_lists: list[list[int]]) -> list[list[float]]:
+        if self.state != "ready":
+            raise EngineDeadError(f"engine is not ready ({self.state})")
+        future = asyncio.get_running_loop().create_future()
+        self._commands.put(("embed", token_id_lists, future))
+        return await future
+
+    async def get_stats(self) -> dict:
+        """Fresh engine stats, read on the engine thread."""
+        if self.state != "ready":
+            return dict(self.stats_snapshot)
+        future = asyncio.get_running_loop().create_future()
+        self._commands.put(("stats", future))
+        return await future
+
+    # -- engine thread -------------------------------------------------------------------------------
+    def _call(self, fn: Callable, *args) -> None:
+        loop = self._loop
+        if loop is not None and not loop.is_closed():
+            try:
+                loop.call_soon_threadsafe(fn, *args)
+            except RuntimeError:  # loop closed between the check and the call
+                pass
+
+    def _run(self) -> None:
+        try:
+            self.engine = self._factory()
+            self.stats_snapshot = self.engine.stats()
+            self.state = "ready"
+        except BaseException as exc:  # report any load failure through /health
+            self.state = "failed"
+            self.error = f"{type(exc).__name__}: {exc}"
+            logger.error("engine failed to load: %s\n%s", self.error, traceback.format_exc())
+            self._ready.set()
+            return
+        self._ready.set()
+        engine = self.engine
+        commands = self._commands
+        while True:
+            batch = []
+            if not engine.has_unfinished_requests():
+                batch.append(commands.get())  # idle: sleep until there is work
+            while True:
+                try:
+                    batch.append(commands.get_nowait())
+                except queue.Empty:
+                    break
+            if not self._apply(batch):
+                break
+            if engine.has_unfinished_requests():
+                try:
+                    outputs = engine.step()
+                except Exception as exc:
+                    self._step_failed(exc)
+                    continue
+                self.step_count += 1
+                self.stats_snapshot = engine.stats()
+                for output in outputs:
+                    if output.finished:
+                        self._active.discard(output.request_id)
+                if outputs:
+                    self._call(self._deliver, outputs)
+        self.state = "stopped"
+
+    def _apply(self, batch: list[tuple]) -> bool:
+        """Run queued commands on the engine thread; False once asked to stop."""
+        engine = self.engine
+        embeds = []
+        accepted: list[str] = []
+        for command in batch:
+            kind = command[0]
+            if kind == "add":
+                _, request_id, prompt, params, arrival = command
+                try:
+                    engine.add_request(request_id, prompt, params, arrival_time=arrival)
+                    accepted.append(request_id)
+                    self._active.add(request_id)
+                except Exception as exc:
+                    self._call(self._fail_one, request_id, exc)
+            elif kind == "abort":
+                if command[1] not in self._active:
+                    continue
+                self._active.discard(command[1])
+                try:
+                    engine.abort_request(command[1])
+                except Exception:  # already finished or never added: nothing to free
+                    pass
+            elif kind == "embed":
+                embeds.append(command)
+            elif kind == "stats":
+                self._call(_resolve, command[1], engine.stats(), None)
+            elif kind == "stop":
+                self._abort_all()
+                self._call(self._fail_all, EngineDeadError("the server is shutting down"))
+                for command2 in embeds:
+                    self._call(_resolve, command2[2], None, EngineDeadError("the server is shutting down"))
+                return False
+        if accepted:
+            self._call(self._accept_many, accepted)
+        if embeds:
+            self._embed_batch(embeds)
+        return True
+
+    def _embed_batch(self, embeds: list[tuple]) -> None:
+        flat: list[list[int]] = []
+        for _, lists, _ in embeds:
+            flat.extend(lists)
+        try:
+            vectors = self.engine.embed(flat).float().cpu().tolist()
+        except Exception as exc:
+            for _, _, future in embeds:
+                self._call(_resolve, future, None, exc)
+            return
+        start = 0
+        for _, lists, future in embeds:
+            self._call(_resolve, future, vectors[start:start + len(lists)], None)
+            start += len(lists)
+
+    def _step_failed(self, exc: Exception) -> None:
+        logger.error("engine step failed: %s\n%s", exc, traceback.format_exc())
+        self._abort_all()
+        self._call(self._fail_all, EngineDeadError(f"engine step failed: {type(exc).__name__}"))
+
+    def _abort_all(self) -> None:
+        for request_id in list(self._active):
+            try:
+                self.engine.abort_request(request_id)
+            except Exception:
+                pass
+        self._active.clear()
+
+    # -- loop thread callbacks ------------------------------------------------------------------------
+    def _deliver(self, outputs: list[RequestOutput]) -> None:
+        streams = self._streams
+        for output in outputs:
+            stream = streams.get(output.request_id)
+            if stream is None:
+                continue
+            stream._put(output)
+            if output.finished:
+                del streams[output.request_id]
+
+    def _accept_many(self, request_ids: list[str]) -> None:
+        for request_id in request_ids:
+            stream = self._streams.get(request_id)
+            if stream is not None:
+                stream._accept()
+
+    def _fail_one(self, request_id: str, exc: BaseException) -> None:
+        stream = self._streams.pop(request_id, None)
+        if stream is not None:
+            stream._fail(exc)
+
+    def _fail_all(self, exc: BaseException) -> None:
+        streams, self._streams = self._streams, {}
+        for stream in streams.values():
+            stream._fail(exc)
+
+
+def _resolve(future: asyncio.Future, result: Any, error: BaseException | None) -> None:
+    if future.done():
+        return
+    if error is not None:
+        future.set_exception(error)
+    else:
+        future.set_result(result)

@@ -1,0 +1,150 @@
+"""End to end: `python -m fast_inference serve` with the built-in demo model, the README's curl and openai
+examples, the per-request log, the API key from the environment, and SIGTERM draining an open stream."""
+
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import openai
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+class CLIServer:
+    def __init__(self, args: list[str], env: dict) -> None:
+        self.proc = subprocess.Popen([sys.executable, "-m", "fast_inference", "serve", "--port", "0",
+                                      "--num-threads", "1", *args],
+                                     cwd=ROOT, env=env, stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        self.lines: list[str] = []
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+        self.port = int(self.wait_for(r"Listening on http://127\.0\.0\.1:(\d+)").group(1))
+        self.wait_for(r"fast_inference\.server:   KV cache: \d+ blocks")  # logged once /health is 200
+
+    def _read(self) -> None:
+        for line in self.proc.stderr:
+            self.lines.append(line)
+
+    def wait_for(self, pattern: str, timeout: float = 120.0) -> re.Match:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for line in list(self.lines):
+                m = re.search(pattern, line)
+                if m:
+                    return m
+            if self.proc.poll() is not None:
+                raise AssertionError("server exited:\n" + "".join(self.lines))
+            time.sleep(0.05)
+        raise AssertionError(f"{pattern!r} not logged:\n" + "".join(self.lines))
+
+    @property
+    def log(self) -> str:
+        return "".join(self.lines)
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(30)
+        finally:
+            if self.proc.poll() is None:
+                self.proc.kill()
+                self.proc.wait()
+            self._reader.join(5)
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    env = dict(os.environ)
+    env["FAST_INFERENCE_CACHE"] = str(tmp_path_factory.mktemp("fi_cache"))  # the demo model is built here
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    env.pop("FAST_INFERENCE_API_KEY", None)
+    return env
+
+
+@pytest.fixture(scope="module")
+def demo(env):
+    server = CLIServer([], env)
+    yield server
+    assert server.stop() == 0
+
+
+def test_startup_log(demo):
+    log = demo.log
+    assert "built-in demo model" in log
+    m = re.search(r"URL: http://127\.0\.0\.1:\d+/v1 +device=(\w+) dtype=(\w+) max_model_len=(\d+)", log)
+    assert m and m.group(1) == "cpu"
+    assert re.search(r"KV cache: \d+ blocks x \d+ tokens = \d+ tokens", log)
+
+
+@pytest.mark.skipif(shutil.which("curl") is None, reason="curl is not installed")
+def test_readme_curl(demo):
+    base = f"http://127.0.0.1:{demo.port}"
+    out = subprocess.run(["curl", "-sf", f"{base}/health"], capture_output=True, text=True, timeout=30)
+    assert out.returncode == 0
+    out = subprocess.run(
+        ["curl", "-s", f"{base}/v1/chat/completions", "-H", "Content-Type: application/json", "-d",
+         '{"model": "fast-inference-demo", "messages": [{"role": "user", "content": "Hello!"}], "max_tokens": 16}'],
+        capture_output=True, text=True, timeout=60)
+    body = json.loads(out.stdout)
+    assert body["object"] == "chat.completion" and body["usage"]["completion_tokens"] > 0
+    out = subprocess.run(
+        ["curl", "-sN", f"{base}/v1/completions", "-H", "Content-Type: application/json", "-d",
+         '{"model": "fast-inference-demo", "prompt": "Once upon a time", "max_tokens": 16, "stream": true}'],
+        capture_output=True, text=True, timeout=60)
+    assert out.stdout.rstrip().endswith("data: [DONE]")
+    demo.wait_for(r"cmpl-[0-9a-f]+ status=200 prompt_tokens=\d+ completion_tokens=\d+ ttft=[\d.]+ms latency=")
+
+
+def test_readme_openai(demo):
+    client = openai.OpenAI(base_url=f"http://127.0.0.1:{demo.port}/v1", api_key="unused")
+    reply = client.chat.completions.create(model="fast-inference-demo",
+                                           messages=[{"role": "user", "content": "Hello!"}], max_tokens=16)
+    assert reply.choices[0].message.content is not None
+    pieces = []
+    for chunk in client.chat.completions.create(model="fast-inference-demo", stream=True, max_tokens=16,
+                                                messages=[{"role": "user", "content": "Tell me a story"}]):
+        pieces.append(chunk.choices[0].delta.content or "")
+    assert len(pieces) > 1
+    assert [m.id for m in client.models.list()] == ["fast-inference-demo"]
+
+
+def test_api_key_from_env_and_sigterm_drains(env):
+    server = CLIServer(["--served-model-name", "demo"], {**env, "FAST_INFERENCE_API_KEY": "sk-env"})
+    try:
+        bad = openai.OpenAI(base_url=f"http://127.0.0.1:{server.port}/v1", api_key="wrong", max_retries=0)
+        with pytest.raises(openai.AuthenticationError):
+            bad.models.list()
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{server.port}/v1", api_key="sk-env", max_retries=0)
+        stream = client.completions.create(model="demo", prompt="Once", max_tokens=150, stream=True,
+                                           extra_body={"ignore_eos": True})
+        first = next(iter(stream))
+        server.proc.send_signal(signal.SIGTERM)  # drain: the open stream must still finish
+        rest = list(stream)
+        finish = [c.choices[0].finish_reason for c in [first, *rest] if c.choices and c.choices[0].finish_reason]
+        assert finish == ["length"]
+        assert server.proc.wait(30) == 0
+        assert "Shutting down" in server.log and "Stopped" in server.log
+    finally:
+        server.stop()
+
+
+def test_help_and_bad_model(env):
+    out = subprocess.run([sys.executable, "-m", "fast_inference", "serve", "--help"], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0
+    for flag in ("--model", "--host", "--port", "--served-model-name", "--api-key", "--dtype", "--max-model-len",
+                 "--max-num-seqs", "--max-num-batched-tokens", "--kv-cache-memory", "--chat-template",
+                 "--allowed-origins", "--log-level"):
+        assert flag in out.stdout
+    out = subprocess.run([sys.executable, "-m", "fast_inference", "serve", "--model", "/nonexistent"], cwd=ROOT,
+                         env=env, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2 and "not a directory" in out.stderr
