@@ -74,7 +74,7 @@ def main() -> None:
     ours = EncoderEngine(args.model, dtype="float32")
     ours_bf16 = EncoderEngine(args.model, dtype="bfloat16")
     cfg = ours.model.config
-    lens = [len(ids) for ids in ours.tokenize(sentences)]
+    lens = [len(ids) for ids in ours.tokenize_batch(sentences)]
     flops = model_flops(lens, cfg.num_hidden_layers, cfg.hidden_size, cfg.intermediate_size)
     emit({"bench": "embeddings", "env": environment(device), "model": args.model, "batch": args.batch,
           "tokens": sum(lens), "padded_tokens_st": args.batch * max(lens), "min_len": min(lens),
@@ -93,8 +93,8 @@ def main() -> None:
                "fast_inference_bf16": ours_bf16}
     contenders = {"st_encode_batch64": lambda: st_encode(args.batch), "st_encode_batch32": lambda: st_encode(32)}
     for name, engine in engines.items():
-        contenders[name] = lambda e=engine: e.embed(e.tokenize(sentences))
-        contenders[name + "_no_tokenizer"] = lambda e=engine, i=engine.tokenize(sentences): e.embed(i)
+        contenders[name] = lambda e=engine: e.embed(e.tokenize_batch(sentences))
+        contenders[name + "_no_tokenizer"] = lambda e=engine, i=engine.tokenize_batch(sentences): e.embed(i)
     # Interleaved: every round times each contender once, so load from other processes on this shared
     # machine hits all of them alike; the medians over rounds are compared.
     times = interleaved_median_times(contenders, args.iters)
@@ -105,7 +105,7 @@ def main() -> None:
           "sentences_per_s_batch32": round(args.batch / times["st_encode_batch32"], 1)})
     for name, engine in engines.items():
         peak = peak_bf16 if engine.model_config.dtype == torch.bfloat16 else peak_f32
-        out = engine.embed(engine.tokenize(sentences))
+        out = engine.embed(engine.tokenize_batch(sentences))
         cos = torch.nn.functional.cosine_similarity(out.double(), expected.double(), dim=1)
         seconds, model_seconds = times[name], times[name + "_no_tokenizer"]
         emit({

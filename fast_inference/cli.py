@@ -105,9 +105,12 @@ def serve(args: argparse.Namespace) -> int:
 
             torch.set_num_threads(args.num_threads)
         from .engine.config import EngineArgs
+        from .engine.encoder_engine import EncoderEngine, is_encoder_model
         from .engine.llm_engine import LLMEngine
 
-        return LLMEngine(EngineArgs(
+        # A BERT-family encoder directory is served for /v1/embeddings only.
+        engine_cls = EncoderEngine if is_encoder_model(model) else LLMEngine
+        return engine_cls.from_engine_args(EngineArgs(
             model=model, dtype=args.dtype, device=args.device, max_model_len=args.max_model_len,
             max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
             kv_cache_memory=kv_cache_memory, block_size=args.block_size,
