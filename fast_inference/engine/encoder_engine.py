@@ -205,7 +205,12 @@ class EncoderEngine:
                 raise ValueError(f"token_id_lists[{i}]: {len(ids)} tokens exceed the model's maximum length "
                                  f"{max_len}")
             lens.append(len(ids))
-        flat = torch.tensor([t for ids in token_id_lists for t in ids], dtype=torch.int64)
+        try:
+            flat = torch.tensor([t for ids in token_id_lists for t in ids])
+        except (TypeError, ValueError, RuntimeError) as e:
+            raise ValueError(f"token_id_lists: every token id must be an integer ({e})") from None
+        if flat.dtype != torch.int64:
+            raise ValueError(f"token_id_lists: every token id must be an integer, got {flat.dtype} values")
         low, high = int(flat.min()), int(flat.max())
         if low < 0 or high >= vocab:
             bad = low if low < 0 else high

@@ -105,6 +105,10 @@ def test_bad_inputs(engine):
         engine.embed([[101] * 257])
     with pytest.raises(ValueError, match=r"token_id_lists\[1\].*30522"):
         engine.embed([[101, 102], [101, 30522, 102]])
+    with pytest.raises(ValueError, match="integer"):
+        engine.embed([[101, 1.5, 102]])
+    with pytest.raises(ValueError, match="integer"):
+        engine.embed([[101, "a", 102]])
     with pytest.raises(ValueError, match=r"token id -1"):
         engine.embed([[101, -1, 102]])
     with pytest.raises(ValueError, match="embeddings only"):
