@@ -88,7 +88,10 @@ class EncoderModelConfig:
 
 
 class EncoderEngine:
-    """Embedding-only engine over a BERT-family model directory (optionally in sentence-transformers layout)."""
+    """Embedding-only engine over a BERT-family model directory (optionally in sentence-transformers layout).
+
+    Not thread-safe, like LLMEngine: one thread (the server's engine thread) calls embed / stats.
+    """
 
     supports_generation = False
 
@@ -174,9 +177,8 @@ class EncoderEngine:
             from transformers import AutoTokenizer
 
             tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
-        engine = cls(args.model, dtype=args.dtype, max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
-                     block_size=args.block_size, device=resolve_device(args.device), tokenizer=tokenizer, **kwargs)
-        return engine
+        return cls(args.model, dtype=args.dtype, max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
+                   block_size=args.block_size, device=resolve_device(args.device), tokenizer=tokenizer, **kwargs)
 
     @property
     def num_total_blocks(self) -> int:

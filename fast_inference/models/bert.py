@@ -18,15 +18,15 @@ import torch.nn.functional as F
 
 from fast_inference import ops
 
-BERT_ARCHITECTURES = ("BertModel", "BertForMaskedLM", "BertForPreTraining")
-
 
 def onednn_available() -> bool:
+    """oneDNN's prepacked linear with fused epilogues (what torch.compile's CPU freezing uses) is present."""
     return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 
-# hidden_act -> (function, name); "gelu" in BERT configs is the exact erf form.
+
+# config.json hidden_act -> function; "gelu" in BERT configs is the exact erf form.
 _ACTIVATIONS = {
-    "gelu": lambda x: F.gelu(x),
+    "gelu": F.gelu,
     "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
     "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
     "relu": F.relu,
