@@ -36,6 +36,7 @@ class Avx512Ops<c10::BFloat16> {
         p_stride_(block_size + 2),
         last_mask_(D % 32 == 0 ? ~__mmask32(0) : __mmask32((1u << (D % 32)) - 1)),
         q_(max_rows * Dp_),
+        q_quads_((max_rows + 3) / 4 * D * 4),
         acc_(max_rows * Dp_),
         p_(max_rows * p_stride_) {}
 
@@ -43,6 +44,10 @@ class Avx512Ops<c10::BFloat16> {
     uint16_t* q = q_.data() + r * Dp_;
     std::memcpy(q, src, D_ * sizeof(uint16_t));
     std::fill(q + D_, q + Dp_, uint16_t(0));
+    // Quad layout: rows 4i..4i+3 interleaved by 8 elements, [quad][D / 8][row in quad][8], so one zmm
+    // holds 8 elements of four rows and a 16-byte piece of a cache row broadcast to it serves all four.
+    uint16_t* quad = q_quads_.data() + (r / 4) * D_ * 4 + (r % 4) * 8;
+    for (int64_t j = 0; j < D_ / 8; ++j) std::memcpy(quad + j * 32, q + 8 * j, 8 * sizeof(uint16_t));
   }
   void zero_acc(int64_t R) { std::fill(acc_.begin(), acc_.begin() + R * Dp_, 0.f); }
   void rescale_acc(int64_t r, float alpha) { scale(acc_.data() + r * Dp_, Dp_, alpha); }
@@ -64,7 +69,17 @@ class Avx512Ops<c10::BFloat16> {
   // register and reduce all sixteen with one transpose-and-add tree.
   void scores(int64_t r0, int64_t R, const T* k, int64_t k_stride, int64_t n, float* S, int64_t S_stride) const {
     const uint16_t* kb = reinterpret_cast<const uint16_t*>(k);
-    for (int64_t r = r0; r < r0 + R; ++r) {
+    int64_t r = r0;
+    if (r0 % 4 == 0) {  // whole quads of rows (decode with a GQA group of 4 or 8, prefill tiles)
+      for (; r + 4 <= r0 + R; r += 4) {
+        switch (D_) {  // the quad's queries stay in registers for the common head sizes
+          case 64: scores_quad<8>(r, kb, k_stride, n, S, S_stride); break;
+          case 128: scores_quad<16>(r, kb, k_stride, n, S, S_stride); break;
+          default: scores_quad<0>(r, kb, k_stride, n, S, S_stride); break;
+        }
+      }
+    }
+    for (; r < r0 + R; ++r) {
       const uint16_t* q = q_.data() + r * Dp_;
       int64_t t = 0;
       for (; t + 16 <= n; t += 16) {
@@ -148,6 +163,61 @@ class Avx512Ops<c10::BFloat16> {
   }
 
  private:
+  // S rows r..r+3 for n tokens, four tokens at a time: accumulator t has row i's partial sums in its
+  // 128-bit lane i, and a two-level transpose-and-add turns four accumulators into four rows x four
+  // tokens. NJ = D / 8 when known at compile time (queries held in registers), 0 = read from L1.
+  template <int NJ>
+  void scores_quad(int64_t r, const uint16_t* k, int64_t k_stride, int64_t n, float* S, int64_t S_stride) const {
+    const int64_t nj = NJ > 0 ? NJ : D_ / 8;
+    const uint16_t* quad = q_quads_.data() + (r / 4) * D_ * 4;
+    __m512i qreg[NJ > 0 ? NJ : 1];
+    if constexpr (NJ > 0) {
+      for (int j = 0; j < NJ; ++j) qreg[j] = _mm512_loadu_si512(quad + 32 * j);
+    }
+    __m512 sums[4];  // four token groups of a 16-token run, lane i = row r + i
+    for (int64_t t = 0; t < n; t += 4) {
+      __m512 acc[4];
+      for (int i = 0; i < 4; ++i) {
+        acc[i] = _mm512_setzero_ps();
+        if (t + i >= n) continue;  // past the last token: leave zero, read nothing
+        const uint16_t* row = k + (t + i) * k_stride;
+        for (int64_t j = 0; j < nj; ++j) {
+          const __m512i qv = NJ > 0 ? qreg[NJ > 0 ? j : 0] : _mm512_loadu_si512(quad + 32 * j);
+          const __m512i kv = _mm512_broadcast_i32x4(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + 8 * j)));
+          acc[i] = _mm512_dpbf16_ps(acc[i], (__m512bh)kv, (__m512bh)qv);
+        }
+      }
+      const __m512 s01 = _mm512_add_ps(_mm512_unpacklo_ps(acc[0], acc[1]), _mm512_unpackhi_ps(acc[0], acc[1]));
+      const __m512 s23 = _mm512_add_ps(_mm512_unpacklo_ps(acc[2], acc[3]), _mm512_unpackhi_ps(acc[2], acc[3]));
+      const __m512d a = _mm512_castps_pd(s01), b = _mm512_castps_pd(s23);
+      // lane i = row r + i: [token t, t+1, t+2, t+3]
+      const int g = int((t / 4) % 4);
+      sums[g] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(a, b)), _mm512_castpd_ps(_mm512_unpackhi_pd(a, b)));
+      if (g == 3) {
+        // 16 tokens done: transpose the 4x4 grid of 128-bit lanes so each row is one full 512-bit store
+        // (narrow stores followed by the softmax's wide load would defeat store-to-load forwarding).
+        const int64_t t0 = t - 12;
+        const __m512 x0 = _mm512_shuffle_f32x4(sums[0], sums[1], _MM_SHUFFLE(1, 0, 1, 0));  // r0 g0, r1 g0, r0 g1, r1 g1
+        const __m512 x1 = _mm512_shuffle_f32x4(sums[2], sums[3], _MM_SHUFFLE(1, 0, 1, 0));
+        const __m512 x2 = _mm512_shuffle_f32x4(sums[0], sums[1], _MM_SHUFFLE(3, 2, 3, 2));  // rows 2, 3
+        const __m512 x3 = _mm512_shuffle_f32x4(sums[2], sums[3], _MM_SHUFFLE(3, 2, 3, 2));
+        _mm512_storeu_ps(S + (r + 0) * S_stride + t0, _mm512_shuffle_f32x4(x0, x1, _MM_SHUFFLE(2, 0, 2, 0)));
+        _mm512_storeu_ps(S + (r + 1) * S_stride + t0, _mm512_shuffle_f32x4(x0, x1, _MM_SHUFFLE(3, 1, 3, 1)));
+        _mm512_storeu_ps(S + (r + 2) * S_stride + t0, _mm512_shuffle_f32x4(x2, x3, _MM_SHUFFLE(2, 0, 2, 0)));
+        _mm512_storeu_ps(S + (r + 3) * S_stride + t0, _mm512_shuffle_f32x4(x2, x3, _MM_SHUFFLE(3, 1, 3, 1)));
+      } else if (t + 4 >= n) {  // a short final run: store what there is, group by group
+        for (int gg = 0; gg <= g; ++gg) {
+          const int64_t tg = t - 4 * (g - gg);
+          const __mmask8 mk = n - tg >= 4 ? __mmask8(0xF) : __mmask8((1u << (n - tg)) - 1);
+          _mm_mask_storeu_ps(S + (r + 0) * S_stride + tg, mk, _mm512_castps512_ps128(sums[gg]));
+          _mm_mask_storeu_ps(S + (r + 1) * S_stride + tg, mk, _mm512_extractf32x4_ps(sums[gg], 1));
+          _mm_mask_storeu_ps(S + (r + 2) * S_stride + tg, mk, _mm512_extractf32x4_ps(sums[gg], 2));
+          _mm_mask_storeu_ps(S + (r + 3) * S_stride + tg, mk, _mm512_extractf32x4_ps(sums[gg], 3));
+        }
+      }
+    }
+  }
+
   __mmask32 chunk_mask(int64_t c) const { return c == chunks_ - 1 ? last_mask_ : ~__mmask32(0); }
 
   // RB rows at once: 2 * RB accumulators per 32-wide chunk stay in registers over the block's tokens.
@@ -168,9 +238,9 @@ class Avx512Ops<c10::BFloat16> {
         const __m512bh pair_lo = (__m512bh)_mm512_unpacklo_epi16(v0, v1);
         const __m512bh pair_hi = (__m512bh)_mm512_unpackhi_epi16(v0, v1);
         for (int i = 0; i < RB; ++i) {
-          uint32_t pp;
-          std::memcpy(&pp, p_.data() + (r0 + i) * p_stride_ + t, sizeof(pp));
-          const __m512bh pv = (__m512bh)_mm512_set1_epi32(int32_t(pp));
+          // (p_t, p_t+1) as one 32-bit broadcast straight from memory
+          const __m512bh pv = (__m512bh)_mm512_castps_si512(
+              _mm512_broadcastss_ps(_mm_load_ss(reinterpret_cast<const float*>(p_.data() + (r0 + i) * p_stride_ + t))));
           lo[i] = _mm512_dpbf16_ps(lo[i], pair_lo, pv);
           hi[i] = _mm512_dpbf16_ps(hi[i], pair_hi, pv);
         }
@@ -185,6 +255,7 @@ class Avx512Ops<c10::BFloat16> {
   int64_t D_, chunks_, Dp_, p_stride_;
   __mmask32 last_mask_;
   std::vector<uint16_t> q_;
+  std::vector<uint16_t> q_quads_;  // the same queries in quad layout (see load_query)
   std::vector<float> acc_;
   std::vector<uint16_t> p_;  // P rows as bf16, one spare slot for an odd token count
 };

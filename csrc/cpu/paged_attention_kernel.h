@@ -27,6 +27,7 @@
 #include <c10/util/Half.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <limits>
 #include <vector>
@@ -134,11 +135,15 @@ void paged_attention_impl(const PagedAttentionArgs& a) {
   const int64_t cache_stride_block = bs * a.num_kv_heads * D, cache_stride_token = a.num_kv_heads * D;
   constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
-  at::parallel_for(0, int64_t(items.size()), 1, [&](int64_t begin, int64_t end) {
+  // Threads take items from a shared counter rather than fixed ranges: items differ in cost (causal
+  // tiles, ragged lengths) and on a shared machine one descheduled thread must not hold the rest.
+  std::atomic<int64_t> next_item{0};
+  const int64_t num_items = int64_t(items.size());
+  at::parallel_for(0, std::min<int64_t>(at::get_num_threads(), num_items), 1, [&](int64_t, int64_t) {
     Ops<T> ops(max_rows, D, bs);  // per-thread scratch: queries, accumulators
     std::vector<float> S(max_rows * bs), m(max_rows), l(max_rows), row(D);
     std::vector<int32_t> row_pos(max_rows), row_tok(max_rows), row_head(max_rows);
-    for (int64_t wi = begin; wi < end; ++wi) {
+    for (int64_t wi = next_item++; wi < num_items; wi = next_item++) {
       const WorkItem& w = items[wi];
       const int64_t q_len = a.cu_query_lens[w.seq + 1] - a.cu_query_lens[w.seq];
       const int64_t first_pos = a.seq_lens[w.seq] - q_len - a.cu_query_lens[w.seq];  // + token index
@@ -159,18 +164,17 @@ void paged_attention_impl(const PagedAttentionArgs& a) {
       ops.zero_acc(R);
       const int32_t* table = a.block_tables + int64_t(w.seq) * a.block_tables_stride;
       const int64_t head_offset = w.head_begin * D;
-      const int64_t run_bytes = heads * D * int64_t(sizeof(T));  // this item's part of one cache token
       for (int64_t pos0 = w.kv_begin; pos0 < w.kv_end; pos0 += bs) {
         const int64_t n = std::min<int64_t>(bs, w.kv_end - pos0);
         const int64_t block_offset = table[pos0 / bs] * cache_stride_block + head_offset;
-        if (pos0 + kPrefetchBlocks * bs < w.kv_end) {
-          const int64_t ahead = table[pos0 / bs + kPrefetchBlocks] * cache_stride_block + head_offset;
-          const int64_t stride_bytes = cache_stride_token * int64_t(sizeof(T));
-          prefetch_rows(reinterpret_cast<const char*>(key_cache + ahead), stride_bytes, bs, run_bytes);
-          prefetch_rows(reinterpret_cast<const char*>(value_cache + ahead), stride_bytes, bs, run_bytes);
-        }
+        // Prefetch the same head's rows kPrefetchBlocks blocks ahead, a head at a time: small bursts
+        // between the compute keep the miss queues from filling and stalling the core.
+        const bool prefetch = pos0 + kPrefetchBlocks * bs < w.kv_end;
+        const int64_t ahead = prefetch ? table[pos0 / bs + kPrefetchBlocks] * cache_stride_block + head_offset : 0;
+        const int64_t stride_bytes = cache_stride_token * int64_t(sizeof(T)), row_bytes = D * int64_t(sizeof(T));
         for (int64_t hh = 0; hh < heads; ++hh) {
           const int64_t r0 = hh * RH, offset = block_offset + hh * D;
+          if (prefetch) prefetch_rows(reinterpret_cast<const char*>(key_cache + ahead + hh * D), stride_bytes, bs, row_bytes);
           ops.scores(r0, RH, key_cache + offset, cache_stride_token, n, S.data(), bs);
           for (int64_t r = r0; r < r0 + RH; ++r) {
             float* s = S.data() + r * bs;
@@ -188,6 +192,7 @@ void paged_attention_impl(const PagedAttentionArgs& a) {
             }
             l[r] += Ops<T>::exp_sub_sum(s, visible, m[r]);
           }
+          if (prefetch) prefetch_rows(reinterpret_cast<const char*>(value_cache + ahead + hh * D), stride_bytes, bs, row_bytes);
           ops.accumulate(S.data(), bs, r0, RH, value_cache + offset, cache_stride_token, n);
         }
       }
