@@ -13,6 +13,7 @@
 #include <algorithm>
 #include <atomic>
 #include <cmath>
+#include <cstdlib>
 #include <limits>
 #include <vector>
 
@@ -123,6 +124,9 @@ const SamplingRowKernels kPortable{row_max_portable, row_argmax_portable, filter
 
 const SamplingRowKernels& row_kernels() {
   static const SamplingRowKernels* chosen = [] {
+    // FI_SAMPLING_PORTABLE=1 forces the portable kernels (the tests compare both paths).
+    const char* force_portable = std::getenv("FI_SAMPLING_PORTABLE");
+    if (force_portable != nullptr && force_portable[0] == '1') return &kPortable;
     const SamplingRowKernels* avx512 = avx512_sampling_kernels();
     if (avx512 != nullptr && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq") &&
         __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl")) {
@@ -413,6 +417,7 @@ struct Scored {
 // max cannot enter the current list are skipped with one vectorized max.
 void top_n(const SamplingRowKernels& K, const float* x, int64_t n, int64_t num_top, std::vector<Scored>& best) {
   best.clear();
+  if (num_top == 0) return;
   constexpr int64_t kBlock = 256;
   for (int64_t start = 0; start < n; start += kBlock) {
     const int64_t len = std::min(kBlock, n - start);

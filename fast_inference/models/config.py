@@ -52,7 +52,7 @@ def resolve_dtype(requested: str | torch.dtype, checkpoint_dtype: torch.dtype | 
             raise ValueError("dtype float16 is not supported on CPU: use bfloat16 or float32")
         return dtype
     if device.type == "cuda":
-        return checkpoint_dtype if checkpoint_dtype in (torch.float16, torch.bfloat16) else torch.bfloat16
+        return checkpoint_dtype if checkpoint_dtype is not None else torch.bfloat16
     return torch.bfloat16 if cpu_has_native_bf16() else torch.float32
 
 

@@ -52,20 +52,21 @@ def _target(model: LlamaForCausalLM, name: str) -> tuple[torch.Tensor, int, int]
     q, kv = attn.q_size, attn.kv_size
     inter = cfg.intermediate_size
     table = {
-        "self_attn.q_proj.weight": (attn.qkv_proj_weight, 0, q),
-        "self_attn.k_proj.weight": (attn.qkv_proj_weight, q, kv),
-        "self_attn.v_proj.weight": (attn.qkv_proj_weight, q + kv, kv),
-        "self_attn.o_proj.weight": (attn.o_proj_weight, 0, cfg.hidden_size),
-        "mlp.gate_proj.weight": (layer.mlp.gate_up_proj_weight, 0, inter),
-        "mlp.up_proj.weight": (layer.mlp.gate_up_proj_weight, inter, inter),
-        "mlp.down_proj.weight": (layer.mlp.down_proj_weight, 0, cfg.hidden_size),
+        "self_attn.q_proj.weight": (attn.qkv_proj.weight, 0, q),
+        "self_attn.k_proj.weight": (attn.qkv_proj.weight, q, kv),
+        "self_attn.v_proj.weight": (attn.qkv_proj.weight, q + kv, kv),
+        "self_attn.o_proj.weight": (attn.o_proj.weight, 0, cfg.hidden_size),
+        "mlp.gate_proj.weight": (layer.mlp.gate_up_proj.weight, 0, inter),
+        "mlp.up_proj.weight": (layer.mlp.gate_up_proj.weight, inter, inter),
+        "mlp.down_proj.weight": (layer.mlp.down_proj.weight, 0, cfg.hidden_size),
         "input_layernorm.weight": (layer.input_layernorm.weight, 0, cfg.hidden_size),
         "post_attention_layernorm.weight": (layer.post_attention_layernorm.weight, 0, cfg.hidden_size),
     }
-    if attn.qkv_proj_bias is not None:
-        table["self_attn.q_proj.bias"] = (attn.qkv_proj_bias, 0, q)
-        table["self_attn.k_proj.bias"] = (attn.qkv_proj_bias, q, kv)
-        table["self_attn.v_proj.bias"] = (attn.qkv_proj_bias, q + kv, kv)
+    bias = attn.qkv_proj.bias
+    if bias is not None:
+        table["self_attn.q_proj.bias"] = (bias, 0, q)
+        table["self_attn.k_proj.bias"] = (bias, q, kv)
+        table["self_attn.v_proj.bias"] = (bias, q + kv, kv)
     if attn.q_norm is not None:
         table["self_attn.q_norm.weight"] = (attn.q_norm.weight, 0, cfg.head_dim)
         table["self_attn.k_norm.weight"] = (attn.k_norm.weight, 0, cfg.head_dim)
@@ -105,4 +106,6 @@ def load_model(cfg: ModelConfig) -> LlamaForCausalLM:
         raise ValueError(f"checkpoint in {cfg.model_path!r} is missing weights: {', '.join(missing[:8])}"
                          f"{' ...' if len(missing) > 8 else ''}{hint}")
     model.eval()
+    model.weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    model.prepack()
     return model

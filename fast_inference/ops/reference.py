@@ -81,3 +81,196 @@ def paged_attention(
         probs = torch.softmax(scores, dim=-1)
         result[q0:q1] = torch.einsum("hqk,khd->qhd", probs, v).to(query.dtype)
     return result
+
+
+# ---- sampling ----
+# Pure-PyTorch references of the sampling ops (test oracles; slow, sort-based, float64 where it matters).
+import math as _math  # noqa: E402  (the sampling section keeps its own imports)
+
+import torch as _torch  # noqa: E402
+
+_MASK32 = 0xFFFFFFFF
+_MASS_SCALE = 2.0**40
+_EXP_MIN_ARG = -86.0
+
+
+def philox4x32_10(counter: tuple[int, int, int, int], key: tuple[int, int]) -> tuple[int, int, int, int]:
+    """Philox4x32-10 on one 128-bit counter (Random123 parameters), in Python integers."""
+    c0, c1, c2, c3 = counter
+    k0, k1 = key
+    for _ in range(10):
+        p0 = 0xD2511F53 * c0
+        p1 = 0xCD9E8D57 * c2
+        c0, c1, c2, c3 = ((p1 >> 32) ^ c1 ^ k0) & _MASK32, p1 & _MASK32, ((p0 >> 32) ^ c3 ^ k1) & _MASK32, p0 & _MASK32
+        k0 = (k0 + 0x9E3779B9) & _MASK32
+        k1 = (k1 + 0xBB67AE85) & _MASK32
+    return c0, c1, c2, c3
+
+
+def philox_random64(seed: int, offset: int) -> int:
+    """The 64 random bits a sampling row draws: key = seed, counter = (offset, 0, 0)."""
+    s, o = seed & 0xFFFFFFFFFFFFFFFF, offset & 0xFFFFFFFFFFFFFFFF
+    out = philox4x32_10((o & _MASK32, o >> 32, 0, 0), (s & _MASK32, s >> 32))
+    return out[0] | (out[1] << 32)
+
+
+def _fma32(a: _torch.Tensor, b, c) -> _torch.Tensor:
+    # float32 fma emulated in float64: the product of two floats is exact in float64.
+    return (a.double() * (b.double() if isinstance(b, _torch.Tensor) else b) +
+            (c.double() if isinstance(c, _torch.Tensor) else c)).float()
+
+
+def _f32(v: float) -> float:
+    return float(_torch.tensor(v, dtype=_torch.float32))
+
+
+def fi_exp(z: _torch.Tensor) -> _torch.Tensor:
+    """The kernels' float32 exp of z <= 0, operation for operation (0 below -86)."""
+    z = z.float()
+    t = _fma32(z, _f32(1.44269504088896341), 12582912.0)
+    n = t - 12582912.0
+    r = _fma32(-n, _f32(0.693145751953125), z)
+    r = _fma32(-n, _f32(1.42860682030941723212e-6), r)
+    p = _fma32(_torch.full_like(r, _f32(1 / 720)), r, _f32(1 / 120))
+    for c in (_f32(1 / 24), _f32(1 / 6), 0.5, 1.0, 1.0):
+        p = _fma32(p, r, c)
+    scale = _torch.pow(2.0, n.double()).float()
+    out = p * scale
+    return _torch.where(z >= _EXP_MIN_ARG, out, _torch.zeros_like(out))
+
+
+def _greedy(row: _torch.Tensor) -> int:
+    return int((row == row.max()).nonzero()[0, 0])
+
+
+def _check_row(row: _torch.Tensor, b: int) -> None:
+    if _torch.isnan(row).any() or _torch.isposinf(row).any():
+        raise ValueError(f"logits row {b} contains NaN or +inf")
+    if _torch.isneginf(row).all():
+        raise ValueError(f"logits row {b} has no finite value")
+
+
+def sampling_probs(logits: _torch.Tensor, temperature: _torch.Tensor, top_k: _torch.Tensor,
+                   top_p: _torch.Tensor, min_p: _torch.Tensor) -> _torch.Tensor:
+    """Exact float64 distribution [B, V] that ops.sample draws from.
+
+    p = softmax(logits / T). Top-k keeps x >= the k-th largest logit (ties kept). Top-p keeps, within
+    the top-k set, every token with p >= t where t is the largest value such that the top-k tokens with
+    p >= t hold at least top_p of the top-k mass (ties kept). Min-p keeps p >= min_p * max(p). The kept
+    probabilities are renormalized. Temperature 0: all mass on the first maximum.
+    """
+    x = logits.double()
+    batch, vocab = x.shape
+    out = _torch.zeros_like(x)
+    for b in range(batch):
+        row = x[b]
+        _check_row(row, b)
+        t = float(temperature[b])
+        if t == 0.0:
+            out[b, _greedy(row)] = 1.0
+            continue
+        p = _torch.softmax(row / t, dim=0)
+        keep = p > 0
+        k = int(top_k[b])
+        if 0 < k < vocab:
+            keep &= row >= _torch.topk(row, k).values[-1]
+        tp = float(top_p[b])
+        if tp < 1.0:
+            pk = _torch.where(keep, p, _torch.zeros_like(p))
+            values = _torch.sort(pk, descending=True).values
+            cum = _torch.cumsum(values, 0)
+            pos = int(_torch.searchsorted(cum, tp * float(cum[-1])).clamp(max=vocab - 1))
+            keep &= p >= values[pos]
+        keep &= p >= float(min_p[b]) * float(p.max())
+        q = _torch.where(keep, p, _torch.zeros_like(p))
+        out[b] = q / q.sum()
+    return out
+
+
+def sample(logits: _torch.Tensor, temperature: _torch.Tensor, top_k: _torch.Tensor, top_p: _torch.Tensor,
+           min_p: _torch.Tensor, seeds: _torch.Tensor, offsets: _torch.Tensor) -> _torch.Tensor:
+    """The draw of ops.sample, step by step with sorts: the same token as the kernels on the same inputs.
+
+    e = fi_exp((x - max) / T) in float32, fixed-point mass q = trunc(e * 2^40); thresholds as in
+    sampling_probs but on e and integer masses; the token is the first index (among survivors, in
+    vocabulary order) whose running mass exceeds r = floor(random64 * total / 2^64), random64 from
+    Philox keyed by (seed, offset).
+    """
+    x = logits.float().cpu()
+    batch, vocab = x.shape
+    tokens = _torch.empty(batch, dtype=_torch.int64)
+    for b in range(batch):
+        row = x[b]
+        _check_row(row, b)
+        t = float(temperature[b])
+        m = float(row.max())
+        # 1 / T in float32 arithmetic, as the kernels compute it
+        inv_t = float(_torch.tensor(1.0) / temperature[b].float().cpu()) if t > 0 else 0.0
+        if t == 0.0 or not _math.isfinite(inv_t):
+            tokens[b] = _greedy(row)
+            continue
+        keep = _torch.ones(vocab, dtype=_torch.bool)
+        k = int(top_k[b])
+        if 0 < k < vocab:
+            keep &= row >= _torch.topk(row, k).values[-1]
+        e = fi_exp((row - m) * inv_t)
+        e = _torch.where(keep, e, _torch.zeros_like(e))
+        q = (e.double() * _MASS_SCALE).long()
+        threshold = _f32(float(min_p[b])) if float(min_p[b]) > 0 else 1e-45  # 1e-45: the smallest e > 0
+        tp = float(top_p[b])
+        if tp < 1.0:
+            total = int(q.sum())
+            target = tp * float(total)
+            target = 1 if not target >= 1.0 else (total if target >= total else int(target))
+            order = _torch.argsort(e, descending=True, stable=True)
+            cum = _torch.cumsum(q[order], 0)
+            pos = int(_torch.searchsorted(cum, target))
+            threshold = max(threshold, float(e[order[pos]]))
+        threshold = min(threshold, 1.0)
+        survivors = e >= threshold
+        qs = _torch.where(survivors, q, _torch.zeros_like(q))
+        total = int(qs.sum())
+        r = (philox_random64(int(seeds[b]), int(offsets[b])) * total) >> 64
+        tokens[b] = int(_torch.searchsorted(_torch.cumsum(qs, 0), r, right=True))
+    return tokens.to(logits.device)
+
+
+def _rows(ids: _torch.Tensor, cu_lens: _torch.Tensor, b: int) -> _torch.Tensor:
+    return ids[int(cu_lens[b]):int(cu_lens[b + 1])]
+
+
+def apply_penalties(logits: _torch.Tensor, prompt_token_ids: _torch.Tensor, prompt_cu_lens: _torch.Tensor,
+                    output_token_ids: _torch.Tensor, output_cu_lens: _torch.Tensor,
+                    presence_penalty: _torch.Tensor, frequency_penalty: _torch.Tensor,
+                    repetition_penalty: _torch.Tensor) -> None:
+    """In place: repetition penalty over distinct prompt + output tokens (Hugging Face: x > 0 ? x / r :
+    x * r), then x -= presence * (count > 0) + frequency * count over output tokens (OpenAI)."""
+    for b in range(logits.shape[0]):
+        row = logits[b]
+        prompt, output = _rows(prompt_token_ids, prompt_cu_lens, b), _rows(output_token_ids, output_cu_lens, b)
+        rep = float(repetition_penalty[b])
+        if rep != 1.0:
+            ids = _torch.unique(_torch.cat([prompt, output]))
+            v = row[ids].float()
+            row[ids] = _torch.where(v > 0, v / rep, v * rep).to(row.dtype)
+        pres, freq = presence_penalty[b].float(), frequency_penalty[b].float()
+        if (pres != 0 or freq != 0) and output.numel() > 0:
+            ids, counts = _torch.unique(output, return_counts=True)
+            row[ids] = (row[ids].float() - (pres + freq * counts.float())).to(row.dtype)
+
+
+def apply_logit_bias(logits: _torch.Tensor, token_ids: _torch.Tensor, biases: _torch.Tensor,
+                     cu_lens: _torch.Tensor) -> None:
+    """In place: logits[b, token_ids[i]] += biases[i] for row b's entries, in list order."""
+    for b in range(logits.shape[0]):
+        for i in range(int(cu_lens[b]), int(cu_lens[b + 1])):
+            tok = int(token_ids[i])
+            logits[b, tok] = (logits[b, tok].float() + biases[i].float()).to(logits.dtype)
+
+
+def compute_logprobs(logits: _torch.Tensor, token_ids: _torch.Tensor,
+                     num_top: int) -> tuple[_torch.Tensor, _torch.Tensor, _torch.Tensor]:
+    """log_softmax of the raw logits: (chosen token's logprob [B], top ids [B, n], top logprobs [B, n])."""
+    lp = _torch.log_softmax(logits.float(), dim=-1)
+    top = _torch.topk(lp, num_top, dim=-1)
+    return lp.gather(1, token_ids.view(-1, 1)).view(-1), top.indices, top.values

@@ -1,0 +1,128 @@
+"""End-to-end throughput: fast_inference vs transformers generate, and batch-1 decode vs the bandwidth bound.
+
+A SmolLM-135M-shaped Llama (random weights, bfloat16 on CPU) is written to a temp dir. Prints JSON lines:
+  throughput: 32 prompts x 128 tokens, 64 new tokens greedy (ignore_eos), output tokens/s of both engines
+  decode_bs1: one sequence's decode step time vs (weight + KV bytes per step) / streaming read bandwidth
+Run: PYTHONPATH=. python bench/bench_throughput.py [--num-prompts 32 --prompt-len 128 --new-tokens 64]
+"""
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import emit, environment, streaming_read_bandwidth  # noqa: E402
+
+SMOLLM_135M = dict(vocab_size=49152, hidden_size=576, num_hidden_layers=30, num_attention_heads=9,
+                   num_key_value_heads=3, intermediate_size=1536, tie_word_embeddings=True,
+                   max_position_embeddings=2048, rms_norm_eps=1e-5, rope_theta=10000.0)
+
+
+def build_smollm_like(out_dir: Path, dtype: torch.dtype):
+    """Random-weight SmolLM-135M-shaped Llama dir + a word-level tokenizer covering the vocabulary
+    (no BPE training: prompts are token ids; the tokenizer only has to load and decode)."""
+    import transformers
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    vocab = {f"t{i}": i for i in range(SMOLLM_135M["vocab_size"])}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="t0"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="t2", pad_token="t0")
+    fast.save_pretrained(str(out_dir))
+    config = transformers.LlamaConfig(eos_token_id=2, pad_token_id=0, bos_token_id=1, **SMOLLM_135M)
+    config.architectures = ["LlamaForCausalLM"]
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(config).to(dtype).eval()
+    model.save_pretrained(str(out_dir))
+    return model
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--num-prompts", type=int, default=32)
+    ap.add_argument("--prompt-len", type=int, default=128)
+    ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--decode-steps", type=int, default=32)
+    ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--skip-hf", action="store_true", help="skip the transformers baseline")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="intra-op threads for both engines (default: torch's choice)")
+    args = ap.parse_args()
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+
+    from fast_inference import LLM, SamplingParams
+    from fast_inference.models.config import parse_dtype
+
+    dtype = parse_dtype(args.dtype)
+    device = torch.device("cpu")
+    env = environment(device)
+    bandwidth = streaming_read_bandwidth(device)
+    emit({"bench": "throughput", "event": "env", **env, "read_bandwidth_GBps": round(bandwidth / 1e9, 2)})
+
+    with tempfile.TemporaryDirectory() as tmp:
+        hf_model = build_smollm_like(Path(tmp), dtype)
+        gen = torch.Generator().manual_seed(0)
+        prompts = torch.randint(3, SMOLLM_135M["vocab_size"], (args.num_prompts, args.prompt_len), generator=gen)
+        prompt_lists = prompts.tolist()
+
+        llm = LLM(tmp, dtype=args.dtype, kv_cache_memory="1GiB", max_num_seqs=max(args.num_prompts, 1))
+        params = SamplingParams(temperature=0.0, max_tokens=args.new_tokens, ignore_eos=True)
+        llm.generate(prompt_lists[:2], SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True),
+                     use_tqdm=False)  # warm-up
+        t0 = time.perf_counter()
+        outs = llm.generate(prompt_lists, params, use_tqdm=False)
+        fi_seconds = time.perf_counter() - t0
+        n_out = sum(len(o.outputs[0].token_ids) for o in outs)
+        fi_tps = n_out / fi_seconds
+        record = {"bench": "throughput", "engine": "fast_inference", "dtype": args.dtype,
+                  "num_prompts": args.num_prompts, "prompt_len": args.prompt_len, "new_tokens": args.new_tokens,
+                  "seconds": round(fi_seconds, 3), "output_tokens_per_s": round(fi_tps, 1)}
+        if not args.skip_hf:
+            mask = torch.ones_like(prompts)
+            with torch.inference_mode():
+                hf_model.generate(prompts[:2], attention_mask=mask[:2], max_new_tokens=2, do_sample=False)
+                t0 = time.perf_counter()
+                hf_out = hf_model.generate(prompts, attention_mask=mask, max_new_tokens=args.new_tokens,
+                                           min_new_tokens=args.new_tokens, do_sample=False, pad_token_id=0)
+                hf_seconds = time.perf_counter() - t0
+            hf_tps = (hf_out.shape[1] - args.prompt_len) * args.num_prompts / hf_seconds
+            same = sum(o.outputs[0].token_ids == hf_out[i, args.prompt_len:].tolist() for i, o in enumerate(outs))
+            record.update({"hf_seconds": round(hf_seconds, 3), "hf_output_tokens_per_s": round(hf_tps, 1),
+                           "speedup_vs_hf": round(fi_tps / hf_tps, 2), "sequences_identical_to_hf": same})
+        emit(record)
+
+        # Batch-1 decode against the memory-bandwidth bound.
+        engine = llm.engine
+        engine.add_request("bs1", prompt_lists[0], SamplingParams(temperature=0.0, ignore_eos=True,
+                                                                   max_tokens=args.decode_steps + 8))
+        engine.step()  # prefill
+        for _ in range(3):
+            engine.step()
+        steps = []
+        for _ in range(args.decode_steps):
+            t0 = time.perf_counter()
+            engine.step()
+            steps.append(time.perf_counter() - t0)
+        engine.abort_request("bs1")
+        engine.step()
+        steps.sort()
+        step_s = steps[len(steps) // 2]
+        cfg = engine.model_config
+        weight_bytes = engine.runner.model.weight_bytes
+        context = args.prompt_len + 4 + args.decode_steps // 2
+        kv_bytes = context * engine.runner.kv_bytes_per_token
+        bound_s = (weight_bytes + kv_bytes) / bandwidth
+        emit({"bench": "throughput", "event": "decode_bs1", "dtype": str(cfg.dtype).removeprefix("torch."),
+              "step_ms": round(step_s * 1e3, 3), "bound_ms": round(bound_s * 1e3, 3),
+              "weight_MB": round(weight_bytes / 1e6, 1), "kv_MB": round(kv_bytes / 1e6, 2),
+              "achieved_GBps": round((weight_bytes + kv_bytes) / step_s / 1e9, 2),
+              "pct_of_bandwidth_bound": round(100 * bound_s / step_s, 1)})
+
+
+if __name__ == "__main__":
+    main()
