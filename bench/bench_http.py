@@ -45,9 +45,16 @@ class SyntheticEngine:
 
         self._types = (CompletionOutput, RequestOutput)
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
-        self.model_config = SimpleNamespace(max_model_len=1 << 20, vocab_size=len(self.tokenizer), eos_token_ids=[],
-                                            dtype=torch.float32, device=torch.device("cpu"),
-                                            architecture="synthetic", hidden_size=8, model_path=model_dir)
+        self.model_config = SimpleNamespace(
+            max_model_len=1 << 20,
+            vocab_size=len(self.tokenizer),
+            eos_token_ids=[],
+            dtype=torch.float32,
+            device=torch.device("cpu"),
+            architecture="synthetic",
+            hidden_size=8,
+            model_path=model_dir,
+        )
         self.num_total_blocks, self.block_size = 1024, 16
         self._token = self.tokenizer.encode(" the", add_special_tokens=False)[0]
         self._requests: dict[str, list] = {}
@@ -69,16 +76,29 @@ class SyntheticEngine:
             tokens.append(self._token)
             done = len(tokens) >= max_tokens
             text = " the" * len(tokens)
-            outputs.append(request_output(rid, None, prompt, [completion_output(0, text, list(tokens), None, None,
-                                                                                "length" if done else None)], done))
+            outputs.append(
+                request_output(
+                    rid,
+                    None,
+                    prompt,
+                    [completion_output(0, text, list(tokens), None, None, "length" if done else None)],
+                    done,
+                )
+            )
             if done:
                 del self._requests[rid]
         time.sleep(0)  # let the event loop thread in, as a real step's kernels would
         return outputs
 
     def stats(self):
-        return {"num_running": len(self._requests), "num_waiting": 0, "num_free_blocks": 1024,
-                "num_total_blocks": 1024, "kv_cache_usage": 0.0, "prefix_cache_hit_rate": 0.0}
+        return {
+            "num_running": len(self._requests),
+            "num_waiting": 0,
+            "num_free_blocks": 1024,
+            "num_total_blocks": 1024,
+            "kv_cache_usage": 0.0,
+            "prefix_cache_hit_rate": 0.0,
+        }
 
     def embed(self, token_id_lists):
         raise NotImplementedError
@@ -95,8 +115,12 @@ def _synthetic_server():
     from fast_inference.server.serve import Server
 
     model_dir = _demo_dir()
-    return Server(lambda: SyntheticEngine(model_dir), ServerConfig(["synthetic"], model_path=model_dir),
-                  host="127.0.0.1", port=0)
+    return Server(
+        lambda: SyntheticEngine(model_dir),
+        ServerConfig(["synthetic"], model_path=model_dir),
+        host="127.0.0.1",
+        port=0,
+    )
 
 
 # -- subprocess roles ---------------------------------------------------------------------------------------
@@ -154,6 +178,7 @@ def load(port: int, seconds: float, connections: int) -> None:
     for s in socks:
         s.send(request)
     done = 0
+    total = 0
     warm_until = time.perf_counter() + 0.5
     counting = False
     end = warm_until + seconds
@@ -168,23 +193,27 @@ def load(port: int, seconds: float, connections: int) -> None:
             data = key.data[0] + s.recv(65536)
             # A complete /health response is short and ends with an empty body: count status lines.
             got = data.count(marker)
-            key.data[0] = data[data.rfind(b"\r\n\r\n") + 4:] if got else data
+            key.data[0] = data[data.rfind(b"\r\n\r\n") + 4 :] if got else data
             for _ in range(got):
                 done += 1
+                total += 1
                 s.send(request)
-    print(json.dumps({"rps": done / (time.perf_counter() - start)}))
+    print(json.dumps({"rps": done / (time.perf_counter() - start), "total": total}))
 
 
 def ttft_client(port: int, prompts: list[str]) -> None:
-    """Stream /v1/completions (max_tokens 1) one request at a time; prints the TTFTs in seconds."""
+    """Stream /v1/completions (max_tokens 1) one request at a time; prints [(request id, TTFT s)]."""
     s = socket.create_connection(("127.0.0.1", port))
     s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     times = []
     for prompt in prompts:
-        body = json.dumps({"model": "demo", "prompt": prompt, "max_tokens": 1, "temperature": 0,
-                           "stream": True}).encode()
-        req = (b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-               b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+        body = json.dumps(
+            {"model": "demo", "prompt": prompt, "max_tokens": 1, "temperature": 0, "stream": True}
+        ).encode()
+        req = (
+            b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"Content-Length: %d\r\n\r\n%s" % (len(body), body)
+        )
         buf = b""
         t0 = time.perf_counter()
         s.sendall(req)
@@ -195,7 +224,8 @@ def ttft_client(port: int, prompts: list[str]) -> None:
                 first = time.perf_counter() - t0
         while not buf.endswith(b"0\r\n\r\n"):
             buf += s.recv(65536)
-        times.append(first)
+        request_id = buf.split(b'"id":"', 1)[1].split(b'"', 1)[0].decode()
+        times.append((request_id, first))
     print(json.dumps(times))
 
 
@@ -218,33 +248,61 @@ def _spawn(role: list[str]) -> tuple[subprocess.Popen, int]:
     raise RuntimeError(f"{role} did not become healthy")
 
 
-def _run_load(port: int, seconds: float) -> float:
-    out = subprocess.run([sys.executable, __file__, "--role", "load", "--port", str(port), "--seconds", str(seconds)],
-                         capture_output=True, text=True, check=True)
-    return json.loads(out.stdout)["rps"]
+def _cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
+
+
+def _run_load(proc: subprocess.Popen, port: int, seconds: float) -> tuple[float, float]:
+    """(requests/s, server CPU microseconds per request)."""
+    cpu0 = _cpu_seconds(proc.pid)
+    out = subprocess.run(
+        [sys.executable, __file__, "--role", "load", "--port", str(port), "--seconds", str(seconds)],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    cpu = _cpu_seconds(proc.pid) - cpu0
+    result = json.loads(out.stdout)
+    return result["rps"], cpu / result["total"] * 1e6
 
 
 def bench_health(seconds: float, skip_fastapi: bool) -> None:
     from bench.common import emit
 
-    results: dict[str, list[float]] = {"fast_inference": [], "uvicorn_fastapi": []}
+    rps: dict[str, list[float]] = {"fast_inference": [], "uvicorn_fastapi": []}
+    cpu: dict[str, list[float]] = {"fast_inference": [], "uvicorn_fastapi": []}
     roles = [("fast_inference", ["--role", "serve-ours"])]
     if not skip_fastapi:
         roles.append(("uvicorn_fastapi", ["--role", "serve-fastapi"]))
-    for _ in range(2):  # alternate, so slow drifts on a shared machine hit both
+    for _ in range(3):  # alternate, so slow drifts on a shared machine hit both
         for name, role in roles:
             proc, port = _spawn(role)
             try:
-                results[name].append(_run_load(port, seconds))
+                r, c = _run_load(proc, port, seconds)
+                rps[name].append(r)
+                cpu[name].append(c)
             finally:
                 proc.terminate()
                 proc.wait(30)
-    ours = max(results["fast_inference"])
-    record = {"bench": "http_health", "connections": CONNECTIONS, "seconds": seconds,
-              "fast_inference_rps": round(ours), "runs": {k: [round(v) for v in vs] for k, vs in results.items()}}
-    if results["uvicorn_fastapi"]:
-        theirs = max(results["uvicorn_fastapi"])
-        record.update(uvicorn_fastapi_rps=round(theirs), ratio_vs_fastapi=round(ours / theirs, 2), target_ratio=1.5)
+    ours = max(rps["fast_inference"])
+    record = {
+        "bench": "http_health",
+        "connections": CONNECTIONS,
+        "seconds": seconds,
+        "fast_inference_rps": round(ours),
+        "fast_inference_cpu_us_per_req": round(min(cpu["fast_inference"]), 1),
+        "runs_rps": {k: [round(v) for v in vs] for k, vs in rps.items()},
+    }
+    if rps["uvicorn_fastapi"]:
+        theirs = max(rps["uvicorn_fastapi"])
+        record.update(
+            uvicorn_fastapi_rps=round(theirs),
+            uvicorn_fastapi_cpu_us_per_req=round(min(cpu["uvicorn_fastapi"]), 1),
+            ratio_vs_fastapi=round(ours / theirs, 2),
+            cpu_ratio_vs_fastapi=round(min(cpu["uvicorn_fastapi"]) / min(cpu["fast_inference"]), 2),
+            target_ratio=1.5,
+        )
     emit(record)
 
 
@@ -274,19 +332,45 @@ def bench_sse_format_write(n: int = 50000) -> None:
         conn.receive_data(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n")
         conn.next_event()
         conn.next_event()
-        writer.write(conn.send(h11.Response(status_code=200, headers=[("content-type", "text/event-stream")])))
-        enc = sse.ChunkEncoder(chat=True, request_id="chatcmpl-0123456789abcdef0123456789abcdef",
-                               created=int(time.time()), model="fast-inference-demo", fingerprint="fp_x")
-        head = {"id": "chatcmpl-0123456789abcdef0123456789abcdef", "object": "chat.completion.chunk",
-                "created": int(time.time()), "model": "fast-inference-demo", "system_fingerprint": "fp_x"}
-        words = [" the", " quick", " brown", " fox", " jumps", " over", " lazy", " dog", "\n", " \"q\""]
+        writer.write(
+            conn.send(h11.Response(status_code=200, headers=[("content-type", "text/event-stream")]))
+        )
+        enc = sse.ChunkEncoder(
+            chat=True,
+            request_id="chatcmpl-0123456789abcdef0123456789abcdef",
+            created=int(time.time()),
+            model="fast-inference-demo",
+            fingerprint="fp_x",
+        )
+        head = {
+            "id": "chatcmpl-0123456789abcdef0123456789abcdef",
+            "object": "chat.completion.chunk",
+            "created": int(time.time()),
+            "model": "fast-inference-demo",
+            "system_fingerprint": "fp_x",
+        }
+        words = [" the", " quick", " brown", " fox", " jumps", " over", " lazy", " dog", "\n", ' "q"']
         t0 = time.thread_time()
         for i in range(n):
             token = words[i % 10]
             if naive:
-                chunk = b"data: " + json.dumps({**head, "choices": [{"index": 0, "delta": {"content": token},
-                                                                     "logprobs": None, "finish_reason": None}]}
-                                               ).encode() + b"\n\n"
+                chunk = (
+                    b"data: "
+                    + json.dumps(
+                        {
+                            **head,
+                            "choices": [
+                                {
+                                    "index": 0,
+                                    "delta": {"content": token},
+                                    "logprobs": None,
+                                    "finish_reason": None,
+                                }
+                            ],
+                        }
+                    ).encode()
+                    + b"\n\n"
+                )
             else:
                 chunk = enc.text(0, token)
             writer.write(conn.send(h11.Data(data=chunk)))
@@ -301,9 +385,16 @@ def bench_sse_format_write(n: int = 50000) -> None:
 
     ours = min(asyncio.run(run(False)) for _ in range(3))
     naive = min(asyncio.run(run(True)) for _ in range(3))
-    emit({"bench": "sse_chunk_format_write", "chunks": n, "us_per_chunk": round(ours * 1e6, 2),
-          "naive_json_dumps_us_per_chunk": round(naive * 1e6, 2), "speedup_vs_naive": round(naive / ours, 2),
-          "target_us": 10.0})
+    emit(
+        {
+            "bench": "sse_chunk_format_write",
+            "chunks": n,
+            "us_per_chunk": round(ours * 1e6, 2),
+            "naive_json_dumps_us_per_chunk": round(naive * 1e6, 2),
+            "speedup_vs_naive": round(naive / ours, 2),
+            "target_us": 10.0,
+        }
+    )
 
 
 def bench_sse_server_loop(tokens: int = 20000) -> None:
@@ -313,8 +404,14 @@ def bench_sse_server_loop(tokens: int = 20000) -> None:
     thread = ServerThread(_synthetic_server()).start()
     loop_cpu = lambda: thread.call(_thread_time)  # noqa: E731
     try:
-        body = json.dumps({"model": "synthetic", "messages": [{"role": "user", "content": "hi"}],
-                           "max_tokens": tokens, "stream": True}).encode()
+        body = json.dumps(
+            {
+                "model": "synthetic",
+                "messages": [{"role": "user", "content": "hi"}],
+                "max_tokens": tokens,
+                "stream": True,
+            }
+        ).encode()
         code = (
             "import socket,sys\n"
             f"s=socket.create_connection(('127.0.0.1',{thread.port}))\n"
@@ -325,7 +422,8 @@ def bench_sse_server_loop(tokens: int = 20000) -> None:
             "    d=s.recv(1<<20)\n"
             "    if not d: break\n"
             "    buf+=d\n"
-            "print(buf.count(b'data: '))\n")
+            "print(buf.count(b'data: '))\n"
+        )
         before = loop_cpu()
         t0 = time.perf_counter()
         out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
@@ -334,9 +432,17 @@ def bench_sse_server_loop(tokens: int = 20000) -> None:
         chunks = int(out.stdout) - 3  # minus the role chunk, the final chunk and [DONE]
     finally:
         thread.stop()
-    emit({"bench": "sse_server_loop", "tokens": tokens, "content_chunks": chunks,
-          "loop_cpu_us_per_chunk": round(cpu / chunks * 1e6, 2), "tokens_per_chunk": round(tokens / chunks, 2),
-          "wall_s": round(wall, 2), "target_us": 10.0})
+    emit(
+        {
+            "bench": "sse_server_loop",
+            "tokens": tokens,
+            "content_chunks": chunks,
+            "loop_cpu_us_per_chunk": round(cpu / chunks * 1e6, 2),
+            "tokens_per_chunk": round(tokens / chunks, 2),
+            "wall_s": round(wall, 2),
+            "target_us": 10.0,
+        }
+    )
 
 
 async def _thread_time() -> float:
@@ -356,8 +462,11 @@ def bench_ttft(iters: int) -> None:
     torch.set_num_threads(1)
     model_dir = _demo_dir()
     # Distinct prompts (no prefix-cache hits), ~40 tokens each, the same list for engine and server.
-    prompts = [f"{i} The quick brown fox jumps over the lazy dog. Attention lets every token look back at the "
-               f"context in fixed-size blocks of memory {i}." for i in range(iters + 5)]
+    prompts = [
+        f"{i} The quick brown fox jumps over the lazy dog. Attention lets every token look back at the "
+        f"context in fixed-size blocks of memory {i}."
+        for i in range(iters + 5)
+    ]
     args = EngineArgs(model=model_dir, device="cpu", max_model_len=512, enable_prefix_caching=False)
     engine = LLMEngine(args)
     params = SamplingParams(max_tokens=1, temperature=0)
@@ -371,23 +480,66 @@ def bench_ttft(iters: int) -> None:
             engine.step()
         engine_times.append(time.perf_counter() - t0)
     del engine
-    server = Server(lambda: LLMEngine(args), ServerConfig(["demo"], model_path=model_dir), host="127.0.0.1", port=0)
+    server = Server(
+        lambda: LLMEngine(args), ServerConfig(["demo"], model_path=model_dir), host="127.0.0.1", port=0
+    )
     thread = ServerThread(server).start()
+    # Pair each request with the engine step that produced its first token, timed inside the server:
+    # overhead = client TTFT - that step, per request, so machine-load drift cancels out.
+    first_step: dict[str, float] = {}
+    live = server.engine.engine
+    real_step = live.step
+
+    def timed_step():
+        t0 = time.perf_counter()
+        outputs = real_step()
+        spent = time.perf_counter() - t0
+        for out in outputs:
+            if out.outputs and out.outputs[0].token_ids and out.request_id not in first_step:
+                first_step[out.request_id] = spent
+        return outputs
+
+    live.step = timed_step
     try:
-        out = subprocess.run([sys.executable, __file__, "--role", "ttft", "--port", str(thread.port),
-                              "--prompts", json.dumps(prompts)], capture_output=True, text=True, check=True)
-        server_times = json.loads(out.stdout)
+        out = subprocess.run(
+            [
+                sys.executable,
+                __file__,
+                "--role",
+                "ttft",
+                "--port",
+                str(thread.port),
+                "--prompts",
+                json.dumps(prompts),
+            ],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        pairs = json.loads(out.stdout)[5:]
     finally:
         thread.stop()
     engine_ms = statistics.median(engine_times[5:]) * 1e3
-    server_ms = statistics.median(server_times[5:]) * 1e3
-    emit({"bench": "ttft_c1", "iters": iters, "engine_prefill_ms_p50": round(engine_ms, 3),
-          "server_ttft_ms_p50": round(server_ms, 3), "overhead_ms": round(server_ms - engine_ms, 3),
-          "target_overhead_ms": 2.0})
+    server_ms = statistics.median(t for _, t in pairs) * 1e3
+    step_ms = statistics.median(first_step[rid] for rid, _ in pairs) * 1e3
+    overhead_ms = statistics.median(t - first_step[rid] for rid, t in pairs) * 1e3
+    emit(
+        {
+            "bench": "ttft_c1",
+            "iters": len(pairs),
+            "engine_alone_prefill_ms_p50": round(engine_ms, 3),
+            "server_ttft_ms_p50": round(server_ms, 3),
+            "prefill_step_in_server_ms_p50": round(step_ms, 3),
+            "overhead_ms_p50": round(overhead_ms, 3),
+            "target_overhead_ms": 2.0,
+        }
+    )
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--role", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument("--prompts", default="[]", help=argparse.SUPPRESS)
@@ -406,8 +558,14 @@ def main() -> None:
         return ttft_client(args.port, json.loads(args.prompts))
     from bench.common import emit
 
-    emit({"bench": "environment", "cpus": os.cpu_count(), "python": sys.version.split()[0],
-          "load_avg": os.getloadavg()[0]})
+    emit(
+        {
+            "bench": "environment",
+            "cpus": os.cpu_count(),
+            "python": sys.version.split()[0],
+            "load_avg": os.getloadavg()[0],
+        }
+    )
     if args.only in (None, "sse"):
         bench_sse_format_write()
         bench_sse_server_loop()

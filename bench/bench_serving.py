@@ -41,8 +41,14 @@ class ServerProcess:
 
     def __init__(self, args: list[str]) -> None:
         env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-        self.proc = subprocess.Popen([sys.executable, "-m", "fast_inference", "serve", "--port", "0", *args],
-                                     cwd=ROOT, env=env, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "fast_inference", "serve", "--port", "0", *args],
+            cwd=ROOT,
+            env=env,
+            stderr=subprocess.PIPE,
+            stdout=subprocess.DEVNULL,
+            text=True,
+        )
         self.lines: list[str] = []
         self.port: int | None = None
         self._ready = threading.Event()
@@ -71,13 +77,25 @@ class ServerProcess:
             self.proc.wait()
 
 
-async def one_request(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, model: str,
-                      prompt: list[int], output_len: int) -> dict:
-    body = json.dumps({"model": model, "prompt": prompt, "max_tokens": output_len, "temperature": 0,
-                       "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}).encode()
+async def one_request(
+    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, model: str, prompt: list[int], output_len: int
+) -> dict:
+    body = json.dumps(
+        {
+            "model": model,
+            "prompt": prompt,
+            "max_tokens": output_len,
+            "temperature": 0,
+            "ignore_eos": True,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        }
+    ).encode()
     start = time.perf_counter()
-    writer.write(b"POST /v1/completions HTTP/1.1\r\nHost: bench\r\nContent-Type: application/json\r\n"
-                 b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+    writer.write(
+        b"POST /v1/completions HTTP/1.1\r\nHost: bench\r\nContent-Type: application/json\r\n"
+        b"Content-Length: %d\r\n\r\n%s" % (len(body), body)
+    )
     head = await reader.readuntil(b"\r\n\r\n")
     if not head.startswith(b"HTTP/1.1 200"):
         raise RuntimeError(head.decode(errors="replace") + (await reader.read(4096)).decode(errors="replace"))
@@ -91,20 +109,23 @@ async def one_request(reader: asyncio.StreamReader, writer: asyncio.StreamWriter
         data = await reader.readexactly(size + 2)
         now = time.perf_counter()
         for event in data[:-2].split(b"\n\n"):
-            if not event.startswith(b"data: {"):
-                continue
-            obj = json.loads(event[6:])
-            if obj.get("usage"):
-                usage = obj["usage"]
-            if any(c.get("text") for c in obj["choices"]):
+            # Cheap checks first: this client shares the CPU with the server it measures.
+            if b'"usage"' in event and event.startswith(b"data: {"):
+                usage = json.loads(event[6:]).get("usage") or usage
+            elif b'"text":"' in event and b'"text":""' not in event:
                 chunk_times.append(now)
     end = time.perf_counter()
-    return {"ttft": chunk_times[0] - start, "latency": end - start,
-            "itl": [b - a for a, b in zip(chunk_times, chunk_times[1:])],
-            "output_tokens": usage["completion_tokens"] if usage else len(chunk_times)}
+    return {
+        "ttft": chunk_times[0] - start,
+        "latency": end - start,
+        "itl": [b - a for a, b in zip(chunk_times, chunk_times[1:])],
+        "output_tokens": usage["completion_tokens"] if usage else len(chunk_times),
+    }
 
 
-async def run_level(port: int, model: str, prompts: list[list[int]], concurrency: int, output_len: int) -> dict:
+async def run_level(
+    port: int, model: str, prompts: list[list[int]], concurrency: int, output_len: int
+) -> dict:
     queue = list(prompts)
     results: list[dict] = []
 
@@ -120,15 +141,23 @@ async def run_level(port: int, model: str, prompts: list[list[int]], concurrency
     await asyncio.gather(*(worker() for _ in range(concurrency)))
     duration = time.perf_counter() - start
     ttft = [r["ttft"] * 1e3 for r in results]
-    tpot = [(r["latency"] - r["ttft"]) / (r["output_tokens"] - 1) * 1e3 for r in results if r["output_tokens"] > 1]
+    tpot = [
+        (r["latency"] - r["ttft"]) / (r["output_tokens"] - 1) * 1e3 for r in results if r["output_tokens"] > 1
+    ]
     itl = [x * 1e3 for r in results for x in r["itl"]]
     tokens = sum(r["output_tokens"] for r in results)
-    return {"requests": len(results), "duration_s": round(duration, 3),
-            "request_throughput": round(len(results) / duration, 3),
-            "output_throughput": round(tokens / duration, 2),
-            "ttft_ms_p50": round(pct(ttft, 50), 2), "ttft_ms_p99": round(pct(ttft, 99), 2),
-            "tpot_ms_p50": round(pct(tpot, 50), 2), "tpot_ms_p99": round(pct(tpot, 99), 2),
-            "itl_ms_p50": round(pct(itl, 50), 2), "itl_ms_p99": round(pct(itl, 99), 2)}
+    return {
+        "requests": len(results),
+        "duration_s": round(duration, 3),
+        "request_throughput": round(len(results) / duration, 3),
+        "output_throughput": round(tokens / duration, 2),
+        "ttft_ms_p50": round(pct(ttft, 50), 2),
+        "ttft_ms_p99": round(pct(ttft, 99), 2),
+        "tpot_ms_p50": round(pct(tpot, 50), 2),
+        "tpot_ms_p99": round(pct(tpot, 99), 2),
+        "itl_ms_p50": round(pct(itl, 50), 2),
+        "itl_ms_p99": round(pct(itl, 99), 2),
+    }
 
 
 def engine_baseline(engine, prompts: list[list[int]], concurrency: int, output_len: int) -> float:
@@ -154,10 +183,14 @@ def engine_baseline(engine, prompts: list[list[int]], concurrency: int, output_l
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--model", default=None, help="model directory (default: the built-in demo model)")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32, 64])
-    parser.add_argument("--num-prompts", type=int, default=None, help="per level (default: max(8, 2 x concurrency))")
+    parser.add_argument(
+        "--num-prompts", type=int, default=None, help="per level (default: max(8, 2 x concurrency))"
+    )
     parser.add_argument("--input-len", type=int, default=64)
     parser.add_argument("--output-len", type=int, default=32)
     parser.add_argument("--num-threads", type=int, default=1, help="torch CPU threads (server and baseline)")
@@ -183,33 +216,58 @@ def main() -> None:
     for c in args.concurrency:
         n = args.num_prompts or max(8, 2 * c)
         levels[c] = [[rng.choice(vocab) for _ in range(args.input_len)] for _ in range(n)]
-    emit({"bench": "serving_config", "model": "demo" if args.model is None else model, "input_len": args.input_len,
-          "output_len": args.output_len, "concurrency": args.concurrency, "num_threads": args.num_threads,
-          "cpus": os.cpu_count(), "load_avg": round(os.getloadavg()[0], 2)})
+    emit(
+        {
+            "bench": "serving_config",
+            "model": "demo" if args.model is None else model,
+            "input_len": args.input_len,
+            "output_len": args.output_len,
+            "concurrency": args.concurrency,
+            "num_threads": args.num_threads,
+            "cpus": os.cpu_count(),
+            "load_avg": round(os.getloadavg()[0], 2),
+        }
+    )
 
     baseline = {}
     if not args.no_baseline:
         from fast_inference.engine.config import EngineArgs
         from fast_inference.engine.llm_engine import LLMEngine
 
-        engine = LLMEngine(EngineArgs(model=model, device=args.device, max_num_seqs=max_seqs,
-                                      enable_prefix_caching=False))
+        engine = LLMEngine(
+            EngineArgs(model=model, device=args.device, max_num_seqs=max_seqs, enable_prefix_caching=False)
+        )
         engine_baseline(engine, levels[args.concurrency[0]][:2], 1, 4)  # warm-up
         for c in args.concurrency:
             baseline[c] = engine_baseline(engine, [list(p) for p in levels[c]], c, args.output_len)
         del engine
 
-    server_args = ["--num-threads", str(args.num_threads), "--max-num-seqs", str(max_seqs),
-                   "--device", args.device, "--served-model-name", "bench", "--no-enable-prefix-caching",
-                   "--log-level", "info"]  # info: the port and readiness are read from the log
+    server_args = [
+        "--num-threads",
+        str(args.num_threads),
+        "--max-num-seqs",
+        str(max_seqs),
+        "--device",
+        args.device,
+        "--served-model-name",
+        "bench",
+        "--no-enable-prefix-caching",
+        "--log-level",
+        "info",
+    ]  # info: the port and readiness are read from the log
     if args.model:
         server_args += ["--model", args.model]
     server = ServerProcess(server_args)
     try:
         asyncio.run(run_level(server.port, "bench", levels[args.concurrency[0]][:2], 1, 4))  # warm-up
         for c in args.concurrency:
-            record = {"bench": "serving", "concurrency": c, **asyncio.run(
-                run_level(server.port, "bench", [list(p) for p in levels[c]], c, args.output_len))}
+            record = {
+                "bench": "serving",
+                "concurrency": c,
+                **asyncio.run(
+                    run_level(server.port, "bench", [list(p) for p in levels[c]], c, args.output_len)
+                ),
+            }
             if c in baseline:
                 record["engine_output_throughput"] = round(baseline[c], 2)
                 record["ratio_vs_engine"] = round(record["output_throughput"] / baseline[c], 3)

@@ -7,45 +7,87 @@ import sys
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="fast-inference", description="fast_inference: LLM inference engine")
+    parser = argparse.ArgumentParser(
+        prog="fast-inference", description="fast_inference: LLM inference engine"
+    )
     sub = parser.add_subparsers(dest="command", required=True)
-    serve = sub.add_parser("serve", help="run the OpenAI-compatible HTTP server",
-                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    serve = sub.add_parser(
+        "serve",
+        help="run the OpenAI-compatible HTTP server",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     serve.add_argument("model_tag", nargs="?", default=None, help="model directory (same as --model)")
-    serve.add_argument("--model", default=None,
-                       help="Hugging Face model directory; omitted: the built-in demo model (made locally)")
+    serve.add_argument(
+        "--model",
+        default=None,
+        help="Hugging Face model directory; omitted: the built-in demo model (made locally)",
+    )
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on")
     serve.add_argument("--port", type=int, default=8000, help="port to listen on (0: any free port)")
-    serve.add_argument("--served-model-name", nargs="+", default=None,
-                       help="model name(s) clients use; default: the model directory's name")
-    serve.add_argument("--api-key", default=None,
-                       help="require 'Authorization: Bearer KEY' (default: $FAST_INFERENCE_API_KEY)")
+    serve.add_argument(
+        "--served-model-name",
+        nargs="+",
+        default=None,
+        help="model name(s) clients use; default: the model directory's name",
+    )
+    serve.add_argument(
+        "--api-key",
+        default=None,
+        help="require 'Authorization: Bearer KEY' (default: $FAST_INFERENCE_API_KEY)",
+    )
     serve.add_argument("--tokenizer", default=None, help="tokenizer directory (default: the model's)")
     serve.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"])
     serve.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    serve.add_argument("--max-model-len", type=int, default=None, help="context length (default: the model's)")
+    serve.add_argument(
+        "--max-model-len", type=int, default=None, help="context length (default: the model's)"
+    )
     serve.add_argument("--max-num-seqs", type=int, default=256, help="most sequences in one batch")
     serve.add_argument("--max-num-batched-tokens", type=int, default=None, help="token budget of one step")
-    serve.add_argument("--kv-cache-memory", default=None,
-                       help="KV-cache size in bytes, or with a unit (e.g. 2GiB); default: the engine's choice")
+    serve.add_argument(
+        "--kv-cache-memory",
+        default=None,
+        help="KV-cache size in bytes, or with a unit (e.g. 2GiB); default: the engine's choice",
+    )
     serve.add_argument("--block-size", type=int, default=16, help="tokens per KV-cache block")
     serve.add_argument("--no-enable-prefix-caching", action="store_true", help="disable prefix caching")
     serve.add_argument("--seed", type=int, default=0)
-    serve.add_argument("--num-threads", type=int, default=None,
-                       help="torch intra-op CPU threads for the engine (default: torch's choice)")
-    serve.add_argument("--chat-template", default=None, help="Jinja chat template: a file path or the template")
-    serve.add_argument("--allowed-origins", nargs="*", default=[],
-                       help="CORS origins allowed to call the API ('*' for any); none: CORS off")
+    serve.add_argument(
+        "--num-threads",
+        type=int,
+        default=None,
+        help="torch intra-op CPU threads for the engine (default: torch's choice)",
+    )
+    serve.add_argument(
+        "--chat-template", default=None, help="Jinja chat template: a file path or the template"
+    )
+    serve.add_argument(
+        "--allowed-origins",
+        nargs="*",
+        default=[],
+        help="CORS origins allowed to call the API ('*' for any); none: CORS off",
+    )
     serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     limits = serve.add_argument_group("limits")
     limits.add_argument("--max-connections", type=int, default=1024, help="open connections; more get 503")
-    limits.add_argument("--max-pending-requests", type=int, default=2048,
-                        help="engine requests queued or running; more get 429")
-    limits.add_argument("--max-body-bytes", type=int, default=16 * 1024 * 1024, help="request body limit (413)")
-    limits.add_argument("--header-timeout", type=float, default=10.0, help="seconds to receive a request head")
+    limits.add_argument(
+        "--max-pending-requests",
+        type=int,
+        default=2048,
+        help="engine requests queued or running; more get 429",
+    )
+    limits.add_argument(
+        "--max-body-bytes", type=int, default=16 * 1024 * 1024, help="request body limit (413)"
+    )
+    limits.add_argument(
+        "--header-timeout", type=float, default=10.0, help="seconds to receive a request head"
+    )
     limits.add_argument("--keep-alive-timeout", type=float, default=60.0, help="idle keep-alive seconds")
-    limits.add_argument("--shutdown-timeout", type=float, default=30.0,
-                        help="seconds in-flight requests get to finish on SIGINT/SIGTERM")
+    limits.add_argument(
+        "--shutdown-timeout",
+        type=float,
+        default=30.0,
+        help="seconds in-flight requests get to finish on SIGINT/SIGTERM",
+    )
     return parser
 
 
@@ -53,8 +95,18 @@ def _bytes(value: str | None) -> int | None:
     if value is None:
         return None
     text = value.strip().lower().replace(" ", "")
-    units = {"kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "kb": 10**3, "mb": 10**6, "gb": 10**9,
-             "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "b": 1}
+    units = {
+        "kib": 1 << 10,
+        "mib": 1 << 20,
+        "gib": 1 << 30,
+        "kb": 10**3,
+        "mb": 10**6,
+        "gb": 10**9,
+        "k": 1 << 10,
+        "m": 1 << 20,
+        "g": 1 << 30,
+        "b": 1,
+    }
     for unit, scale in units.items():
         if text.endswith(unit):
             return int(float(text[: -len(unit)]) * scale)
@@ -71,8 +123,11 @@ def _chat_template(value: str | None) -> str | None:
 
 
 def serve(args: argparse.Namespace) -> int:
-    logging.basicConfig(level=getattr(logging, args.log_level.upper()),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    logging.basicConfig(
+        level=getattr(logging, args.log_level.upper()),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
     log = logging.getLogger("fast_inference.server")
     from .server.http import Limits
     from .server.routes import ServerConfig
@@ -83,8 +138,10 @@ def serve(args: argparse.Namespace) -> int:
     if is_demo:
         from .models.demo import ensure_demo_model
 
-        log.info("No --model given: using the built-in demo model (a tiny random-weight Llama with a real "
-                 "byte-level tokenizer, built locally; its output is not meaningful text)")
+        log.info(
+            "No --model given: using the built-in demo model (a tiny random-weight Llama with a real "
+            "byte-level tokenizer, built locally; its output is not meaningful text)"
+        )
         model = str(ensure_demo_model())
     if not os.path.isdir(model):
         log.error("--model %s is not a directory", model)
@@ -94,8 +151,9 @@ def serve(args: argparse.Namespace) -> int:
     except ValueError:
         log.error("--kv-cache-memory %r is not a size", args.kv_cache_memory)
         return 2
-    names = args.served_model_name or (["fast-inference-demo"] if is_demo else
-                                       [os.path.basename(os.path.normpath(model))])
+    names = args.served_model_name or (
+        ["fast-inference-demo"] if is_demo else [os.path.basename(os.path.normpath(model))]
+    )
     chat_template = _chat_template(args.chat_template)
     api_key = args.api_key or os.environ.get("FAST_INFERENCE_API_KEY") or None
 
@@ -110,20 +168,46 @@ def serve(args: argparse.Namespace) -> int:
 
         # A BERT-family encoder directory is served for /v1/embeddings only.
         engine_cls = EncoderEngine if is_encoder_model(model) else LLMEngine
-        return engine_cls.from_engine_args(EngineArgs(
-            model=model, dtype=args.dtype, device=args.device, max_model_len=args.max_model_len,
-            max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
-            kv_cache_memory=kv_cache_memory, block_size=args.block_size,
-            enable_prefix_caching=not args.no_enable_prefix_caching, seed=args.seed,
-            tokenizer=args.tokenizer, chat_template=chat_template))
+        return engine_cls.from_engine_args(
+            EngineArgs(
+                model=model,
+                dtype=args.dtype,
+                device=args.device,
+                max_model_len=args.max_model_len,
+                max_num_seqs=args.max_num_seqs,
+                max_num_batched_tokens=args.max_num_batched_tokens,
+                kv_cache_memory=kv_cache_memory,
+                block_size=args.block_size,
+                enable_prefix_caching=not args.no_enable_prefix_caching,
+                seed=args.seed,
+                tokenizer=args.tokenizer,
+                chat_template=chat_template,
+            )
+        )
 
-    config = ServerConfig(served_model_names=names, model_path=model, api_key=api_key,
-                          allowed_origins=list(args.allowed_origins or []),
-                          max_pending_requests=args.max_pending_requests, chat_template=chat_template)
-    limits = Limits(max_body_bytes=args.max_body_bytes, header_timeout=args.header_timeout,
-                    idle_timeout=args.keep_alive_timeout, max_connections=args.max_connections)
-    server = Server(engine_factory, config, host=args.host, port=args.port, limits=limits,
-                    drain_timeout=args.shutdown_timeout, is_demo=is_demo)
+    config = ServerConfig(
+        served_model_names=names,
+        model_path=model,
+        api_key=api_key,
+        allowed_origins=list(args.allowed_origins or []),
+        max_pending_requests=args.max_pending_requests,
+        chat_template=chat_template,
+    )
+    limits = Limits(
+        max_body_bytes=args.max_body_bytes,
+        header_timeout=args.header_timeout,
+        idle_timeout=args.keep_alive_timeout,
+        max_connections=args.max_connections,
+    )
+    server = Server(
+        engine_factory,
+        config,
+        host=args.host,
+        port=args.port,
+        limits=limits,
+        drain_timeout=args.shutdown_timeout,
+        is_demo=is_demo,
+    )
     try:
         run(server)
     except OSError as exc:

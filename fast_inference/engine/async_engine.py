@@ -132,7 +132,9 @@ class AsyncEngine:
         return len(self._streams)
 
     # -- loop-side API -------------------------------------------------------------------------------
-    async def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams) -> RequestStream:
+    async def add_request(
+        self, request_id: str, prompt: str | list[int], params: SamplingParams
+    ) -> RequestStream:
         """Queue a request; returns once the engine has accepted it (raises ValueError if it refused)."""
         if self.state != "ready":
             raise EngineDeadError(f"engine is not ready ({self.state})")
@@ -141,6 +143,8 @@ class AsyncEngine:
         stream = RequestStream(request_id, self)
         self._streams[request_id] = stream
         self._commands.put(("add", request_id, prompt, params, time.time()))
+        if self.state == "stopped":  # the engine thread may have drained its queue already
+            self._fail_one(request_id, EngineDeadError("the server is shutting down"))
         try:
             await stream._accepted
         except BaseException:
@@ -159,6 +163,8 @@ class AsyncEngine:
             raise EngineDeadError(f"engine is not ready ({self.state})")
         future = asyncio.get_running_loop().create_future()
         self._commands.put(("embed", token_id_lists, future))
+        if self.state == "stopped":
+            _resolve(future, None, EngineDeadError("the server is shutting down"))
         return await future
 
     async def get_stats(self) -> dict:
@@ -167,6 +173,8 @@ class AsyncEngine:
             return dict(self.stats_snapshot)
         future = asyncio.get_running_loop().create_future()
         self._commands.put(("stats", future))
+        if self.state == "stopped":
+            _resolve(future, dict(self.stats_snapshot), None)
         return await future
 
     # -- engine thread -------------------------------------------------------------------------------
@@ -202,7 +210,15 @@ class AsyncEngine:
                 except queue.Empty:
                     break
             if not self._apply(batch):
-                break
+                self.state = "stopped"
+                # Whatever was queued with or after the stop gets an answer instead of waiting forever.
+                while True:
+                    try:
+                        batch.append(commands.get_nowait())
+                    except queue.Empty:
+                        break
+                self._reject(batch)
+                return
             if engine.has_unfinished_requests():
                 try:
                     outputs = engine.step()
@@ -216,7 +232,16 @@ class AsyncEngine:
                         self._active.discard(output.request_id)
                 if outputs:
                     self._call(self._deliver, outputs)
-        self.state = "stopped"
+
+    def _reject(self, batch: list[tuple]) -> None:
+        error = EngineDeadError("the server is shutting down")
+        for command in batch:
+            if command[0] == "add":
+                self._call(self._fail_one, command[1], error)
+            elif command[0] == "embed":
+                self._call(_resolve, command[2], None, error)
+            elif command[0] == "stats":
+                self._call(_resolve, command[1], dict(self.stats_snapshot), None)
 
     def _apply(self, batch: list[tuple]) -> bool:
         """Run queued commands on the engine thread; False once asked to stop."""
@@ -248,8 +273,7 @@ class AsyncEngine:
             elif kind == "stop":
                 self._abort_all()
                 self._call(self._fail_all, EngineDeadError("the server is shutting down"))
-                for command2 in embeds:
-                    self._call(_resolve, command2[2], None, EngineDeadError("the server is shutting down"))
+                self._reject(embeds)
                 return False
         if accepted:
             self._call(self._accept_many, accepted)
@@ -269,7 +293,7 @@ class AsyncEngine:
             return
         start = 0
         for _, lists, future in embeds:
-            self._call(_resolve, future, vectors[start:start + len(lists)], None)
+            self._call(_resolve, future, vectors[start : start + len(lists)], None)
             start += len(lists)
 
     def _step_failed(self, exc: Exception) -> None:

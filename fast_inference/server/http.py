@@ -42,6 +42,7 @@ class Request:
     body: bytes
     client: str
     http_version: str = "1.1"
+    started: float = 0.0  # perf_counter() when the app began handling it
 
 
 @dataclass(slots=True)
@@ -50,6 +51,7 @@ class Response:
     body: bytes = b""
     content_type: str = "application/json"
     headers: list[tuple[str, str]] = field(default_factory=list)
+    logged_by_job: bool = False  # the handler already wrote this request's log line
 
 
 @dataclass(slots=True)
@@ -60,6 +62,9 @@ class StreamingResponse:
     chunks: AsyncIterator[bytes]
     content_type: str = "text/event-stream"
     headers: list[tuple[str, str]] = field(default_factory=list)
+    # Always called once the response is over, also when it never started (the generator's own
+    # `finally` does not run if it was never iterated).
+    on_close: Callable[[], None] | None = None
 
 
 App = Callable[[Request], Awaitable[Response | StreamingResponse]]
@@ -82,8 +87,12 @@ class _ConnState:
 class HTTPServer:
     """Serves `app` on a listening socket; one coroutine per connection, requests handled in order."""
 
-    def __init__(self, app: App, limits: Limits | None = None,
-                 on_error_headers: Callable[[Request | None], list[tuple[str, str]]] | None = None) -> None:
+    def __init__(
+        self,
+        app: App,
+        limits: Limits | None = None,
+        on_error_headers: Callable[[Request | None], list[tuple[str, str]]] | None = None,
+    ) -> None:
         self.app = app
         self.limits = limits or Limits()
         # Extra headers (CORS) for responses the HTTP layer writes itself (400, 413, 408...).
@@ -101,8 +110,9 @@ class HTTPServer:
         if sock is not None:
             self._server = await asyncio.start_server(self._on_connection, sock=sock, backlog=2048)
         else:
-            self._server = await asyncio.start_server(self._on_connection, host, port, backlog=2048,
-                                                      reuse_address=True)
+            self._server = await asyncio.start_server(
+                self._on_connection, host, port, backlog=2048, reuse_address=True
+            )
         self.port = self._server.sockets[0].getsockname()[1]
         return self.port
 
@@ -129,11 +139,18 @@ class HTTPServer:
     # -- one connection ------------------------------------------------------------------------------
     async def _on_connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         if self.draining or len(self._connections) >= self.limits.max_connections:
-            err = APIError(503, "The server is overloaded: too many open connections" if not self.draining
-                           else "The server is shutting down", code="server_overloaded")
+            err = APIError(
+                503,
+                "The server is overloaded: too many open connections"
+                if not self.draining
+                else "The server is shutting down",
+                code="server_overloaded",
+            )
             body = err.to_json()
-            writer.write(b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\n"
-                         b"content-length: %d\r\nconnection: close\r\n\r\n%s" % (len(body), body))
+            writer.write(
+                b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\n"
+                b"content-length: %d\r\nconnection: close\r\n\r\n%s" % (len(body), body)
+            )
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(writer.drain(), 1.0)
             writer.close()
@@ -166,19 +183,46 @@ class HTTPServer:
             with contextlib.suppress(Exception):
                 writer.close()
 
-    async def _send_error_and_close(self, conn: h11.Connection, writer: asyncio.StreamWriter, err: APIError,
-                                    request: Request | None = None) -> None:
+    async def _send_error_and_close(
+        self,
+        conn: h11.Connection,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        err: APIError,
+        request: Request | None = None,
+    ) -> None:
         """Answer a protocol-level fault (400/408/413/431) if the state allows, then close."""
+        logger.info("%s HTTP %d: %s", request.client if request else "-", err.status, err.message)
         if conn.our_state in (h11.IDLE, h11.SEND_RESPONSE):
             body = err.to_json()
-            headers = [("content-type", "application/json"), ("content-length", str(len(body))),
-                       ("connection", "close"), *self.on_error_headers(request)]
+            headers = [
+                ("content-type", "application/json"),
+                ("content-length", str(len(body))),
+                ("connection", "close"),
+                *self.on_error_headers(request),
+            ]
             with contextlib.suppress(Exception):
-                data = conn.send(h11.Response(status_code=err.status, headers=headers, reason=_REASONS.get(err.status, b"")))
+                data = conn.send(
+                    h11.Response(
+                        status_code=err.status, headers=headers, reason=_REASONS.get(err.status, b"")
+                    )
+                )
                 data += conn.send(h11.Data(data=body))
                 data += conn.send(h11.EndOfMessage())
                 writer.write(data)
                 await asyncio.wait_for(writer.drain(), 1.0)
+            # Lingering close: swallow what the client is still sending (e.g. the rest of an oversized
+            # body) for a moment, so that closing with unread data does not reset the connection
+            # before the client has read our answer.
+            with contextlib.suppress(Exception):
+                writer.write_eof()
+                async with asyncio.timeout(1.0):
+                    swallowed = 0
+                    while swallowed < _PIPELINE_BUFFER_LIMIT:
+                        data = await reader.read(_READ_SIZE)
+                        if not data:
+                            break
+                        swallowed += len(data)
         raise _Close()
 
     async def _receive(self, conn: h11.Connection, reader: asyncio.StreamReader, timeout: float) -> None:
@@ -186,8 +230,14 @@ class HTTPServer:
             data = await reader.read(_READ_SIZE)
         conn.receive_data(data)
 
-    async def _read_request(self, conn: h11.Connection, reader: asyncio.StreamReader,
-                            writer: asyncio.StreamWriter, state: _ConnState, client: str) -> Request | None:
+    async def _read_request(
+        self,
+        conn: h11.Connection,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        state: _ConnState,
+        client: str,
+    ) -> Request | None:
         limits = self.limits
         loop = asyncio.get_running_loop()
         head_deadline = loop.time() + limits.header_timeout if conn.trailing_data[0] else None
@@ -215,19 +265,31 @@ class HTTPServer:
                     return None
                 return None
         except TimeoutError:
-            await self._send_error_and_close(conn, writer, APIError(408, "Timed out reading the request head"))
+            await self._send_error_and_close(
+                conn, reader, writer, APIError(408, "Timed out reading the request head")
+            )
         except h11.RemoteProtocolError as exc:
             status = exc.error_status_hint if exc.error_status_hint in (400, 413, 414, 431) else 400
-            await self._send_error_and_close(conn, writer, APIError(status, f"Malformed HTTP request: {exc}"))
+            await self._send_error_and_close(
+                conn, reader, writer, APIError(status, f"Malformed HTTP request: {exc}")
+            )
         state.idle = False
         if len(event.headers) > limits.max_header_count:
             await self._send_error_and_close(
-                conn, writer, APIError(431, f"Too many request headers (limit {limits.max_header_count})"))
+                conn,
+                reader,
+                writer,
+                APIError(431, f"Too many request headers (limit {limits.max_header_count})"),
+            )
         # h11 bounds only a head still incomplete in its buffer; one that arrived whole is checked here.
         head_size = len(event.target) + sum(len(n) + len(v) + 4 for n, v in event.headers)
         if head_size > limits.max_header_bytes:
             await self._send_error_and_close(
-                conn, writer, APIError(431, f"Request head exceeds the limit of {limits.max_header_bytes} bytes"))
+                conn,
+                reader,
+                writer,
+                APIError(431, f"Request head exceeds the limit of {limits.max_header_bytes} bytes"),
+            )
         headers: dict[str, str] = {}
         for name, value in event.headers:
             key = name.decode("latin-1")
@@ -235,18 +297,37 @@ class HTTPServer:
             headers[key] = f"{headers[key]}, {val}" if key in headers else val
         target = event.target.decode("latin-1")
         path, _, query = target.partition("?")
-        request = Request(event.method.decode("ascii"), path, query, headers, b"", client,
-                          event.http_version.decode("ascii"))
+        request = Request(
+            event.method.decode("ascii"),
+            path,
+            query,
+            headers,
+            b"",
+            client,
+            event.http_version.decode("ascii"),
+        )
         request.body = await self._read_body(conn, reader, writer, request)
         return request
 
-    async def _read_body(self, conn: h11.Connection, reader: asyncio.StreamReader,
-                         writer: asyncio.StreamWriter, request: Request) -> bytes:
+    async def _read_body(
+        self,
+        conn: h11.Connection,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        request: Request,
+    ) -> bytes:
         limits = self.limits
         length = request.headers.get("content-length")
         if length is not None and length.isdigit() and int(length) > limits.max_body_bytes:
-            await self._send_error_and_close(conn, writer, APIError(
-                413, f"Request body of {length} bytes exceeds the limit of {limits.max_body_bytes} bytes"), request)
+            await self._send_error_and_close(
+                conn,
+                reader,
+                writer,
+                APIError(
+                    413, f"Request body of {length} bytes exceeds the limit of {limits.max_body_bytes} bytes"
+                ),
+                request,
+            )
         parts: list[bytes] = []
         size = 0
         try:
@@ -260,24 +341,36 @@ class HTTPServer:
                 if isinstance(event, h11.Data):
                     size += len(event.data)
                     if size > limits.max_body_bytes:
-                        await self._send_error_and_close(conn, writer, APIError(
-                            413, f"Request body exceeds the limit of {limits.max_body_bytes} bytes"), request)
+                        await self._send_error_and_close(
+                            conn,
+                            reader,
+                            writer,
+                            APIError(413, f"Request body exceeds the limit of {limits.max_body_bytes} bytes"),
+                            request,
+                        )
                     parts.append(event.data)
                     continue
                 if isinstance(event, h11.EndOfMessage):
                     break
                 raise _Close()  # ConnectionClosed mid-body
         except TimeoutError:
-            await self._send_error_and_close(conn, writer, APIError(408, "Timed out reading the request body"),
-                                             request)
+            await self._send_error_and_close(
+                conn, reader, writer, APIError(408, "Timed out reading the request body"), request
+            )
         except h11.RemoteProtocolError as exc:
-            await self._send_error_and_close(conn, writer, APIError(400, f"Malformed HTTP request body: {exc}"),
-                                             request)
+            await self._send_error_and_close(
+                conn, reader, writer, APIError(400, f"Malformed HTTP request body: {exc}"), request
+            )
         return b"".join(parts) if len(parts) != 1 else parts[0]
 
     # -- one request ---------------------------------------------------------------------------------
-    async def _dispatch(self, conn: h11.Connection, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                        request: Request) -> bool:
+    async def _dispatch(
+        self,
+        conn: h11.Connection,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        request: Request,
+    ) -> bool:
         if request.method != "POST":
             # Cheap requests (health, models, metrics) are answered in line: no disconnect watch needed.
             return await self._respond(conn, writer, request)
@@ -330,9 +423,17 @@ class HTTPServer:
             response = error_response(APIError(500, "Internal server error"), self.on_error_headers(request))
         extra = [("connection", "close")] if self.draining else []
         if isinstance(response, Response):
-            headers = [("content-type", response.content_type), ("content-length", str(len(response.body))),
-                       *response.headers, *extra]
-            data = conn.send(h11.Response(status_code=response.status, headers=headers, reason=_REASONS.get(response.status, b"")))
+            headers = [
+                ("content-type", response.content_type),
+                ("content-length", str(len(response.body))),
+                *response.headers,
+                *extra,
+            ]
+            data = conn.send(
+                h11.Response(
+                    status_code=response.status, headers=headers, reason=_REASONS.get(response.status, b"")
+                )
+            )
             if response.body and request.method != "HEAD":
                 data += conn.send(h11.Data(data=response.body))
             data += conn.send(h11.EndOfMessage())
@@ -342,13 +443,30 @@ class HTTPServer:
             return True
         return await self._stream(conn, writer, response, extra)
 
-    async def _stream(self, conn: h11.Connection, writer: asyncio.StreamWriter, response: StreamingResponse,
-                      extra: list[tuple[str, str]]) -> bool:
-        headers = [("content-type", response.content_type), ("cache-control", "no-cache"),
-                   *response.headers, *extra]
+    async def _stream(
+        self,
+        conn: h11.Connection,
+        writer: asyncio.StreamWriter,
+        response: StreamingResponse,
+        extra: list[tuple[str, str]],
+    ) -> bool:
+        headers = [
+            ("content-type", response.content_type),
+            ("cache-control", "no-cache"),
+            *response.headers,
+            *extra,
+        ]
         chunks = response.chunks
         try:
-            writer.write(conn.send(h11.Response(status_code=response.status, headers=headers, reason=_REASONS.get(response.status, b""))))
+            writer.write(
+                conn.send(
+                    h11.Response(
+                        status_code=response.status,
+                        headers=headers,
+                        reason=_REASONS.get(response.status, b""),
+                    )
+                )
+            )
             async for chunk in chunks:
                 writer.write(conn.send(h11.Data(data=chunk)))
                 if writer.transport.get_write_buffer_size() > _WRITE_HIGH_WATER:
@@ -360,6 +478,8 @@ class HTTPServer:
             if aclose is not None:
                 with contextlib.suppress(BaseException):
                     await aclose()
+            if response.on_close is not None:
+                response.on_close()
         return True
 
     async def _drain(self, writer: asyncio.StreamWriter) -> None:

@@ -38,8 +38,14 @@ def _names(kinds: tuple) -> str:
     return " or ".join(names)
 
 
-def _num(body: dict, name: str, default: float, lo: float | None = None, hi: float | None = None,
-         lo_open: bool = False) -> float:
+def _num(
+    body: dict,
+    name: str,
+    default: float,
+    lo: float | None = None,
+    hi: float | None = None,
+    lo_open: bool = False,
+) -> float:
     value = float(_get(body, name, (int, float), default))
     if lo is not None and (value < lo or (lo_open and value == lo)):
         raise invalid(f"'{name}' must be {'>' if lo_open else '>='} {lo}, got {value}", name)
@@ -48,7 +54,9 @@ def _num(body: dict, name: str, default: float, lo: float | None = None, hi: flo
     return value
 
 
-def _int(body: dict, name: str, default: int | None, lo: int | None = None, hi: int | None = None) -> int | None:
+def _int(
+    body: dict, name: str, default: int | None, lo: int | None = None, hi: int | None = None
+) -> int | None:
     value = _get(body, name, (int, float), default)
     if value is None:
         return None
@@ -108,7 +116,9 @@ def _reject_unsupported(body: dict) -> None:
             raise invalid("'response_format' must be an object with a 'type'", "response_format")
         if fmt["type"] != "text":
             if fmt["type"] in ("json_object", "json_schema"):
-                raise unsupported("response_format", f"response_format type '{fmt['type']}' (structured output)")
+                raise unsupported(
+                    "response_format", f"response_format type '{fmt['type']}' (structured output)"
+                )
             raise invalid(f"Unknown response_format type '{fmt['type']}'", "response_format")
     if body.get("audio") is not None:
         raise unsupported("audio", "Audio output")
@@ -123,8 +133,9 @@ def _reject_unsupported(body: dict) -> None:
         raise unsupported("web_search_options", "Web search")
 
 
-def _sampling(body: dict, *, max_tokens: int | None, n: int, logprobs: int | None,
-              vocab_size: int) -> SamplingParams:
+def _sampling(
+    body: dict, *, max_tokens: int | None, n: int, logprobs: int | None, vocab_size: int
+) -> SamplingParams:
     stop = body.get("stop")
     if stop is not None:
         if isinstance(stop, str):
@@ -132,9 +143,15 @@ def _sampling(body: dict, *, max_tokens: int | None, n: int, logprobs: int | Non
         elif not (isinstance(stop, list) and all(isinstance(s, str) for s in stop)):
             raise invalid("'stop' must be a string or an array of strings", "stop")
     stop_token_ids = body.get("stop_token_ids")
-    if stop_token_ids is not None and not (isinstance(stop_token_ids, list) and all(
-            isinstance(t, int) and not isinstance(t, bool) and 0 <= t < vocab_size for t in stop_token_ids)):
-        raise invalid(f"'stop_token_ids' must be an array of token ids in [0, {vocab_size})", "stop_token_ids")
+    if stop_token_ids is not None and not (
+        isinstance(stop_token_ids, list)
+        and all(
+            isinstance(t, int) and not isinstance(t, bool) and 0 <= t < vocab_size for t in stop_token_ids
+        )
+    ):
+        raise invalid(
+            f"'stop_token_ids' must be an array of token ids in [0, {vocab_size})", "stop_token_ids"
+        )
     bias = body.get("logit_bias")
     logit_bias = None
     if bias is not None:
@@ -147,9 +164,13 @@ def _sampling(body: dict, *, max_tokens: int | None, n: int, logprobs: int | Non
             except (TypeError, ValueError):
                 raise invalid(f"'logit_bias' key {key!r} is not a token id", "logit_bias") from None
             if not 0 <= token < vocab_size:
-                raise invalid(f"'logit_bias' token id {token} is out of range [0, {vocab_size})", "logit_bias")
+                raise invalid(
+                    f"'logit_bias' token id {token} is out of range [0, {vocab_size})", "logit_bias"
+                )
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not -100 <= value <= 100:
-                raise invalid(f"'logit_bias' value for token {token} must be a number in [-100, 100]", "logit_bias")
+                raise invalid(
+                    f"'logit_bias' value for token {token} must be a number in [-100, 100]", "logit_bias"
+                )
             logit_bias[token] = float(value)
     min_tokens = _int(body, "min_tokens", 0, 0)
     if max_tokens is not None and min_tokens > max_tokens:
@@ -162,7 +183,7 @@ def _sampling(body: dict, *, max_tokens: int | None, n: int, logprobs: int | Non
             top_p=_num(body, "top_p", 1.0, 0.0, 1.0, lo_open=True),
             top_k=top_k,
             min_p=_num(body, "min_p", 0.0, 0.0, 1.0),
-            seed=_int(body, "seed", None),
+            seed=_int(body, "seed", None, -(2**63), 2**63 - 1),  # int64, as OpenAI
             presence_penalty=_num(body, "presence_penalty", 0.0, -2.0, 2.0),
             frequency_penalty=_num(body, "frequency_penalty", 0.0, -2.0, 2.0),
             repetition_penalty=_num(body, "repetition_penalty", 1.0, 0.0, None, lo_open=True),
@@ -234,8 +255,9 @@ def chat_messages(body: dict) -> list[dict]:
     return out
 
 
-def parse_chat(body: dict, served: list[str], tokenizer, max_model_len: int, vocab_size: int,
-               chat_template: str | None) -> GenerationRequest:
+def parse_chat(
+    body: dict, served: list[str], tokenizer, max_model_len: int, vocab_size: int, chat_template: str | None
+) -> GenerationRequest:
     model = check_model(body, served)
     _reject_unsupported(body)
     messages = chat_messages(body)
@@ -251,16 +273,23 @@ def parse_chat(body: dict, served: list[str], tokenizer, max_model_len: int, voc
     stream, include_usage = _stream_options(body)
     add_generation_prompt = _bool(body, "add_generation_prompt", True)
     try:
-        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt,
-                                             chat_template=chat_template)
+        text = tokenizer.apply_chat_template(
+            messages, tokenize=False, add_generation_prompt=add_generation_prompt, chat_template=chat_template
+        )
     except Exception as exc:
         raise invalid(f"The chat template could not be applied to 'messages': {exc}", "messages") from None
     ids = tokenizer.encode(text, add_special_tokens=False)
     prompt_len_check(len(ids), max_tokens, max_model_len, "messages")
-    params = _sampling(body, max_tokens=max_tokens if max_tokens is not None else max_model_len - len(ids),
-                       n=n, logprobs=logprobs, vocab_size=vocab_size)
-    return GenerationRequest(model, [ids], [text], params, max_tokens is not None, stream, include_usage,
-                             False, logprobs, True)
+    params = _sampling(
+        body,
+        max_tokens=max_tokens if max_tokens is not None else max_model_len - len(ids),
+        n=n,
+        logprobs=logprobs,
+        vocab_size=vocab_size,
+    )
+    return GenerationRequest(
+        model, [ids], [text], params, max_tokens is not None, stream, include_usage, False, logprobs, True
+    )
 
 
 def _stream_options(body: dict) -> tuple[bool, bool]:
@@ -281,16 +310,23 @@ def prompt_len_check(prompt_len: int, max_tokens: int | None, max_model_len: int
         raise invalid("The prompt is empty", param)
     if prompt_len >= max_model_len or (max_tokens is not None and prompt_len + max_tokens > max_model_len):
         wanted = prompt_len + (max_tokens or 0)
-        raise APIError(400, f"This model's maximum context length is {max_model_len} tokens. However, you "
-                            f"requested {wanted} tokens ({prompt_len} in the {param}, {max_tokens or 0} in the "
-                            "completion). Please reduce the length of the prompt or the completion.",
-                       param=param, code="context_length_exceeded")
+        raise APIError(
+            400,
+            f"This model's maximum context length is {max_model_len} tokens. However, you "
+            f"requested {wanted} tokens ({prompt_len} in the {param}, {max_tokens or 0} in the "
+            "completion). Please reduce the length of the prompt or the completion.",
+            param=param,
+            code="context_length_exceeded",
+        )
 
 
 def token_id_list(value: Any, vocab_size: int, param: str) -> list[int] | None:
     """A list of token ids (validated), or None if `value` is not shaped like one."""
-    if not isinstance(value, list) or not value or not all(isinstance(t, int) and not isinstance(t, bool)
-                                                           for t in value):
+    if (
+        not isinstance(value, list)
+        or not value
+        or not all(isinstance(t, int) and not isinstance(t, bool) for t in value)
+    ):
         return None
     for t in value:
         if not 0 <= t < vocab_size:
@@ -298,16 +334,20 @@ def token_id_list(value: Any, vocab_size: int, param: str) -> list[int] | None:
     return value
 
 
-def prompts_of(value: Any, tokenizer, vocab_size: int, param: str) -> tuple[list[list[int]], list[str | None]]:
-    """str | list[str] | list[int] | list[list[int]] -> token-id prompts (+ their text, when given as text)."""
+def prompts_of(
+    value: Any, tokenizer, vocab_size: int, param: str
+) -> tuple[list[list[int]], list[str | None]]:
+    """str | list[str] | list[int] | list[list[int]] -> token-id prompts (+ their text, when given as text).
+
+    Text gets the tokenizer's special tokens (e.g. BOS), as the engine's own tokenize() and vLLM do."""
     if isinstance(value, str):
-        return [tokenizer.encode(value, add_special_tokens=False)], [value]
+        return [tokenizer.encode(value)], [value]
     if isinstance(value, list) and value:
         ids = token_id_list(value, vocab_size, param)
         if ids is not None:
             return [ids], [None]
         if all(isinstance(v, str) for v in value):
-            return [tokenizer.encode(v, add_special_tokens=False) for v in value], list(value)
+            return [tokenizer.encode(v) for v in value], list(value)
         if all(isinstance(v, list) for v in value):
             lists = []
             for i, v in enumerate(value):
@@ -316,12 +356,16 @@ def prompts_of(value: Any, tokenizer, vocab_size: int, param: str) -> tuple[list
                     raise invalid(f"'{param}[{i}]' must be a non-empty array of token ids", param)
                 lists.append(ids)
             return lists, [None] * len(lists)
-    raise invalid(f"'{param}' must be a string, an array of strings, an array of token ids or an array of "
-                  "token-id arrays, and not empty", param)
+    raise invalid(
+        f"'{param}' must be a string, an array of strings, an array of token ids or an array of "
+        "token-id arrays, and not empty",
+        param,
+    )
 
 
-def parse_completion(body: dict, served: list[str], tokenizer, max_model_len: int,
-                     vocab_size: int) -> GenerationRequest:
+def parse_completion(
+    body: dict, served: list[str], tokenizer, max_model_len: int, vocab_size: int
+) -> GenerationRequest:
     model = check_model(body, served)
     _reject_unsupported(body)
     if "prompt" not in body:
@@ -342,7 +386,9 @@ def parse_completion(body: dict, served: list[str], tokenizer, max_model_len: in
     longest = max(len(p) for p in prompts)
     prompt_len_check(longest, max_tokens, max_model_len, "prompt")
     params = _sampling(body, max_tokens=max_tokens, n=n, logprobs=logprobs, vocab_size=vocab_size)
-    return GenerationRequest(model, prompts, texts, params, True, stream, include_usage, echo, logprobs, False)
+    return GenerationRequest(
+        model, prompts, texts, params, True, stream, include_usage, echo, logprobs, False
+    )
 
 
 # -- logprobs --------------------------------------------------------------------------------------------
@@ -365,8 +411,9 @@ class TokenText:
 
 
 def _ranked(entries: dict[int, Logprob], k: int) -> list[tuple[int, Logprob]]:
-    items = sorted(entries.items(), key=lambda kv: (kv[1].rank if kv[1].rank is not None else 10**9,
-                                                    -kv[1].logprob))
+    items = sorted(
+        entries.items(), key=lambda kv: (kv[1].rank if kv[1].rank is not None else 10**9, -kv[1].logprob)
+    )
     return items[:k]
 
 
@@ -374,7 +421,9 @@ def _finite(x: float) -> float:
     return x if math.isfinite(x) else -9999.0
 
 
-def chat_logprobs(output: CompletionOutput, start: int, end: int, top: int, token_text: TokenText) -> list[dict]:
+def chat_logprobs(
+    output: CompletionOutput, start: int, end: int, top: int, token_text: TokenText
+) -> list[dict]:
     """Chat shape: [{token, logprob, bytes, top_logprobs: [{token, logprob, bytes}]}] for tokens [start, end)."""
     content = []
     logprobs = output.logprobs or []
@@ -383,19 +432,27 @@ def chat_logprobs(output: CompletionOutput, start: int, end: int, top: int, toke
         entries = logprobs[i]
         chosen = entries.get(token_id)
         text = token_text(token_id, chosen)
-        content.append({
-            "token": text,
-            "logprob": _finite(chosen.logprob) if chosen is not None else -9999.0,
-            "bytes": list(text.encode("utf-8")),
-            "top_logprobs": [
-                {"token": (t := token_text(tid, lp)), "logprob": _finite(lp.logprob), "bytes": list(t.encode("utf-8"))}
-                for tid, lp in _ranked(entries, top)],
-        })
+        content.append(
+            {
+                "token": text,
+                "logprob": _finite(chosen.logprob) if chosen is not None else -9999.0,
+                "bytes": list(text.encode("utf-8")),
+                "top_logprobs": [
+                    {
+                        "token": (t := token_text(tid, lp)),
+                        "logprob": _finite(lp.logprob),
+                        "bytes": list(t.encode("utf-8")),
+                    }
+                    for tid, lp in _ranked(entries, top)
+                ],
+            }
+        )
     return content
 
 
-def completion_logprobs(output: CompletionOutput, start: int, end: int, top: int, token_text: TokenText,
-                        text_offset: int) -> dict:
+def completion_logprobs(
+    output: CompletionOutput, start: int, end: int, top: int, token_text: TokenText, text_offset: int
+) -> dict:
     """Completions shape: {tokens, token_logprobs, top_logprobs: [{token: logprob}], text_offset}."""
     tokens, token_logprobs, tops, offsets = [], [], [], []
     logprobs = output.logprobs or []
@@ -413,9 +470,12 @@ def completion_logprobs(output: CompletionOutput, start: int, end: int, top: int
 
 
 def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> dict:
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens,
-            "prompt_tokens_details": {"cached_tokens": cached_tokens}}
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+        "prompt_tokens_details": {"cached_tokens": cached_tokens},
+    }
 
 
 def finish_reason(reason: str | None) -> str | None:

@@ -11,7 +11,9 @@ import struct
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from urllib.parse import unquote
 
 from .. import __version__
 from ..engine.async_engine import AsyncEngine, EngineDeadError, RequestStream
@@ -24,6 +26,9 @@ from .metrics import Metrics
 logger = logging.getLogger("fast_inference.server")
 
 _OPEN_PATHS = frozenset({"/health", "/ping"})
+# Requests with larger bodies are tokenized (and chat-templated) off the event loop.
+_INLINE_TOKENIZE_BYTES = 16 * 1024
+_QUIET_PATHS = frozenset({"/health", "/ping", "/metrics"})  # probes and scrapes: logged at debug only
 
 
 @dataclass(slots=True)
@@ -39,8 +44,9 @@ class ServerConfig:
 class OpenAIApp:
     """Request -> Response | StreamingResponse. Runs on the event loop; model work goes to the AsyncEngine."""
 
-    def __init__(self, engine: AsyncEngine, config: ServerConfig, *,
-                 connections: Callable[[], int] = lambda: 0) -> None:
+    def __init__(
+        self, engine: AsyncEngine, config: ServerConfig, *, connections: Callable[[], int] = lambda: 0
+    ) -> None:
         self.engine = engine
         self.config = config
         self.metrics = Metrics(config.served_model_names[0])
@@ -52,6 +58,8 @@ class OpenAIApp:
         self._tokenizer = None
         self._token_text: protocol.TokenText | None = None
         self.inflight = 0  # engine requests this server has queued or running
+        self._pool: ThreadPoolExecutor | None = None  # the tokenizer thread, started on first need
+        self._pool_tokenizer = None
         self.routes: dict[str, dict[str, Callable]] = {
             "/v1/chat/completions": {"POST": self.chat_completions},
             "/v1/completions": {"POST": self.completions},
@@ -70,22 +78,36 @@ class OpenAIApp:
 
     # -- dispatch ------------------------------------------------------------------------------------
     async def __call__(self, request: Request) -> Response | StreamingResponse:
+        request.started = time.perf_counter()
         path = request.path
         route = self.routes.get(path)
         if route is None:
             if path.startswith("/v1/models/") and len(path) > len("/v1/models/"):
                 route = self._model_route
             else:
-                return self._finish(request, path, error_response(
-                    APIError(404, f"Not found: {request.method} {path}", code="not_found"), self.cors_headers(request)))
+                return self._finish(
+                    request,
+                    path,
+                    error_response(
+                        APIError(404, f"Not found: {request.method} {path}", code="not_found"),
+                        self.cors_headers(request),
+                    ),
+                )
         if request.method == "OPTIONS":
             return self._preflight(request, route)
         handler = route.get(request.method)
         if handler is None:
             allow = ", ".join([*route, "OPTIONS"])
-            return self._finish(request, path, error_response(
-                APIError(405, f"Method {request.method} is not allowed on {path}", code="method_not_allowed"),
-                [("allow", allow), *self.cors_headers(request)]))
+            return self._finish(
+                request,
+                path,
+                error_response(
+                    APIError(
+                        405, f"Method {request.method} is not allowed on {path}", code="method_not_allowed"
+                    ),
+                    [("allow", allow), *self.cors_headers(request)],
+                ),
+            )
         try:
             if self._api_key is not None and path not in _OPEN_PATHS:
                 self._check_key(request)
@@ -100,10 +122,25 @@ class OpenAIApp:
         return self._finish(request, path, response)
 
     def _finish(self, request: Request, path: str, response: Response | StreamingResponse):
-        endpoint = path if path in self.routes else ("/v1/models/{id}" if path.startswith("/v1/models/") else "other")
+        endpoint = (
+            path
+            if path in self.routes
+            else ("/v1/models/{id}" if path.startswith("/v1/models/") else "other")
+        )
         self.metrics.request_done(endpoint, response.status)
-        if response.status >= 400 and request.method == "POST":
-            logger.info("%s %s -> %d", request.method, path, response.status)
+        # Generations that started log their own line when they end (with token counts); the rest here.
+        if not (getattr(response, "logged_by_job", False) or isinstance(response, StreamingResponse)):
+            level = logging.DEBUG if path in _QUIET_PATHS and response.status != 500 else logging.INFO
+            if logger.isEnabledFor(level):
+                logger.log(
+                    level,
+                    "%s %s %s status=%d latency=%.1fms",
+                    request.client,
+                    request.method,
+                    path,
+                    response.status,
+                    (time.perf_counter() - request.started) * 1e3,
+                )
         return response
 
     def _check_key(self, request: Request) -> None:
@@ -112,8 +149,12 @@ class OpenAIApp:
         given = token.strip().encode() if scheme.lower() == "bearer" else b""
         # Constant time: the comparison does not leak how much of the key matched.
         if not hmac.compare_digest(given, self._api_key):
-            raise APIError(401, "Incorrect API key provided. Pass it as 'Authorization: Bearer <key>'.",
-                           type="invalid_request_error", code="invalid_api_key")
+            raise APIError(
+                401,
+                "Incorrect API key provided. Pass it as 'Authorization: Bearer <key>'.",
+                type="invalid_request_error",
+                code="invalid_api_key",
+            )
 
     # -- CORS ----------------------------------------------------------------------------------------
     def _origin_allowed(self, origin: str) -> bool:
@@ -134,15 +175,30 @@ class OpenAIApp:
         if origin is None or wanted is None:
             return Response(204, headers=[("allow", methods)])
         if not self._origin_allowed(origin):
-            return self._finish(request, request.path, error_response(
-                APIError(403, f"Origin {origin} is not allowed (see --allowed-origins)", code="cors_origin_denied")))
+            return self._finish(
+                request,
+                request.path,
+                error_response(
+                    APIError(
+                        403,
+                        f"Origin {origin} is not allowed (see --allowed-origins)",
+                        code="cors_origin_denied",
+                    )
+                ),
+            )
         if wanted not in route and wanted != "OPTIONS":
-            return error_response(APIError(405, f"Method {wanted} is not allowed on {request.path}"),
-                                  self.cors_headers(request))
-        headers = [*self.cors_headers(request), ("access-control-allow-methods", methods),
-                   ("access-control-allow-headers",
-                    request.headers.get("access-control-request-headers", "authorization, content-type")),
-                   ("access-control-max-age", "600")]
+            return error_response(
+                APIError(405, f"Method {wanted} is not allowed on {request.path}"), self.cors_headers(request)
+            )
+        headers = [
+            *self.cors_headers(request),
+            ("access-control-allow-methods", methods),
+            (
+                "access-control-allow-headers",
+                request.headers.get("access-control-request-headers", "authorization, content-type"),
+            ),
+            ("access-control-max-age", "600"),
+        ]
         return Response(204, headers=headers)
 
     # -- helpers -------------------------------------------------------------------------------------
@@ -158,12 +214,34 @@ class OpenAIApp:
             self._token_text = protocol.TokenText(self._tokenizer)
         return self._tokenizer
 
+    async def _tokenizing(self, request: Request, fn: Callable):
+        """fn(tokenizer): in line for small requests; for large ones on the tokenizer thread, with that
+        thread's own tokenizer copy, so a long prompt never stalls the event loop and every other stream."""
+        tokenizer = self.tokenizer
+        if len(request.body) <= _INLINE_TOKENIZE_BYTES:
+            return fn(tokenizer)
+        if self._pool is None:
+            try:
+                self._pool_tokenizer = copy.deepcopy(tokenizer)
+            except Exception:  # cannot get a private copy: sharing one across threads is not safe
+                return fn(tokenizer)
+            self._pool = ThreadPoolExecutor(1, thread_name_prefix="fast-inference-tokenizer")
+        return await asyncio.get_running_loop().run_in_executor(self._pool, fn, self._pool_tokenizer)
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
+
     def _require_ready(self) -> None:
         if self.engine.state == "loading":
             raise APIError(503, "The model is still loading; retry shortly", code="model_loading")
         if self.engine.state != "ready":
-            raise APIError(503, f"The engine is unavailable ({self.engine.state}: {self.engine.error})",
-                           code="engine_unavailable")
+            raise APIError(
+                503,
+                f"The engine is unavailable ({self.engine.state}: {self.engine.error})",
+                code="engine_unavailable",
+            )
 
     @staticmethod
     def _json_body(request: Request) -> dict:
@@ -189,8 +267,11 @@ class OpenAIApp:
             return Response(200, b"", content_type="text/plain")
         if self.engine.state == "loading":
             raise APIError(503, "The model is still loading", code="model_loading")
-        raise APIError(503, f"The engine is unavailable ({self.engine.state}: {self.engine.error})",
-                       code="engine_unavailable")
+        raise APIError(
+            503,
+            f"The engine is unavailable ({self.engine.state}: {self.engine.error})",
+            code="engine_unavailable",
+        )
 
     async def ping(self, request: Request) -> Response:
         return Response(200, b"pong", content_type="text/plain")
@@ -199,17 +280,24 @@ class OpenAIApp:
         return self._json({"version": __version__})
 
     def _model_card(self, name: str) -> dict:
-        card = {"id": name, "object": "model", "created": self._created, "owned_by": "fast_inference",
-                "root": self.config.model_path}
+        card = {
+            "id": name,
+            "object": "model",
+            "created": self._created,
+            "owned_by": "fast_inference",
+            "root": self.config.model_path,
+        }
         if self.engine.state == "ready":
             card["max_model_len"] = self._model_config.max_model_len
         return card
 
     async def list_models(self, request: Request) -> Response:
-        return self._json({"object": "list", "data": [self._model_card(n) for n in self.config.served_model_names]})
+        return self._json(
+            {"object": "list", "data": [self._model_card(n) for n in self.config.served_model_names]}
+        )
 
     async def get_model(self, request: Request) -> Response:
-        name = request.path[len("/v1/models/"):]
+        name = unquote(request.path[len("/v1/models/") :])
         if name not in self.config.served_model_names:
             raise APIError(404, f"The model '{name}' does not exist", param="model", code="model_not_found")
         return self._json(self._model_card(name))
@@ -218,16 +306,20 @@ class OpenAIApp:
         def gauges() -> dict:
             stats = self.engine.stats_snapshot
             values = {"num_open_connections": self._connections()}
-            for src, dst in (("num_running", "num_requests_running"), ("num_waiting", "num_requests_waiting"),
-                             ("kv_cache_usage", "kv_cache_usage_perc"),
-                             ("prefix_cache_hit_rate", "prefix_cache_hit_rate"),
-                             ("num_total_blocks", "num_kv_cache_blocks")):
+            for src, dst in (
+                ("num_running", "num_requests_running"),
+                ("num_waiting", "num_requests_waiting"),
+                ("kv_cache_usage", "kv_cache_usage_perc"),
+                ("prefix_cache_hit_rate", "prefix_cache_hit_rate"),
+                ("num_total_blocks", "num_kv_cache_blocks"),
+            ):
                 if stats.get(src) is not None:
                     values[dst] = stats[src]
             return values
 
-        return Response(200, self.metrics.render(gauges).encode(),
-                        content_type="text/plain; version=0.0.4; charset=utf-8")
+        return Response(
+            200, self.metrics.render(gauges).encode(), content_type="text/plain; version=0.0.4; charset=utf-8"
+        )
 
     async def tokenize(self, request: Request) -> Response:
         body = self._json_body(request)
@@ -237,9 +329,12 @@ class OpenAIApp:
             messages = protocol.chat_messages(body)
             add_generation_prompt = protocol._bool(body, "add_generation_prompt", True)
             try:
-                text = tokenizer.apply_chat_template(messages, tokenize=False,
-                                                     add_generation_prompt=add_generation_prompt,
-                                                     chat_template=self.config.chat_template)
+                text = tokenizer.apply_chat_template(
+                    messages,
+                    tokenize=False,
+                    add_generation_prompt=add_generation_prompt,
+                    chat_template=self.config.chat_template,
+                )
             except Exception as exc:
                 raise invalid(f"The chat template could not be applied: {exc}", "messages") from None
             add_special = protocol._bool(body, "add_special_tokens", False)
@@ -275,18 +370,10 @@ class OpenAIApp:
         cfg = self._model_config
         limit = cfg.max_model_len
         truncate = _truncate_prompt_tokens(body, limit)
-        value = body["input"]
-        texts = [value] if isinstance(value, str) else value
-        if (not getattr(self.engine.engine, "supports_generation", True) and isinstance(texts, list) and texts
-                and all(isinstance(t, str) for t in texts)):
-            # Encoder models need their special tokens ([CLS] ... [SEP]); truncation keeps them.
-            from ..engine.encoder_engine import encode_texts
-
-            prompts = encode_texts(self.tokenizer, texts, limit, truncate)
-        else:
-            prompts, _ = protocol.prompts_of(value, self.tokenizer, cfg.vocab_size, "input")
-            if truncate is not None:
-                prompts = [ids[:truncate] for ids in prompts]
+        encoder = not getattr(self.engine.engine, "supports_generation", True)
+        prompts = await self._tokenizing(
+            request, lambda tokenizer: _embedding_prompts(body["input"], tokenizer, cfg, encoder, truncate)
+        )
         encoding = body.get("encoding_format") or "float"
         if encoding not in ("float", "base64"):
             raise invalid("'encoding_format' must be 'float' or 'base64'", "encoding_format")
@@ -295,8 +382,13 @@ class OpenAIApp:
             if not ids:
                 raise invalid(f"input[{i}] is empty", "input")
             if len(ids) > limit:
-                raise APIError(400, f"input[{i}] has {len(ids)} tokens; this model's maximum context length is "
-                                    f"{limit} tokens", param="input", code="context_length_exceeded")
+                raise APIError(
+                    400,
+                    f"input[{i}] has {len(ids)} tokens; this model's maximum context length is "
+                    f"{limit} tokens",
+                    param="input",
+                    code="context_length_exceeded",
+                )
         self._admit(len(prompts))
         try:
             vectors = await self.engine.embed(prompts)
@@ -317,15 +409,25 @@ class OpenAIApp:
             data.append({"object": "embedding", "index": i, "embedding": value})
         tokens = sum(len(p) for p in prompts)
         self.metrics.prompt_tokens += tokens
-        return self._json({"object": "list", "data": data, "model": model,
-                           "usage": {"prompt_tokens": tokens, "total_tokens": tokens}})
+        return self._json(
+            {
+                "object": "list",
+                "data": data,
+                "model": model,
+                "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+            }
+        )
 
     # -- generation ----------------------------------------------------------------------------------
     def _admit(self, count: int) -> None:
         if self.inflight + count > self.config.max_pending_requests:
-            raise APIError(429, f"The server is overloaded: {self.inflight} requests already queued "
-                                f"(limit {self.config.max_pending_requests}); retry later",
-                           type="rate_limit_error", code="server_overloaded")
+            raise APIError(
+                429,
+                f"The server is overloaded: {self.inflight} requests already queued "
+                f"(limit {self.config.max_pending_requests}); retry later",
+                type="rate_limit_error",
+                code="server_overloaded",
+            )
         self.inflight += count
 
     async def chat_completions(self, request: Request) -> Response | StreamingResponse:
@@ -340,16 +442,22 @@ class OpenAIApp:
         protocol.check_model(body, self.config.served_model_names)
         self._require_ready()
         if not getattr(self.engine.engine, "supports_generation", True):
-            raise invalid(f"The model '{self.config.served_model_names[0]}' is an embedding model and does "
-                          "not support generation; use /v1/embeddings", "model")
+            raise invalid(
+                f"The model '{self.config.served_model_names[0]}' is an embedding model and does "
+                "not support generation; use /v1/embeddings",
+                "model",
+            )
         cfg = self._model_config
-        tokenizer = self.tokenizer
-        if chat:
-            gen = protocol.parse_chat(body, self.config.served_model_names, tokenizer, cfg.max_model_len,
-                                      cfg.vocab_size, self.config.chat_template)
-        else:
-            gen = protocol.parse_completion(body, self.config.served_model_names, tokenizer, cfg.max_model_len,
-                                            cfg.vocab_size)
+        names = self.config.served_model_names
+
+        def parse(tokenizer) -> protocol.GenerationRequest:
+            if chat:
+                return protocol.parse_chat(
+                    body, names, tokenizer, cfg.max_model_len, cfg.vocab_size, self.config.chat_template
+                )
+            return protocol.parse_completion(body, names, tokenizer, cfg.max_model_len, cfg.vocab_size)
+
+        gen = await self._tokenizing(request, parse)
         request_id = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
         self._admit(len(gen.prompts))
         streams: list[RequestStream] = []
@@ -358,8 +466,12 @@ class OpenAIApp:
                 streams.append(await self.engine.add_request(request_id, gen.prompts[0], gen.params))
             else:
                 results = await asyncio.gather(
-                    *(self.engine.add_request(f"{request_id}-{i}", ids, gen.params)
-                      for i, ids in enumerate(gen.prompts)), return_exceptions=True)
+                    *(
+                        self.engine.add_request(f"{request_id}-{i}", ids, gen.params)
+                        for i, ids in enumerate(gen.prompts)
+                    ),
+                    return_exceptions=True,
+                )
                 streams = [r for r in results if isinstance(r, RequestStream)]
                 for r in results:
                     if isinstance(r, BaseException):
@@ -373,9 +485,11 @@ class OpenAIApp:
             raise
         job = _Job(self, gen, request_id, streams, arrival)
         if gen.stream:
-            return StreamingResponse(200, job.stream())
+            return StreamingResponse(200, job.stream(), on_close=job.close)
         try:
-            return self._json(await job.collect())
+            response = self._json(await job.collect())
+            response.logged_by_job = True
+            return response
         except asyncio.CancelledError:
             job.status = 499  # the client went away: the engine request is aborted in close()
             raise
@@ -389,8 +503,14 @@ class OpenAIApp:
 class _Job:
     """One generation request's life after admission: reading outputs, metrics, logging, clean-up."""
 
-    def __init__(self, app: OpenAIApp, gen: protocol.GenerationRequest, request_id: str,
-                 streams: list[RequestStream], arrival: float) -> None:
+    def __init__(
+        self,
+        app: OpenAIApp,
+        gen: protocol.GenerationRequest,
+        request_id: str,
+        streams: list[RequestStream],
+        arrival: float,
+    ) -> None:
         self.app = app
         self.gen = gen
         self.request_id = request_id
@@ -486,24 +606,48 @@ class _Job:
                 if gen.chat:
                     logprobs = None
                     if gen.logprobs is not None:
-                        logprobs = {"content": protocol.chat_logprobs(c, 0, len(c.token_ids), gen.logprobs,
-                                                                      token_text), "refusal": None}
-                    choices.append({"index": index, "message": {"role": "assistant", "content": c.text,
-                                                                "refusal": None},
-                                    "logprobs": logprobs, "finish_reason": reason, "stop_reason": c.stop_reason})
+                        logprobs = {
+                            "content": protocol.chat_logprobs(
+                                c, 0, len(c.token_ids), gen.logprobs, token_text
+                            ),
+                            "refusal": None,
+                        }
+                    choices.append(
+                        {
+                            "index": index,
+                            "message": {"role": "assistant", "content": c.text, "refusal": None},
+                            "logprobs": logprobs,
+                            "finish_reason": reason,
+                            "stop_reason": c.stop_reason,
+                        }
+                    )
                 else:
                     prefix = self._echo_text(i) if gen.echo else ""
                     logprobs = None
                     if gen.logprobs is not None:
-                        logprobs = protocol.completion_logprobs(c, 0, len(c.token_ids), gen.logprobs, token_text,
-                                                                len(prefix))
-                    choices.append({"index": index, "text": prefix + c.text, "logprobs": logprobs,
-                                    "finish_reason": reason, "stop_reason": c.stop_reason})
+                        logprobs = protocol.completion_logprobs(
+                            c, 0, len(c.token_ids), gen.logprobs, token_text, len(prefix)
+                        )
+                    choices.append(
+                        {
+                            "index": index,
+                            "text": prefix + c.text,
+                            "logprobs": logprobs,
+                            "finish_reason": reason,
+                            "stop_reason": c.stop_reason,
+                        }
+                    )
         choices.sort(key=lambda c: c["index"])
         self.completion_tokens = sum(self.token_counts)
-        return {"id": self.request_id, "object": "chat.completion" if gen.chat else "text_completion",
-                "created": self.created, "model": gen.model, "system_fingerprint": app._fingerprint,
-                "choices": choices, "usage": protocol.usage(prompt_tokens, self.completion_tokens, cached)}
+        return {
+            "id": self.request_id,
+            "object": "chat.completion" if gen.chat else "text_completion",
+            "created": self.created,
+            "model": gen.model,
+            "system_fingerprint": app._fingerprint,
+            "choices": choices,
+            "usage": protocol.usage(prompt_tokens, self.completion_tokens, cached),
+        }
 
     def _echo_text(self, i: int) -> str:
         text = self.gen.prompt_texts[i]
@@ -514,8 +658,13 @@ class _Job:
         app = self.app
         n = gen.params.n
         total = len(self.streams) * n
-        enc = sse.ChunkEncoder(chat=gen.chat, request_id=self.request_id, created=self.created, model=gen.model,
-                               fingerprint=app._fingerprint)
+        enc = sse.ChunkEncoder(
+            chat=gen.chat,
+            request_id=self.request_id,
+            created=self.created,
+            model=gen.model,
+            fingerprint=app._fingerprint,
+        )
         token_text = app._token_text
         sent_chars = [0] * total
         sent_tokens = [0] * total
@@ -534,7 +683,7 @@ class _Job:
                     k = i * n + c.index
                     if done[k]:
                         continue
-                    new_text = c.text[sent_chars[k]:]
+                    new_text = c.text[sent_chars[k] :]
                     count = len(c.token_ids)
                     reason = protocol.finish_reason(c.finish_reason)
                     if not new_text and count == sent_tokens[k] and reason is None:
@@ -542,11 +691,16 @@ class _Job:
                     logprobs = None
                     if gen.logprobs is not None and count > sent_tokens[k]:
                         if gen.chat:
-                            logprobs = {"content": protocol.chat_logprobs(c, sent_tokens[k], count, gen.logprobs,
-                                                                          token_text), "refusal": None}
+                            logprobs = {
+                                "content": protocol.chat_logprobs(
+                                    c, sent_tokens[k], count, gen.logprobs, token_text
+                                ),
+                                "refusal": None,
+                            }
                         else:
-                            logprobs = protocol.completion_logprobs(c, sent_tokens[k], count, gen.logprobs,
-                                                                    token_text, text_offsets[k])
+                            logprobs = protocol.completion_logprobs(
+                                c, sent_tokens[k], count, gen.logprobs, token_text, text_offsets[k]
+                            )
                             text_offsets[k] += sum(len(t) for t in logprobs["tokens"])
                     sent_chars[k] = len(c.text)
                     sent_tokens[k] = count
@@ -556,8 +710,13 @@ class _Job:
                         continue
                     if reason is not None:
                         done[k] = True
-                    yield enc.choice(k, new_text if (new_text or not gen.chat) else None, logprobs=logprobs,
-                                     finish_reason=reason, stop_reason=c.stop_reason)
+                    yield enc.choice(
+                        k,
+                        new_text if (new_text or not gen.chat) else None,
+                        logprobs=logprobs,
+                        finish_reason=reason,
+                        stop_reason=c.stop_reason,
+                    )
             if gen.include_usage:
                 prompt_tokens = sum(len(p) for p in gen.prompts)
                 cached = sum(f.num_cached_tokens for f in self.finals if f is not None)
@@ -603,9 +762,16 @@ class _Job:
         if self.status == 200:
             metrics.e2e.observe(now - self.arrival)
         ttft = f"{(self.first_token_time - self.arrival) * 1e3:.1f}ms" if self.first_token_time else "-"
-        logger.info("%s status=%d prompt_tokens=%d completion_tokens=%d ttft=%s latency=%.1fms%s",
-                    self.request_id, self.status, prompt_tokens, completion_tokens, ttft,
-                    (now - self.arrival) * 1e3, " stream" if self.gen.stream else "")
+        logger.info(
+            "%s status=%d prompt_tokens=%d completion_tokens=%d ttft=%s latency=%.1fms%s",
+            self.request_id,
+            self.status,
+            prompt_tokens,
+            completion_tokens,
+            ttft,
+            (now - self.arrival) * 1e3,
+            " stream" if self.gen.stream else "",
+        )
 
 
 def _truncate_prompt_tokens(body: dict, limit: int) -> int | None:
@@ -617,6 +783,18 @@ def _truncate_prompt_tokens(body: dict, limit: int) -> int | None:
         raise invalid(f"'truncate_prompt_tokens' must be -1 or an integer in [1, {limit}], got {k!r}",
                       "truncate_prompt_tokens")
     return limit if k == -1 else k
+
+
+def _embedding_prompts(value, tokenizer, cfg, encoder: bool, truncate: int | None) -> list[list[int]]:
+    """/v1/embeddings 'input' -> token ids. Encoder models get their special tokens ([CLS] ... [SEP]) on text
+    inputs, and truncation keeps them (as sentence-transformers truncates at its max_seq_length)."""
+    texts = [value] if isinstance(value, str) else value
+    if encoder and isinstance(texts, list) and texts and all(isinstance(t, str) for t in texts):
+        from ..engine.encoder_engine import encode_texts
+
+        return encode_texts(tokenizer, texts, cfg.max_model_len, truncate)
+    prompts, _ = protocol.prompts_of(value, tokenizer, cfg.vocab_size, "input")
+    return prompts if truncate is None else [ids[:truncate] for ids in prompts]
 
 
 def _embedding_dimensions(body: dict, cfg, model: str) -> int | None:

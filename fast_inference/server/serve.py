@@ -3,6 +3,7 @@
 import asyncio
 import contextlib
 import logging
+import os
 import signal
 import threading
 from collections.abc import Callable
@@ -18,9 +19,17 @@ logger = logging.getLogger("fast_inference.server")
 class Server:
     """HTTP server + AsyncEngine. /health answers 503 while the engine factory runs, 200 once ready."""
 
-    def __init__(self, engine_factory: Callable[[], Any], config: ServerConfig, *, host: str = "127.0.0.1",
-                 port: int = 8000, limits: Limits | None = None, drain_timeout: float = 30.0,
-                 is_demo: bool = False) -> None:
+    def __init__(
+        self,
+        engine_factory: Callable[[], Any],
+        config: ServerConfig,
+        *,
+        host: str = "127.0.0.1",
+        port: int = 8000,
+        limits: Limits | None = None,
+        drain_timeout: float = 30.0,
+        is_demo: bool = False,
+    ) -> None:
         self.engine = AsyncEngine(engine_factory)
         self.config = config
         self.host = host
@@ -38,8 +47,7 @@ class Server:
         self._stop = asyncio.Event()
         http_box: list[HTTPServer] = []
         self.app = OpenAIApp(self.engine, self.config, connections=lambda: http_box[0].num_connections)
-        self.http = HTTPServer(self.app, self.limits,
-                               on_error_headers=self.app.cors_headers)
+        self.http = HTTPServer(self.app, self.limits, on_error_headers=self.app.cors_headers)
         http_box.append(self.http)
         self.port = await self.http.start(self.host, self.port)
         logger.info("Listening on http://%s:%d (health: 503 until the model is loaded)", self.host, self.port)
@@ -55,11 +63,21 @@ class Server:
         cfg = engine.model_config
         blocks = getattr(engine, "num_total_blocks", 0)
         block_size = getattr(engine, "block_size", 0)
-        what = "the built-in demo model (tiny random-weight Llama, made locally)" if self.is_demo else cfg.model_path
+        what = (
+            "the built-in demo model (tiny random-weight Llama, made locally)"
+            if self.is_demo
+            else cfg.model_path
+        )
         logger.info("Model ready: serving %s as %s", what, ", ".join(self.config.served_model_names))
-        logger.info("  URL: http://%s:%d/v1  device=%s dtype=%s max_model_len=%d architecture=%s",
-                    self.host, self.port, cfg.device, str(cfg.dtype).replace("torch.", ""), cfg.max_model_len,
-                    cfg.architecture)
+        logger.info(
+            "  URL: http://%s:%d/v1  device=%s dtype=%s max_model_len=%d architecture=%s",
+            self.host,
+            self.port,
+            cfg.device,
+            str(cfg.dtype).replace("torch.", ""),
+            cfg.max_model_len,
+            cfg.architecture,
+        )
         logger.info("  KV cache: %d blocks x %d tokens = %d tokens", blocks, block_size, blocks * block_size)
         if self.config.api_key:
             logger.info("  API key required on all routes except /health and /ping")
@@ -68,6 +86,13 @@ class Server:
         """Thread-safe: begin a graceful shutdown."""
         if self._loop is not None and self._stop is not None:
             self._loop.call_soon_threadsafe(self._stop.set)
+
+    def _on_signal(self, sig: signal.Signals) -> None:
+        if self._stop is not None and self._stop.is_set():
+            logger.warning("%s again: exiting now without draining", sig.name)
+            os._exit(1)
+        logger.info("%s received (send it again to exit at once)", sig.name)
+        self.request_stop()
 
     async def serve_until_stopped(self) -> None:
         ready = asyncio.ensure_future(self.wait_ready())
@@ -86,6 +111,8 @@ class Server:
         if self.http is not None:
             await self.http.shutdown(self.drain_timeout)
         await asyncio.get_running_loop().run_in_executor(None, self.engine.shutdown)
+        if self.app is not None:
+            self.app.close()
         logger.info("Stopped")
 
 
@@ -97,7 +124,7 @@ def run(server: Server) -> None:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             with contextlib.suppress(NotImplementedError):
-                loop.add_signal_handler(sig, server.request_stop)
+                loop.add_signal_handler(sig, server._on_signal, sig)
         await server.serve_until_stopped()
 
     asyncio.run(main())

@@ -22,15 +22,20 @@ class ChunkEncoder:
 
     def __init__(self, *, chat: bool, request_id: str, created: int, model: str, fingerprint: str) -> None:
         self.chat = chat
-        self._head = {"id": request_id, "object": "chat.completion.chunk" if chat else "text_completion",
-                      "created": created, "model": model, "system_fingerprint": fingerprint}
+        self._head = {
+            "id": request_id,
+            "object": "chat.completion.chunk" if chat else "text_completion",
+            "created": created,
+            "model": model,
+            "system_fingerprint": fingerprint,
+        }
         head = _dumps(self._head)[:-1]  # without the closing brace
         if chat:
-            self._prefix = ('data: ' + head + ',"choices":[{"index":').encode()
-            self._suffix = (b',"logprobs":null,"finish_reason":null}]}\n\n')
+            self._prefix = ("data: " + head + ',"choices":[{"index":').encode()
+            self._suffix = b',"logprobs":null,"finish_reason":null}]}\n\n'
         else:
-            self._prefix = ('data: ' + head + ',"choices":[{"index":').encode()
-            self._suffix = (b',"logprobs":null,"finish_reason":null}]}\n\n')
+            self._prefix = ("data: " + head + ',"choices":[{"index":').encode()
+            self._suffix = b',"logprobs":null,"finish_reason":null}]}\n\n'
 
     def text(self, index: int, text: str) -> bytes:
         """A plain content delta (the per-token hot path)."""
@@ -38,8 +43,16 @@ class ChunkEncoder:
         close = "}" if self.chat else ""
         return self._prefix + f"{index}{key}{_escape(text)}{close}".encode() + self._suffix
 
-    def choice(self, index: int, text: str | None, *, role: bool = False, logprobs: dict | None = None,
-               finish_reason: str | None = None, stop_reason=None) -> bytes:
+    def choice(
+        self,
+        index: int,
+        text: str | None,
+        *,
+        role: bool = False,
+        logprobs: dict | None = None,
+        finish_reason: str | None = None,
+        stop_reason=None,
+    ) -> bytes:
         """Any other chunk of one choice: the first (role) chunk, chunks with logprobs, the finishing chunk."""
         if self.chat:
             delta: dict = {}
@@ -49,7 +62,12 @@ class ChunkEncoder:
                 delta["content"] = text
             choice = {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}
         else:
-            choice = {"index": index, "text": text or "", "logprobs": logprobs, "finish_reason": finish_reason}
+            choice = {
+                "index": index,
+                "text": text or "",
+                "logprobs": logprobs,
+                "finish_reason": finish_reason,
+            }
         if finish_reason is not None and stop_reason is not None:
             choice["stop_reason"] = stop_reason
         return event({**self._head, "choices": [choice]})

@@ -20,9 +20,14 @@ ROOT = Path(__file__).resolve().parents[2]
 
 class CLIServer:
     def __init__(self, args: list[str], env: dict) -> None:
-        self.proc = subprocess.Popen([sys.executable, "-m", "fast_inference", "serve", "--port", "0",
-                                      "--num-threads", "1", *args],
-                                     cwd=ROOT, env=env, stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "fast_inference", "serve", "--port", "0", "--num-threads", "1", *args],
+            cwd=ROOT,
+            env=env,
+            stderr=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
         self.lines: list[str] = []
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
@@ -91,27 +96,52 @@ def test_readme_curl(demo):
     out = subprocess.run(["curl", "-sf", f"{base}/health"], capture_output=True, text=True, timeout=30)
     assert out.returncode == 0
     out = subprocess.run(
-        ["curl", "-s", f"{base}/v1/chat/completions", "-H", "Content-Type: application/json", "-d",
-         '{"model": "fast-inference-demo", "messages": [{"role": "user", "content": "Hello!"}], "max_tokens": 16}'],
-        capture_output=True, text=True, timeout=60)
+        [
+            "curl",
+            "-s",
+            f"{base}/v1/chat/completions",
+            "-H",
+            "Content-Type: application/json",
+            "-d",
+            '{"model": "fast-inference-demo", "messages": [{"role": "user", "content": "Hello!"}], "max_tokens": 16}',
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     body = json.loads(out.stdout)
     assert body["object"] == "chat.completion" and body["usage"]["completion_tokens"] > 0
     out = subprocess.run(
-        ["curl", "-sN", f"{base}/v1/completions", "-H", "Content-Type: application/json", "-d",
-         '{"model": "fast-inference-demo", "prompt": "Once upon a time", "max_tokens": 16, "stream": true}'],
-        capture_output=True, text=True, timeout=60)
+        [
+            "curl",
+            "-sN",
+            f"{base}/v1/completions",
+            "-H",
+            "Content-Type: application/json",
+            "-d",
+            '{"model": "fast-inference-demo", "prompt": "Once upon a time", "max_tokens": 16, "stream": true}',
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert out.stdout.rstrip().endswith("data: [DONE]")
     demo.wait_for(r"cmpl-[0-9a-f]+ status=200 prompt_tokens=\d+ completion_tokens=\d+ ttft=[\d.]+ms latency=")
 
 
 def test_readme_openai(demo):
     client = openai.OpenAI(base_url=f"http://127.0.0.1:{demo.port}/v1", api_key="unused")
-    reply = client.chat.completions.create(model="fast-inference-demo",
-                                           messages=[{"role": "user", "content": "Hello!"}], max_tokens=16)
+    reply = client.chat.completions.create(
+        model="fast-inference-demo", messages=[{"role": "user", "content": "Hello!"}], max_tokens=16
+    )
     assert reply.choices[0].message.content is not None
     pieces = []
-    for chunk in client.chat.completions.create(model="fast-inference-demo", stream=True, max_tokens=16,
-                                                messages=[{"role": "user", "content": "Tell me a story"}]):
+    for chunk in client.chat.completions.create(
+        model="fast-inference-demo",
+        stream=True,
+        max_tokens=16,
+        messages=[{"role": "user", "content": "Tell me a story"}],
+    ):
         pieces.append(chunk.choices[0].delta.content or "")
     assert len(pieces) > 1
     assert [m.id for m in client.models.list()] == ["fast-inference-demo"]
@@ -124,12 +154,15 @@ def test_api_key_from_env_and_sigterm_drains(env):
         with pytest.raises(openai.AuthenticationError):
             bad.models.list()
         client = openai.OpenAI(base_url=f"http://127.0.0.1:{server.port}/v1", api_key="sk-env", max_retries=0)
-        stream = client.completions.create(model="demo", prompt="Once", max_tokens=150, stream=True,
-                                           extra_body={"ignore_eos": True})
+        stream = client.completions.create(
+            model="demo", prompt="Once", max_tokens=150, stream=True, extra_body={"ignore_eos": True}
+        )
         first = next(iter(stream))
         server.proc.send_signal(signal.SIGTERM)  # drain: the open stream must still finish
         rest = list(stream)
-        finish = [c.choices[0].finish_reason for c in [first, *rest] if c.choices and c.choices[0].finish_reason]
+        finish = [
+            c.choices[0].finish_reason for c in [first, *rest] if c.choices and c.choices[0].finish_reason
+        ]
         assert finish == ["length"]
         assert server.proc.wait(30) == 0
         assert "Shutting down" in server.log and "Stopped" in server.log
@@ -138,13 +171,37 @@ def test_api_key_from_env_and_sigterm_drains(env):
 
 
 def test_help_and_bad_model(env):
-    out = subprocess.run([sys.executable, "-m", "fast_inference", "serve", "--help"], cwd=ROOT, env=env,
-                         capture_output=True, text=True, timeout=60)
+    out = subprocess.run(
+        [sys.executable, "-m", "fast_inference", "serve", "--help"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert out.returncode == 0
-    for flag in ("--model", "--host", "--port", "--served-model-name", "--api-key", "--dtype", "--max-model-len",
-                 "--max-num-seqs", "--max-num-batched-tokens", "--kv-cache-memory", "--chat-template",
-                 "--allowed-origins", "--log-level"):
+    for flag in (
+        "--model",
+        "--host",
+        "--port",
+        "--served-model-name",
+        "--api-key",
+        "--dtype",
+        "--max-model-len",
+        "--max-num-seqs",
+        "--max-num-batched-tokens",
+        "--kv-cache-memory",
+        "--chat-template",
+        "--allowed-origins",
+        "--log-level",
+    ):
         assert flag in out.stdout
-    out = subprocess.run([sys.executable, "-m", "fast_inference", "serve", "--model", "/nonexistent"], cwd=ROOT,
-                         env=env, capture_output=True, text=True, timeout=60)
+    out = subprocess.run(
+        [sys.executable, "-m", "fast_inference", "serve", "--model", "/nonexistent"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert out.returncode == 2 and "not a directory" in out.stderr

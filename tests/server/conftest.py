@@ -1,11 +1,9 @@
 """Server test fixtures: a tiny local model, a live server on 127.0.0.1:0 in a background thread, schemas."""
 
-import importlib.util
 import json
 import os
 import threading
 from pathlib import Path
-from types import SimpleNamespace
 
 import jsonschema
 import pytest
@@ -18,48 +16,73 @@ from fast_inference.server.serve import Server, ServerThread
 # Tiny models gain nothing from intra-op threads, and on a shared machine OpenMP spin-waits cost 10-100x.
 torch.set_num_threads(1)
 
-SPEC = Path(os.environ.get("FI_OPENAI_SPEC", "/work/shared/openai-spec/openai-subset.json"))
+_ROOT = Path(__file__).resolve().parents[2]
+_SPEC_CANDIDATES = [
+    os.environ.get("FI_OPENAI_SPEC"),
+    _ROOT.parent / "shared" / "openai-spec" / "openai-subset.json",  # the checkout's sibling shared/
+    _ROOT / "shared" / "openai-spec" / "openai-subset.json",
+    Path("/work/shared/openai-spec/openai-subset.json"),
+]
 MODEL_NAME = "tiny-test"
-
-
-def real_engine_available() -> bool:
-    return importlib.util.find_spec("fast_inference.engine.llm_engine") is not None
-
-
-def use_real_engine() -> bool:
-    choice = os.environ.get("FI_TEST_ENGINE", "auto")
-    return choice == "real" or (choice == "auto" and real_engine_available())
 
 
 @pytest.fixture(scope="session")
 def model_dir(tmp_path_factory) -> Path:
     from fast_inference.models.demo import build_model_dir
 
-    return build_model_dir(tmp_path_factory.mktemp("tiny_model"), hidden_size=64, num_layers=2, num_heads=4,
-                           num_kv_heads=2, intermediate_size=128, max_position_embeddings=512, seed=7)
+    return build_model_dir(
+        tmp_path_factory.mktemp("tiny_model"),
+        hidden_size=64,
+        num_layers=2,
+        num_heads=4,
+        num_kv_heads=2,
+        intermediate_size=128,
+        max_position_embeddings=512,
+        seed=7,
+    )
 
 
 def engine_factory(model_dir: Path, max_model_len: int = 256, max_num_seqs: int = 64):
-    if use_real_engine():
-        from fast_inference.engine.config import EngineArgs
-        from fast_inference.engine.llm_engine import LLMEngine
+    from fast_inference.engine.config import EngineArgs
+    from fast_inference.engine.llm_engine import LLMEngine
 
-        args = EngineArgs(model=str(model_dir), dtype="float32", device="cpu", max_model_len=max_model_len,
-                          max_num_seqs=max_num_seqs, seed=0)
-        return lambda: LLMEngine(args)
-    from .fake_engine import FakeEngine
+    args = EngineArgs(
+        model=str(model_dir),
+        dtype="float32",
+        device="cpu",
+        max_model_len=max_model_len,
+        max_num_seqs=max_num_seqs,
+        seed=0,
+    )
+    return lambda: LLMEngine(args)
 
-    args = SimpleNamespace(model=str(model_dir), max_model_len=max_model_len, max_num_seqs=max_num_seqs, block_size=16)
-    return lambda: FakeEngine(args)
 
-
-def start_server(model_dir: Path, *, api_key: str | None = None, allowed_origins=(), limits: Limits | None = None,
-                 max_pending_requests: int = 2048, factory=None, drain_timeout: float = 10.0,
-                 wait: bool = True) -> ServerThread:
-    config = ServerConfig(served_model_names=[MODEL_NAME, "alias"], model_path=str(model_dir), api_key=api_key,
-                          allowed_origins=list(allowed_origins), max_pending_requests=max_pending_requests)
-    server = Server(factory or engine_factory(model_dir), config, host="127.0.0.1", port=0, limits=limits,
-                    drain_timeout=drain_timeout)
+def start_server(
+    model_dir: Path,
+    *,
+    api_key: str | None = None,
+    allowed_origins=(),
+    limits: Limits | None = None,
+    max_pending_requests: int = 2048,
+    factory=None,
+    drain_timeout: float = 10.0,
+    wait: bool = True,
+) -> ServerThread:
+    config = ServerConfig(
+        served_model_names=[MODEL_NAME, "alias"],
+        model_path=str(model_dir),
+        api_key=api_key,
+        allowed_origins=list(allowed_origins),
+        max_pending_requests=max_pending_requests,
+    )
+    server = Server(
+        factory or engine_factory(model_dir),
+        config,
+        host="127.0.0.1",
+        port=0,
+        limits=limits,
+        drain_timeout=drain_timeout,
+    )
     return ServerThread(server).start(120.0 if wait else None)
 
 
@@ -74,7 +97,9 @@ def server(model_dir):
 def no_leaked_threads():
     before = {t.ident for t in threading.enumerate()}
     yield
-    leaked = [t for t in threading.enumerate() if t.ident not in before and t.name.startswith("fast-inference")]
+    leaked = [
+        t for t in threading.enumerate() if t.ident not in before and t.name.startswith("fast-inference")
+    ]
     assert not leaked, f"leaked threads: {leaked}"
 
 
@@ -95,7 +120,12 @@ def _nullable(node):
 
 class Schemas:
     def __init__(self) -> None:
-        spec = json.loads(SPEC.read_text())
+        found = [Path(p) for p in _SPEC_CANDIDATES if p and Path(p).is_file()]
+        if not found:
+            raise FileNotFoundError(
+                f"openai-subset.json not found (set FI_OPENAI_SPEC); looked in {_SPEC_CANDIDATES}"
+            )
+        spec = json.loads(found[0].read_text())
         self.root = _nullable(spec)
         self.root.pop("paths", None)
 

@@ -97,8 +97,13 @@ class RawConn:
         self.sock.close()
 
 
-def request(method: str, path: str, body: bytes | dict | None = None, headers: dict | None = None,
-            version: str = "1.1") -> bytes:
+def request(
+    method: str,
+    path: str,
+    body: bytes | dict | None = None,
+    headers: dict | None = None,
+    version: str = "1.1",
+) -> bytes:
     if isinstance(body, dict):
         body = json.dumps(body).encode()
     lines = [f"{method} {path} HTTP/{version}", "Host: 127.0.0.1"]
@@ -137,6 +142,6 @@ def sse_events(port: int, path: str, body: dict, headers: dict | None = None) ->
     assert data.endswith("\n\n")
     for block in data.split("\n\n")[:-1]:
         assert block.startswith("data: "), block
-        payload = block[len("data: "):]
+        payload = block[len("data: ") :]
         events.append("DONE" if payload == "[DONE]" else json.loads(payload))
     return 200, events

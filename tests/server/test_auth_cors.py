@@ -40,9 +40,16 @@ def test_api_key(secured, schemas):
 def test_cors(secured):
     port = secured.port
     origin = {"Origin": "https://app.example"}
-    pre = call(port, "OPTIONS", "/v1/chat/completions",
-               headers={**origin, "Access-Control-Request-Method": "POST",
-                        "Access-Control-Request-Headers": "authorization, content-type"})
+    pre = call(
+        port,
+        "OPTIONS",
+        "/v1/chat/completions",
+        headers={
+            **origin,
+            "Access-Control-Request-Method": "POST",
+            "Access-Control-Request-Headers": "authorization, content-type",
+        },
+    )
     assert pre.status == 204
     assert pre.headers["access-control-allow-origin"] == "https://app.example"
     assert "POST" in pre.headers["access-control-allow-methods"]

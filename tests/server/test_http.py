@@ -20,8 +20,15 @@ def gen_body(**kw):
 @pytest.fixture(scope="module")
 def strict(model_dir):
     """A server with tight limits so the tests run fast."""
-    limits = Limits(max_body_bytes=4096, max_header_bytes=2048, max_header_count=20, header_timeout=0.5,
-                    body_timeout=0.5, idle_timeout=1.0, max_connections=8)
+    limits = Limits(
+        max_body_bytes=4096,
+        max_header_bytes=2048,
+        max_header_count=20,
+        header_timeout=0.5,
+        body_timeout=0.5,
+        idle_timeout=1.0,
+        max_connections=8,
+    )
     thread = start_server(model_dir, limits=limits, max_pending_requests=4)
     yield thread
     thread.stop()
@@ -31,14 +38,17 @@ def assert_serving(port):
     assert call(port, "GET", "/health").status == 200
 
 
-@pytest.mark.parametrize("raw", [
-    b"GARBAGE\r\n\r\n",
-    b"GET / HTTP/1.1\r\nHost: x\r\nBad Header Without Colon\r\n\r\n",
-    b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: abc\r\n\r\n",
-    b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\nZZ\r\nxx\r\n0\r\n\r\n",
-    b"GET / HTTP/1.1\r\n\r\n",  # HTTP/1.1 without Host
-    b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03" + b"\x00" * 40 + b"\r\n\r\n",  # a TLS hello
-])
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b"GARBAGE\r\n\r\n",
+        b"GET / HTTP/1.1\r\nHost: x\r\nBad Header Without Colon\r\n\r\n",
+        b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: abc\r\n\r\n",
+        b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\nZZ\r\nxx\r\n0\r\n\r\n",
+        b"GET / HTTP/1.1\r\n\r\n",  # HTTP/1.1 without Host
+        b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03" + b"\x00" * 40 + b"\r\n\r\n",  # a TLS hello
+    ],
+)
 def test_malformed_gets_400_and_close(server, raw):
     conn = RawConn(server.port)
     conn.send(raw)
@@ -67,10 +77,12 @@ def test_body_limits(strict):
 def test_chunked_request_body(server):
     body = json.dumps(gen_body()).encode()
     conn = RawConn(server.port)
-    conn.send(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n"
-              b"Content-Type: application/json\r\n\r\n")
+    conn.send(
+        b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n"
+        b"Content-Type: application/json\r\n\r\n"
+    )
     for i in range(0, len(body), 7):
-        piece = body[i:i + 7]
+        piece = body[i : i + 7]
         conn.send(b"%x\r\n%s\r\n" % (len(piece), piece))
     conn.send(b"0\r\n\r\n")
     r = conn.read_response()
@@ -81,8 +93,10 @@ def test_chunked_request_body(server):
 def test_expect_100_continue(server):
     body = json.dumps(gen_body()).encode()
     conn = RawConn(server.port)
-    conn.send(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\nContent-Length: %d\r\n\r\n"
-              % len(body))
+    conn.send(
+        b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\nContent-Length: %d\r\n\r\n"
+        % len(body)
+    )
     assert conn._read_until(b"\r\n\r\n").startswith(b"HTTP/1.1 100")
     conn.send(body)
     assert conn.read_response().status == 200
@@ -128,8 +142,12 @@ def test_idle_keep_alive_closed(strict):
 
 def test_pipelined_keep_alive(server):
     conn = RawConn(server.port)
-    conn.send(request("GET", "/ping") + request("POST", "/v1/completions", gen_body())
-              + request("GET", "/v1/models") + request("POST", "/tokenize", {"prompt": "abc"}))
+    conn.send(
+        request("GET", "/ping")
+        + request("POST", "/v1/completions", gen_body())
+        + request("GET", "/v1/models")
+        + request("POST", "/tokenize", {"prompt": "abc"})
+    )
     first = conn.read_response()
     second = conn.read_response()
     third = conn.read_response()
@@ -177,7 +195,9 @@ def test_queue_limit_429(strict):
     results = []
 
     def one():
-        results.append(call(strict.port, "POST", "/v1/completions", gen_body(max_tokens=200, ignore_eos=True)))
+        results.append(
+            call(strict.port, "POST", "/v1/completions", gen_body(max_tokens=200, ignore_eos=True))
+        )
 
     threads = [threading.Thread(target=one) for _ in range(6)]
     for t in threads:

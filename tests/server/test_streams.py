@@ -6,7 +6,7 @@ import time
 import openai
 
 from .conftest import MODEL_NAME
-from .rawhttp import RawConn, request
+from .rawhttp import RawConn, call, request
 
 
 def wait_idle(server, timeout: float = 10.0) -> dict:
@@ -22,8 +22,14 @@ def wait_idle(server, timeout: float = 10.0) -> dict:
 
 
 def _long(stream: bool) -> dict:
-    return {"model": MODEL_NAME, "prompt": "The quick brown fox", "max_tokens": 200, "ignore_eos": True,
-            "temperature": 0, "stream": stream}
+    return {
+        "model": MODEL_NAME,
+        "prompt": "The quick brown fox",
+        "max_tokens": 200,
+        "ignore_eos": True,
+        "temperature": 0,
+        "stream": stream,
+    }
 
 
 def test_disconnect_mid_stream_frees_blocks(server):
@@ -62,11 +68,14 @@ def test_64_concurrent_streams_match_greedy(server):
     prompts = [f"Request {i}: the number is {i * 7}" for i in range(64)]
 
     async def main():
-        async with openai.AsyncOpenAI(base_url=server.url + "/v1", api_key="x", max_retries=0,
-                                      timeout=120) as client:
+        async with openai.AsyncOpenAI(
+            base_url=server.url + "/v1", api_key="x", max_retries=0, timeout=120
+        ) as client:
+
             async def streamed(prompt):
-                stream = await client.completions.create(model=MODEL_NAME, prompt=prompt, max_tokens=24,
-                                                         temperature=0, stream=True)
+                stream = await client.completions.create(
+                    model=MODEL_NAME, prompt=prompt, max_tokens=24, temperature=0, stream=True
+                )
                 parts, finishes = [], 0
                 async for chunk in stream:
                     for c in chunk.choices:
@@ -76,8 +85,12 @@ def test_64_concurrent_streams_match_greedy(server):
                 return "".join(parts)
 
             streams = await asyncio.gather(*(streamed(p) for p in prompts))
-            singles = [(await client.completions.create(model=MODEL_NAME, prompt=p, max_tokens=24,
-                                                        temperature=0)).choices[0].text for p in prompts]
+            singles = [
+                (await client.completions.create(model=MODEL_NAME, prompt=p, max_tokens=24, temperature=0))
+                .choices[0]
+                .text
+                for p in prompts
+            ]
             return streams, singles
 
     streams, singles = asyncio.run(main())
@@ -85,3 +98,53 @@ def test_64_concurrent_streams_match_greedy(server):
     for i, (a, b) in enumerate(zip(streams, singles)):
         assert a == b, f"stream {i} differs from its non-streamed greedy answer"
     wait_idle(server)
+
+
+def test_fault_mid_stream_sends_error_then_done(model_dir, schemas):
+    import json
+
+    from .conftest import start_server
+
+    thread = start_server(model_dir)
+    try:
+        engine = thread.server.engine.engine
+        real_step = engine.step
+        conn = RawConn(thread.port, timeout=30)
+        conn.send(
+            request(
+                "POST",
+                "/v1/chat/completions",
+                {
+                    "model": MODEL_NAME,
+                    "messages": [{"role": "user", "content": "hi"}],
+                    "max_tokens": 200,
+                    "ignore_eos": True,
+                    "stream": True,
+                },
+            )
+        )
+        status, _ = conn.read_head()
+        assert status == 200
+        chunks = conn.iter_chunks()
+        next(chunks)
+        next(chunks)
+
+        def broken_step():
+            raise RuntimeError("device fault")
+
+        engine.step = broken_step  # the next engine step fails
+        rest = b"".join(chunks).decode()
+        conn.close()
+        events = [block[len("data: ") :] for block in rest.split("\n\n") if block]
+        assert events[-1] == "[DONE]"
+        error = json.loads(events[-2])
+        schemas.validate("ErrorResponse", error)
+        assert error["error"]["type"] == "server_error" and "device fault" not in error["error"]["message"]
+        engine.step = real_step
+        # the server keeps serving
+        r = call(
+            thread.port, "POST", "/v1/completions", {"model": MODEL_NAME, "prompt": "x", "max_tokens": 2}
+        )
+        assert r.status == 200
+    finally:
+        thread.stop()
