@@ -8,6 +8,8 @@
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
 
+#include <cmath>
+
 #include "checks/cache_checks.h"
 
 namespace fast_inference {

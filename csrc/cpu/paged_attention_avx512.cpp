@@ -37,6 +37,7 @@ class Avx512Ops<c10::BFloat16> {
         last_mask_(D % 32 == 0 ? ~__mmask32(0) : __mmask32((1u << (D % 32)) - 1)),
         q_(max_rows * Dp_),
         q_quads_((max_rows + 3) / 4 * D * 4),
+        zero_row_(Dp_, 0),
         acc_(max_rows * Dp_),
         p_(max_rows * p_stride_) {}
 
@@ -106,17 +107,9 @@ class Avx512Ops<c10::BFloat16> {
     }
   }
 
-  // acc[r] += sum_t P[r][t] v[t]; P already holds bf16-exact values (see exp_sub_sum).
-  void accumulate(const float* P, int64_t P_stride, int64_t r0, int64_t R, const T* v, int64_t v_stride, int64_t n) {
-    for (int64_t r = r0; r < r0 + R; ++r) {
-      uint16_t* pr = p_.data() + r * p_stride_;
-      for (int64_t t = 0; t < n; t += 16) {
-        const __mmask16 mk = Vec512::mask(int(n - t));
-        const __m256bh b = _mm512_cvtneps_pbh(_mm512_maskz_loadu_ps(mk, P + r * P_stride + t));
-        _mm256_mask_storeu_epi16(pr + t, mk, (__m256i)b);
-      }
-      pr[n] = 0;  // the partner of an odd last token
-    }
+  // acc[r] += sum_t P[r][t] v[t], with P as exp_row left it in p_ (bf16); the float P is not read.
+  void accumulate(const float* /*P*/, int64_t /*P_stride*/, int64_t r0, int64_t R, const T* v, int64_t v_stride,
+                  int64_t n) {
     const uint16_t* vb = reinterpret_cast<const uint16_t*>(v);
     int64_t r = r0;
     for (; r + 8 <= r0 + R; r += 8) accumulate_rows<8>(r, vb, v_stride, n);
@@ -132,18 +125,25 @@ class Avx512Ops<c10::BFloat16> {
     }
   }
 
-  // x[t] = exp(x[t] - m) rounded to bf16 (the precision accumulate multiplies with); returns their sum.
-  static float exp_sub_sum(float* x, int64_t n, float m) {
-    const __m512 neg_m = _mm512_set1_ps(-m);
+  // P[r][t] = exp(s[t] * scale - m) rounded to bf16 (the precision accumulate multiplies with), 0 past
+  // visible; returns the sum of the rounded values so the weights stay normalised.
+  float exp_row(int64_t r, const float* s, int64_t n, int64_t visible, float scale, float m) {
+    uint16_t* pr = p_.data() + r * p_stride_;
+    const __m512 scale_v = _mm512_set1_ps(scale), neg_m = _mm512_set1_ps(-m);
     __m512 sum = _mm512_setzero_ps();
     for (int64_t i = 0; i < n; i += 16) {
       const __mmask16 mk = Vec512::mask(int(n - i));
-      const __m512 e = Vec512::exp(_mm512_add_ps(_mm512_maskz_loadu_ps(mk, x + i), neg_m));
-      const __m512i wide = _mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(e));
-      const __m512 rounded = _mm512_castsi512_ps(_mm512_slli_epi32(wide, 16));
-      _mm512_mask_storeu_ps(x + i, mk, rounded);
-      sum = _mm512_mask_add_ps(sum, mk, sum, rounded);
+      const __mmask16 vis = Vec512::mask(int(std::max<int64_t>(0, visible - i)));
+      const __m512 e = _mm512_maskz_mov_ps(vis, Vec512::exp(_mm512_fmadd_ps(_mm512_maskz_loadu_ps(mk, s + i), scale_v, neg_m)));
+      const __m256i bf = (__m256i)_mm512_cvtneps_pbh(e);
+      if (mk == 0xFFFF) {
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(pr + i), bf);
+      } else {
+        _mm256_mask_storeu_epi16(pr + i, mk, bf);
+      }
+      sum = _mm512_add_ps(sum, _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(bf), 16)));
     }
+    pr[n] = 0;  // the partner of an odd last token
     return _mm512_reduce_add_ps(sum);
   }
   static float max(const float* x, int64_t n) {
@@ -154,12 +154,10 @@ class Avx512Ops<c10::BFloat16> {
     }
     return _mm512_reduce_max_ps(best);
   }
+  // x[0..n) *= s for n a multiple of 16 (accumulator rows), with plain full-width loads and stores.
   static void scale(float* x, int64_t n, float s) {
     const __m512 sv = _mm512_set1_ps(s);
-    for (int64_t i = 0; i < n; i += 16) {
-      const __mmask16 mk = Vec512::mask(int(n - i));
-      _mm512_mask_storeu_ps(x + i, mk, _mm512_mul_ps(_mm512_maskz_loadu_ps(mk, x + i), sv));
-    }
+    for (int64_t i = 0; i < n; i += 16) _mm512_storeu_ps(x + i, _mm512_mul_ps(_mm512_loadu_ps(x + i), sv));
   }
 
  private:
@@ -176,17 +174,31 @@ class Avx512Ops<c10::BFloat16> {
     }
     __m512 sums[4];  // four token groups of a 16-token run, lane i = row r + i
     for (int64_t t = 0; t < n; t += 4) {
-      __m512 acc[4];
-      for (int i = 0; i < 4; ++i) {
-        acc[i] = _mm512_setzero_ps();
-        if (t + i >= n) continue;  // past the last token: leave zero, read nothing
-        const uint16_t* row = k + (t + i) * k_stride;
-        for (int64_t j = 0; j < nj; ++j) {
-          const __m512i qv = NJ > 0 ? qreg[NJ > 0 ? j : 0] : _mm512_loadu_si512(quad + 32 * j);
-          const __m512i kv = _mm512_broadcast_i32x4(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + 8 * j)));
-          acc[i] = _mm512_dpbf16_ps(acc[i], (__m512bh)kv, (__m512bh)qv);
+      // Four tokens x two halves of D = eight independent dot-product chains (vdpbf16ps has a latency of
+      // several cycles); tokens past n read a zero row instead of the cache.
+      const uint16_t* rows[4];
+      for (int i = 0; i < 4; ++i) rows[i] = t + i < n ? k + (t + i) * k_stride : zero_row_.data();
+      __m512 acc[4], acc2[4];
+      for (int i = 0; i < 4; ++i) acc[i] = acc2[i] = _mm512_setzero_ps();
+      int64_t j = 0;
+      for (; j + 2 <= nj; j += 2) {
+        const __m512i q0 = NJ > 0 ? qreg[NJ > 0 ? j : 0] : _mm512_loadu_si512(quad + 32 * j);
+        const __m512i q1 = NJ > 0 ? qreg[NJ > 0 ? j + 1 : 0] : _mm512_loadu_si512(quad + 32 * (j + 1));
+        for (int i = 0; i < 4; ++i) {
+          const __m512i k0 = _mm512_broadcast_i32x4(_mm_loadu_si128(reinterpret_cast<const __m128i*>(rows[i] + 8 * j)));
+          const __m512i k1 = _mm512_broadcast_i32x4(_mm_loadu_si128(reinterpret_cast<const __m128i*>(rows[i] + 8 * j + 8)));
+          acc[i] = _mm512_dpbf16_ps(acc[i], (__m512bh)k0, (__m512bh)q0);
+          acc2[i] = _mm512_dpbf16_ps(acc2[i], (__m512bh)k1, (__m512bh)q1);
         }
       }
+      if (j < nj) {  // odd number of 8-element chunks (head sizes 8, 24, 40, ...)
+        const __m512i q0 = _mm512_loadu_si512(quad + 32 * j);
+        for (int i = 0; i < 4; ++i) {
+          const __m512i k0 = _mm512_broadcast_i32x4(_mm_loadu_si128(reinterpret_cast<const __m128i*>(rows[i] + 8 * j)));
+          acc[i] = _mm512_dpbf16_ps(acc[i], (__m512bh)k0, (__m512bh)q0);
+        }
+      }
+      for (int i = 0; i < 4; ++i) acc[i] = _mm512_add_ps(acc[i], acc2[i]);
       const __m512 s01 = _mm512_add_ps(_mm512_unpacklo_ps(acc[0], acc[1]), _mm512_unpackhi_ps(acc[0], acc[1]));
       const __m512 s23 = _mm512_add_ps(_mm512_unpacklo_ps(acc[2], acc[3]), _mm512_unpackhi_ps(acc[2], acc[3]));
       const __m512d a = _mm512_castps_pd(s01), b = _mm512_castps_pd(s23);
@@ -256,6 +268,7 @@ class Avx512Ops<c10::BFloat16> {
   __mmask32 last_mask_;
   std::vector<uint16_t> q_;
   std::vector<uint16_t> q_quads_;  // the same queries in quad layout (see load_query)
+  std::vector<uint16_t> zero_row_;  // stands in for the cache rows past a block's last token
   std::vector<float> acc_;
   std::vector<uint16_t> p_;  // P rows as bf16, one spare slot for an odd token count
 };

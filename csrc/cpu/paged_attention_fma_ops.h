@@ -67,17 +67,18 @@ struct FmaOpsFor {
       }
     }
 
-    static float exp_sub_sum(float* x, int64_t n, float m) {
-      const V neg_m = Vec::set1(-m);
+    float exp_row(int64_t /*r*/, float* s, int64_t n, int64_t visible, float scale, float m) const {
+      const V scale_v = Vec::set1(scale), neg_m = Vec::set1(-m);
       V sum = Vec::zero();
       int64_t i = 0;
-      for (; i + W <= n; i += W) {
-        const V e = Vec::exp(Vec::add(Vec::load(x + i), neg_m));
-        Vec::store(x + i, e);
+      for (; i + W <= visible; i += W) {
+        const V e = Vec::exp(Vec::fma(Vec::load(s + i), scale_v, neg_m));
+        Vec::store(s + i, e);
         sum = Vec::add(sum, e);
       }
       float total = Vec::reduce_add(sum);
-      for (; i < n; ++i) total += (x[i] = std::exp(x[i] - m));
+      for (; i < visible; ++i) total += (s[i] = std::exp(s[i] * scale - m));
+      std::fill(s + visible, s + n, 0.f);
       return total;
     }
     static float max(const float* x, int64_t n) {
