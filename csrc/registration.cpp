@@ -43,6 +43,11 @@ TORCH_LIBRARY(fast_inference, m) {
   // logits [B, V] raw (before temperature / filtering); token_ids int64 [B];
   // returns (token_logprobs f32 [B], top_ids int64 [B, num_top], top_logprobs f32 [B, num_top])
   m.def("compute_logprobs(Tensor logits, Tensor token_ids, int num_top) -> (Tensor, Tensor, Tensor)");
+
+  // ---- dense ------------------------------------------------------------------------------
+  // x: [M, K]; weight: [N, K]; bias: [N] or None; returns [M, N] = x W^T + b
+  // (CPU: a weight-streaming bf16 kernel for M <= 4, at::linear otherwise)
+  m.def("linear(Tensor x, Tensor weight, Tensor? bias) -> Tensor");
 }
 
 // `import fast_inference._C` loads this library, which runs the registrations above.

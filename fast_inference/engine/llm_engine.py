@@ -21,6 +21,7 @@ from .sequence import Request, Sequence, SequenceStatus
 logger = logging.getLogger("fast_inference.engine")
 
 _SEED_MASK = (1 << 63) - 1
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "spiece.model", "vocab.txt")
 
 
 def _child_seed(seed: int, index: int) -> int:
@@ -31,10 +32,15 @@ def _child_seed(seed: int, index: int) -> int:
 def load_tokenizer(path: str, chat_template: str | None = None):
     from transformers import AutoTokenizer
 
+    local = Path(path)
+    if local.is_dir() and not any((local / name).is_file() for name in _TOKENIZER_FILES):
+        raise ValueError(f"no tokenizer in {path!r}: expected one of {', '.join(_TOKENIZER_FILES)}")
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError) as e:
         raise ValueError(f"cannot load a tokenizer from {path!r}: {e}") from e
+    if len(tokenizer) <= 1:
+        raise ValueError(f"the tokenizer loaded from {path!r} is empty (missing or unreadable tokenizer files)")
     if chat_template is not None:
         template_path = Path(chat_template)
         tokenizer.chat_template = template_path.read_text() if template_path.is_file() else chat_template
@@ -152,7 +158,7 @@ class LLMEngine:
             req.bias_values = [float(b) for b in params.logit_bias.values()]
         if params.min_tokens > 0:
             req.min_tokens_mask_ids = sorted(stop_ids)
-        seed = params.seed if params.seed is not None else self._rng.getrandbits(63)
+        seed = params.seed & _SEED_MASK if params.seed is not None else self._rng.getrandbits(63)
         req.seqs.append(self._new_seq(req, 0, list(token_ids), _child_seed(seed, 0), max_tokens))
         req.seed = seed
         self.requests[request_id] = req
@@ -264,7 +270,12 @@ class LLMEngine:
             stop_reason = None if token in self.model_config.eos_token_ids and not (
                 params.stop_token_ids and token in params.stop_token_ids) else token
             if params.include_stop_str_in_output:
-                self._add_text(seq, decode_new_text(self.tokenizer, seq, params.skip_special_tokens), stops, False)
+                self._add_text(seq, flush_text(self.tokenizer, seq, params.skip_special_tokens), stops, False)
+            else:
+                # Release text still pending before the stop token (e.g. a trailing partial character).
+                seq.token_ids.pop()
+                self._add_text(seq, flush_text(self.tokenizer, seq, params.skip_special_tokens), stops, False)
+                seq.token_ids.append(token)
         else:
             found = self._add_text(seq, decode_new_text(self.tokenizer, seq, params.skip_special_tokens), stops, checks)
             if found is not None:

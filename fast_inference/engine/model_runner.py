@@ -37,6 +37,9 @@ class ModelRunner:
         self.block_size = block_size
         self.max_num_seqs = max_num_seqs
         self.model = load_model(cfg)
+        # Two weight layouts on CPU bf16 (batch-1 streaming + oneDNN prepacked) when memory allows.
+        keep_plain = self.model.weight_bytes <= available_memory(self.device) // 8
+        self.model.prepack(batch_hint=32, keep_plain=keep_plain)
         # Bytes of key + value for one token across all layers.
         self.kv_bytes_per_token = (2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim
                                    * torch.empty((), dtype=cfg.dtype).element_size())

@@ -17,27 +17,38 @@ def _param(*shape: int, dtype: torch.dtype, device: torch.device) -> nn.Paramete
     return nn.Parameter(torch.empty(*shape, dtype=dtype, device=device), requires_grad=False)
 
 
+# Up to this many rows (tokens) a CPU bf16 projection streams the plain weight through ops.linear; above
+# it, oneDNN's prepacked GEMM is faster.
+SMALL_M = 2
+
+
 class Linear(nn.Module):
-    """y = x W^T (+ b). On CPU in bfloat16 the weight is re-laid out once for oneDNN after loading
-    (prepack), which runs the skinny decode GEMMs about twice as fast as the default bf16 path."""
+    """y = x W^T (+ b). On CPU in bfloat16: decode-sized inputs (<= SMALL_M rows) go through ops.linear,
+    which reads the plain weight once at close to memory bandwidth; larger ones through a oneDNN-prepacked
+    copy of the weight (about twice torch's default bf16 GEMM at decode batch sizes)."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool, dtype: torch.dtype, device: torch.device):
         super().__init__()
         self.weight = _param(out_features, in_features, dtype=dtype, device=device)
         self.bias = _param(out_features, dtype=dtype, device=device) if bias else None
         self.packed: torch.Tensor | None = None
+        self.small_m = 0  # inputs with at most this many rows use ops.linear
 
-    lm_head_packed: torch.Tensor | None = None
-    weight_bytes: int = 0  # bytes of the checkpoint weights as loaded (each read once per decode step)
-
-    def prepack(self, batch_hint: int) -> None:
-        if self.weight.device.type != "cpu" or self.weight.dtype != torch.bfloat16 or not _mkldnn_linear_ok():
+    def prepack(self, batch_hint: int, keep_plain: bool) -> None:
+        if self.weight.device.type != "cpu" or self.weight.dtype != torch.bfloat16:
+            return
+        self.small_m = SMALL_M
+        if not _mkldnn_linear_ok():
             return
         self.packed = torch.ops.mkldnn._reorder_linear_weight(self.weight.data, batch_hint)
-        # The plain weight is not read again: keep a 0-element placeholder so memory is not held twice.
-        self.weight = nn.Parameter(self.weight.data.new_empty(0), requires_grad=False)
+        if not keep_plain:
+            # Memory is tight: one copy only (the packed one), every size goes through oneDNN.
+            self.weight = nn.Parameter(self.weight.data.new_empty(0), requires_grad=False)
+            self.small_m = 0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[0] <= self.small_m:
+            return ops.linear(x, self.weight, self.bias)
         if self.packed is not None:
             return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
         return F.linear(x, self.weight, self.bias)
@@ -62,7 +73,7 @@ def _mkldnn_linear_ok() -> bool:
 
 
 class RMSNorm(nn.Module):
-    """RMSNorm computed in float32 and cast back before the weight multiply (as Hugging Face does)."""
+    """RMSNorm: exactly the transformers arithmetic in float32; the fused torch op in bf16/fp16 (f32 inside)."""
 
     def __init__(self, size: int, eps: float, dtype: torch.dtype, device: torch.device):
         super().__init__()
@@ -70,9 +81,10 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * xf.to(x.dtype)
+        if x.dtype != torch.float32:
+            # One fused op (f32 inside); in float32 the explicit form below is kept bit-exact with transformers.
+            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
+        return self.weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps))
 
 
 def rope_inv_freq(head_dim: int, theta: float, scaling: dict | None) -> torch.Tensor:
@@ -137,20 +149,22 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], meta: AttentionMetadata) -> torch.Tensor:
         tokens = x.shape[0]
+        heads, kv_heads, d = self.num_heads, self.num_kv_heads, self.head_dim
         qkv = self.qkv_proj(x)
-        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q = q.view(tokens, self.num_heads, self.head_dim)
-        k = k.view(tokens, self.num_kv_heads, self.head_dim)
-        v = v.reshape(tokens, self.num_kv_heads, self.head_dim).contiguous()
-        if self.q_norm is not None:
-            q = self.q_norm(q)
-            k = self.k_norm(k)
         cos, sin = rope
-        q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
+        if self.q_norm is None:
+            # q and k rotated together: one pass over [T, heads + kv_heads, D] (fewer ops per layer).
+            qk = _rotate(qkv[:, :self.q_size + self.kv_size].view(tokens, heads + kv_heads, d), cos, sin)
+            q, k = qk[:, :heads], qk[:, heads:]
+        else:
+            q, k = qkv[:, :self.q_size], qkv[:, self.q_size:self.q_size + self.kv_size]
+            q = _rotate(self.q_norm(q.view(tokens, heads, d)), cos, sin)
+            k = _rotate(self.k_norm(k.view(tokens, kv_heads, d)), cos, sin)
+        v = qkv[:, self.q_size + self.kv_size:].view(tokens, kv_heads, d)  # strided rows: the ops accept them
         ops.reshape_and_cache(k, v, self.key_cache, self.value_cache, meta.slot_mapping)
         out = ops.paged_attention(q, self.key_cache, self.value_cache, meta.block_tables, meta.seq_lens,
                                   meta.cu_query_lens, self.scale, causal=meta.causal)
-        return self.o_proj(out.view(tokens, self.q_size))
+        return self.o_proj(out.reshape(tokens, self.q_size))
 
 
 class MLP(nn.Module):
@@ -196,11 +210,12 @@ class LlamaForCausalLM(nn.Module):
     lm_head_packed: torch.Tensor | None = None
     weight_bytes: int = 0  # bytes of the checkpoint weights as loaded (each read once per decode step)
 
-    def prepack(self, batch_hint: int = 32) -> None:
-        """After loading: re-lay out the layer weights for the device's fastest GEMM (CPU bf16: oneDNN)."""
+    def prepack(self, batch_hint: int = 32, keep_plain: bool = True) -> None:
+        """After loading: re-lay out the layer weights for the device's fastest GEMM (CPU bf16: oneDNN).
+        keep_plain keeps the checkpoint layout too (the batch-1 decode kernel streams it): 2x weight memory."""
         for module in self.modules():
             if isinstance(module, Linear):
-                module.prepack(batch_hint)
+                module.prepack(batch_hint, keep_plain)
         if self.lm_head.device.type == "cpu" and self.lm_head.dtype == torch.bfloat16 and _mkldnn_linear_ok():
             # A packed copy (the embedding, tied or not, still serves token lookups).
             self.lm_head_packed = torch.ops.mkldnn._reorder_linear_weight(self.lm_head.data, batch_hint)
@@ -220,6 +235,8 @@ class LlamaForCausalLM(nn.Module):
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden [B, hidden] -> float32 logits [B, vocab]."""
+        if hidden.shape[0] <= SMALL_M and hidden.device.type == "cpu" and hidden.dtype == torch.bfloat16:
+            return ops.linear(hidden, self.lm_head).float()
         if self.lm_head_packed is not None:
             return torch.ops.mkldnn._linear_pointwise(hidden, self.lm_head_packed, None, "none", [], "").float()
         return F.linear(hidden, self.lm_head).float()

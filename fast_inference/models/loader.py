@@ -107,5 +107,4 @@ def load_model(cfg: ModelConfig) -> LlamaForCausalLM:
                          f"{' ...' if len(missing) > 8 else ''}{hint}")
     model.eval()
     model.weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-    model.prepack()
     return model

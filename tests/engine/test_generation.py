@@ -93,3 +93,17 @@ def test_bfloat16_runs(llama_dir):
     outs = llm.generate(PROMPTS[:2], SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True), use_tqdm=False)
     assert all(len(o.outputs[0].token_ids) == 8 for o in outs)
     assert_no_leak(llm.engine)
+
+
+def test_bfloat16_decode_paths_agree(llama_dir):
+    # Batch-1 decode streams the plain weight through ops.linear; with keep_plain=False every projection runs
+    # through oneDNN's prepacked GEMM instead. Same model, same greedy tokens.
+    params = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
+    streaming = LLM(llama_dir, dtype="bfloat16", kv_cache_memory="8MiB")
+    packed_only = LLM(llama_dir, dtype="bfloat16", kv_cache_memory="8MiB")
+    packed_only.engine.runner.model.prepack(keep_plain=False)
+    assert streaming.engine.runner.model.layers[0].mlp.down_proj.small_m > 0
+    assert packed_only.engine.runner.model.layers[0].mlp.down_proj.small_m == 0
+    a = streaming.generate(PROMPTS[1], params, use_tqdm=False)[0].outputs[0].token_ids
+    b = packed_only.generate(PROMPTS[1], params, use_tqdm=False)[0].outputs[0].token_ids
+    assert a == b

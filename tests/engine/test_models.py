@@ -63,6 +63,10 @@ def test_missing_files_are_named(llama_dir, tmp_path):
     shard.unlink()
     with pytest.raises(ValueError, match=shard.name):
         LLM(dst, kv_cache_memory="1MiB")
+    dst = _copy(llama_dir, tmp_path, "notokenizer")
+    (dst / "tokenizer.json").unlink()
+    with pytest.raises(ValueError, match="tokenizer"):
+        LLM(dst, kv_cache_memory="1MiB")
     dst = _copy(llama_dir, tmp_path, "noweights")
     for f in dst.glob("*.safetensors*"):
         f.unlink()

@@ -221,3 +221,34 @@ def test_bad_inputs_raise_value_error(llama_dir):
         LLMEngine(EngineArgs(model=str(llama_dir), dtype="int8"))
     with pytest.raises(ValueError, match="kv_cache_memory"):
         LLMEngine(EngineArgs(model=str(llama_dir), kv_cache_memory="lots"))
+
+
+def test_abort_mid_chunked_prefill_and_embed_between_steps(llama_dir):
+    engine = LLMEngine(EngineArgs(model=str(llama_dir), dtype="float32", kv_cache_memory="8MiB",
+                                  max_num_batched_tokens=8))
+    engine.add_request("long", PROMPTS[1] * 2, SamplingParams(max_tokens=5, ignore_eos=True))
+    engine.add_request("short", PROMPTS[2], SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True))
+    engine.step()
+    assert 0 < engine.requests["long"].seqs[0].num_computed < engine.requests["long"].seqs[0].num_tokens
+    emb_during = engine.embed([engine.tokenizer.encode(PROMPTS[0])])  # borrows and returns blocks
+    engine.abort_request("long")
+    outs = engine.step()
+    assert any(o.request_id == "long" and o.finished and o.outputs[0].finish_reason == "abort" for o in outs)
+    while engine.has_unfinished_requests():
+        engine.step()
+    assert_no_leak(engine)
+    emb_after = engine.embed([engine.tokenizer.encode(PROMPTS[0])])
+    assert emb_during.shape == (1, engine.model_config.hidden_size)
+    assert abs(float(emb_during.norm()) - 1.0) < 1e-5
+    assert (emb_during - emb_after).abs().max() < 1e-5
+
+
+def test_n_with_stop_strings_and_logprobs(llm):
+    params = SamplingParams(n=3, temperature=1.0, seed=5, max_tokens=10, stop=["e"], logprobs=1, ignore_eos=True)
+    out = llm.generate(PROMPTS[0], params, use_tqdm=False)[0]
+    assert len(out.outputs) == 3
+    for comp in out.outputs:
+        assert "e" not in comp.text
+        assert len(comp.logprobs) == len(comp.token_ids)
+        assert comp.finish_reason in ("stop", "length")
+    assert_no_leak(llm.engine)
