@@ -3,9 +3,11 @@
     python bench/bench_http.py [--seconds 3] [--skip-fastapi]
 
 1. sse_chunk: CPU time per streamed token chunk. `format_write` times the server's own hot path (ChunkEncoder
-   + h11 framing + transport write) on the event-loop thread; the baseline is the naive path (build the
-   chunk dict, json.dumps it, same framing and write). `server_loop` is the whole event-loop cost per chunk
-   of a live server streaming 20k tokens from an instant synthetic engine (delivery, deltas, format, write).
+   + chunk framing + transport write) on the event-loop thread; baselines: the naive path (build the
+   chunk dict, json.dumps it, h11 framing, write) and the floor (pre-framed bytes into the transport).
+   `server_loop` is the whole event-loop CPU per chunk of a live server streaming 20k tokens from an
+   instant synthetic engine over TCP loopback (wake-up, delivery, deltas, format, write; the kernel's
+   loopback send runs in the server thread and is included), with 1 and with 64 concurrent streams.
 2. health: GET /health requests/s, one keep-alive load generator process with 16 connections against
    (a) this server and (b) a uvicorn + FastAPI app (same h11 parser, same asyncio loop, access log off)
    answering the same route; each server alone in its own process, measured in the same run.
@@ -31,6 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 CONNECTIONS = 16
+STEP_SECONDS = 0.0005  # the synthetic engine's step time (GIL released, like a real step's kernels)
 
 
 # -- an instant engine with LLMEngine's interface (no model compute), for HTTP-only measurements -----------
@@ -87,7 +90,7 @@ class SyntheticEngine:
             )
             if done:
                 del self._requests[rid]
-        time.sleep(0)  # let the event loop thread in, as a real step's kernels would
+        time.sleep(STEP_SECONDS)  # a step's kernels run without the GIL: the loop thread gets it meanwhile
         return outputs
 
     def stats(self):
@@ -312,7 +315,7 @@ def bench_sse_format_write(n: int = 50000) -> None:
     from bench.common import emit
     from fast_inference.server import sse
 
-    async def run(naive: bool) -> float:
+    async def run(mode: str) -> float:
         rsock, wsock = socket.socketpair()
         stop = threading.Event()
 
@@ -350,10 +353,16 @@ def bench_sse_format_write(n: int = 50000) -> None:
             "system_fingerprint": "fp_x",
         }
         words = [" the", " quick", " brown", " fox", " jumps", " over", " lazy", " dog", "\n", ' "q"']
+        framed = [b"%x\r\n%s\r\n" % (len(c), c) for c in (enc.text(0, w) for w in words)]
         t0 = time.thread_time()
         for i in range(n):
             token = words[i % 10]
-            if naive:
+            if mode == "raw":  # the floor: pre-framed bytes straight into the transport (kernel send)
+                writer.write(framed[i % 10])
+                if writer.transport.get_write_buffer_size() > 256 * 1024:
+                    await writer.drain()
+                continue
+            if mode == "naive":
                 chunk = (
                     b"data: "
                     + json.dumps(
@@ -373,7 +382,10 @@ def bench_sse_format_write(n: int = 50000) -> None:
                 )
             else:
                 chunk = enc.text(0, token)
-            writer.write(conn.send(h11.Data(data=chunk)))
+            if mode == "naive":
+                writer.write(conn.send(h11.Data(data=chunk)))
+            else:  # the server's framing of its chunked SSE responses (http.HTTPServer._stream)
+                writer.write(b"%x\r\n%b\r\n" % (len(chunk), chunk))
             if writer.transport.get_write_buffer_size() > 256 * 1024:
                 await writer.drain()
         cpu = time.thread_time() - t0
@@ -383,8 +395,9 @@ def bench_sse_format_write(n: int = 50000) -> None:
         rsock.close()
         return cpu / n
 
-    ours = min(asyncio.run(run(False)) for _ in range(3))
-    naive = min(asyncio.run(run(True)) for _ in range(3))
+    ours = min(asyncio.run(run("ours")) for _ in range(3))
+    naive = min(asyncio.run(run("naive")) for _ in range(3))
+    raw = min(asyncio.run(run("raw")) for _ in range(3))
     emit(
         {
             "bench": "sse_chunk_format_write",
@@ -392,55 +405,150 @@ def bench_sse_format_write(n: int = 50000) -> None:
             "us_per_chunk": round(ours * 1e6, 2),
             "naive_json_dumps_us_per_chunk": round(naive * 1e6, 2),
             "speedup_vs_naive": round(naive / ours, 2),
+            "raw_transport_write_us_per_chunk": round(raw * 1e6, 2),
+            "formatting_us_per_chunk": round((ours - raw) * 1e6, 2),
             "target_us": 10.0,
         }
     )
 
 
-def bench_sse_server_loop(tokens: int = 20000) -> None:
+_STREAM_CLIENT = """
+import selectors, socket, sys
+port, streams, request = int(sys.argv[1]), int(sys.argv[2]), bytes.fromhex(sys.argv[3])
+sel = selectors.DefaultSelector()
+bufs = {}
+for _ in range(streams):
+    s = socket.create_connection(("127.0.0.1", port))
+    s.sendall(request)
+    sel.register(s, selectors.EVENT_READ)
+    bufs[s] = bytearray()
+events = 0
+while bufs:
+    for key, _ in sel.select():
+        s = key.fileobj
+        data = s.recv(1 << 20)
+        buf = bufs[s]
+        buf += data
+        if not data or buf.endswith(b"0\\r\\n\\r\\n"):
+            events += buf.count(b"data: ")
+            sel.unregister(s)
+            s.close()
+            del bufs[s]
+print(events)
+"""
+
+
+class _FloorServer:
+    """The floor of any engine-thread + event-loop design: a thread wakes the loop once per step
+    (call_soon_threadsafe) and the loop writes one pre-built chunk per stream. No HTTP parsing, no
+    protocol, no formatting: what is left is wake-up + transport write + kernel loopback send."""
+
+    def __init__(self, steps: int) -> None:
+        self.steps = steps
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.port = 0
+        self._ready = threading.Event()
+        self._stop: asyncio.Event | None = None
+        self._thread = threading.Thread(target=lambda: asyncio.run(self._main()), daemon=True)
+
+    async def _main(self) -> None:
+        self.loop = asyncio.get_running_loop()
+        self._stop = asyncio.Event()
+        writers: list[asyncio.StreamWriter] = []
+        chunk = b"%x\r\n%s\r\n" % (len(b"data: {}\n\n"), b"data: {}\n\n")
+
+        def deliver() -> None:  # one wake-up per step, every stream gets its chunk
+            for w in writers:
+                w.write(chunk)
+
+        def engine(n: int) -> None:
+            for _ in range(n):
+                time.sleep(STEP_SECONDS)
+                self.loop.call_soon_threadsafe(deliver)
+            self.loop.call_soon_threadsafe(lambda: [w.write(b"0\r\n\r\n") for w in writers])
+
+        async def on_conn(reader, writer):
+            await reader.readuntil(b"\r\n\r\n")
+            await reader.readexactly(int(self._length))
+            writer.write(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n")
+            writers.append(writer)
+            if len(writers) == self._streams:
+                threading.Thread(target=engine, args=(self.steps,), daemon=True).start()
+            await self._stop.wait()
+
+        server = await asyncio.start_server(on_conn, "127.0.0.1", 0)
+        self.port = server.sockets[0].getsockname()[1]
+        self._ready.set()
+        await self._stop.wait()
+        server.close()
+
+    def start(self, streams: int, body_length: int) -> "_FloorServer":
+        self._streams, self._length = streams, body_length
+        self._thread.start()
+        self._ready.wait()
+        return self
+
+    def call(self, fn):
+        return asyncio.run_coroutine_threadsafe(fn(), self.loop).result(30)
+
+    def stop(self) -> None:
+        self.loop.call_soon_threadsafe(self._stop.set)
+        self._thread.join(10)
+
+
+def _stream_run(server, port: int, streams: int, request: bytes) -> tuple[float, int]:
+    """(event-loop CPU seconds, content events) for one run of the stream client against `server`."""
+    before = server.call(_thread_time)
+    out = subprocess.run(
+        [sys.executable, "-c", _STREAM_CLIENT, str(port), str(streams), request.hex()],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return server.call(_thread_time) - before, int(out.stdout)
+
+
+def bench_sse_server_loop(tokens: int, streams: int) -> None:
+    """Event-loop CPU per content chunk of a live server, and of the floor design, same client."""
     from bench.common import emit
     from fast_inference.server.serve import ServerThread
 
+    per_stream = tokens // streams
+    body = json.dumps(
+        {
+            "model": "synthetic",
+            "messages": [{"role": "user", "content": "hi"}],
+            "max_tokens": per_stream,
+            "stream": True,
+        }
+    ).encode()
+    request = b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%s" % (
+        len(body),
+        body,
+    )
     thread = ServerThread(_synthetic_server()).start()
-    loop_cpu = lambda: thread.call(_thread_time)  # noqa: E731
     try:
-        body = json.dumps(
-            {
-                "model": "synthetic",
-                "messages": [{"role": "user", "content": "hi"}],
-                "max_tokens": tokens,
-                "stream": True,
-            }
-        ).encode()
-        code = (
-            "import socket,sys\n"
-            f"s=socket.create_connection(('127.0.0.1',{thread.port}))\n"
-            f"s.sendall(b'POST /v1/chat/completions HTTP/1.1\\r\\nHost: x\\r\\nContent-Length: {len(body)}\\r\\n\\r\\n'"
-            f"+{body!r})\n"
-            "buf=b''\n"
-            "while not buf.endswith(b'0\\r\\n\\r\\n'):\n"
-            "    d=s.recv(1<<20)\n"
-            "    if not d: break\n"
-            "    buf+=d\n"
-            "print(buf.count(b'data: '))\n"
-        )
-        before = loop_cpu()
-        t0 = time.perf_counter()
-        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-        wall = time.perf_counter() - t0
-        cpu = loop_cpu() - before
-        chunks = int(out.stdout) - 3  # minus the role chunk, the final chunk and [DONE]
+        cpu, events = _stream_run(thread, thread.port, streams, request)
+        chunks = events - 3 * streams  # minus each stream's role chunk, final chunk and [DONE]
     finally:
         thread.stop()
+    floor = _FloorServer(per_stream).start(streams, len(body))
+    try:
+        floor_cpu, floor_chunks = _stream_run(floor, floor.port, streams, request)
+    finally:
+        floor.stop()
+    ours_us = cpu / chunks * 1e6
+    floor_us = floor_cpu / floor_chunks * 1e6
     emit(
         {
             "bench": "sse_server_loop",
-            "tokens": tokens,
+            "streams": streams,
+            "tokens": per_stream * streams,
             "content_chunks": chunks,
-            "loop_cpu_us_per_chunk": round(cpu / chunks * 1e6, 2),
-            "tokens_per_chunk": round(tokens / chunks, 2),
-            "wall_s": round(wall, 2),
-            "target_us": 10.0,
+            "tokens_per_chunk": round(per_stream * streams / chunks, 2),
+            "loop_cpu_us_per_chunk": round(ours_us, 2),
+            "floor_loop_cpu_us_per_chunk": round(floor_us, 2),
+            "above_floor_us_per_chunk": round(ours_us - floor_us, 2),
         }
     )
 
@@ -568,7 +676,8 @@ def main() -> None:
     )
     if args.only in (None, "sse"):
         bench_sse_format_write()
-        bench_sse_server_loop()
+        bench_sse_server_loop(tokens=4000, streams=1)
+        bench_sse_server_loop(tokens=12800, streams=64)
     if args.only in (None, "health"):
         bench_health(args.seconds, args.skip_fastapi)
     if args.only in (None, "ttft"):

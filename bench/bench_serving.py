@@ -77,6 +77,18 @@ class ServerProcess:
             self.proc.wait()
 
 
+def thread_cpu(pid: int) -> dict[int, float]:
+    """CPU seconds (user + system) of each thread of process `pid`."""
+    out = {}
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            fields = Path(f"/proc/{pid}/task/{tid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:  # the thread ended meanwhile
+            continue
+        out[int(tid)] = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return out
+
+
 async def one_request(
     reader: asyncio.StreamReader, writer: asyncio.StreamWriter, model: str, prompt: list[int], output_len: int
 ) -> dict:
@@ -229,19 +241,6 @@ def main() -> None:
         }
     )
 
-    baseline = {}
-    if not args.no_baseline:
-        from fast_inference.engine.config import EngineArgs
-        from fast_inference.engine.llm_engine import LLMEngine
-
-        engine = LLMEngine(
-            EngineArgs(model=model, device=args.device, max_num_seqs=max_seqs, enable_prefix_caching=False)
-        )
-        engine_baseline(engine, levels[args.concurrency[0]][:2], 1, 4)  # warm-up
-        for c in args.concurrency:
-            baseline[c] = engine_baseline(engine, [list(p) for p in levels[c]], c, args.output_len)
-        del engine
-
     server_args = [
         "--num-threads",
         str(args.num_threads),
@@ -253,24 +252,50 @@ def main() -> None:
         "bench",
         "--no-enable-prefix-caching",
         "--log-level",
-        "info",
-    ]  # info: the port and readiness are read from the log
+        "info",  # info: the port and readiness are read from the log
+    ]
     if args.model:
         server_args += ["--model", args.model]
     server = ServerProcess(server_args)
+    engine = None
     try:
-        asyncio.run(run_level(server.port, "bench", levels[args.concurrency[0]][:2], 1, 4))  # warm-up
+        if not args.no_baseline:
+            from fast_inference.engine.config import EngineArgs
+            from fast_inference.engine.llm_engine import LLMEngine
+
+            engine = LLMEngine(
+                EngineArgs(
+                    model=model, device=args.device, max_num_seqs=max_seqs, enable_prefix_caching=False
+                )
+            )
+        # Warm both up with a full pass of the first level, then measure each level on the engine and
+        # right after on the server, so that load drift on a shared machine hits both alike.
+        first = args.concurrency[0]
+        if engine is not None:
+            engine_baseline(engine, [list(p) for p in levels[first]], first, args.output_len)
+        asyncio.run(run_level(server.port, "bench", [list(p) for p in levels[first]], first, args.output_len))
         for c in args.concurrency:
+            baseline = None
+            if engine is not None:
+                baseline = engine_baseline(engine, [list(p) for p in levels[c]], c, args.output_len)
+            cpu0 = thread_cpu(server.proc.pid)
+            result = asyncio.run(
+                run_level(server.port, "bench", [list(p) for p in levels[c]], c, args.output_len)
+            )
+            cpu1 = thread_cpu(server.proc.pid)
+            spent = {tid: cpu1[tid] - cpu0.get(tid, 0.0) for tid in cpu1}
+            loop_cpu = spent.pop(server.proc.pid, 0.0)  # the main thread runs the event loop
             record = {
                 "bench": "serving",
                 "concurrency": c,
-                **asyncio.run(
-                    run_level(server.port, "bench", [list(p) for p in levels[c]], c, args.output_len)
-                ),
+                **result,
+                # Where the server's CPU went: event-loop thread vs the busiest other (the engine thread).
+                "loop_thread_cpu_share": round(loop_cpu / result["duration_s"], 3),
+                "engine_thread_cpu_share": round(max(spent.values(), default=0.0) / result["duration_s"], 3),
             }
-            if c in baseline:
-                record["engine_output_throughput"] = round(baseline[c], 2)
-                record["ratio_vs_engine"] = round(record["output_throughput"] / baseline[c], 3)
+            if baseline is not None:
+                record["engine_output_throughput"] = round(baseline, 2)
+                record["ratio_vs_engine"] = round(record["output_throughput"] / baseline, 3)
             emit(record)
     finally:
         server.stop()

@@ -14,6 +14,8 @@ from .sampling_params import SamplingParams
 
 logger = logging.getLogger("fast_inference.engine")
 
+_MAX_CONSECUTIVE_FAILURES = 10
+
 
 class EngineDeadError(RuntimeError):
     """The engine thread failed; the request cannot complete."""
@@ -99,6 +101,7 @@ class AsyncEngine:
         self._ready = threading.Event()
         self.stats_snapshot: dict = {}
         self.step_count = 0
+        self._failures = 0  # consecutive failed steps
         self._active: set[str] = set()  # engine thread only: ids added and not yet finished or aborted
 
     # -- life cycle ----------------------------------------------------------------------------------
@@ -202,8 +205,8 @@ class AsyncEngine:
         commands = self._commands
         while True:
             batch = []
-            if not engine.has_unfinished_requests():
-                batch.append(commands.get())  # idle: sleep until there is work
+            if self.state != "ready" or not engine.has_unfinished_requests():
+                batch.append(commands.get())  # idle (or failed): sleep until there is a command
             while True:
                 try:
                     batch.append(commands.get_nowait())
@@ -219,13 +222,14 @@ class AsyncEngine:
                         break
                 self._reject(batch)
                 return
-            if engine.has_unfinished_requests():
+            if self.state == "ready" and engine.has_unfinished_requests():
                 try:
                     outputs = engine.step()
                 except Exception as exc:
                     self._step_failed(exc)
                     continue
                 self.step_count += 1
+                self._failures = 0
                 self.stats_snapshot = engine.stats()
                 for output in outputs:
                     if output.finished:
@@ -252,6 +256,11 @@ class AsyncEngine:
             kind = command[0]
             if kind == "add":
                 _, request_id, prompt, params, arrival = command
+                if self.state != "ready":
+                    self._call(
+                        self._fail_one, request_id, EngineDeadError(f"engine is {self.state}: {self.error}")
+                    )
+                    continue
                 try:
                     engine.add_request(request_id, prompt, params, arrival_time=arrival)
                     accepted.append(request_id)
@@ -297,9 +306,20 @@ class AsyncEngine:
             start += len(lists)
 
     def _step_failed(self, exc: Exception) -> None:
-        logger.error("engine step failed: %s\n%s", exc, traceback.format_exc())
+        """Fail the requests in flight (not later ones); after repeated failures mark the engine failed."""
+        self._failures += 1
+        if self._failures <= 3:
+            logger.error("engine step failed: %s\n%s", exc, traceback.format_exc())
+        ids = list(self._active)
         self._abort_all()
-        self._call(self._fail_all, EngineDeadError(f"engine step failed: {type(exc).__name__}"))
+        self._call(self._fail_ids, ids, EngineDeadError(f"engine step failed: {type(exc).__name__}"))
+        if self._failures >= _MAX_CONSECUTIVE_FAILURES:
+            self.error = (
+                f"{_MAX_CONSECUTIVE_FAILURES} consecutive engine steps failed, last: {type(exc).__name__}"
+            )
+            self.state = "failed"  # /health answers 503 from now on; new requests are refused
+            logger.error("engine marked failed: %s", self.error)
+        time.sleep(min(0.5, 0.005 * 2**self._failures))  # do not spin on a persistent fault
 
     def _abort_all(self) -> None:
         for request_id in list(self._active):
@@ -330,6 +350,10 @@ class AsyncEngine:
         stream = self._streams.pop(request_id, None)
         if stream is not None:
             stream._fail(exc)
+
+    def _fail_ids(self, request_ids: list[str], exc: BaseException) -> None:
+        for request_id in request_ids:
+            self._fail_one(request_id, exc)
 
     def _fail_all(self, exc: BaseException) -> None:
         streams, self._streams = self._streams, {}

@@ -1,0 +1,1 @@
+"""The OpenAI-compatible server: http (asyncio + h11 transport), protocol, routes, sse, metrics, errors, serve."""

@@ -81,7 +81,6 @@ class _Close(Exception):
 @dataclass(slots=True)
 class _ConnState:
     idle: bool = True  # waiting for the first byte of the next request (safe to drop on shutdown)
-    busy: bool = False  # a request is being handled
 
 
 class HTTPServer:
@@ -166,9 +165,7 @@ class HTTPServer:
                 request = await self._read_request(conn, reader, writer, state, client)
                 if request is None:
                     break
-                state.busy = True
                 keep_alive = await self._dispatch(conn, reader, writer, request)
-                state.busy = False
                 if not keep_alive or conn.our_state is not h11.DONE or conn.their_state is not h11.DONE:
                     break
                 if self.draining:
@@ -394,7 +391,9 @@ class HTTPServer:
             for data in pipelined:
                 conn.receive_data(data)
             return respond.result()
-        # The client closed its side: abandon the request.
+        # The client closed (or reset) its side: abandon the request.
+        with contextlib.suppress(BaseException):
+            watch.result()  # a reset surfaces here; retrieve it so it is not reported as unhandled
         respond.cancel()
         with contextlib.suppress(BaseException):
             await respond
@@ -458,18 +457,21 @@ class HTTPServer:
         ]
         chunks = response.chunks
         try:
-            writer.write(
-                conn.send(
-                    h11.Response(
-                        status_code=response.status,
-                        headers=headers,
-                        reason=_REASONS.get(response.status, b""),
-                    )
+            head = conn.send(
+                h11.Response(
+                    status_code=response.status, headers=headers, reason=_REASONS.get(response.status, b"")
                 )
             )
+            writer.write(head)
+            # h11 picked the framing; for chunked (every HTTP/1.1 client) frame the hot path ourselves,
+            # h11 keeps no per-chunk state for it and still writes the terminating chunk below.
+            chunked = b"transfer-encoding: chunked" in head.lower()
+            transport = writer.transport
             async for chunk in chunks:
-                writer.write(conn.send(h11.Data(data=chunk)))
-                if writer.transport.get_write_buffer_size() > _WRITE_HIGH_WATER:
+                writer.write(
+                    b"%x\r\n%b\r\n" % (len(chunk), chunk) if chunked else conn.send(h11.Data(data=chunk))
+                )
+                if transport.get_write_buffer_size() > _WRITE_HIGH_WATER:
                     await self._drain(writer)
             writer.write(conn.send(h11.EndOfMessage()))
         finally:

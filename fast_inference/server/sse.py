@@ -18,7 +18,7 @@ def event(obj: dict) -> bytes:
 class ChunkEncoder:
     """Builds the chunks of one streamed response (chat.completion.chunk or text_completion)."""
 
-    __slots__ = ("chat", "_head", "_prefix", "_suffix")
+    __slots__ = ("chat", "_head", "_prefix", "_key", "_suffix")
 
     def __init__(self, *, chat: bool, request_id: str, created: int, model: str, fingerprint: str) -> None:
         self.chat = chat
@@ -30,18 +30,13 @@ class ChunkEncoder:
             "system_fingerprint": fingerprint,
         }
         head = _dumps(self._head)[:-1]  # without the closing brace
-        if chat:
-            self._prefix = ("data: " + head + ',"choices":[{"index":').encode()
-            self._suffix = b',"logprobs":null,"finish_reason":null}]}\n\n'
-        else:
-            self._prefix = ("data: " + head + ',"choices":[{"index":').encode()
-            self._suffix = b',"logprobs":null,"finish_reason":null}]}\n\n'
+        self._prefix = ("data: " + head + ',"choices":[{"index":').encode()
+        self._key = ',"delta":{"content":' if chat else ',"text":'
+        self._suffix = ("}" if chat else "").encode() + b',"logprobs":null,"finish_reason":null}]}\n\n'
 
     def text(self, index: int, text: str) -> bytes:
         """A plain content delta (the per-token hot path)."""
-        key = ',"delta":{"content":' if self.chat else ',"text":'
-        close = "}" if self.chat else ""
-        return self._prefix + f"{index}{key}{_escape(text)}{close}".encode() + self._suffix
+        return self._prefix + f"{index}{self._key}{_escape(text)}".encode() + self._suffix
 
     def choice(
         self,

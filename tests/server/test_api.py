@@ -519,3 +519,39 @@ def test_large_request_tokenized_off_loop(server, schemas):
         server.port, "POST", "/v1/embeddings", {"model": MODEL_NAME, "input": "hi", "pad": "y" * 20000}
     )
     assert emb.status == 200
+
+
+def test_completion_stream_echo_and_logprobs(server, schemas):
+    full = completion_raw(server, schemas, prompt="The quick", max_tokens=5, temperature=0, echo=True)
+    status, events = sse_events(
+        server.port,
+        "/v1/completions",
+        {
+            "model": MODEL_NAME,
+            "prompt": "The quick",
+            "max_tokens": 5,
+            "temperature": 0,
+            "echo": True,
+            "stream": True,
+        },
+    )
+    assert status == 200 and events[-1] == "DONE"
+    for chunk in events[:-1]:
+        schemas.validate_completion_chunk(chunk)
+    assert "".join(c["choices"][0]["text"] for c in events[:-1]) == full["choices"][0]["text"]
+    assert events[0]["choices"][0]["text"] == "The quick"  # the echoed prompt comes first
+    status, events = sse_events(
+        server.port,
+        "/v1/completions",
+        {
+            "model": MODEL_NAME,
+            "prompt": "The quick",
+            "max_tokens": 5,
+            "temperature": 0,
+            "logprobs": 2,
+            "ignore_eos": True,
+            "stream": True,
+        },
+    )
+    tokens = [t for e in events[:-1] for c in e["choices"] if c["logprobs"] for t in c["logprobs"]["tokens"]]
+    assert len(tokens) == 5

@@ -291,3 +291,12 @@ def test_failed_engine_reports_unhealthy(model_dir):
         assert call(thread.port, "POST", "/v1/completions", gen_body()).status == 503
     finally:
         thread.stop()
+
+
+def test_http10_stream_is_close_delimited(server):
+    conn = RawConn(server.port)
+    conn.send(request("POST", "/v1/completions", gen_body(stream=True), version="1.0"))
+    r = conn.read_response()  # no content-length, no chunking: the body ends when the server closes
+    conn.close()
+    assert r.status == 200 and "transfer-encoding" not in r.headers
+    assert r.body.startswith(b"data: {") and r.body.endswith(b"data: [DONE]\n\n")

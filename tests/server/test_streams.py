@@ -148,3 +148,34 @@ def test_fault_mid_stream_sends_error_then_done(model_dir, schemas):
         assert r.status == 200
     finally:
         thread.stop()
+
+
+def test_persistent_engine_fault_marks_unhealthy(model_dir):
+    from .conftest import start_server
+
+    thread = start_server(model_dir)
+    try:
+        engine = thread.server.engine.engine
+
+        def broken_step():
+            raise RuntimeError("device lost")
+
+        engine.step = broken_step
+        r = call(
+            thread.port, "POST", "/v1/completions", {"model": MODEL_NAME, "prompt": "x", "max_tokens": 5}
+        )
+        assert r.status == 503 and "device lost" not in r.body.decode()
+        deadline = time.monotonic() + 30
+        while call(thread.port, "GET", "/health").status != 503:
+            assert time.monotonic() < deadline, "engine never marked unhealthy"
+            time.sleep(0.05)
+        assert (
+            "consecutive engine steps failed"
+            in call(thread.port, "GET", "/health").json()["error"]["message"]
+        )
+        r = call(
+            thread.port, "POST", "/v1/completions", {"model": MODEL_NAME, "prompt": "x", "max_tokens": 5}
+        )
+        assert r.status == 503
+    finally:
+        thread.stop()
