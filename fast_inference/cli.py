@@ -163,9 +163,12 @@ def serve(args: argparse.Namespace) -> int:
 
             torch.set_num_threads(args.num_threads)
         from .engine.config import EngineArgs
+        from .engine.encoder_engine import EncoderEngine, is_encoder_model
         from .engine.llm_engine import LLMEngine
 
-        return LLMEngine(
+        # A BERT-family encoder directory is served for /v1/embeddings only.
+        engine_cls = EncoderEngine if is_encoder_model(model) else LLMEngine
+        return engine_cls.from_engine_args(
             EngineArgs(
                 model=model,
                 dtype=args.dtype,

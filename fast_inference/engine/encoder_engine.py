@@ -37,6 +37,22 @@ def is_encoder_model(model_dir: str | os.PathLike) -> bool:
     return any(arch.startswith("Bert") and not arch.startswith("BertLMHead") for arch in archs)
 
 
+def encode_texts(tokenizer, texts: list[str], max_model_len: int,
+                 truncate_prompt_tokens: int | None = None) -> list[list[int]]:
+    """Encoder token ids for texts: special tokens added; truncation (when asked) keeps them, like
+    sentence-transformers' own truncation at max_seq_length. -1 truncates to max_model_len."""
+    if truncate_prompt_tokens is None:
+        return tokenizer(list(texts), add_special_tokens=True)["input_ids"]
+    if truncate_prompt_tokens == -1:
+        truncate_prompt_tokens = max_model_len
+    if isinstance(truncate_prompt_tokens, bool) or not isinstance(truncate_prompt_tokens, int) or not (
+            1 <= truncate_prompt_tokens <= max_model_len):
+        raise ValueError(f"truncate_prompt_tokens: {truncate_prompt_tokens!r} is not -1 or an integer in "
+                         f"[1, max_model_len={max_model_len}]")
+    return tokenizer(list(texts), add_special_tokens=True, truncation=True,
+                     max_length=truncate_prompt_tokens)["input_ids"]
+
+
 def _resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
     if isinstance(dtype, torch.dtype):
         resolved = dtype
@@ -66,10 +82,16 @@ class EncoderModelConfig:
     device: torch.device
     pooling: PoolingConfig
     eos_token_ids: set[int] = field(default_factory=set)
+    # Matryoshka models (config.json, vLLM's keys) may be cut to fewer dimensions: /v1/embeddings `dimensions`.
+    is_matryoshka: bool = False
+    matryoshka_dimensions: list[int] | None = None
 
 
 class EncoderEngine:
-    """Embedding-only engine over a BERT-family model directory (optionally in sentence-transformers layout)."""
+    """Embedding-only engine over a BERT-family model directory (optionally in sentence-transformers layout).
+
+    Not thread-safe, like LLMEngine: one thread (the server's engine thread) calls embed / stats.
+    """
 
     supports_generation = False
 
@@ -125,6 +147,10 @@ class EncoderEngine:
             device=self.device,
             pooling=pooling,
         )
+        raw_config = json.loads((model_dir / "config.json").read_text())
+        dims = raw_config.get("matryoshka_dimensions")
+        self.model_config.matryoshka_dimensions = [int(d) for d in dims] if dims else None
+        self.model_config.is_matryoshka = bool(raw_config.get("is_matryoshka", False) or dims)
         self.max_num_batched_tokens = max_num_batched_tokens
         self.max_num_seqs = max_num_seqs
         self.block_size = block_size
@@ -138,17 +164,35 @@ class EncoderEngine:
         self._num_embedded_tokens = 0
         self._num_forwards = 0
 
+    @classmethod
+    def from_engine_args(cls, args) -> "EncoderEngine":
+        """From the LLMEngine's EngineArgs (LLM(...) and the CLI): the options an encoder has a use for."""
+        from .config import resolve_device
+
+        kwargs = {}
+        if args.max_num_batched_tokens is not None:
+            kwargs["max_num_batched_tokens"] = args.max_num_batched_tokens
+        tokenizer = None
+        if args.tokenizer is not None:
+            from transformers import AutoTokenizer
+
+            tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
+        return cls(args.model, dtype=args.dtype, max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
+                   block_size=args.block_size, device=resolve_device(args.device), tokenizer=tokenizer, **kwargs)
+
+    @property
+    def num_total_blocks(self) -> int:
+        return self.num_blocks
+
     # ---- embeddings -----------------------------------------------------------------------------
 
-    def tokenize(self, texts: list[str], truncate_prompt_tokens: int | None = None) -> list[list[int]]:
-        """Token ids as sentence-transformers makes them; truncate_prompt_tokens keeps the special tokens."""
-        if truncate_prompt_tokens is None:
-            return self.tokenizer(list(texts), add_special_tokens=True)["input_ids"]
-        if not 1 <= truncate_prompt_tokens <= self.model_config.max_model_len:
-            raise ValueError(f"truncate_prompt_tokens: {truncate_prompt_tokens} is outside "
-                             f"[1, max_model_len={self.model_config.max_model_len}]")
-        return self.tokenizer(list(texts), add_special_tokens=True, truncation=True,
-                              max_length=truncate_prompt_tokens)["input_ids"]
+    def tokenize(self, prompt: str) -> list[int]:
+        """Token ids with the model's special tokens ([CLS] ... [SEP]), as sentence-transformers makes them."""
+        return self.tokenizer.encode(prompt, add_special_tokens=True)
+
+    def tokenize_batch(self, texts: list[str], truncate_prompt_tokens: int | None = None) -> list[list[int]]:
+        """Token ids of many texts; truncate_prompt_tokens cuts each to that length, special tokens kept."""
+        return encode_texts(self.tokenizer, texts, self.model_config.max_model_len, truncate_prompt_tokens)
 
     def embed(self, token_id_lists: list[list[int]]) -> torch.Tensor:
         """Pooled (and, when the model says so, normalized) embeddings: float32 [len(token_id_lists), D]."""
@@ -163,7 +207,12 @@ class EncoderEngine:
                 raise ValueError(f"token_id_lists[{i}]: {len(ids)} tokens exceed the model's maximum length "
                                  f"{max_len}")
             lens.append(len(ids))
-        flat = torch.tensor([t for ids in token_id_lists for t in ids], dtype=torch.int64)
+        try:
+            flat = torch.tensor([t for ids in token_id_lists for t in ids])
+        except (TypeError, ValueError, RuntimeError) as e:
+            raise ValueError(f"token_id_lists: every token id must be an integer ({e})") from None
+        if flat.dtype != torch.int64:
+            raise ValueError(f"token_id_lists: every token id must be an integer, got {flat.dtype} values")
         low, high = int(flat.min()), int(flat.max())
         if low < 0 or high >= vocab:
             bad = low if low < 0 else high

@@ -5,6 +5,7 @@ from collections.abc import Sequence as SequenceABC
 import torch
 
 from .config import EngineArgs
+from .encoder_engine import EncoderEngine, is_encoder_model
 from .llm_engine import LLMEngine
 from .outputs import RequestOutput
 from .sampling_params import SamplingParams
@@ -15,7 +16,8 @@ class LLM:
                  enable_prefix_caching: bool = True, seed: int = 0, **kwargs):
         args = EngineArgs(model=str(model), dtype=dtype, max_model_len=max_model_len,
                           enable_prefix_caching=enable_prefix_caching, seed=seed, **kwargs)
-        self.engine = LLMEngine(args)
+        # A BERT-family encoder directory serves embeddings only (embed works, generate/chat raise ValueError).
+        self.engine = EncoderEngine.from_engine_args(args) if is_encoder_model(model) else LLMEngine(args)
         self._counter = 0
 
     def get_tokenizer(self):
@@ -56,6 +58,8 @@ class LLM:
              use_tqdm: bool = True, chat_template: str | None = None,
              add_generation_prompt: bool = True) -> list[RequestOutput]:
         """messages: one conversation (a list of {"role", "content"} dicts) or a list of them."""
+        if not self.engine.supports_generation:
+            raise ValueError("this model serves embeddings only; use LLM.embed")
         if not isinstance(messages, list) or not messages:
             raise ValueError("messages must be a non-empty list of messages or of conversations")
         conversations = [messages] if isinstance(messages[0], dict) else messages
@@ -72,7 +76,8 @@ class LLM:
         return self.generate(prompts, sampling_params, use_tqdm=use_tqdm)
 
     def embed(self, prompts) -> torch.Tensor:
-        """Last-token pooled, L2-normalised hidden states: float32 [len(prompts), hidden]."""
+        """float32 [len(prompts), D]: decoder models pool the last token (L2-normalised); encoder models
+        pool as their sentence-transformers config says."""
         prompt_list = self._normalize_prompts(prompts)
         ids = [self.engine.tokenize(p) if isinstance(p, str) else p for p in prompt_list]
         return self.engine.embed(ids)

@@ -18,15 +18,15 @@ import torch.nn.functional as F
 
 from fast_inference import ops
 
-BERT_ARCHITECTURES = ("BertModel", "BertForMaskedLM", "BertForPreTraining")
-
 
 def onednn_available() -> bool:
+    """oneDNN's prepacked linear with fused epilogues (what torch.compile's CPU freezing uses) is present."""
     return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 
-# hidden_act -> (function, name); "gelu" in BERT configs is the exact erf form.
+
+# config.json hidden_act -> function; "gelu" in BERT configs is the exact erf form.
 _ACTIVATIONS = {
-    "gelu": lambda x: F.gelu(x),
+    "gelu": F.gelu,
     "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
     "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
     "relu": F.relu,
@@ -243,7 +243,8 @@ class BertEncoder:
             qkv = layer.qkv(x).view(num_tokens, 3, heads, head_size)
             q, k, v = qkv.unbind(1)
             ops.reshape_and_cache(k, v, batch.key_cache, batch.value_cache, batch.slot_mapping)
-            attn = ops.paged_attention(q.contiguous(), batch.key_cache, batch.value_cache, batch.block_tables,
+            # q stays a strided view into qkv: the kernel takes token and head strides, so no copy.
+            attn = ops.paged_attention(q, batch.key_cache, batch.value_cache, batch.block_tables,
                                        batch.seq_lens, batch.cu_seq_lens, self.scale, causal=False)
             h = layer.out.add(attn.view(num_tokens, c.hidden_size), x)
             x = F.layer_norm(h, (c.hidden_size,), layer.ln1_w, layer.ln1_b, eps)

@@ -112,30 +112,35 @@ def pool(
     dim = hidden.shape[1]
     starts, ends = cu_seq_lens[:-1], cu_seq_lens[1:]
     lens = ends - starts
-    segment = None
-    if any(mode not in ("cls", "lasttoken") for mode in config.modes):
-        segment = torch.repeat_interleave(torch.arange(num_seqs, device=hidden.device), lens)
-    sums = None
+    num_tokens = hidden.shape[0]
+    segment = torch.repeat_interleave(torch.arange(num_seqs, device=hidden.device), lens)
+    token = torch.arange(num_tokens, device=hidden.device)
+
+    def weighted_sum(weights: torch.Tensor) -> torch.Tensor:  # weights: [num_tokens]
+        # A [num_seqs, num_tokens] block-diagonal weight matrix times the states: one small GEMM with
+        # float32 accumulation, much cheaper than a scatter-add over the rows.
+        matrix = hidden.new_zeros(num_seqs, num_tokens)
+        matrix[segment, token] = weights
+        return matrix @ hidden
+
     vectors = []
     for mode in config.modes:
         if mode == "cls":
             vectors.append(hidden[starts])
         elif mode == "lasttoken":
             vectors.append(hidden[ends - 1])
-        elif mode in ("mean", "mean_sqrt_len_tokens"):
-            if sums is None:
-                sums = hidden.new_zeros(num_seqs, dim).index_add_(0, segment, hidden)
-            denominator = lens.to(hidden.dtype).unsqueeze(1)
-            vectors.append(sums / (denominator if mode == "mean" else denominator.sqrt()))
+        elif mode == "mean":
+            vectors.append(weighted_sum(1.0 / lens.to(hidden.dtype)[segment]))
+        elif mode == "mean_sqrt_len_tokens":
+            vectors.append(weighted_sum(lens.to(hidden.dtype).rsqrt()[segment]))
         elif mode == "max":
             out = hidden.new_full((num_seqs, dim), float("-inf"))
             vectors.append(out.scatter_reduce_(0, segment.unsqueeze(1).expand(-1, dim), hidden, reduce="amax"))
         elif mode == "weightedmean":
             # Weight of a token = its 1-based position in the sequence.
-            weights = (torch.arange(hidden.shape[0], device=hidden.device) - starts[segment] + 1).to(hidden.dtype)
-            weighted = hidden.new_zeros(num_seqs, dim).index_add_(0, segment, hidden * weights.unsqueeze(1))
-            total = hidden.new_zeros(num_seqs).index_add_(0, segment, weights)
-            vectors.append(weighted / total.unsqueeze(1))
+            position = (token - starts[segment] + 1).to(hidden.dtype)
+            total = (lens * (lens + 1) // 2).to(hidden.dtype)
+            vectors.append(weighted_sum(position / total[segment]))
     out = vectors[0] if len(vectors) == 1 else torch.cat(vectors, dim=1)
     if config.normalize:
         out = F.normalize(out, p=2.0, dim=1)

@@ -6,6 +6,7 @@ import copy
 import hmac
 import json
 import logging
+import math
 import struct
 import time
 import uuid
@@ -18,7 +19,7 @@ from .. import __version__
 from ..engine.async_engine import AsyncEngine, EngineDeadError, RequestStream
 from ..engine.outputs import RequestOutput
 from . import protocol, sse
-from .errors import APIError, invalid, unsupported
+from .errors import APIError, invalid
 from .http import Request, Response, StreamingResponse, error_response
 from .metrics import Metrics
 
@@ -366,16 +367,17 @@ class OpenAIApp:
         self._require_ready()
         if "input" not in body:
             raise invalid("'input' is required", "input")
-        vocab = self._model_config.vocab_size
-        prompts, _ = await self._tokenizing(
-            request, lambda tokenizer: protocol.prompts_of(body["input"], tokenizer, vocab, "input")
+        cfg = self._model_config
+        limit = cfg.max_model_len
+        truncate = _truncate_prompt_tokens(body, limit)
+        encoder = not getattr(self.engine.engine, "supports_generation", True)
+        prompts = await self._tokenizing(
+            request, lambda tokenizer: _embedding_prompts(body["input"], tokenizer, cfg, encoder, truncate)
         )
         encoding = body.get("encoding_format") or "float"
         if encoding not in ("float", "base64"):
             raise invalid("'encoding_format' must be 'float' or 'base64'", "encoding_format")
-        if body.get("dimensions") is not None:
-            raise unsupported("dimensions", "'dimensions' (truncated embeddings)")
-        limit = self._model_config.max_model_len
+        dimensions = _embedding_dimensions(body, cfg, model)
         for i, ids in enumerate(prompts):
             if not ids:
                 raise invalid(f"input[{i}] is empty", "input")
@@ -396,6 +398,10 @@ class OpenAIApp:
             self.inflight -= len(prompts)
         data = []
         for i, vector in enumerate(vectors):
+            if dimensions is not None:  # Matryoshka: keep the leading dimensions, back to unit length
+                vector = vector[:dimensions]
+                norm = math.sqrt(sum(x * x for x in vector)) or 1.0
+                vector = [x / norm for x in vector]
             if encoding == "base64":
                 value = base64.b64encode(struct.pack(f"<{len(vector)}f", *vector)).decode()
             else:
@@ -766,3 +772,44 @@ class _Job:
             (now - self.arrival) * 1e3,
             " stream" if self.gen.stream else "",
         )
+
+
+def _truncate_prompt_tokens(body: dict, limit: int) -> int | None:
+    """/v1/embeddings 'truncate_prompt_tokens' (vLLM's extension): keep the first k tokens; -1 = max_model_len."""
+    k = body.get("truncate_prompt_tokens")
+    if k is None:
+        return None
+    if isinstance(k, bool) or not isinstance(k, int) or not (k == -1 or 1 <= k <= limit):
+        raise invalid(f"'truncate_prompt_tokens' must be -1 or an integer in [1, {limit}], got {k!r}",
+                      "truncate_prompt_tokens")
+    return limit if k == -1 else k
+
+
+def _embedding_prompts(value, tokenizer, cfg, encoder: bool, truncate: int | None) -> list[list[int]]:
+    """/v1/embeddings 'input' -> token ids. Encoder models get their special tokens ([CLS] ... [SEP]) on text
+    inputs, and truncation keeps them (as sentence-transformers truncates at its max_seq_length)."""
+    texts = [value] if isinstance(value, str) else value
+    if encoder and isinstance(texts, list) and texts and all(isinstance(t, str) for t in texts):
+        from ..engine.encoder_engine import encode_texts
+
+        return encode_texts(tokenizer, texts, cfg.max_model_len, truncate)
+    prompts, _ = protocol.prompts_of(value, tokenizer, cfg.vocab_size, "input")
+    return prompts if truncate is None else [ids[:truncate] for ids in prompts]
+
+
+def _embedding_dimensions(body: dict, cfg, model: str) -> int | None:
+    """'dimensions': only for Matryoshka models (config.json is_matryoshka / matryoshka_dimensions), as OpenAI
+    and vLLM do: cutting the vector of a model not trained for it gives poor embeddings."""
+    dims = body.get("dimensions")
+    if dims is None:
+        return None
+    size = getattr(cfg, "embedding_size", cfg.hidden_size)
+    if isinstance(dims, bool) or not isinstance(dims, int) or not 1 <= dims <= size:
+        raise invalid(f"'dimensions' must be an integer in [1, {size}], got {dims!r}", "dimensions")
+    allowed = getattr(cfg, "matryoshka_dimensions", None)
+    if not getattr(cfg, "is_matryoshka", False):
+        raise invalid(f"The model '{model}' does not support 'dimensions' (it is not a Matryoshka embedding "
+                      "model); omit it to get the full vector", "dimensions", code="unsupported_parameter")
+    if allowed and dims not in allowed:
+        raise invalid(f"The model '{model}' supports 'dimensions' in {sorted(allowed)}, got {dims}", "dimensions")
+    return dims

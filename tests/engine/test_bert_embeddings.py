@@ -61,7 +61,7 @@ def test_minilm_matches_sentence_transformers(engine, reference):
     assert engine.model_config.max_model_len == 256  # sentence_bert_config.json, not the 512 positions
     assert engine.model_config.embedding_size == 384
     assert engine.model_config.pooling.modes == ("mean",) and engine.model_config.pooling.normalize
-    out = engine.embed(engine.tokenize(SENTENCES))
+    out = engine.embed(engine.tokenize_batch(SENTENCES))
     assert out.dtype == torch.float32 and out.shape == (len(SENTENCES), 384)
     sims = cosine(out, reference)
     assert sims.min() >= 0.99999, sims
@@ -75,14 +75,14 @@ def test_minilm_small_token_budget_splits_batches(reference):
     small = EncoderEngine(MINILM_DIR, max_model_len=64, max_num_batched_tokens=64, max_num_seqs=4, block_size=8,
                           prepack_weights=False)
     assert all(layer.qkv.packed is None for layer in small.model.layers)
-    ids = small.tokenize(SENTENCES)
+    ids = small.tokenize_batch(SENTENCES)
     out = small.embed(ids)
     assert small.stats()["num_forwards"] >= len(SENTENCES) // 4
     assert cosine(out, reference).min() >= 0.99999
 
 
 def test_batch_invariance(engine):
-    ids = engine.tokenize(SENTENCES)
+    ids = engine.tokenize_batch(SENTENCES)
     together = engine.embed(ids)
     alone = torch.cat([engine.embed([row]) for row in ids[:5]])
     torch.testing.assert_close(together[:5], alone, atol=1e-5, rtol=0)
@@ -91,7 +91,7 @@ def test_batch_invariance(engine):
 def test_bf16_is_close(reference):
     engine = EncoderEngine(MINILM_DIR, dtype="bfloat16")
     assert engine.model_config.dtype == torch.bfloat16
-    out = engine.embed(engine.tokenize(SENTENCES))
+    out = engine.embed(engine.tokenize_batch(SENTENCES))
     assert out.dtype == torch.float32
     assert cosine(out, reference).min() >= 0.99
 
@@ -105,12 +105,16 @@ def test_bad_inputs(engine):
         engine.embed([[101] * 257])
     with pytest.raises(ValueError, match=r"token_id_lists\[1\].*30522"):
         engine.embed([[101, 102], [101, 30522, 102]])
+    with pytest.raises(ValueError, match="integer"):
+        engine.embed([[101, 1.5, 102]])
+    with pytest.raises(ValueError, match="integer"):
+        engine.embed([[101, "a", 102]])
     with pytest.raises(ValueError, match=r"token id -1"):
         engine.embed([[101, -1, 102]])
     with pytest.raises(ValueError, match="embeddings only"):
         engine.add_request("r0", "hello", None)
     with pytest.raises(ValueError, match="truncate_prompt_tokens"):
-        engine.tokenize(["hi"], truncate_prompt_tokens=0)
+        engine.tokenize_batch(["hi"], truncate_prompt_tokens=0)
     with pytest.raises(ValueError, match="max_model_len"):
         EncoderEngine(MINILM_DIR, max_model_len=513)
     with pytest.raises(ValueError, match="dtype"):
@@ -120,8 +124,8 @@ def test_bad_inputs(engine):
 def test_truncation_matches_sentence_transformers_max_length(engine):
     long_text = " ".join(["word"] * 400)
     with pytest.raises(ValueError, match="exceed"):
-        engine.embed(engine.tokenize([long_text]))
-    ids = engine.tokenize([long_text], truncate_prompt_tokens=256)
+        engine.embed(engine.tokenize_batch([long_text]))
+    ids = engine.tokenize_batch([long_text], truncate_prompt_tokens=256)
     assert len(ids[0]) == 256 and ids[0][0] == 101 and ids[0][-1] == 102  # [CLS] ... [SEP] kept
     model = st_lib.SentenceTransformer(MINILM_DIR, device="cpu")  # truncates to 256 on its own
     expected = torch.from_numpy(model.encode([long_text], normalize_embeddings=True))
@@ -191,7 +195,7 @@ def test_pooling_modes_match_sentence_transformers(tmp_path, modes, normalize):
     assert config.modes == modes and config.normalize == normalize and config.max_seq_length == 80
     engine = EncoderEngine(tmp_path / "st")
     assert engine.model_config.max_model_len == 80
-    out = engine.embed(engine.tokenize(SENTENCES))
+    out = engine.embed(engine.tokenize_batch(SENTENCES))
     assert out.shape == expected.shape
     torch.testing.assert_close(out, expected, atol=2e-5, rtol=1e-4)
 
@@ -225,7 +229,7 @@ def test_masked_lm_bin_checkpoint_with_bert_prefix(tmp_path):
         hidden = base(**batch).last_hidden_state
     mask = batch["attention_mask"].unsqueeze(-1).float()
     expected = (hidden * mask).sum(1) / mask.sum(1)
-    out = engine.embed(engine.tokenize(SENTENCES))
+    out = engine.embed(engine.tokenize_batch(SENTENCES))
     torch.testing.assert_close(out, expected, atol=2e-5, rtol=1e-4)
 
 
