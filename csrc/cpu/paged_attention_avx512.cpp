@@ -107,6 +107,20 @@ class Avx512Ops<c10::BFloat16> {
     }
   }
 
+  // The driver hands over the next cache block (bytes of K and of V, each contiguous) and the compute
+  // loops below prefetch it into L2, four lines per loop iteration, so the fetch overlaps the compute.
+  // Zen 4 drops software prefetches once its miss queue is full (measured on this VM: a 64-line burst
+  // loses about half, 32-line bursts none), so they must trickle out through the compute rather than
+  // come in one burst per block. The loops run 2.25 (D = 128) to 1.25 (D = 64) iterations per token
+  // and kv head, enough for the 8 to 4 lines a token and kv head takes. Decode 16 x 2048 on the 2-core
+  // VM: 10-16% less time than reading the next block up front (interleaved A/B, one process).
+  void stream_next_block(const char* k, const char* v, int64_t bytes) {
+    stream_k_ = k;
+    stream_v_ = v;
+    stream_pos_ = 0;
+    stream_end_ = bytes;
+  }
+
   // acc[r] += sum_t P[r][t] v[t], with P as exp_row left it in p_ (bf16); the float P is not read.
   void accumulate(const float* /*P*/, int64_t /*P_stride*/, int64_t r0, int64_t R, const T* v, int64_t v_stride,
                   int64_t n) {
@@ -174,6 +188,7 @@ class Avx512Ops<c10::BFloat16> {
     }
     __m512 sums[4];  // four token groups of a 16-token run, lane i = row r + i
     for (int64_t t = 0; t < n; t += 4) {
+      stream_step();
       // Four tokens x two halves of D = eight independent dot-product chains (vdpbf16ps has a latency of
       // several cycles); tokens past n read a zero row instead of the cache.
       const uint16_t* rows[4];
@@ -230,6 +245,17 @@ class Avx512Ops<c10::BFloat16> {
     }
   }
 
+  // Two lines each of the next block's K and V (a few per loop iteration: see stream_next_block).
+  void stream_step() const {
+    if (stream_pos_ < stream_end_) {
+      __builtin_prefetch(stream_k_ + stream_pos_, 0, 2);
+      __builtin_prefetch(stream_v_ + stream_pos_, 0, 2);
+      __builtin_prefetch(stream_k_ + stream_pos_ + 64, 0, 2);
+      __builtin_prefetch(stream_v_ + stream_pos_ + 64, 0, 2);
+      stream_pos_ += 128;
+    }
+  }
+
   __mmask32 chunk_mask(int64_t c) const { return c == chunks_ - 1 ? last_mask_ : ~__mmask32(0); }
 
   // RB rows at once: 2 * RB accumulators per 32-wide chunk stay in registers over the block's tokens.
@@ -244,6 +270,7 @@ class Avx512Ops<c10::BFloat16> {
       }
       const uint16_t* vc = v + 32 * c;
       for (int64_t t = 0; t < n; t += 2) {
+        stream_step();
         const __m512i v0 = _mm512_maskz_loadu_epi16(mk, vc + t * v_stride);
         // Never read the row after the last token: it may be another sequence's or uninitialised.
         const __m512i v1 = t + 1 < n ? _mm512_maskz_loadu_epi16(mk, vc + (t + 1) * v_stride) : _mm512_setzero_si512();
@@ -271,6 +298,9 @@ class Avx512Ops<c10::BFloat16> {
   std::vector<uint16_t> zero_row_;  // stands in for the cache rows past a block's last token
   std::vector<float> acc_;
   std::vector<uint16_t> p_;  // P rows as bf16, one spare slot for an odd token count
+  const char* stream_k_ = nullptr;  // the block being prefetched (stream_next_block)
+  const char* stream_v_ = nullptr;
+  mutable int64_t stream_pos_ = 0, stream_end_ = 0;
 };
 
 }  // namespace fast_inference::cpu::avx512
