@@ -108,12 +108,14 @@ class Avx512Ops<c10::BFloat16> {
   }
 
   // The driver hands over the next cache block (bytes of K and of V, each contiguous) and the compute
-  // loops below prefetch it into L2, four lines per loop iteration, so the fetch overlaps the compute.
-  // Zen 4 drops software prefetches once its miss queue is full (measured on this VM: a 64-line burst
-  // loses about half, 32-line bursts none), so they must trickle out through the compute rather than
-  // come in one burst per block. The loops run 2.25 (D = 128) to 1.25 (D = 64) iterations per token
-  // and kv head, enough for the 8 to 4 lines a token and kv head takes. Decode 16 x 2048 on the 2-core
-  // VM: 10-16% less time than reading the next block up front (interleaved A/B, one process).
+  // loops below prefetch it into L2, one line of K and one of V per inner iteration, so the fetch
+  // overlaps the compute. Zen 4 drops software prefetches once its miss queue is full (measured on
+  // this VM: a 64-line burst loses about half, 32-line bursts none), so they must trickle out evenly
+  // through the compute rather than come in one burst per block. scores_quad (every two 8-element
+  // chunks) and accumulate_rows (every token pair and 32-element chunk) each step D / 64 times per
+  // token and kv head: D / 16 lines, as many as the block holds. Decode 16 x 2048 on the 2-core VM,
+  // interleaved A/B in one process: 10-20% less time than reading the next block up front, and a few
+  // % less than four lines per step in the outer loops.
   void stream_next_block(const char* k, const char* v, int64_t bytes) {
     stream_k_ = k;
     stream_v_ = v;
@@ -188,7 +190,6 @@ class Avx512Ops<c10::BFloat16> {
     }
     __m512 sums[4];  // four token groups of a 16-token run, lane i = row r + i
     for (int64_t t = 0; t < n; t += 4) {
-      stream_step();
       // Four tokens x two halves of D = eight independent dot-product chains (vdpbf16ps has a latency of
       // several cycles); tokens past n read a zero row instead of the cache.
       const uint16_t* rows[4];
@@ -197,6 +198,7 @@ class Avx512Ops<c10::BFloat16> {
       for (int i = 0; i < 4; ++i) acc[i] = acc2[i] = _mm512_setzero_ps();
       int64_t j = 0;
       for (; j + 2 <= nj; j += 2) {
+        stream_step();
         const __m512i q0 = NJ > 0 ? qreg[NJ > 0 ? j : 0] : _mm512_loadu_si512(quad + 32 * j);
         const __m512i q1 = NJ > 0 ? qreg[NJ > 0 ? j + 1 : 0] : _mm512_loadu_si512(quad + 32 * (j + 1));
         for (int i = 0; i < 4; ++i) {
@@ -245,14 +247,12 @@ class Avx512Ops<c10::BFloat16> {
     }
   }
 
-  // Two lines each of the next block's K and V (a few per loop iteration: see stream_next_block).
+  // One line each of the next block's K and V (see stream_next_block).
   void stream_step() const {
     if (stream_pos_ < stream_end_) {
       __builtin_prefetch(stream_k_ + stream_pos_, 0, 2);
       __builtin_prefetch(stream_v_ + stream_pos_, 0, 2);
-      __builtin_prefetch(stream_k_ + stream_pos_ + 64, 0, 2);
-      __builtin_prefetch(stream_v_ + stream_pos_ + 64, 0, 2);
-      stream_pos_ += 128;
+      stream_pos_ += 64;
     }
   }
 
