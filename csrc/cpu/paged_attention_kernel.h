@@ -12,6 +12,8 @@
 //   exp_row(r, s, n, visible, scale, m) -> sum  P[r][t] = exp(s[t] * scale - m) for t < visible, 0 up to n,
 //                                           stored where accumulate reads it, at the precision it uses
 //   static max(x, n)
+//   stream_next_block(k, v, bytes)         optional: prefetch these bytes of K and of V (the next block)
+//                                           from inside scores/accumulate while they compute
 //
 // Work item = (sequence, tile of query tokens, kv heads, KV split). All the query heads of a GQA group
 // and all the tokens of the tile are the rows that share every K/V row read from the cache, so each
@@ -191,34 +193,31 @@ void paged_attention_impl(const PagedAttentionArgs& a) {
         l[r] = 0.f;
       }
       ops.zero_acc(R);
+      uint8_t touch = 0;  // the early loads' bytes, kept so the compiler keeps the loads
       const int32_t* table = a.block_tables + int64_t(w.seq) * a.block_tables_stride;
       const int64_t head_offset = w.head_begin * D;
-      // An item that covers every kv head reads whole contiguous blocks (decode). The next block is
-      // prefetched into L2 in address order, K and V line by line, in 2 * heads slices spread between
-      // the compute of the current block: the fetch then overlaps the compute instead of stalling it.
-      // (Measured on the 2-core Zen 4 VM, decode 16 x 2048, interleaved A/B in one process, CPU time:
-      // 6% less than reading the whole next block with loads up front, which stalls the core until
-      // the loads retire; 2 blocks ahead or prefetching into L1 were slower.) An item with a subset
-      // of the heads prefetches its own rows kPrefetchBlocks ahead instead, in small bursts per head.
-      const bool whole_blocks = heads == a.num_kv_heads;
-      const int64_t stride_bytes = cache_stride_token * int64_t(sizeof(T)), row_bytes = D * int64_t(sizeof(T));
       for (int64_t pos0 = w.kv_begin; pos0 < w.kv_end; pos0 += bs) {
         const int64_t n = std::min<int64_t>(bs, w.kv_end - pos0);
         const int64_t block_offset = table[pos0 / bs] * cache_stride_block + head_offset;
-        const bool prefetch_next = whole_blocks && pos0 + bs < w.kv_end;
-        const int64_t next = prefetch_next ? table[pos0 / bs + 1] * cache_stride_block : 0;
+        // Bring the next block in early. An item that covers every kv head reads whole contiguous
+        // blocks (decode). An ISA with stream_next_block prefetches the next one from inside its
+        // compute loops, a few lines at a time (see the AVX-512 bf16 ops: bursts of prefetches are
+        // dropped on Zen 4); the others read one byte per cache line of it up front, in address
+        // order, which the hardware streamer follows (per-head row prefetches reached about half the
+        // streaming bandwidth). An item with a subset of the heads prefetches its own rows
+        // kPrefetchBlocks ahead instead, in small bursts per head.
+        const bool whole_blocks = heads == a.num_kv_heads;
+        const int64_t stride_bytes = cache_stride_token * int64_t(sizeof(T)), row_bytes = D * int64_t(sizeof(T));
+        const bool has_next = whole_blocks && pos0 + bs < w.kv_end;
+        const int64_t next = has_next ? table[pos0 / bs + 1] * cache_stride_block : 0;
         const char* k_next = reinterpret_cast<const char*>(key_cache + next);
         const char* v_next = reinterpret_cast<const char*>(value_cache + next);
-        const int64_t next_bytes = prefetch_next ? std::min<int64_t>(bs, w.kv_end - pos0 - bs) * stride_bytes : 0;
-        const int64_t slices = 2 * heads;
-        // Slice i of the next block: whole cache lines [lo, hi) of K and of V.
-        auto prefetch_slice = [&](int64_t i) {
-          const int64_t lo = next_bytes * i / slices / 64 * 64, hi = next_bytes * (i + 1) / slices / 64 * 64;
-          for (int64_t b = lo; b < hi; b += 64) {
-            __builtin_prefetch(k_next + b, 0, 2);
-            __builtin_prefetch(v_next + b, 0, 2);
-          }
-        };
+        const int64_t next_bytes = has_next ? std::min<int64_t>(bs, w.kv_end - pos0 - bs) * stride_bytes : 0;
+        if constexpr (requires { ops.stream_next_block(k_next, v_next, next_bytes); }) {
+          ops.stream_next_block(k_next, v_next, next_bytes);  // 0 bytes: nothing to prefetch
+        } else {
+          for (int64_t b = 0; b < next_bytes; b += 64) touch ^= uint8_t(k_next[b] ^ v_next[b]);
+        }
         const bool prefetch = !whole_blocks && pos0 + kPrefetchBlocks * bs < w.kv_end;
         const int64_t ahead = prefetch ? table[pos0 / bs + kPrefetchBlocks] * cache_stride_block + head_offset : 0;
         const char* k_ahead = reinterpret_cast<const char*>(key_cache + ahead);
@@ -226,7 +225,6 @@ void paged_attention_impl(const PagedAttentionArgs& a) {
         for (int64_t hh = 0; hh < heads; ++hh) {
           const int64_t r0 = hh * RH, offset = block_offset + hh * D;
           if (prefetch) prefetch_rows(k_ahead + hh * row_bytes, stride_bytes, bs, row_bytes);
-          if (prefetch_next) prefetch_slice(2 * hh);
           ops.scores(r0, RH, key_cache + offset, cache_stride_token, n, S.data(), bs);
           for (int64_t r = r0; r < r0 + RH; ++r) {
             float* s = S.data() + r * bs;
@@ -243,10 +241,10 @@ void paged_attention_impl(const PagedAttentionArgs& a) {
             l[r] += ops.exp_row(r, s, n, visible, a.scale, m[r]);
           }
           if (prefetch) prefetch_rows(v_ahead + hh * row_bytes, stride_bytes, bs, row_bytes);
-          if (prefetch_next) prefetch_slice(2 * hh + 1);
           ops.accumulate(S.data(), bs, r0, RH, value_cache + offset, cache_stride_token, n);
         }
       }
+      asm volatile("" : : "r"(touch));  // the early loads have a use, so they stay
       for (int64_t r = 0; r < R; ++r) {
         const int64_t tok = row_tok[r], head = row_head[r];
         if (w.num_splits == 1) {
