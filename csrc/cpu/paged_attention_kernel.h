@@ -12,6 +12,8 @@
 //   exp_row(r, s, n, visible, scale, m) -> sum  P[r][t] = exp(s[t] * scale - m) for t < visible, 0 up to n,
 //                                           stored where accumulate reads it, at the precision it uses
 //   static max(x, n)
+//   stream_next_block(k, v, bytes)         optional: prefetch these bytes of K and of V (the next block)
+//                                           from inside scores/accumulate while they compute
 //
 // Work item = (sequence, tile of query tokens, kv heads, KV split). All the query heads of a GQA group
 // and all the tokens of the tile are the rows that share every K/V row read from the cache, so each
@@ -198,18 +200,23 @@ void paged_attention_impl(const PagedAttentionArgs& a) {
         const int64_t n = std::min<int64_t>(bs, w.kv_end - pos0);
         const int64_t block_offset = table[pos0 / bs] * cache_stride_block + head_offset;
         // Bring the next block in early. An item that covers every kv head reads whole contiguous
-        // blocks: one load per cache line of the next block, in address order, which the hardware
-        // streamer follows far better than software prefetches (measured on Zen 4: the per-head row
-        // pattern reaches about half the streaming bandwidth). An item with a subset of the heads
-        // prefetches its own rows kPrefetchBlocks ahead instead, in small bursts per head.
+        // blocks (decode). An ISA with stream_next_block prefetches the next one from inside its
+        // compute loops, a few lines at a time (see the AVX-512 bf16 ops: bursts of prefetches are
+        // dropped on Zen 4); the others read one byte per cache line of it up front, in address
+        // order, which the hardware streamer follows (per-head row prefetches reached about half the
+        // streaming bandwidth). An item with a subset of the heads prefetches its own rows
+        // kPrefetchBlocks ahead instead, in small bursts per head.
         const bool whole_blocks = heads == a.num_kv_heads;
         const int64_t stride_bytes = cache_stride_token * int64_t(sizeof(T)), row_bytes = D * int64_t(sizeof(T));
-        if (whole_blocks && pos0 + bs < w.kv_end) {
-          const int64_t next = table[pos0 / bs + 1] * cache_stride_block;
-          const char* k_next = reinterpret_cast<const char*>(key_cache + next);
-          const char* v_next = reinterpret_cast<const char*>(value_cache + next);
-          const int64_t bytes = std::min<int64_t>(bs, w.kv_end - pos0 - bs) * stride_bytes;
-          for (int64_t b = 0; b < bytes; b += 64) touch ^= uint8_t(k_next[b] ^ v_next[b]);
+        const bool has_next = whole_blocks && pos0 + bs < w.kv_end;
+        const int64_t next = has_next ? table[pos0 / bs + 1] * cache_stride_block : 0;
+        const char* k_next = reinterpret_cast<const char*>(key_cache + next);
+        const char* v_next = reinterpret_cast<const char*>(value_cache + next);
+        const int64_t next_bytes = has_next ? std::min<int64_t>(bs, w.kv_end - pos0 - bs) * stride_bytes : 0;
+        if constexpr (requires { ops.stream_next_block(k_next, v_next, next_bytes); }) {
+          ops.stream_next_block(k_next, v_next, next_bytes);  // 0 bytes: nothing to prefetch
+        } else {
+          for (int64_t b = 0; b < next_bytes; b += 64) touch ^= uint8_t(k_next[b] ^ v_next[b]);
         }
         const bool prefetch = !whole_blocks && pos0 + kPrefetchBlocks * bs < w.kv_end;
         const int64_t ahead = prefetch ? table[pos0 / bs + kPrefetchBlocks] * cache_stride_block + head_offset : 0;
