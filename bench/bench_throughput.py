@@ -3,7 +3,9 @@
 A SmolLM-135M-shaped Llama (random weights, bfloat16 on CPU) is written to a temp dir. Prints JSON lines:
   throughput: 32 prompts x 128 tokens, 64 new tokens greedy (ignore_eos), output tokens/s of both engines
   decode_bs1: one sequence's decode step time vs (weight + KV bytes per step) / streaming read bandwidth
-Run: PYTHONPATH=. python bench/bench_throughput.py [--num-prompts 32 --prompt-len 128 --new-tokens 64]
+Run: PYTHONPATH=. python bench/bench_throughput.py [--threads 1] [--num-prompts 32 --prompt-len 128 --new-tokens 64]
+On an oversubscribed machine (load average >= cores) prefer --threads 1: a batch-1 decode step has ~150
+parallel regions, and each OpenMP join waits for a descheduled peer thread.
 """
 
 import argparse

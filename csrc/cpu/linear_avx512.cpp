@@ -62,8 +62,9 @@ void linear_bf16_small_m(const c10::BFloat16* x, int64_t x_stride, const c10::BF
                          const c10::BFloat16* bias, c10::BFloat16* out, int64_t M, int64_t N, int64_t K) {
   const auto* xp = reinterpret_cast<const uint16_t*>(x);
   const auto* wp = reinterpret_cast<const uint16_t*>(w);
-  // Grain: at least ~64 KiB of weight per task, so a parallel region is worth its fork/join.
-  const int64_t grain = std::max<int64_t>(16, (64 * 1024) / std::max<int64_t>(K * 2, 1));
+  // Grain: at least ~256 KiB of weight per task (~10 us of streaming), so a parallel region is worth its
+  // fork/join; smaller projections run inline on the calling thread.
+  const int64_t grain = std::max<int64_t>(16, (256 * 1024) / std::max<int64_t>(K * 2, 1));
   at::parallel_for(0, N, grain, [&](int64_t n0, int64_t n1) {
     switch (M) {
       case 1: rows_kernel<1>(xp, x_stride, wp, bias, out, N, K, n0, n1); break;
