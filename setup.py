@@ -36,9 +36,7 @@ def find_nvcc() -> str | None:
         return None
     # The `nvcc` on PATH may be a wrapper script; resolve the real toolkit through it.
     try:
-        real = subprocess.run(
-            [on_path, "--list-gpu-arch"], capture_output=True, text=True, check=False
-        )
+        real = subprocess.run([on_path, "--list-gpu-arch"], capture_output=True, text=True, check=False)
     except OSError:
         return None
     return on_path if real.returncode == 0 else None
@@ -91,8 +89,12 @@ class CMakeBuild(build_ext):
         if use_cuda and not arch_list:
             if torch.cuda.is_available():
                 arch_list = ";".join(
-                    sorted({"{}.{}".format(*torch.cuda.get_device_capability(i))
-                            for i in range(torch.cuda.device_count())})
+                    sorted(
+                        {
+                            "{}.{}".format(*torch.cuda.get_device_capability(i))
+                            for i in range(torch.cuda.device_count())
+                        }
+                    )
                 )
             else:
                 arch_list = "8.0;9.0"

@@ -21,19 +21,22 @@ from fast_inference import ops  # noqa: E402
 BLOCK_SIZE, KV_HEADS, HEAD_SIZE = 16, 8, 128
 
 
-def record(name: str, device: torch.device, bandwidth: float, nbytes: int, t: float, t_base: float,
-           shape: dict) -> None:
-    emit({
-        "bench": name,
-        **environment(device),
-        **shape,
-        "median_ms": round(t * 1e3, 4),
-        "baseline_ms": round(t_base * 1e3, 4),
-        "speedup_vs_baseline": round(t_base / t, 3),
-        "gb_per_s": round(nbytes / t / 1e9, 2),
-        "bandwidth_gb_per_s": round(bandwidth / 1e9, 2),
-        "pct_of_bandwidth": round(100 * nbytes / t / bandwidth, 1),
-    })
+def record(
+    name: str, device: torch.device, bandwidth: float, nbytes: int, t: float, t_base: float, shape: dict
+) -> None:
+    emit(
+        {
+            "bench": name,
+            **environment(device),
+            **shape,
+            "median_ms": round(t * 1e3, 4),
+            "baseline_ms": round(t_base * 1e3, 4),
+            "speedup_vs_baseline": round(t_base / t, 3),
+            "gb_per_s": round(nbytes / t / 1e9, 2),
+            "bandwidth_gb_per_s": round(bandwidth / 1e9, 2),
+            "pct_of_bandwidth": round(100 * nbytes / t / bandwidth, 1),
+        }
+    )
 
 
 def bench_reshape_and_cache(device, dtype, bandwidth, num_tokens: int, num_blocks: int) -> None:
@@ -52,9 +55,21 @@ def bench_reshape_and_cache(device, dtype, bandwidth, num_tokens: int, num_block
 
     nbytes = 2 * 2 * key.numel() * key.element_size()  # read key+value, write both into the caches
     t, t_base = median_time(kernel, device, min_seconds=0.3), median_time(baseline, device, min_seconds=0.3)
-    record("reshape_and_cache", device, bandwidth, nbytes, t, t_base,
-           {"dtype": str(dtype).removeprefix("torch."), "num_tokens": num_tokens, "num_kv_heads": KV_HEADS,
-            "head_size": HEAD_SIZE, "block_size": BLOCK_SIZE})
+    record(
+        "reshape_and_cache",
+        device,
+        bandwidth,
+        nbytes,
+        t,
+        t_base,
+        {
+            "dtype": str(dtype).removeprefix("torch."),
+            "num_tokens": num_tokens,
+            "num_kv_heads": KV_HEADS,
+            "head_size": HEAD_SIZE,
+            "block_size": BLOCK_SIZE,
+        },
+    )
 
 
 def bench_copy_blocks(device, dtype, bandwidth, num_layers: int, num_blocks: int, num_pairs: int) -> None:
@@ -75,9 +90,20 @@ def bench_copy_blocks(device, dtype, bandwidth, num_layers: int, num_blocks: int
     block_bytes = key_caches[0][0].numel() * key_caches[0].element_size()
     nbytes = 2 * 2 * num_layers * num_pairs * block_bytes  # key+value caches, read + write
     t, t_base = median_time(kernel, device, min_seconds=0.3), median_time(baseline, device, min_seconds=0.3)
-    record("copy_blocks", device, bandwidth, nbytes, t, t_base,
-           {"dtype": str(dtype).removeprefix("torch."), "num_layers": num_layers, "num_pairs": num_pairs,
-            "block_bytes": block_bytes})
+    record(
+        "copy_blocks",
+        device,
+        bandwidth,
+        nbytes,
+        t,
+        t_base,
+        {
+            "dtype": str(dtype).removeprefix("torch."),
+            "num_layers": num_layers,
+            "num_pairs": num_pairs,
+            "block_bytes": block_bytes,
+        },
+    )
 
 
 def bench_swap_blocks(device, dtype, bandwidth, num_blocks: int, num_pairs: int) -> None:
@@ -85,7 +111,9 @@ def bench_swap_blocks(device, dtype, bandwidth, num_blocks: int, num_pairs: int)
     src = torch.randn(shape, device=device).to(dtype)
     # On CUDA the swap goes to pinned host memory, as a preempted sequence's blocks do.
     dst = torch.empty(shape, dtype=dtype, pin_memory=device.type == "cuda")
-    mapping = torch.stack([torch.randperm(num_blocks)[:num_pairs], torch.randperm(num_blocks)[:num_pairs]], dim=1)
+    mapping = torch.stack(
+        [torch.randperm(num_blocks)[:num_pairs], torch.randperm(num_blocks)[:num_pairs]], dim=1
+    )
     src_ids, dst_ids = mapping[:, 0].to(device), mapping[:, 1]
 
     def kernel():
@@ -97,13 +125,26 @@ def bench_swap_blocks(device, dtype, bandwidth, num_blocks: int, num_pairs: int)
     block_bytes = src[0].numel() * src.element_size()
     nbytes = 2 * num_pairs * block_bytes
     t, t_base = median_time(kernel, device, min_seconds=0.3), median_time(baseline, device, min_seconds=0.3)
-    record("swap_blocks", device, bandwidth, nbytes, t, t_base,
-           {"dtype": str(dtype).removeprefix("torch."), "direction": f"{device.type}->cpu", "num_pairs": num_pairs,
-            "block_bytes": block_bytes})
+    record(
+        "swap_blocks",
+        device,
+        bandwidth,
+        nbytes,
+        t,
+        t_base,
+        {
+            "dtype": str(dtype).removeprefix("torch."),
+            "direction": f"{device.type}->cpu",
+            "num_pairs": num_pairs,
+            "block_bytes": block_bytes,
+        },
+    )
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default="bfloat16", choices=["float32", "float16", "bfloat16"])
     args = parser.parse_args()

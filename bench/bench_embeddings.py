@@ -26,22 +26,68 @@ from common import emit, environment  # noqa: E402
 from fast_inference.engine.encoder_engine import EncoderEngine  # noqa: E402
 from fast_inference.models.bert import onednn_available  # noqa: E402
 
-SUBJECTS = ["The cat", "A young woman", "My neighbour", "The government", "Our team", "A small dog",
-            "The old man", "Researchers", "The children", "A startup in Berlin", "She", "The pilot"]
-VERBS = ["is reading", "bought", "cannot find", "painted", "is writing about", "studied", "fixed",
-         "talked about", "will visit", "forgot", "loves", "sold"]
-OBJECTS = ["a book", "the new bridge", "their favourite song", "an old car", "the weather report",
-           "a quantum computer", "the recipe for bread", "the football match", "a map of the city",
-           "the broken window", "the annual budget", "a letter from home"]
-TAILS = ["", "", " yesterday", " in the park", " after lunch", " before the meeting started",
-         " with great enthusiasm and a little fear", " because it was raining all day long",
-         " while everyone else was asleep", " for the third time this week"]
+SUBJECTS = [
+    "The cat",
+    "A young woman",
+    "My neighbour",
+    "The government",
+    "Our team",
+    "A small dog",
+    "The old man",
+    "Researchers",
+    "The children",
+    "A startup in Berlin",
+    "She",
+    "The pilot",
+]
+VERBS = [
+    "is reading",
+    "bought",
+    "cannot find",
+    "painted",
+    "is writing about",
+    "studied",
+    "fixed",
+    "talked about",
+    "will visit",
+    "forgot",
+    "loves",
+    "sold",
+]
+OBJECTS = [
+    "a book",
+    "the new bridge",
+    "their favourite song",
+    "an old car",
+    "the weather report",
+    "a quantum computer",
+    "the recipe for bread",
+    "the football match",
+    "a map of the city",
+    "the broken window",
+    "the annual budget",
+    "a letter from home",
+]
+TAILS = [
+    "",
+    "",
+    " yesterday",
+    " in the park",
+    " after lunch",
+    " before the meeting started",
+    " with great enthusiasm and a little fear",
+    " because it was raining all day long",
+    " while everyone else was asleep",
+    " for the third time this week",
+]
 
 
 def make_sentences(n: int, seed: int = 0) -> list[str]:
     rng = random.Random(seed)
-    return [f"{rng.choice(SUBJECTS)} {rng.choice(VERBS)} {rng.choice(OBJECTS)}{rng.choice(TAILS)}."
-            for _ in range(n)]
+    return [
+        f"{rng.choice(SUBJECTS)} {rng.choice(VERBS)} {rng.choice(OBJECTS)}{rng.choice(TAILS)}."
+        for _ in range(n)
+    ]
 
 
 def model_flops(lens: list[int], layers: int, hidden: int, inter: int) -> float:
@@ -62,11 +108,17 @@ def gemm(m: int, k: int, n: int, dtype: torch.dtype):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--model", default=None, help="sentence-transformers model dir (default: MiniLM wheel)")
+    parser.add_argument(
+        "--model", default=None, help="sentence-transformers model dir (default: MiniLM wheel)"
+    )
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--iters", type=int, default=20)
-    parser.add_argument("--threads", type=int, default=None,
-                        help="torch intra-op threads for every contender (default: torch's choice)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch intra-op threads for every contender (default: torch's choice)",
+    )
     args = parser.parse_args()
     if args.threads is not None:
         torch.set_num_threads(args.threads)
@@ -84,23 +136,40 @@ def main() -> None:
     cfg = ours.model.config
     lens = [len(ids) for ids in ours.tokenize_batch(sentences)]
     flops = model_flops(lens, cfg.num_hidden_layers, cfg.hidden_size, cfg.intermediate_size)
-    emit({"bench": "embeddings", "env": environment(device), "model": args.model, "batch": args.batch,
-          "tokens": sum(lens), "padded_tokens_st": args.batch * max(lens), "min_len": min(lens),
-          "max_len": max(lens)})
+    emit(
+        {
+            "bench": "embeddings",
+            "env": environment(device),
+            "model": args.model,
+            "batch": args.batch,
+            "tokens": sum(lens),
+            "padded_tokens_st": args.batch * max(lens),
+            "min_len": min(lens),
+            "max_len": max(lens),
+        }
+    )
 
     # The compute limit: a bare GEMM of the FFN's shape (the model's largest), timed in the same rounds.
     gemm_f32, gemm_flops = gemm(sum(lens), cfg.hidden_size, cfg.intermediate_size, torch.float32)
     gemm_bf16, _ = gemm(sum(lens), cfg.hidden_size, cfg.intermediate_size, torch.bfloat16)
 
     def st_encode(batch_size: int):
-        return reference_model.encode(sentences, batch_size=batch_size, normalize_embeddings=True,
-                                      convert_to_tensor=True)
+        return reference_model.encode(
+            sentences, batch_size=batch_size, normalize_embeddings=True, convert_to_tensor=True
+        )
 
     ours_plain = EncoderEngine(args.model, dtype="float32", prepack_weights=False)
-    engines = {"fast_inference_f32": ours, "fast_inference_f32_unfused": ours_plain,
-               "fast_inference_bf16": ours_bf16}
-    contenders = {"st_encode_batch64": lambda: st_encode(args.batch), "st_encode_batch32": lambda: st_encode(32),
-                  "gemm_f32": gemm_f32, "gemm_bf16": gemm_bf16}
+    engines = {
+        "fast_inference_f32": ours,
+        "fast_inference_f32_unfused": ours_plain,
+        "fast_inference_bf16": ours_bf16,
+    }
+    contenders = {
+        "st_encode_batch64": lambda: st_encode(args.batch),
+        "st_encode_batch32": lambda: st_encode(32),
+        "gemm_f32": gemm_f32,
+        "gemm_bf16": gemm_bf16,
+    }
     for name, engine in engines.items():
         contenders[name] = lambda e=engine: e.embed(e.tokenize_batch(sentences))
         contenders[name + "_no_tokenizer"] = lambda e=engine, i=engine.tokenize_batch(sentences): e.embed(i)
@@ -110,26 +179,34 @@ def main() -> None:
     expected = st_encode(args.batch).float().cpu()
     t_st = times["st_encode_batch64"]
     peak_f32, peak_bf16 = gemm_flops / times["gemm_f32"], gemm_flops / times["gemm_bf16"]
-    emit({"name": "sentence_transformers_encode", "batch_size": args.batch,
-          "sentences_per_s": round(args.batch / t_st, 1), "ms_per_batch": round(t_st * 1e3, 2),
-          "sentences_per_s_batch32": round(args.batch / times["st_encode_batch32"], 1)})
+    emit(
+        {
+            "name": "sentence_transformers_encode",
+            "batch_size": args.batch,
+            "sentences_per_s": round(args.batch / t_st, 1),
+            "ms_per_batch": round(t_st * 1e3, 2),
+            "sentences_per_s_batch32": round(args.batch / times["st_encode_batch32"], 1),
+        }
+    )
     for name, engine in engines.items():
         peak = peak_bf16 if engine.model_config.dtype == torch.bfloat16 else peak_f32
         out = engine.embed(engine.tokenize_batch(sentences))
         cos = torch.nn.functional.cosine_similarity(out.double(), expected.double(), dim=1)
         seconds, model_seconds = times[name], times[name + "_no_tokenizer"]
-        emit({
-            "name": name,
-            "sentences_per_s": round(args.batch / seconds, 1),
-            "speedup_vs_st_encode": round(t_st / seconds, 3),
-            "speedup_vs_st_encode_batch32": round(times["st_encode_batch32"] / seconds, 3),
-            "ms_per_batch": round(seconds * 1e3, 2),
-            "ms_per_batch_without_tokenizer": round(model_seconds * 1e3, 2),
-            "model_gflops": round(flops / model_seconds / 1e9, 1),
-            "gemm_limit_gflops": round(peak / 1e9, 1),
-            "pct_of_gemm_limit": round(100 * flops / model_seconds / peak, 1),
-            "min_cosine_vs_st": round(float(cos.min()), 7),
-        })
+        emit(
+            {
+                "name": name,
+                "sentences_per_s": round(args.batch / seconds, 1),
+                "speedup_vs_st_encode": round(t_st / seconds, 3),
+                "speedup_vs_st_encode_batch32": round(times["st_encode_batch32"] / seconds, 3),
+                "ms_per_batch": round(seconds * 1e3, 2),
+                "ms_per_batch_without_tokenizer": round(model_seconds * 1e3, 2),
+                "model_gflops": round(flops / model_seconds / 1e9, 1),
+                "gemm_limit_gflops": round(peak / 1e9, 1),
+                "pct_of_gemm_limit": round(100 * flops / model_seconds / peak, 1),
+                "min_cosine_vs_st": round(float(cos.min()), 7),
+            }
+        )
 
 
 def interleaved_median_times(fns: dict, iters: int, warmup: int = 2) -> dict[str, float]:

@@ -60,8 +60,14 @@ def make_inputs(case: Case, dtype: torch.dtype, device: torch.device):
     seq_lens = torch.full((case.batch,), case.context, dtype=torch.int32)
     cu = torch.arange(case.batch + 1, dtype=torch.int32) * case.query_len
     query = torch.randn(case.batch * case.query_len, case.num_heads, case.head_size, generator=gen)
-    return (query.to(dtype=dtype, device=device), key_cache, value_cache, block_tables.to(device),
-            seq_lens.to(device), cu.to(device))
+    return (
+        query.to(dtype=dtype, device=device),
+        key_cache,
+        value_cache,
+        block_tables.to(device),
+        seq_lens.to(device),
+        cu.to(device),
+    )
 
 
 def gather_sdpa(query, key_cache, value_cache, block_tables, case: Case, scale: float) -> torch.Tensor:
@@ -76,8 +82,9 @@ def gather_sdpa(query, key_cache, value_cache, block_tables, case: Case, scale: 
         pos = torch.arange(ctx, device=query.device)
         q_pos = ctx - q_len + torch.arange(q_len, device=query.device)
         mask = pos[None, :] <= q_pos[:, None]
-    out = F.scaled_dot_product_attention(q, k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask, scale=scale,
-                                         enable_gqa=True)
+    out = F.scaled_dot_product_attention(
+        q, k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask, scale=scale, enable_gqa=True
+    )
     return out.transpose(1, 2).reshape(b * q_len, case.num_heads, case.head_size)
 
 
@@ -87,7 +94,9 @@ def run_case(case: Case, dtype: torch.dtype, device: torch.device, bandwidth: fl
     out = torch.empty_like(query)
 
     def kernel():
-        ops.paged_attention(query, key_cache, value_cache, block_tables, seq_lens, cu, scale, causal=True, out=out)
+        ops.paged_attention(
+            query, key_cache, value_cache, block_tables, seq_lens, cu, scale, causal=True, out=out
+        )
 
     def baseline():
         return gather_sdpa(query, key_cache, value_cache, block_tables, case, scale)
@@ -123,10 +132,14 @@ def run_case(case: Case, dtype: torch.dtype, device: torch.device, bandwidth: fl
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default="bfloat16", choices=["float32", "float16", "bfloat16"])
-    parser.add_argument("--cases", default=None, help="comma-separated case names (default: all for the device)")
+    parser.add_argument(
+        "--cases", default=None, help="comma-separated case names (default: all for the device)"
+    )
     parser.add_argument("--iters", type=int, default=20)
     args = parser.parse_args()
     device = torch.device(args.device)

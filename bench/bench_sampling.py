@@ -19,8 +19,13 @@ from bench.common import emit, environment, median_time, streaming_read_bandwidt
 from fast_inference import ops
 
 
-def torch_baseline(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor,
-                   top_p: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+def torch_baseline(
+    logits: torch.Tensor,
+    temperature: torch.Tensor,
+    top_k: torch.Tensor,
+    top_p: torch.Tensor,
+    generator: torch.Generator,
+) -> torch.Tensor:
     probs = torch.softmax(logits / temperature[:, None], dim=-1)
     sorted_probs, order = torch.sort(probs, dim=-1, descending=True)
     ranks = torch.arange(logits.shape[1], device=logits.device)[None, :]
@@ -52,8 +57,11 @@ def bench(batch: int, rows: str, vocab: int, device: torch.device, bandwidth: fl
     offsets = torch.zeros(batch, device=device, dtype=torch.int64)
 
     iters = 20 if device.type == "cuda" or batch == 1 else 5
-    t_ops = median_time(lambda: ops.sample(logits, temperature, top_k, top_p, min_p, seeds, offsets,
-                                           check_values=False), device, iters=iters)
+    t_ops = median_time(
+        lambda: ops.sample(logits, temperature, top_k, top_p, min_p, seeds, offsets, check_values=False),
+        device,
+        iters=iters,
+    )
     t_base = median_time(lambda: torch_baseline(logits, temperature, top_k, top_p, gen), device, iters=iters)
     extra = {}
     if device.type == "cpu":
@@ -61,20 +69,32 @@ def bench(batch: int, rows: str, vocab: int, device: torch.device, bandwidth: fl
         # counts as its faster variant, all threads or one thread, so the ratio never flatters us.
         threads = torch.get_num_threads()
         torch.set_num_threads(1)
-        t_base_1 = median_time(lambda: torch_baseline(logits, temperature, top_k, top_p, gen), device, iters=iters)
+        t_base_1 = median_time(
+            lambda: torch_baseline(logits, temperature, top_k, top_p, gen), device, iters=iters
+        )
         torch.set_num_threads(threads)
-        extra = {"torch_baseline_all_threads_ms": round(t_base * 1e3, 3),
-                 "torch_baseline_1_thread_ms": round(t_base_1 * 1e3, 3)}
+        extra = {
+            "torch_baseline_all_threads_ms": round(t_base * 1e3, 3),
+            "torch_baseline_1_thread_ms": round(t_base_1 * 1e3, 3),
+        }
         t_base = min(t_base, t_base_1)
     gbps = logits.numel() * logits.element_size() / t_ops / 1e9
-    emit({
-        "bench": "sample", "batch": batch, "vocab": vocab, "dtype": "float32",
-        "rows": ROWS[rows],
-        "ops_ms": round(t_ops * 1e3, 3), "torch_baseline_ms": round(t_base * 1e3, 3),
-        "speedup_vs_torch": round(t_base / t_ops, 2), **extra,
-        "logits_read_GBps": round(gbps, 2), "pct_of_streaming_read": round(100 * gbps * 1e9 / bandwidth, 1),
-        **environment(device),
-    })
+    emit(
+        {
+            "bench": "sample",
+            "batch": batch,
+            "vocab": vocab,
+            "dtype": "float32",
+            "rows": ROWS[rows],
+            "ops_ms": round(t_ops * 1e3, 3),
+            "torch_baseline_ms": round(t_base * 1e3, 3),
+            "speedup_vs_torch": round(t_base / t_ops, 2),
+            **extra,
+            "logits_read_GBps": round(gbps, 2),
+            "pct_of_streaming_read": round(100 * gbps * 1e9 / bandwidth, 1),
+            **environment(device),
+        }
+    )
 
 
 def main() -> None:

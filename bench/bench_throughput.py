@@ -20,9 +20,18 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import emit, environment, streaming_read_bandwidth  # noqa: E402
 
-SMOLLM_135M = dict(vocab_size=49152, hidden_size=576, num_hidden_layers=30, num_attention_heads=9,
-                   num_key_value_heads=3, intermediate_size=1536, tie_word_embeddings=True,
-                   max_position_embeddings=2048, rms_norm_eps=1e-5, rope_theta=10000.0)
+SMOLLM_135M = dict(
+    vocab_size=49152,
+    hidden_size=576,
+    num_hidden_layers=30,
+    num_attention_heads=9,
+    num_key_value_heads=3,
+    intermediate_size=1536,
+    tie_word_embeddings=True,
+    max_position_embeddings=2048,
+    rms_norm_eps=1e-5,
+    rope_theta=10000.0,
+)
 
 
 def build_smollm_like(out_dir: Path, dtype: torch.dtype):
@@ -51,10 +60,16 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--decode-steps", type=int, default=32)
     ap.add_argument("--dtype", default="bfloat16")
-    ap.add_argument("--repeats", type=int, default=2, help="interleaved timed runs of each engine (best kept)")
+    ap.add_argument(
+        "--repeats", type=int, default=2, help="interleaved timed runs of each engine (best kept)"
+    )
     ap.add_argument("--skip-hf", action="store_true", help="skip the transformers baseline")
-    ap.add_argument("--threads", type=int, default=None,
-                    help="intra-op threads for both engines (default: torch's choice)")
+    ap.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="intra-op threads for both engines (default: torch's choice)",
+    )
     args = ap.parse_args()
     if args.threads is not None:
         torch.set_num_threads(args.threads)
@@ -66,19 +81,30 @@ def main() -> None:
     device = torch.device("cpu")
     env = environment(device)
     bandwidth = streaming_read_bandwidth(device)
-    emit({"bench": "throughput", "event": "env", **env, "read_bandwidth_GBps": round(bandwidth / 1e9, 2),
-          "load_average_1m": round(os.getloadavg()[0], 2), "cpu_count": os.cpu_count()})
+    emit(
+        {
+            "bench": "throughput",
+            "event": "env",
+            **env,
+            "read_bandwidth_GBps": round(bandwidth / 1e9, 2),
+            "load_average_1m": round(os.getloadavg()[0], 2),
+            "cpu_count": os.cpu_count(),
+        }
+    )
 
     with tempfile.TemporaryDirectory() as tmp:
         hf_model = build_smollm_like(Path(tmp), dtype)
         gen = torch.Generator().manual_seed(0)
-        prompts = torch.randint(3, SMOLLM_135M["vocab_size"], (args.num_prompts, args.prompt_len), generator=gen)
+        prompts = torch.randint(
+            3, SMOLLM_135M["vocab_size"], (args.num_prompts, args.prompt_len), generator=gen
+        )
         prompt_lists = prompts.tolist()
 
         llm = LLM(tmp, dtype=args.dtype, kv_cache_memory="1GiB", max_num_seqs=max(args.num_prompts, 1))
         params = SamplingParams(temperature=0.0, max_tokens=args.new_tokens, ignore_eos=True)
-        llm.generate(prompt_lists[:2], SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True),
-                     use_tqdm=False)  # warm-up
+        llm.generate(
+            prompt_lists[:2], SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True), use_tqdm=False
+        )  # warm-up
         mask = torch.ones_like(prompts)
         if not args.skip_hf:
             with torch.inference_mode():
@@ -92,25 +118,50 @@ def main() -> None:
             if not args.skip_hf:
                 with torch.inference_mode():
                     t0 = time.perf_counter()
-                    hf_out = hf_model.generate(prompts, attention_mask=mask, max_new_tokens=args.new_tokens,
-                                               min_new_tokens=args.new_tokens, do_sample=False, pad_token_id=0)
+                    hf_out = hf_model.generate(
+                        prompts,
+                        attention_mask=mask,
+                        max_new_tokens=args.new_tokens,
+                        min_new_tokens=args.new_tokens,
+                        do_sample=False,
+                        pad_token_id=0,
+                    )
                     hf_seconds = min(hf_seconds, time.perf_counter() - t0)
         n_out = sum(len(o.outputs[0].token_ids) for o in outs)
         fi_tps = n_out / fi_seconds
-        record = {"bench": "throughput", "engine": "fast_inference", "dtype": args.dtype,
-                  "num_prompts": args.num_prompts, "prompt_len": args.prompt_len, "new_tokens": args.new_tokens,
-                  "repeats": args.repeats, "seconds": round(fi_seconds, 3), "output_tokens_per_s": round(fi_tps, 1)}
+        record = {
+            "bench": "throughput",
+            "engine": "fast_inference",
+            "dtype": args.dtype,
+            "num_prompts": args.num_prompts,
+            "prompt_len": args.prompt_len,
+            "new_tokens": args.new_tokens,
+            "repeats": args.repeats,
+            "seconds": round(fi_seconds, 3),
+            "output_tokens_per_s": round(fi_tps, 1),
+        }
         if not args.skip_hf:
             hf_tps = (hf_out.shape[1] - args.prompt_len) * args.num_prompts / hf_seconds
-            same = sum(o.outputs[0].token_ids == hf_out[i, args.prompt_len:].tolist() for i, o in enumerate(outs))
-            record.update({"hf_seconds": round(hf_seconds, 3), "hf_output_tokens_per_s": round(hf_tps, 1),
-                           "speedup_vs_hf": round(fi_tps / hf_tps, 2), "sequences_identical_to_hf": same})
+            same = sum(
+                o.outputs[0].token_ids == hf_out[i, args.prompt_len :].tolist() for i, o in enumerate(outs)
+            )
+            record.update(
+                {
+                    "hf_seconds": round(hf_seconds, 3),
+                    "hf_output_tokens_per_s": round(hf_tps, 1),
+                    "speedup_vs_hf": round(fi_tps / hf_tps, 2),
+                    "sequences_identical_to_hf": same,
+                }
+            )
         emit(record)
 
         # Batch-1 decode against the memory-bandwidth bound.
         engine = llm.engine
-        engine.add_request("bs1", prompt_lists[0], SamplingParams(temperature=0.0, ignore_eos=True,
-                                                                   max_tokens=args.decode_steps + 8))
+        engine.add_request(
+            "bs1",
+            prompt_lists[0],
+            SamplingParams(temperature=0.0, ignore_eos=True, max_tokens=args.decode_steps + 8),
+        )
         engine.step()  # prefill
         for _ in range(3):
             engine.step()
@@ -130,11 +181,19 @@ def main() -> None:
         context = args.prompt_len + 4 + args.decode_steps // 2
         kv_bytes = context * engine.runner.kv_bytes_per_token
         bound_s = (weight_bytes + kv_bytes) / bandwidth
-        emit({"bench": "throughput", "event": "decode_bs1", "dtype": str(cfg.dtype).removeprefix("torch."),
-              "step_ms": round(step_s * 1e3, 3), "bound_ms": round(bound_s * 1e3, 3),
-              "weight_MB": round(weight_bytes / 1e6, 1), "kv_MB": round(kv_bytes / 1e6, 2),
-              "achieved_GBps": round((weight_bytes + kv_bytes) / step_s / 1e9, 2),
-              "pct_of_bandwidth_bound": round(100 * bound_s / step_s, 1)})
+        emit(
+            {
+                "bench": "throughput",
+                "event": "decode_bs1",
+                "dtype": str(cfg.dtype).removeprefix("torch."),
+                "step_ms": round(step_s * 1e3, 3),
+                "bound_ms": round(bound_s * 1e3, 3),
+                "weight_MB": round(weight_bytes / 1e6, 1),
+                "kv_MB": round(kv_bytes / 1e6, 2),
+                "achieved_GBps": round((weight_bytes + kv_bytes) / step_s / 1e9, 2),
+                "pct_of_bandwidth_bound": round(100 * bound_s / step_s, 1),
+            }
+        )
 
 
 if __name__ == "__main__":

@@ -29,8 +29,14 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def median_time(fn: Callable[[], object], device: torch.device, *, warmup: int = 3, iters: int = 20,
-                min_seconds: float = 0.0) -> float:
+def median_time(
+    fn: Callable[[], object],
+    device: torch.device,
+    *,
+    warmup: int = 3,
+    iters: int = 20,
+    min_seconds: float = 0.0,
+) -> float:
     """Median wall time of fn() in seconds, synchronising the device around each call."""
     for _ in range(warmup):
         fn()

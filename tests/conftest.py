@@ -9,11 +9,23 @@ from fast_inference.models.demo import build_model_dir
 # name -> build_model_dir keyword arguments. Together they cover every architecture, tied and untied
 # embeddings, an explicit head_dim, each RoPE scaling type and a sharded checkpoint.
 MODEL_SPECS: dict[str, dict] = {
-    "llama": dict(architecture="LlamaForCausalLM", tie_word_embeddings=False, shard_size="60KB",
-                  rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
-                                "high_freq_factor": 4.0, "original_max_position_embeddings": 64}),
-    "mistral": dict(architecture="MistralForCausalLM", tie_word_embeddings=True,
-                    rope_scaling={"rope_type": "linear", "factor": 2.0}),
+    "llama": dict(
+        architecture="LlamaForCausalLM",
+        tie_word_embeddings=False,
+        shard_size="60KB",
+        rope_scaling={
+            "rope_type": "llama3",
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 64,
+        },
+    ),
+    "mistral": dict(
+        architecture="MistralForCausalLM",
+        tie_word_embeddings=True,
+        rope_scaling={"rope_type": "linear", "factor": 2.0},
+    ),
     "qwen2": dict(architecture="Qwen2ForCausalLM", tie_word_embeddings=True),
     "qwen3": dict(architecture="Qwen3ForCausalLM", tie_word_embeddings=False, head_dim=32),
 }
@@ -25,7 +37,9 @@ def model_dirs(tmp_path_factory) -> dict[str, Path]:
 
     class _Dirs(dict):
         def __missing__(self, name: str) -> Path:
-            path = build_model_dir(tmp_path_factory.mktemp(name), seed=sum(map(ord, name)), **MODEL_SPECS[name])
+            path = build_model_dir(
+                tmp_path_factory.mktemp(name), seed=sum(map(ord, name)), **MODEL_SPECS[name]
+            )
             self[name] = path
             return path
 

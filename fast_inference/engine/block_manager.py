@@ -89,7 +89,7 @@ class BlockManager:
         hashes: list[int] = []
         parent = None
         for i in range(max_blocks):
-            h = block_hash(parent, tuple(tokens[i * bs:(i + 1) * bs]))
+            h = block_hash(parent, tuple(tokens[i * bs : (i + 1) * bs]))
             block = self.cached.get(h)
             if block is None:
                 break
@@ -123,7 +123,7 @@ class BlockManager:
         hashes = seq.block_hashes
         tokens = seq.token_ids
         for i in range(len(hashes), num_full):
-            h = block_hash(hashes[-1] if hashes else None, tuple(tokens[i * bs:(i + 1) * bs]))
+            h = block_hash(hashes[-1] if hashes else None, tuple(tokens[i * bs : (i + 1) * bs]))
             hashes.append(h)
             block = seq.block_table[i]
             if self.hashes[block] is None and h not in self.cached:

@@ -16,13 +16,15 @@ def decode_new_text(tokenizer, seq: Sequence, skip_special_tokens: bool) -> str:
     """Text added by the tokens appended since the last call; "" while the tail is an incomplete
     UTF-8 character (it shows up once the rest of its bytes arrive)."""
     ids = seq.token_ids
-    prefix_text = tokenizer.decode(ids[seq.prefix_offset:seq.read_offset], skip_special_tokens=skip_special_tokens)
-    new_text = tokenizer.decode(ids[seq.prefix_offset:], skip_special_tokens=skip_special_tokens)
+    prefix_text = tokenizer.decode(
+        ids[seq.prefix_offset : seq.read_offset], skip_special_tokens=skip_special_tokens
+    )
+    new_text = tokenizer.decode(ids[seq.prefix_offset :], skip_special_tokens=skip_special_tokens)
     if len(new_text) <= len(prefix_text) or new_text.endswith("\ufffd"):
         return ""
     seq.prefix_offset = seq.read_offset
     seq.read_offset = len(ids)
-    return new_text[len(prefix_text):]
+    return new_text[len(prefix_text) :]
 
 
 def flush_text(tokenizer, seq: Sequence, skip_special_tokens: bool) -> str:
@@ -30,10 +32,12 @@ def flush_text(tokenizer, seq: Sequence, skip_special_tokens: bool) -> str:
     ids = seq.token_ids
     if seq.read_offset >= len(ids):
         return ""
-    prefix_text = tokenizer.decode(ids[seq.prefix_offset:seq.read_offset], skip_special_tokens=skip_special_tokens)
-    new_text = tokenizer.decode(ids[seq.prefix_offset:], skip_special_tokens=skip_special_tokens)
+    prefix_text = tokenizer.decode(
+        ids[seq.prefix_offset : seq.read_offset], skip_special_tokens=skip_special_tokens
+    )
+    new_text = tokenizer.decode(ids[seq.prefix_offset :], skip_special_tokens=skip_special_tokens)
     seq.prefix_offset = seq.read_offset = len(ids)
-    return new_text[len(prefix_text):] if len(new_text) > len(prefix_text) else ""
+    return new_text[len(prefix_text) :] if len(new_text) > len(prefix_text) else ""
 
 
 def find_stop(text: str, start: int, stops: list[str]) -> tuple[int, str] | None:

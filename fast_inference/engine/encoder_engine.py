@@ -18,8 +18,13 @@ import torch
 from fast_inference.models.bert import BertConfig, BertEncoder, EncoderBatch
 from fast_inference.models.pooling import PoolingConfig, load_pooling_config, pool
 
-_DTYPES = {"float32": torch.float32, "float": torch.float32, "bfloat16": torch.bfloat16,
-           "float16": torch.float16, "half": torch.float16}
+_DTYPES = {
+    "float32": torch.float32,
+    "float": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+    "half": torch.float16,
+}
 
 
 def is_encoder_model(model_dir: str | os.PathLike) -> bool:
@@ -37,20 +42,27 @@ def is_encoder_model(model_dir: str | os.PathLike) -> bool:
     return any(arch.startswith("Bert") and not arch.startswith("BertLMHead") for arch in archs)
 
 
-def encode_texts(tokenizer, texts: list[str], max_model_len: int,
-                 truncate_prompt_tokens: int | None = None) -> list[list[int]]:
+def encode_texts(
+    tokenizer, texts: list[str], max_model_len: int, truncate_prompt_tokens: int | None = None
+) -> list[list[int]]:
     """Encoder token ids for texts: special tokens added; truncation (when asked) keeps them, like
     sentence-transformers' own truncation at max_seq_length. -1 truncates to max_model_len."""
     if truncate_prompt_tokens is None:
         return tokenizer(list(texts), add_special_tokens=True)["input_ids"]
     if truncate_prompt_tokens == -1:
         truncate_prompt_tokens = max_model_len
-    if isinstance(truncate_prompt_tokens, bool) or not isinstance(truncate_prompt_tokens, int) or not (
-            1 <= truncate_prompt_tokens <= max_model_len):
-        raise ValueError(f"truncate_prompt_tokens: {truncate_prompt_tokens!r} is not -1 or an integer in "
-                         f"[1, max_model_len={max_model_len}]")
-    return tokenizer(list(texts), add_special_tokens=True, truncation=True,
-                     max_length=truncate_prompt_tokens)["input_ids"]
+    if (
+        isinstance(truncate_prompt_tokens, bool)
+        or not isinstance(truncate_prompt_tokens, int)
+        or not (1 <= truncate_prompt_tokens <= max_model_len)
+    ):
+        raise ValueError(
+            f"truncate_prompt_tokens: {truncate_prompt_tokens!r} is not -1 or an integer in "
+            f"[1, max_model_len={max_model_len}]"
+        )
+    return tokenizer(
+        list(texts), add_special_tokens=True, truncation=True, max_length=truncate_prompt_tokens
+    )["input_ids"]
 
 
 def _resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
@@ -106,7 +118,8 @@ class EncoderEngine:
         block_size: int = 16,
         device: str | torch.device = "cpu",
         tokenizer=None,
-        prepack_weights: bool | None = None,  # oneDNN blocked weights + fused epilogues (default: when available)
+        prepack_weights: bool
+        | None = None,  # oneDNN blocked weights + fused epilogues (default: when available)
     ) -> None:
         model_dir = Path(model)
         if not model_dir.is_dir():
@@ -122,11 +135,15 @@ class EncoderEngine:
             limit = min(limit, pooling.max_seq_length)
         if max_model_len is not None:
             if not 1 <= max_model_len <= bert_config.max_position_embeddings:
-                raise ValueError(f"max_model_len: {max_model_len} is outside [1, max_position_embeddings="
-                                 f"{bert_config.max_position_embeddings}]")
+                raise ValueError(
+                    f"max_model_len: {max_model_len} is outside [1, max_position_embeddings="
+                    f"{bert_config.max_position_embeddings}]"
+                )
             limit = max_model_len
         if max_num_batched_tokens < limit:
-            raise ValueError(f"max_num_batched_tokens: {max_num_batched_tokens} is below max_model_len {limit}")
+            raise ValueError(
+                f"max_num_batched_tokens: {max_num_batched_tokens} is below max_model_len {limit}"
+            )
 
         self.device = torch.device(device)
         torch_dtype = _resolve_dtype(dtype)
@@ -177,8 +194,16 @@ class EncoderEngine:
             from transformers import AutoTokenizer
 
             tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
-        return cls(args.model, dtype=args.dtype, max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
-                   block_size=args.block_size, device=resolve_device(args.device), tokenizer=tokenizer, **kwargs)
+        return cls(
+            args.model,
+            dtype=args.dtype,
+            max_model_len=args.max_model_len,
+            max_num_seqs=args.max_num_seqs,
+            block_size=args.block_size,
+            device=resolve_device(args.device),
+            tokenizer=tokenizer,
+            **kwargs,
+        )
 
     @property
     def num_total_blocks(self) -> int:
@@ -204,8 +229,9 @@ class EncoderEngine:
             if len(ids) == 0:
                 raise ValueError(f"token_id_lists[{i}]: empty input")
             if len(ids) > max_len:
-                raise ValueError(f"token_id_lists[{i}]: {len(ids)} tokens exceed the model's maximum length "
-                                 f"{max_len}")
+                raise ValueError(
+                    f"token_id_lists[{i}]: {len(ids)} tokens exceed the model's maximum length {max_len}"
+                )
             lens.append(len(ids))
         try:
             flat = torch.tensor([t for ids in token_id_lists for t in ids])
@@ -224,10 +250,14 @@ class EncoderEngine:
         offset = 0  # token offset of token_id_lists[start] in flat
         while start < len(lens):
             end, tokens = start, 0
-            while end < len(lens) and end - start < self.max_num_seqs and tokens + lens[end] <= self.max_num_batched_tokens:
+            while (
+                end < len(lens)
+                and end - start < self.max_num_seqs
+                and tokens + lens[end] <= self.max_num_batched_tokens
+            ):
                 tokens += lens[end]
                 end += 1
-            out[start:end] = self._forward(flat[offset:offset + tokens], lens[start:end])
+            out[start:end] = self._forward(flat[offset : offset + tokens], lens[start:end])
             offset += tokens
             start = end
         self._num_embedded += len(lens)
@@ -266,8 +296,10 @@ class EncoderEngine:
     # ---- the engine surface shared with LLMEngine -------------------------------------------------
 
     def add_request(self, *args, **kwargs):
-        raise ValueError(f"this model serves embeddings only; {self.model_config.architecture} at "
-                         f"{self.model_config.model_path} cannot generate text (use /v1/embeddings or LLM.embed)")
+        raise ValueError(
+            f"this model serves embeddings only; {self.model_config.architecture} at "
+            f"{self.model_config.model_path} cannot generate text (use /v1/embeddings or LLM.embed)"
+        )
 
     def abort_request(self, request_id) -> None:
         """Nothing to abort: embed() finishes before it returns."""

@@ -12,10 +12,23 @@ from .sampling_params import SamplingParams
 
 
 class LLM:
-    def __init__(self, model: str, dtype: str = "auto", max_model_len: int | None = None,
-                 enable_prefix_caching: bool = True, seed: int = 0, **kwargs):
-        args = EngineArgs(model=str(model), dtype=dtype, max_model_len=max_model_len,
-                          enable_prefix_caching=enable_prefix_caching, seed=seed, **kwargs)
+    def __init__(
+        self,
+        model: str,
+        dtype: str = "auto",
+        max_model_len: int | None = None,
+        enable_prefix_caching: bool = True,
+        seed: int = 0,
+        **kwargs,
+    ):
+        args = EngineArgs(
+            model=str(model),
+            dtype=dtype,
+            max_model_len=max_model_len,
+            enable_prefix_caching=enable_prefix_caching,
+            seed=seed,
+            **kwargs,
+        )
         # A BERT-family encoder directory serves embeddings only (embed works, generate/chat raise ValueError).
         self.engine = EncoderEngine.from_engine_args(args) if is_encoder_model(model) else LLMEngine(args)
         self._counter = 0
@@ -27,7 +40,9 @@ class LLM:
         if isinstance(prompts, str):
             return [prompts]
         if not isinstance(prompts, SequenceABC) or len(prompts) == 0:
-            raise ValueError("prompts must be a string, a non-empty list of strings or a list of token-id lists")
+            raise ValueError(
+                "prompts must be a string, a non-empty list of strings or a list of token-id lists"
+            )
         if all(isinstance(t, int) and not isinstance(t, bool) for t in prompts):
             return [list(prompts)]  # a single token-id prompt
         out = []
@@ -37,11 +52,17 @@ class LLM:
             elif isinstance(p, SequenceABC):
                 out.append(list(p))
             else:
-                raise ValueError(f"each prompt must be a string or a list of token ids, got {type(p).__name__}")
+                raise ValueError(
+                    f"each prompt must be a string or a list of token ids, got {type(p).__name__}"
+                )
         return out
 
-    def generate(self, prompts, sampling_params: SamplingParams | list[SamplingParams] | None = None,
-                 use_tqdm: bool = True) -> list[RequestOutput]:
+    def generate(
+        self,
+        prompts,
+        sampling_params: SamplingParams | list[SamplingParams] | None = None,
+        use_tqdm: bool = True,
+    ) -> list[RequestOutput]:
         """Generate for every prompt; outputs come back in the order of the prompts."""
         prompt_list = self._normalize_prompts(prompts)
         if sampling_params is None:
@@ -54,9 +75,14 @@ class LLM:
                 raise ValueError(f"got {len(params_list)} sampling_params for {len(prompt_list)} prompts")
         return self._run(prompt_list, params_list, use_tqdm)
 
-    def chat(self, messages, sampling_params: SamplingParams | list[SamplingParams] | None = None,
-             use_tqdm: bool = True, chat_template: str | None = None,
-             add_generation_prompt: bool = True) -> list[RequestOutput]:
+    def chat(
+        self,
+        messages,
+        sampling_params: SamplingParams | list[SamplingParams] | None = None,
+        use_tqdm: bool = True,
+        chat_template: str | None = None,
+        add_generation_prompt: bool = True,
+    ) -> list[RequestOutput]:
         """messages: one conversation (a list of {"role", "content"} dicts) or a list of them."""
         if not self.engine.supports_generation:
             raise ValueError("this model serves embeddings only; use LLM.embed")
@@ -68,8 +94,9 @@ class LLM:
             raise ValueError("the tokenizer has no chat template; pass chat_template=")
         prompts: list[str | list[int]] = []
         for conv in conversations:
-            ids = tok.apply_chat_template(conv, chat_template=chat_template, tokenize=True,
-                                          add_generation_prompt=add_generation_prompt)
+            ids = tok.apply_chat_template(
+                conv, chat_template=chat_template, tokenize=True, add_generation_prompt=add_generation_prompt
+            )
             if isinstance(ids, dict) or hasattr(ids, "input_ids"):
                 ids = ids["input_ids"]
             prompts.append(list(ids))
@@ -82,7 +109,9 @@ class LLM:
         ids = [self.engine.tokenize(p) if isinstance(p, str) else p for p in prompt_list]
         return self.engine.embed(ids)
 
-    def _run(self, prompts: list[str | list[int]], params: list[SamplingParams], use_tqdm: bool) -> list[RequestOutput]:
+    def _run(
+        self, prompts: list[str | list[int]], params: list[SamplingParams], use_tqdm: bool
+    ) -> list[RequestOutput]:
         engine = self.engine
         ids = []
         try:

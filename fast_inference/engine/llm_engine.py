@@ -40,7 +40,9 @@ def load_tokenizer(path: str, chat_template: str | None = None):
     except (OSError, ValueError) as e:
         raise ValueError(f"cannot load a tokenizer from {path!r}: {e}") from e
     if len(tokenizer) <= 1:
-        raise ValueError(f"the tokenizer loaded from {path!r} is empty (missing or unreadable tokenizer files)")
+        raise ValueError(
+            f"the tokenizer loaded from {path!r} is empty (missing or unreadable tokenizer files)"
+        )
     if chat_template is not None:
         template_path = Path(chat_template)
         tokenizer.chat_template = template_path.read_text() if template_path.is_file() else chat_template
@@ -64,14 +66,19 @@ class LLMEngine:
         self.block_size = args.block_size
         max_batched = args.max_num_batched_tokens or 2048
         kv_bytes = parse_memory(args.kv_cache_memory) if args.kv_cache_memory is not None else None
-        self.runner = ModelRunner(cfg, args.block_size, kv_bytes, args.max_num_seqs, max_batched,
-                                  enforce_eager=args.enforce_eager)
+        self.runner = ModelRunner(
+            cfg, args.block_size, kv_bytes, args.max_num_seqs, max_batched, enforce_eager=args.enforce_eager
+        )
         self.num_total_blocks = self.runner.num_blocks
         self.block_manager = BlockManager(self.num_total_blocks, args.block_size, args.enable_prefix_caching)
         self.scheduler = Scheduler(
-            SchedulerConfig(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=max_batched,
-                            max_model_len=cfg.max_model_len, block_size=args.block_size,
-                            enable_prefix_caching=args.enable_prefix_caching),
+            SchedulerConfig(
+                max_num_seqs=args.max_num_seqs,
+                max_num_batched_tokens=max_batched,
+                max_model_len=cfg.max_model_len,
+                block_size=args.block_size,
+                enable_prefix_caching=args.enable_prefix_caching,
+            ),
             self.block_manager,
         )
         self.sampler = Sampler(device)
@@ -82,9 +89,16 @@ class LLMEngine:
         self.num_prompt_tokens = 0
         self.num_generation_tokens = 0
         self.num_requests_finished = 0
-        logger.info("engine ready: %s (%s) on %s, %s, max_model_len %d, KV cache %d blocks = %d tokens",
-                    cfg.architecture, cfg.model_path, device, cfg.dtype, cfg.max_model_len,
-                    self.num_total_blocks, self.num_total_blocks * self.block_size)
+        logger.info(
+            "engine ready: %s (%s) on %s, %s, max_model_len %d, KV cache %d blocks = %d tokens",
+            cfg.architecture,
+            cfg.model_path,
+            device,
+            cfg.dtype,
+            cfg.max_model_len,
+            self.num_total_blocks,
+            self.num_total_blocks * self.block_size,
+        )
 
     @classmethod
     def from_engine_args(cls, args: EngineArgs) -> "LLMEngine":
@@ -109,8 +123,13 @@ class LLMEngine:
             out.append(int(t))
         return out
 
-    def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams | None = None,
-                    arrival_time: float | None = None) -> None:
+    def add_request(
+        self,
+        request_id: str,
+        prompt: str | list[int],
+        params: SamplingParams | None = None,
+        arrival_time: float | None = None,
+    ) -> None:
         if params is None:
             params = self.default_sampling_params()
         if not isinstance(params, SamplingParams):
@@ -131,12 +150,17 @@ class LLMEngine:
         capacity = min(max_len, self.num_total_blocks * self.block_size)
         if len(token_ids) >= capacity:
             limit = "max_model_len" if capacity == max_len else "KV cache capacity"
-            raise ValueError(f"prompt has {len(token_ids)} tokens; the {limit} is {capacity} tokens, "
-                             f"which leaves no room for an output token")
+            raise ValueError(
+                f"prompt has {len(token_ids)} tokens; the {limit} is {capacity} tokens, "
+                f"which leaves no room for an output token"
+            )
         room = capacity - len(token_ids)
         max_tokens = room if params.max_tokens is None else min(params.max_tokens, room)
         vocab = self.model_config.vocab_size
-        for name, ids in (("logit_bias", params.logit_bias or {}), ("stop_token_ids", params.stop_token_ids or [])):
+        for name, ids in (
+            ("logit_bias", params.logit_bias or {}),
+            ("stop_token_ids", params.stop_token_ids or []),
+        ):
             for t in ids:
                 if not 0 <= t < vocab:
                     raise ValueError(f"{name} token id {t} is outside the vocabulary [0, {vocab})")
@@ -165,9 +189,18 @@ class LLMEngine:
         self.scheduler.add(req.seqs[0])
         self.num_prompt_tokens += len(token_ids)
 
-    def _new_seq(self, req: Request, index: int, token_ids: list[int], seed: int, max_tokens: int) -> Sequence:
-        seq = Sequence(seq_id=self._next_seq_id, request=req, index=index, token_ids=token_ids,
-                       num_prompt_tokens=len(req.prompt_token_ids), seed=seed, max_tokens=max_tokens)
+    def _new_seq(
+        self, req: Request, index: int, token_ids: list[int], seed: int, max_tokens: int
+    ) -> Sequence:
+        seq = Sequence(
+            seq_id=self._next_seq_id,
+            request=req,
+            index=index,
+            token_ids=token_ids,
+            num_prompt_tokens=len(req.prompt_token_ids),
+            seed=seed,
+            max_tokens=max_tokens,
+        )
         self._next_seq_id += 1
         if req.params.logprobs is not None:
             seq.logprobs = []
@@ -236,7 +269,9 @@ class LLMEngine:
             if not req.pending_forks:
                 continue
             for index in range(1, req.pending_forks + 1):
-                child = self._new_seq(req, index, list(seq.token_ids), _child_seed(req.seed, index), seq.max_tokens)
+                child = self._new_seq(
+                    req, index, list(seq.token_ids), _child_seed(req.seed, index), seq.max_tokens
+                )
                 self.block_manager.fork(seq, child)
                 child.status = SequenceStatus.RUNNING
                 self.scheduler.running.append(child)
@@ -255,7 +290,10 @@ class LLMEngine:
             req.metrics.first_token_time = time.time()
         if lp is not None:
             chosen, rank, top_ids, top_lps = lp
-            entry = {tid: Logprob(lpv, r + 1, self._decode_one(tid)) for r, (tid, lpv) in enumerate(zip(top_ids, top_lps))}
+            entry = {
+                tid: Logprob(lpv, r + 1, self._decode_one(tid))
+                for r, (tid, lpv) in enumerate(zip(top_ids, top_lps))
+            }
             if token not in entry:
                 entry[token] = Logprob(chosen, rank, self._decode_one(token))
             seq.logprobs.append(entry)
@@ -267,8 +305,12 @@ class LLMEngine:
         stops = params.stop_strings
         if checks and token in req.stop_token_ids:
             finish = "stop"
-            stop_reason = None if token in self.model_config.eos_token_ids and not (
-                params.stop_token_ids and token in params.stop_token_ids) else token
+            stop_reason = (
+                None
+                if token in self.model_config.eos_token_ids
+                and not (params.stop_token_ids and token in params.stop_token_ids)
+                else token
+            )
             if params.include_stop_str_in_output:
                 self._add_text(seq, flush_text(self.tokenizer, seq, params.skip_special_tokens), stops, False)
             else:
@@ -277,12 +319,16 @@ class LLMEngine:
                 self._add_text(seq, flush_text(self.tokenizer, seq, params.skip_special_tokens), stops, False)
                 seq.token_ids.append(token)
         else:
-            found = self._add_text(seq, decode_new_text(self.tokenizer, seq, params.skip_special_tokens), stops, checks)
+            found = self._add_text(
+                seq, decode_new_text(self.tokenizer, seq, params.skip_special_tokens), stops, checks
+            )
             if found is not None:
                 finish, stop_reason = "stop", found
             elif generated >= seq.max_tokens or seq.num_tokens >= self.model_config.max_model_len:
                 finish = "length"
-                found = self._add_text(seq, flush_text(self.tokenizer, seq, params.skip_special_tokens), stops, checks)
+                found = self._add_text(
+                    seq, flush_text(self.tokenizer, seq, params.skip_special_tokens), stops, checks
+                )
                 if found is not None:
                     finish, stop_reason = "stop", found
         if finish is None:
@@ -305,7 +351,9 @@ class LLMEngine:
         if found is None:
             return None
         idx, stop = found
-        seq.text = seq.text[:idx + len(stop)] if seq.request.params.include_stop_str_in_output else seq.text[:idx]
+        seq.text = (
+            seq.text[: idx + len(stop)] if seq.request.params.include_stop_str_in_output else seq.text[:idx]
+        )
         return stop
 
     def _decode_one(self, token: int) -> str:
@@ -316,8 +364,8 @@ class LLMEngine:
         comps = [
             CompletionOutput(
                 index=seq.index,
-                text=seq.text[:seq.visible_len],
-                token_ids=seq.token_ids[seq.num_prompt_tokens:],
+                text=seq.text[: seq.visible_len],
+                token_ids=seq.token_ids[seq.num_prompt_tokens :],
                 cumulative_logprob=seq.cumulative_logprob if want_lp else None,
                 logprobs=list(seq.logprobs) if want_lp else None,
                 finish_reason=seq.finish_reason,
@@ -325,9 +373,15 @@ class LLMEngine:
             )
             for seq in req.seqs
         ]
-        return RequestOutput(request_id=req.request_id, prompt=req.prompt, prompt_token_ids=req.prompt_token_ids,
-                             outputs=comps, finished=req.finished, metrics=req.metrics,
-                             num_cached_tokens=req.num_cached_tokens)
+        return RequestOutput(
+            request_id=req.request_id,
+            prompt=req.prompt,
+            prompt_token_ids=req.prompt_token_ids,
+            outputs=comps,
+            finished=req.finished,
+            metrics=req.metrics,
+            num_cached_tokens=req.num_cached_tokens,
+        )
 
     def _retire(self, req: Request) -> None:
         req.metrics.finished_time = time.time()
@@ -379,7 +433,9 @@ class LLMEngine:
             if not ids:
                 raise ValueError(f"input {i} is empty")
             if len(ids) > cfg.max_model_len:
-                raise ValueError(f"input {i} has {len(ids)} tokens, more than max_model_len ({cfg.max_model_len})")
+                raise ValueError(
+                    f"input {i} has {len(ids)} tokens, more than max_model_len ({cfg.max_model_len})"
+                )
             lists.append(ids)
         out = torch.empty(len(lists), cfg.hidden_size, dtype=torch.float32)
         budget = self.scheduler.config.max_num_batched_tokens
@@ -393,19 +449,28 @@ class LLMEngine:
                 ids = lists[i + len(batch)]
                 if batch and (tokens + len(ids) > budget or len(batch) >= self.scheduler.config.max_num_seqs):
                     break
-                seq = Sequence(seq_id=-1, request=dummy, index=0, token_ids=ids, num_prompt_tokens=len(ids),
-                               seed=0, max_tokens=0)
+                seq = Sequence(
+                    seq_id=-1,
+                    request=dummy,
+                    index=0,
+                    token_ids=ids,
+                    num_prompt_tokens=len(ids),
+                    seed=0,
+                    max_tokens=0,
+                )
                 if not bm.can_grow(seq, len(ids)):
                     if not batch:
-                        raise RuntimeError(f"not enough free KV-cache blocks to embed input {i} "
-                                           f"({len(ids)} tokens); retry when the engine is less busy")
+                        raise RuntimeError(
+                            f"not enough free KV-cache blocks to embed input {i} "
+                            f"({len(ids)} tokens); retry when the engine is less busy"
+                        )
                     break
                 bm.grow(seq, len(ids))
                 batch.append(seq)
                 tokens += len(ids)
             try:
                 hidden = self.runner.hidden_states(batch, [s.num_tokens for s in batch])
-                out[i:i + len(batch)] = torch.nn.functional.normalize(hidden.float(), dim=-1).cpu()
+                out[i : i + len(batch)] = torch.nn.functional.normalize(hidden.float(), dim=-1).cpu()
             finally:
                 for seq in batch:
                     bm.free_seq(seq)

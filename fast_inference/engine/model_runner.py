@@ -30,8 +30,15 @@ def available_memory(device: torch.device) -> int:
 
 
 class ModelRunner:
-    def __init__(self, cfg: ModelConfig, block_size: int, kv_cache_memory: int | None, max_num_seqs: int,
-                 max_num_batched_tokens: int, enforce_eager: bool = False):
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        block_size: int,
+        kv_cache_memory: int | None,
+        max_num_seqs: int,
+        max_num_batched_tokens: int,
+        enforce_eager: bool = False,
+    ):
         self.cfg = cfg
         self.device = cfg.device
         self.block_size = block_size
@@ -41,23 +48,40 @@ class ModelRunner:
         keep_plain = self.model.weight_bytes <= available_memory(self.device) // 8
         self.model.prepack(batch_hint=32, keep_plain=keep_plain)
         # Bytes of key + value for one token across all layers.
-        self.kv_bytes_per_token = (2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim
-                                   * torch.empty((), dtype=cfg.dtype).element_size())
+        self.kv_bytes_per_token = (
+            2
+            * cfg.num_layers
+            * cfg.num_kv_heads
+            * cfg.head_dim
+            * torch.empty((), dtype=cfg.dtype).element_size()
+        )
         bytes_per_block = self.kv_bytes_per_token * block_size
         if kv_cache_memory is None:
             kv_cache_memory = self._default_cache_bytes(max_num_seqs, max_num_batched_tokens)
         self.num_blocks = kv_cache_memory // bytes_per_block
         if self.num_blocks < 1:
-            raise ValueError(f"kv_cache_memory ({kv_cache_memory} bytes) holds {self.num_blocks} blocks of "
-                             f"{bytes_per_block} bytes; need at least one block")
+            raise ValueError(
+                f"kv_cache_memory ({kv_cache_memory} bytes) holds {self.num_blocks} blocks of "
+                f"{bytes_per_block} bytes; need at least one block"
+            )
         shape = (self.num_blocks, block_size, cfg.num_kv_heads, cfg.head_dim)
         # Zeroed: touched once now (resident memory stays flat afterwards) and never NaN in padding reads.
-        self.key_caches = [torch.zeros(shape, dtype=cfg.dtype, device=self.device) for _ in range(cfg.num_layers)]
-        self.value_caches = [torch.zeros(shape, dtype=cfg.dtype, device=self.device) for _ in range(cfg.num_layers)]
+        self.key_caches = [
+            torch.zeros(shape, dtype=cfg.dtype, device=self.device) for _ in range(cfg.num_layers)
+        ]
+        self.value_caches = [
+            torch.zeros(shape, dtype=cfg.dtype, device=self.device) for _ in range(cfg.num_layers)
+        ]
         self.model.bind_kv_cache(self.key_caches, self.value_caches)
-        logger.info("KV cache: %d blocks x %d tokens = %d tokens (%.1f MiB, %s %s)", self.num_blocks, block_size,
-                    self.num_blocks * block_size, self.num_blocks * bytes_per_block / (1 << 20), cfg.dtype,
-                    self.device)
+        logger.info(
+            "KV cache: %d blocks x %d tokens = %d tokens (%.1f MiB, %s %s)",
+            self.num_blocks,
+            block_size,
+            self.num_blocks * block_size,
+            self.num_blocks * bytes_per_block / (1 << 20),
+            cfg.dtype,
+            self.device,
+        )
         self.max_blocks_per_seq = -(-cfg.max_model_len // block_size)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         if self.device.type == "cuda" and not enforce_eager:
@@ -69,14 +93,18 @@ class ModelRunner:
         useful = self.kv_bytes_per_token * max_num_seqs * self.cfg.max_model_len
         if self.device.type == "cuda":
             # Leave room for activations of the largest step and the sampler's float32 logits.
-            act = max_num_batched_tokens * (self.cfg.hidden_size * 16 + self.cfg.intermediate_size * 8) \
+            act = (
+                max_num_batched_tokens * (self.cfg.hidden_size * 16 + self.cfg.intermediate_size * 8)
                 + max_num_seqs * self.cfg.vocab_size * 16
+            )
             return max(min(int(free * 0.85) - act, useful), 0)
         # CPU: the machine is shared with the rest of the process and other programs.
         return min(int(free * 0.25), 4 * _GIB, useful)
 
     # ---- inputs ---------------------------------------------------------------------------------
-    def prepare(self, seqs: list[Sequence], num_new: list[int]) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
+    def prepare(
+        self, seqs: list[Sequence], num_new: list[int]
+    ) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
         """Flatten the step's sequences into input_ids/positions and the paged-attention metadata."""
         bs = self.block_size
         input_ids: list[int] = []
@@ -88,7 +116,7 @@ class ModelRunner:
             if n == 1:
                 input_ids.append(seq.token_ids[start])
             else:
-                input_ids.extend(seq.token_ids[start:start + n])
+                input_ids.extend(seq.token_ids[start : start + n])
             if len(seq.block_table) > width:
                 width = len(seq.block_table)
         tables = [seq.block_table + [0] * (width - len(seq.block_table)) for seq in seqs]
@@ -127,7 +155,11 @@ class ModelRunner:
             logits = self._replay(seqs)
             if not logit_rows:
                 return None
-            return logits[torch.tensor(logit_rows, device=self.device)] if len(logit_rows) != len(seqs) else logits
+            return (
+                logits[torch.tensor(logit_rows, device=self.device)]
+                if len(logit_rows) != len(seqs)
+                else logits
+            )
         input_ids, positions, meta = self.prepare(seqs, num_new)
         hidden = self.model(input_ids, positions, meta)
         if not logit_rows:
@@ -166,8 +198,13 @@ class ModelRunner:
         try:
             with torch.inference_mode():
                 for b in sorted(sizes, reverse=True):
-                    meta = AttentionMetadata(self._g_slots[:b], self._g_tables[:b], self._g_lens[:b],
-                                             self._g_cu[:b + 1], max_query_len=1)
+                    meta = AttentionMetadata(
+                        self._g_slots[:b],
+                        self._g_tables[:b],
+                        self._g_lens[:b],
+                        self._g_cu[: b + 1],
+                        max_query_len=1,
+                    )
                     hidden = self.model(self._g_ids[:b], self._g_pos[:b], meta)  # warm-up outside capture
                     self.model.compute_logits(hidden)
                     torch.cuda.synchronize(dev)
@@ -198,7 +235,9 @@ class ModelRunner:
             slots.append(seq.block_table[p // bs] * bs + p % bs)
             lens.append(p + 1)
         width = max(len(s.block_table) for s in seqs)
-        tables = torch.tensor([s.block_table + [0] * (width - len(s.block_table)) for s in seqs], dtype=torch.int32)
+        tables = torch.tensor(
+            [s.block_table + [0] * (width - len(s.block_table)) for s in seqs], dtype=torch.int32
+        )
         pad = size - b
         self._g_ids[:size].copy_(torch.tensor(ids + [0] * pad), non_blocking=True)
         self._g_pos[:size].copy_(torch.tensor(pos + [0] * pad), non_blocking=True)

@@ -42,14 +42,16 @@ class Sampler:
             offsets.append(seq.num_output_tokens)
             if p.presence_penalty or p.frequency_penalty or p.repetition_penalty != 1.0:
                 any_penalty = True
-            if seq.request.bias_ids or (seq.num_output_tokens < p.min_tokens and seq.request.min_tokens_mask_ids):
+            if seq.request.bias_ids or (
+                seq.num_output_tokens < p.min_tokens and seq.request.min_tokens_mask_ids
+            ):
                 any_bias = True
             if p.logprobs is not None:
                 want_logprobs = max(want_logprobs, p.logprobs + 1)
         raw = logits.clone() if want_logprobs and (any_penalty or any_bias) else logits
         if any_penalty:
-            prompt_lists = [seq.token_ids[:seq.num_prompt_tokens] for seq in seqs]
-            output_lists = [seq.token_ids[seq.num_prompt_tokens:] for seq in seqs]
+            prompt_lists = [seq.token_ids[: seq.num_prompt_tokens] for seq in seqs]
+            output_lists = [seq.token_ids[seq.num_prompt_tokens :] for seq in seqs]
             ops.apply_penalties(
                 logits,
                 torch.tensor([t for ids in prompt_lists for t in ids], dtype=torch.int64).to(dev),
@@ -58,7 +60,9 @@ class Sampler:
                 _cu([len(ids) for ids in output_lists]).to(dev),
                 torch.tensor([s.request.params.presence_penalty for s in seqs], dtype=torch.float32).to(dev),
                 torch.tensor([s.request.params.frequency_penalty for s in seqs], dtype=torch.float32).to(dev),
-                torch.tensor([s.request.params.repetition_penalty for s in seqs], dtype=torch.float32).to(dev),
+                torch.tensor([s.request.params.repetition_penalty for s in seqs], dtype=torch.float32).to(
+                    dev
+                ),
             )
         if any_bias:
             ids: list[int] = []
@@ -74,8 +78,12 @@ class Sampler:
                     ids.extend(req.min_tokens_mask_ids)
                     values.extend([float("-inf")] * len(req.min_tokens_mask_ids))
                 lens.append(len(ids) - before)
-            ops.apply_logit_bias(logits, torch.tensor(ids, dtype=torch.int64).to(dev),
-                                 torch.tensor(values, dtype=torch.float32).to(dev), _cu(lens).to(dev))
+            ops.apply_logit_bias(
+                logits,
+                torch.tensor(ids, dtype=torch.int64).to(dev),
+                torch.tensor(values, dtype=torch.float32).to(dev),
+                _cu(lens).to(dev),
+            )
         sampled = ops.sample(
             logits,
             torch.tensor(temps, dtype=torch.float32).to(dev),
@@ -94,9 +102,14 @@ class Sampler:
             chosen_lp, ranks = chosen_lp.tolist(), ranks.tolist()
             top_ids, top_lps = top_ids.tolist(), top_lps.tolist()
             out.logprobs = [
-                (chosen_lp[i], ranks[i], top_ids[i][:seq.request.params.logprobs],
-                 top_lps[i][:seq.request.params.logprobs])
-                if seq.request.params.logprobs is not None else None
+                (
+                    chosen_lp[i],
+                    ranks[i],
+                    top_ids[i][: seq.request.params.logprobs],
+                    top_lps[i][: seq.request.params.logprobs],
+                )
+                if seq.request.params.logprobs is not None
+                else None
                 for i, seq in enumerate(seqs)
             ]
         return out

@@ -69,7 +69,9 @@ class SamplingParams:
                 if not isinstance(token, int):
                     raise ValueError(f"logit_bias keys must be token ids, got {token!r}")
                 if not -100.0 <= float(bias) <= 100.0:
-                    raise ValueError(f"logit_bias values must be in [-100, 100], got {bias} for token {token}")
+                    raise ValueError(
+                        f"logit_bias values must be in [-100, 100], got {bias} for token {token}"
+                    )
 
     @property
     def stop_strings(self) -> list[str]:

@@ -56,14 +56,17 @@ class BertConfig:
             raise ValueError(f"config.json: model_type {config.get('model_type')!r} is not 'bert'")
         position_type = config.get("position_embedding_type", "absolute")
         if position_type != "absolute":
-            raise ValueError(f"config.json: position_embedding_type {position_type!r} is not supported "
-                             "(only 'absolute')")
+            raise ValueError(
+                f"config.json: position_embedding_type {position_type!r} is not supported (only 'absolute')"
+            )
         act = config.get("hidden_act", "gelu")
         if act not in _ACTIVATIONS:
             raise ValueError(f"config.json: hidden_act {act!r} is not supported ({sorted(_ACTIVATIONS)})")
         hidden, heads = int(config["hidden_size"]), int(config["num_attention_heads"])
         if hidden % heads:
-            raise ValueError(f"config.json: hidden_size {hidden} is not divisible by num_attention_heads {heads}")
+            raise ValueError(
+                f"config.json: hidden_size {hidden} is not divisible by num_attention_heads {heads}"
+            )
         archs = config.get("architectures") or ["BertModel"]
         return cls(
             vocab_size=int(config["vocab_size"]),
@@ -103,8 +106,9 @@ class _Linear:
 
     def __call__(self, x: torch.Tensor, gelu: bool = False) -> torch.Tensor:
         if self.packed is not None:
-            return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "gelu" if gelu else "none",
-                                                      [], "none" if gelu else "")
+            return torch.ops.mkldnn._linear_pointwise(
+                x, self.packed, self.bias, "gelu" if gelu else "none", [], "none" if gelu else ""
+            )
         y = F.linear(x, self.weight, self.bias)
         return F.gelu(y) if gelu else y
 
@@ -153,7 +157,7 @@ def _normalize_names(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     out = {}
     for name, tensor in state.items():
         if name.startswith("bert."):
-            name = name[len("bert."):]
+            name = name[len("bert.") :]
         elif name.startswith(("cls.", "pooler.")) or "." not in name:
             continue  # the MLM / NSP heads and the pooler are not part of the token embeddings
         if name.endswith(".gamma"):
@@ -167,8 +171,14 @@ def _normalize_names(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 class BertEncoder:
     """Weights and forward of a BertModel: embeddings + LayerNorm, then post-LN encoder layers."""
 
-    def __init__(self, config: BertConfig, state: dict[str, torch.Tensor], dtype: torch.dtype,
-                 device: torch.device, prepack: bool | None = None) -> None:
+    def __init__(
+        self,
+        config: BertConfig,
+        state: dict[str, torch.Tensor],
+        dtype: torch.dtype,
+        device: torch.device,
+        prepack: bool | None = None,
+    ) -> None:
         self.config = config
         self.dtype = dtype
         self.device = device
@@ -184,8 +194,9 @@ class BertEncoder:
                 raise ValueError(f"checkpoint: missing weight {name!r}")
             tensor = state[name]
             if tuple(tensor.shape) != shape:
-                raise ValueError(f"checkpoint: weight {name!r} has shape {tuple(tensor.shape)}, "
-                                 f"config.json says {shape}")
+                raise ValueError(
+                    f"checkpoint: weight {name!r} has shape {tuple(tensor.shape)}, config.json says {shape}"
+                )
             return tensor.to(device=device, dtype=dtype).contiguous()
 
         c = config
@@ -202,25 +213,43 @@ class BertEncoder:
         for i in range(c.num_hidden_layers):
             p = f"encoder.layer.{i}."
             # Fused QKV: one GEMM of width 3h instead of three of width h.
-            qkv_w = torch.cat([take(p + f"attention.self.{n}.weight", (h, h)) for n in ("query", "key", "value")])
+            qkv_w = torch.cat(
+                [take(p + f"attention.self.{n}.weight", (h, h)) for n in ("query", "key", "value")]
+            )
             qkv_b = torch.cat([take(p + f"attention.self.{n}.bias", (h,)) for n in ("query", "key", "value")])
-            self.layers.append(_BertLayer(
-                qkv=_Linear(qkv_w, qkv_b, self.prepack),
-                out=_Linear(take(p + "attention.output.dense.weight", (h, h)),
-                            take(p + "attention.output.dense.bias", (h,)), self.prepack),
-                ln1_w=take(p + "attention.output.LayerNorm.weight", (h,)),
-                ln1_b=take(p + "attention.output.LayerNorm.bias", (h,)),
-                up=_Linear(take(p + "intermediate.dense.weight", (inter, h)),
-                           take(p + "intermediate.dense.bias", (inter,)), self.prepack),
-                down=_Linear(take(p + "output.dense.weight", (h, inter)),
-                             take(p + "output.dense.bias", (h,)), self.prepack),
-                ln2_w=take(p + "output.LayerNorm.weight", (h,)),
-                ln2_b=take(p + "output.LayerNorm.bias", (h,)),
-            ))
+            self.layers.append(
+                _BertLayer(
+                    qkv=_Linear(qkv_w, qkv_b, self.prepack),
+                    out=_Linear(
+                        take(p + "attention.output.dense.weight", (h, h)),
+                        take(p + "attention.output.dense.bias", (h,)),
+                        self.prepack,
+                    ),
+                    ln1_w=take(p + "attention.output.LayerNorm.weight", (h,)),
+                    ln1_b=take(p + "attention.output.LayerNorm.bias", (h,)),
+                    up=_Linear(
+                        take(p + "intermediate.dense.weight", (inter, h)),
+                        take(p + "intermediate.dense.bias", (inter,)),
+                        self.prepack,
+                    ),
+                    down=_Linear(
+                        take(p + "output.dense.weight", (h, inter)),
+                        take(p + "output.dense.bias", (h,)),
+                        self.prepack,
+                    ),
+                    ln2_w=take(p + "output.LayerNorm.weight", (h,)),
+                    ln2_b=take(p + "output.LayerNorm.bias", (h,)),
+                )
+            )
 
     @classmethod
-    def from_pretrained(cls, model_dir: str | os.PathLike, dtype: torch.dtype = torch.float32,
-                        device: torch.device | str = "cpu", prepack: bool | None = None) -> "BertEncoder":
+    def from_pretrained(
+        cls,
+        model_dir: str | os.PathLike,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "cpu",
+        prepack: bool | None = None,
+    ) -> "BertEncoder":
         model_dir = Path(model_dir)
         config = BertConfig.from_model_dir(model_dir)
         return cls(config, _read_checkpoint(model_dir), dtype, torch.device(device), prepack)
@@ -244,8 +273,16 @@ class BertEncoder:
             q, k, v = qkv.unbind(1)
             ops.reshape_and_cache(k, v, batch.key_cache, batch.value_cache, batch.slot_mapping)
             # q stays a strided view into qkv: the kernel takes token and head strides, so no copy.
-            attn = ops.paged_attention(q, batch.key_cache, batch.value_cache, batch.block_tables,
-                                       batch.seq_lens, batch.cu_seq_lens, self.scale, causal=False)
+            attn = ops.paged_attention(
+                q,
+                batch.key_cache,
+                batch.value_cache,
+                batch.block_tables,
+                batch.seq_lens,
+                batch.cu_seq_lens,
+                self.scale,
+                causal=False,
+            )
             h = layer.out.add(attn.view(num_tokens, c.hidden_size), x)
             x = F.layer_norm(h, (c.hidden_size,), layer.ln1_w, layer.ln1_b, eps)
             h = layer.up(x, gelu=True) if self.fuse_gelu else self.activation(layer.up(x))

@@ -44,7 +44,9 @@ def cpu_has_native_bf16() -> bool:
     return False
 
 
-def resolve_dtype(requested: str | torch.dtype, checkpoint_dtype: torch.dtype | None, device: torch.device) -> torch.dtype:
+def resolve_dtype(
+    requested: str | torch.dtype, checkpoint_dtype: torch.dtype | None, device: torch.device
+) -> torch.dtype:
     """'auto' = the checkpoint's dtype on CUDA; on CPU bfloat16 when the CPU has native bf16, else float32."""
     if not (isinstance(requested, str) and requested == "auto"):
         dtype = parse_dtype(requested)
@@ -93,8 +95,9 @@ def _as_id_set(value) -> set[int]:
     return {int(v) for v in value}
 
 
-def load_model_config(model_path: str | Path, dtype: str | torch.dtype, device: torch.device,
-                      max_model_len: int | None) -> ModelConfig:
+def load_model_config(
+    model_path: str | Path, dtype: str | torch.dtype, device: torch.device, max_model_len: int | None
+) -> ModelConfig:
     """Read config.json (+ generation_config.json) and check the architecture is one we run."""
     path = Path(model_path)
     if not path.is_dir():
@@ -123,7 +126,9 @@ def load_model_config(model_path: str | Path, dtype: str | torch.dtype, device: 
     if rope_scaling is not None:
         rope_type = rope_scaling.get("rope_type", rope_scaling.get("type", "default"))
         if rope_type not in ("default", "linear", "llama3"):
-            raise ValueError(f"unsupported rope scaling type {rope_type!r}; supported: default, linear, llama3")
+            raise ValueError(
+                f"unsupported rope scaling type {rope_type!r}; supported: default, linear, llama3"
+            )
         if rope_type == "default":
             rope_scaling = None
     ckpt_dtype_name = cfg.get("dtype") or cfg.get("torch_dtype")
@@ -134,7 +139,9 @@ def load_model_config(model_path: str | Path, dtype: str | torch.dtype, device: 
     elif max_model_len < 1:
         raise ValueError(f"max_model_len must be positive, got {max_model_len}")
     elif max_model_len > max_pos:
-        raise ValueError(f"max_model_len ({max_model_len}) exceeds the model's max_position_embeddings ({max_pos})")
+        raise ValueError(
+            f"max_model_len ({max_model_len}) exceeds the model's max_position_embeddings ({max_pos})"
+        )
 
     eos = _as_id_set(cfg.get("eos_token_id"))
     gen_defaults: dict = {}

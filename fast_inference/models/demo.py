@@ -139,8 +139,16 @@ def ensure_demo_model(cache_dir: str | Path | None = None) -> Path:
     if marker.exists():
         return target
     tmp = root / f".demo-llama-v{DEMO_VERSION}.tmp{os.getpid()}"
-    build_model_dir(tmp, hidden_size=128, num_layers=4, num_heads=4, num_kv_heads=2,
-                    intermediate_size=256, tie_word_embeddings=True, seed=1234)
+    build_model_dir(
+        tmp,
+        hidden_size=128,
+        num_layers=4,
+        num_heads=4,
+        num_kv_heads=2,
+        intermediate_size=256,
+        tie_word_embeddings=True,
+        seed=1234,
+    )
     (tmp / "fast_inference_demo.json").write_text(json.dumps({"demo": True, "version": DEMO_VERSION}))
     try:
         tmp.rename(target)

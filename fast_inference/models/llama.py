@@ -27,7 +27,9 @@ class Linear(nn.Module):
     which reads the plain weight once at close to memory bandwidth; larger ones through a oneDNN-prepacked
     copy of the weight (about twice torch's default bf16 GEMM at decode batch sizes)."""
 
-    def __init__(self, in_features: int, out_features: int, bias: bool, dtype: torch.dtype, device: torch.device):
+    def __init__(
+        self, in_features: int, out_features: int, bias: bool, dtype: torch.dtype, device: torch.device
+    ):
         super().__init__()
         self.weight = _param(out_features, in_features, dtype=dtype, device=device)
         self.bias = _param(out_features, dtype=dtype, device=device) if bias else None
@@ -147,23 +149,35 @@ class Attention(nn.Module):
         self.key_cache = torch.empty(0)
         self.value_cache = torch.empty(0)
 
-    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], meta: AttentionMetadata) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], meta: AttentionMetadata
+    ) -> torch.Tensor:
         tokens = x.shape[0]
         heads, kv_heads, d = self.num_heads, self.num_kv_heads, self.head_dim
         qkv = self.qkv_proj(x)
         cos, sin = rope
         if self.q_norm is None:
             # q and k rotated together: one pass over [T, heads + kv_heads, D] (fewer ops per layer).
-            qk = _rotate(qkv[:, :self.q_size + self.kv_size].view(tokens, heads + kv_heads, d), cos, sin)
+            qk = _rotate(qkv[:, : self.q_size + self.kv_size].view(tokens, heads + kv_heads, d), cos, sin)
             q, k = qk[:, :heads], qk[:, heads:]
         else:
-            q, k = qkv[:, :self.q_size], qkv[:, self.q_size:self.q_size + self.kv_size]
+            q, k = qkv[:, : self.q_size], qkv[:, self.q_size : self.q_size + self.kv_size]
             q = _rotate(self.q_norm(q.view(tokens, heads, d)), cos, sin)
             k = _rotate(self.k_norm(k.view(tokens, kv_heads, d)), cos, sin)
-        v = qkv[:, self.q_size + self.kv_size:].view(tokens, kv_heads, d)  # strided rows: the ops accept them
+        v = qkv[:, self.q_size + self.kv_size :].view(
+            tokens, kv_heads, d
+        )  # strided rows: the ops accept them
         ops.reshape_and_cache(k, v, self.key_cache, self.value_cache, meta.slot_mapping)
-        out = ops.paged_attention(q, self.key_cache, self.value_cache, meta.block_tables, meta.seq_lens,
-                                  meta.cu_query_lens, self.scale, causal=meta.causal)
+        out = ops.paged_attention(
+            q,
+            self.key_cache,
+            self.value_cache,
+            meta.block_tables,
+            meta.seq_lens,
+            meta.cu_query_lens,
+            self.scale,
+            causal=meta.causal,
+        )
         return self.o_proj(out.reshape(tokens, self.q_size))
 
 
@@ -187,7 +201,9 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.dtype, cfg.device)
         self.mlp = MLP(cfg)
 
-    def forward(self, h: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], meta: AttentionMetadata) -> torch.Tensor:
+    def forward(
+        self, h: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], meta: AttentionMetadata
+    ) -> torch.Tensor:
         h = h + self.self_attn(self.input_layernorm(h), rope, meta)
         return h + self.mlp(self.post_attention_layernorm(h))
 
@@ -203,7 +219,8 @@ class LlamaForCausalLM(nn.Module):
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.dtype, cfg.device)
         self.rope = RotaryEmbedding(cfg)
         self.lm_head = (
-            self.embed_tokens if cfg.tie_word_embeddings
+            self.embed_tokens
+            if cfg.tie_word_embeddings
             else _param(cfg.vocab_size, cfg.hidden_size, dtype=cfg.dtype, device=cfg.device)
         )
 
@@ -225,7 +242,9 @@ class LlamaForCausalLM(nn.Module):
             layer.self_attn.key_cache = kc
             layer.self_attn.value_cache = vc
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+    def forward(
+        self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata
+    ) -> torch.Tensor:
         """input_ids, positions: int64 [num_tokens] (all sequences flattened) -> final hidden [num_tokens, hidden]."""
         h = F.embedding(input_ids, self.embed_tokens)
         rope = self.rope(positions, h.dtype)
@@ -238,5 +257,7 @@ class LlamaForCausalLM(nn.Module):
         if hidden.shape[0] <= SMALL_M and hidden.device.type == "cpu" and hidden.dtype == torch.bfloat16:
             return ops.linear(hidden, self.lm_head).float()
         if self.lm_head_packed is not None:
-            return torch.ops.mkldnn._linear_pointwise(hidden, self.lm_head_packed, None, "none", [], "").float()
+            return torch.ops.mkldnn._linear_pointwise(
+                hidden, self.lm_head_packed, None, "none", [], ""
+            ).float()
         return F.linear(hidden, self.lm_head).float()

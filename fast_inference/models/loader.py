@@ -77,7 +77,9 @@ def load_model(cfg: ModelConfig) -> LlamaForCausalLM:
     """Instantiate the architecture in cfg.dtype on cfg.device and fill every weight from the checkpoint."""
     model_class = MODEL_CLASSES.get(cfg.architecture)
     if model_class is None:
-        raise ValueError(f"unsupported architecture {cfg.architecture!r}; supported: {', '.join(MODEL_CLASSES)}")
+        raise ValueError(
+            f"unsupported architecture {cfg.architecture!r}; supported: {', '.join(MODEL_CLASSES)}"
+        )
     model = model_class(cfg)
     expected: dict[tuple[int, int], str] = {}
     for pname, param in model.named_parameters(remove_duplicate=True):
@@ -92,19 +94,26 @@ def load_model(cfg: ModelConfig) -> LlamaForCausalLM:
                     continue
                 param, offset, rows = target
                 tensor = f.get_tensor(name)
-                dest = param.data[offset:offset + rows]
+                dest = param.data[offset : offset + rows]
                 if tuple(tensor.shape) != tuple(dest.shape):
-                    raise ValueError(f"weight {name!r} in {file.name} has shape {tuple(tensor.shape)}, "
-                                     f"expected {tuple(dest.shape)} from config.json")
+                    raise ValueError(
+                        f"weight {name!r} in {file.name} has shape {tuple(tensor.shape)}, "
+                        f"expected {tuple(dest.shape)} from config.json"
+                    )
                 dest.copy_(tensor)
                 filled_rows[id(param)] = filled_rows.get(id(param), 0) + rows
                 loaded.add((id(param), 0))
-    missing = [pname for key, pname in expected.items()
-               if key not in loaded or filled_rows.get(key[0], 0) < dict(model.named_parameters())[pname].shape[0]]
+    missing = [
+        pname
+        for key, pname in expected.items()
+        if key not in loaded or filled_rows.get(key[0], 0) < dict(model.named_parameters())[pname].shape[0]
+    ]
     if missing:
         hint = " (untied model without lm_head.weight?)" if "lm_head" in missing else ""
-        raise ValueError(f"checkpoint in {cfg.model_path!r} is missing weights: {', '.join(missing[:8])}"
-                         f"{' ...' if len(missing) > 8 else ''}{hint}")
+        raise ValueError(
+            f"checkpoint in {cfg.model_path!r} is missing weights: {', '.join(missing[:8])}"
+            f"{' ...' if len(missing) > 8 else ''}{hint}"
+        )
     model.eval()
     model.weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     return model

@@ -32,7 +32,9 @@ _LEGACY_KEYS = {
 class PoolingConfig:
     modes: tuple[str, ...]  # reductions, concatenated in this order
     normalize: bool  # L2-normalize the pooled vector (a Normalize module follows Pooling)
-    max_seq_length: int | None  # sentence_bert_config.json's or the tokenizer's limit; None when neither has one
+    max_seq_length: (
+        int | None
+    )  # sentence_bert_config.json's or the tokenizer's limit; None when neither has one
     sentence_transformers: bool  # the directory has a modules.json
 
     def output_dim(self, hidden_size: int) -> int:
@@ -75,13 +77,16 @@ def load_pooling_config(model_dir: str | os.PathLike) -> PoolingConfig:
 
     modules_path = model_dir / "modules.json"
     if not modules_path.is_file():
-        return PoolingConfig(modes=("mean",), normalize=False, max_seq_length=max_seq_length,
-                             sentence_transformers=False)
+        return PoolingConfig(
+            modes=("mean",), normalize=False, max_seq_length=max_seq_length, sentence_transformers=False
+        )
 
     modules = sorted(json.loads(modules_path.read_text()), key=lambda m: int(m.get("idx", 0)))
     names = [_class_name(m.get("type", "")) for m in modules]
     if not names or names[0] != "Transformer" or modules[0].get("path", "") not in ("", "."):
-        raise ValueError(f"{modules_path}: the first module must be the Transformer in the model directory itself")
+        raise ValueError(
+            f"{modules_path}: the first module must be the Transformer in the model directory itself"
+        )
     modes: tuple[str, ...] | None = None
     normalize = False
     for module, name in zip(modules[1:], names[1:]):
@@ -93,12 +98,15 @@ def load_pooling_config(model_dir: str | os.PathLike) -> PoolingConfig:
         elif name == "Normalize" and modes is not None:
             normalize = True
         else:
-            raise ValueError(f"{modules_path}: module {module.get('type')!r} at position {module.get('idx')} is not "
-                             "supported (supported pipeline: Transformer, Pooling, optional Normalize)")
+            raise ValueError(
+                f"{modules_path}: module {module.get('type')!r} at position {module.get('idx')} is not "
+                "supported (supported pipeline: Transformer, Pooling, optional Normalize)"
+            )
     if modes is None:
         raise ValueError(f"{modules_path}: no Pooling module after the Transformer")
-    return PoolingConfig(modes=modes, normalize=normalize, max_seq_length=max_seq_length,
-                         sentence_transformers=True)
+    return PoolingConfig(
+        modes=modes, normalize=normalize, max_seq_length=max_seq_length, sentence_transformers=True
+    )
 
 
 def pool(
@@ -135,7 +143,9 @@ def pool(
             vectors.append(weighted_sum(lens.to(hidden.dtype).rsqrt()[segment]))
         elif mode == "max":
             out = hidden.new_full((num_seqs, dim), float("-inf"))
-            vectors.append(out.scatter_reduce_(0, segment.unsqueeze(1).expand(-1, dim), hidden, reduce="amax"))
+            vectors.append(
+                out.scatter_reduce_(0, segment.unsqueeze(1).expand(-1, dim), hidden, reduce="amax")
+            )
         elif mode == "weightedmean":
             # Weight of a token = its 1-based position in the sequence.
             position = (token - starts[segment] + 1).to(hidden.dtype)

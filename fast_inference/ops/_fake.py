@@ -19,7 +19,9 @@ def _swap_blocks_fake(src, dst, block_mapping):
 
 
 @torch.library.register_fake("fast_inference::paged_attention")
-def _paged_attention_fake(query, key_cache, value_cache, block_tables, seq_lens, cu_query_lens, scale, causal, out):
+def _paged_attention_fake(
+    query, key_cache, value_cache, block_tables, seq_lens, cu_query_lens, scale, causal, out
+):
     return None
 
 
@@ -29,8 +31,16 @@ def _sample_fake(logits, temperature, top_k, top_p, min_p, seeds, offsets):
 
 
 @torch.library.register_fake("fast_inference::apply_penalties")
-def _apply_penalties_fake(logits, prompt_token_ids, prompt_cu_lens, output_token_ids, output_cu_lens,
-                          presence_penalty, frequency_penalty, repetition_penalty):
+def _apply_penalties_fake(
+    logits,
+    prompt_token_ids,
+    prompt_cu_lens,
+    output_token_ids,
+    output_cu_lens,
+    presence_penalty,
+    frequency_penalty,
+    repetition_penalty,
+):
     return None
 
 
@@ -47,3 +57,8 @@ def _compute_logprobs_fake(logits, token_ids, num_top):
         logits.new_empty((batch, num_top), dtype=torch.int64),
         logits.new_empty((batch, num_top), dtype=torch.float32),
     )
+
+
+@torch.library.register_fake("fast_inference::linear")
+def _linear_fake(x, weight, bias):
+    return x.new_empty((x.shape[0], weight.shape[0]))

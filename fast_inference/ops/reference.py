@@ -101,7 +101,12 @@ def philox4x32_10(counter: tuple[int, int, int, int], key: tuple[int, int]) -> t
     for _ in range(10):
         p0 = 0xD2511F53 * c0
         p1 = 0xCD9E8D57 * c2
-        c0, c1, c2, c3 = ((p1 >> 32) ^ c1 ^ k0) & _MASK32, p1 & _MASK32, ((p0 >> 32) ^ c3 ^ k1) & _MASK32, p0 & _MASK32
+        c0, c1, c2, c3 = (
+            ((p1 >> 32) ^ c1 ^ k0) & _MASK32,
+            p1 & _MASK32,
+            ((p0 >> 32) ^ c3 ^ k1) & _MASK32,
+            p0 & _MASK32,
+        )
         k0 = (k0 + 0x9E3779B9) & _MASK32
         k1 = (k1 + 0xBB67AE85) & _MASK32
     return c0, c1, c2, c3
@@ -116,8 +121,10 @@ def philox_random64(seed: int, offset: int) -> int:
 
 def _fma32(a: _torch.Tensor, b, c) -> _torch.Tensor:
     # float32 fma emulated in float64: the product of two floats is exact in float64.
-    return (a.double() * (b.double() if isinstance(b, _torch.Tensor) else b) +
-            (c.double() if isinstance(c, _torch.Tensor) else c)).float()
+    return (
+        a.double() * (b.double() if isinstance(b, _torch.Tensor) else b)
+        + (c.double() if isinstance(c, _torch.Tensor) else c)
+    ).float()
 
 
 def _f32(v: float) -> float:
@@ -150,8 +157,13 @@ def _check_row(row: _torch.Tensor, b: int) -> None:
         raise ValueError(f"logits row {b} has no finite value")
 
 
-def sampling_probs(logits: _torch.Tensor, temperature: _torch.Tensor, top_k: _torch.Tensor,
-                   top_p: _torch.Tensor, min_p: _torch.Tensor) -> _torch.Tensor:
+def sampling_probs(
+    logits: _torch.Tensor,
+    temperature: _torch.Tensor,
+    top_k: _torch.Tensor,
+    top_p: _torch.Tensor,
+    min_p: _torch.Tensor,
+) -> _torch.Tensor:
     """Exact float64 distribution [B, V] that ops.sample draws from.
 
     p = softmax(logits / T). Top-k keeps x >= the k-th largest logit (ties kept). Top-p keeps, within
@@ -187,8 +199,15 @@ def sampling_probs(logits: _torch.Tensor, temperature: _torch.Tensor, top_k: _to
     return out
 
 
-def sample(logits: _torch.Tensor, temperature: _torch.Tensor, top_k: _torch.Tensor, top_p: _torch.Tensor,
-           min_p: _torch.Tensor, seeds: _torch.Tensor, offsets: _torch.Tensor) -> _torch.Tensor:
+def sample(
+    logits: _torch.Tensor,
+    temperature: _torch.Tensor,
+    top_k: _torch.Tensor,
+    top_p: _torch.Tensor,
+    min_p: _torch.Tensor,
+    seeds: _torch.Tensor,
+    offsets: _torch.Tensor,
+) -> _torch.Tensor:
     """The draw of ops.sample, step by step with sorts: the same token as the kernels on the same inputs.
 
     e = fi_exp((x - max) / T) in float32, fixed-point mass q = trunc(e * 2^40); thresholds as in
@@ -236,18 +255,27 @@ def sample(logits: _torch.Tensor, temperature: _torch.Tensor, top_k: _torch.Tens
 
 
 def _rows(ids: _torch.Tensor, cu_lens: _torch.Tensor, b: int) -> _torch.Tensor:
-    return ids[int(cu_lens[b]):int(cu_lens[b + 1])]
+    return ids[int(cu_lens[b]) : int(cu_lens[b + 1])]
 
 
-def apply_penalties(logits: _torch.Tensor, prompt_token_ids: _torch.Tensor, prompt_cu_lens: _torch.Tensor,
-                    output_token_ids: _torch.Tensor, output_cu_lens: _torch.Tensor,
-                    presence_penalty: _torch.Tensor, frequency_penalty: _torch.Tensor,
-                    repetition_penalty: _torch.Tensor) -> None:
+def apply_penalties(
+    logits: _torch.Tensor,
+    prompt_token_ids: _torch.Tensor,
+    prompt_cu_lens: _torch.Tensor,
+    output_token_ids: _torch.Tensor,
+    output_cu_lens: _torch.Tensor,
+    presence_penalty: _torch.Tensor,
+    frequency_penalty: _torch.Tensor,
+    repetition_penalty: _torch.Tensor,
+) -> None:
     """In place: repetition penalty over distinct prompt + output tokens (Hugging Face: x > 0 ? x / r :
     x * r), then x -= presence * (count > 0) + frequency * count over output tokens (OpenAI)."""
     for b in range(logits.shape[0]):
         row = logits[b]
-        prompt, output = _rows(prompt_token_ids, prompt_cu_lens, b), _rows(output_token_ids, output_cu_lens, b)
+        prompt, output = (
+            _rows(prompt_token_ids, prompt_cu_lens, b),
+            _rows(output_token_ids, output_cu_lens, b),
+        )
         rep = float(repetition_penalty[b])
         if rep != 1.0:
             ids = _torch.unique(_torch.cat([prompt, output]))
@@ -259,8 +287,9 @@ def apply_penalties(logits: _torch.Tensor, prompt_token_ids: _torch.Tensor, prom
             row[ids] = (row[ids].float() - (pres + freq * counts.float())).to(row.dtype)
 
 
-def apply_logit_bias(logits: _torch.Tensor, token_ids: _torch.Tensor, biases: _torch.Tensor,
-                     cu_lens: _torch.Tensor) -> None:
+def apply_logit_bias(
+    logits: _torch.Tensor, token_ids: _torch.Tensor, biases: _torch.Tensor, cu_lens: _torch.Tensor
+) -> None:
     """In place: logits[b, token_ids[i]] += biases[i] for row b's entries, in list order."""
     for b in range(logits.shape[0]):
         for i in range(int(cu_lens[b]), int(cu_lens[b + 1])):
@@ -268,8 +297,9 @@ def apply_logit_bias(logits: _torch.Tensor, token_ids: _torch.Tensor, biases: _t
             logits[b, tok] = (logits[b, tok].float() + biases[i].float()).to(logits.dtype)
 
 
-def compute_logprobs(logits: _torch.Tensor, token_ids: _torch.Tensor,
-                     num_top: int) -> tuple[_torch.Tensor, _torch.Tensor, _torch.Tensor]:
+def compute_logprobs(
+    logits: _torch.Tensor, token_ids: _torch.Tensor, num_top: int
+) -> tuple[_torch.Tensor, _torch.Tensor, _torch.Tensor]:
     """log_softmax of the raw logits: (chosen token's logprob [B], top ids [B, n], top logprobs [B, n])."""
     lp = _torch.log_softmax(logits.float(), dim=-1)
     top = _torch.topk(lp, num_top, dim=-1)

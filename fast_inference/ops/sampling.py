@@ -28,15 +28,18 @@ def _check_logits_values(logits: torch.Tensor) -> None:
         raise ValueError(f"logits row {row} contains NaN or +inf")
 
 
-def _check_ragged_values(ids: torch.Tensor, ids_name: str, cu_lens: torch.Tensor, cu_name: str,
-                         vocab: int) -> None:
+def _check_ragged_values(
+    ids: torch.Tensor, ids_name: str, cu_lens: torch.Tensor, cu_name: str, vocab: int
+) -> None:
     cu = cu_lens.cpu()
     if int(cu[0]) != 0:
         raise ValueError(f"{cu_name}[0] must be 0, got {int(cu[0])}")
     if bool((cu[1:] < cu[:-1]).any()):
         raise ValueError(f"{cu_name} must be non-decreasing")
     if int(cu[-1]) != ids.numel():
-        raise ValueError(f"{cu_name}[-1] must equal the length of {ids_name} ({ids.numel()}), got {int(cu[-1])}")
+        raise ValueError(
+            f"{cu_name}[-1] must equal the length of {ids_name} ({ids.numel()}), got {int(cu[-1])}"
+        )
     if ids.numel() and bool(((ids < 0) | (ids >= vocab)).any()):
         raise ValueError(f"{ids_name} must hold token ids in [0, {vocab})")
 
@@ -67,8 +70,10 @@ def sample(
         bad_p = ~((top_p > 0) & (top_p <= 1))
         bad_m = ~((min_p >= 0) & (min_p <= 1))
         flags = torch.stack([bad_t.any(), bad_p.any(), bad_m.any()]).cpu()
-        for flag, message in zip(flags.tolist(), ("temperature must be finite and >= 0",
-                                                   "top_p must be in (0, 1]", "min_p must be in [0, 1]")):
+        for flag, message in zip(
+            flags.tolist(),
+            ("temperature must be finite and >= 0", "top_p must be in (0, 1]", "min_p must be in [0, 1]"),
+        ):
             if flag:
                 raise ValueError(message)
     return torch.ops.fast_inference.sample(logits, temperature, top_k, top_p, min_p, seeds, offsets)
@@ -99,8 +104,14 @@ def apply_penalties(
         if bool((~torch.isfinite(repetition_penalty) | (repetition_penalty <= 0)).any()):
             raise ValueError("repetition_penalty must be finite and > 0")
     torch.ops.fast_inference.apply_penalties(
-        logits, prompt_token_ids, prompt_cu_lens, output_token_ids, output_cu_lens,
-        presence_penalty, frequency_penalty, repetition_penalty,
+        logits,
+        prompt_token_ids,
+        prompt_cu_lens,
+        output_token_ids,
+        output_cu_lens,
+        presence_penalty,
+        frequency_penalty,
+        repetition_penalty,
     )
 
 

@@ -780,8 +780,10 @@ def _truncate_prompt_tokens(body: dict, limit: int) -> int | None:
     if k is None:
         return None
     if isinstance(k, bool) or not isinstance(k, int) or not (k == -1 or 1 <= k <= limit):
-        raise invalid(f"'truncate_prompt_tokens' must be -1 or an integer in [1, {limit}], got {k!r}",
-                      "truncate_prompt_tokens")
+        raise invalid(
+            f"'truncate_prompt_tokens' must be -1 or an integer in [1, {limit}], got {k!r}",
+            "truncate_prompt_tokens",
+        )
     return limit if k == -1 else k
 
 
@@ -808,8 +810,14 @@ def _embedding_dimensions(body: dict, cfg, model: str) -> int | None:
         raise invalid(f"'dimensions' must be an integer in [1, {size}], got {dims!r}", "dimensions")
     allowed = getattr(cfg, "matryoshka_dimensions", None)
     if not getattr(cfg, "is_matryoshka", False):
-        raise invalid(f"The model '{model}' does not support 'dimensions' (it is not a Matryoshka embedding "
-                      "model); omit it to get the full vector", "dimensions", code="unsupported_parameter")
+        raise invalid(
+            f"The model '{model}' does not support 'dimensions' (it is not a Matryoshka embedding "
+            "model); omit it to get the full vector",
+            "dimensions",
+            code="unsupported_parameter",
+        )
     if allowed and dims not in allowed:
-        raise invalid(f"The model '{model}' supports 'dimensions' in {sorted(allowed)}, got {dims}", "dimensions")
+        raise invalid(
+            f"The model '{model}' supports 'dimensions' in {sorted(allowed)}, got {dims}", "dimensions"
+        )
     return dims

@@ -25,9 +25,15 @@ def hf_greedy(path: str, prompt_ids: tuple[int, ...], max_new_tokens: int) -> li
     model = _hf_model(str(path))
     ids = torch.tensor([list(prompt_ids)])
     with torch.no_grad():
-        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
-                             min_new_tokens=max_new_tokens, do_sample=False, pad_token_id=0)
-    return out[0, ids.shape[1]:].tolist()
+        out = model.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=max_new_tokens,
+            min_new_tokens=max_new_tokens,
+            do_sample=False,
+            pad_token_id=0,
+        )
+    return out[0, ids.shape[1] :].tolist()
 
 
 def assert_no_leak(engine) -> None:

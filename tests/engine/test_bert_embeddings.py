@@ -72,8 +72,14 @@ def test_minilm_matches_sentence_transformers(engine, reference):
 def test_minilm_small_token_budget_splits_batches(reference):
     # 64 tokens per forward forces many forwards (and one input of ~45 tokens alone in its batch);
     # this engine also runs the plain F.linear path instead of the prepacked oneDNN one.
-    small = EncoderEngine(MINILM_DIR, max_model_len=64, max_num_batched_tokens=64, max_num_seqs=4, block_size=8,
-                          prepack_weights=False)
+    small = EncoderEngine(
+        MINILM_DIR,
+        max_model_len=64,
+        max_num_batched_tokens=64,
+        max_num_seqs=4,
+        block_size=8,
+        prepack_weights=False,
+    )
     assert all(layer.qkv.packed is None for layer in small.model.layers)
     ids = small.tokenize_batch(SENTENCES)
     out = small.embed(ids)
@@ -158,8 +164,14 @@ def _tiny_bert_dir(path, seed: int = 0):
     from transformers import BertConfig, BertModel
 
     torch.manual_seed(seed)
-    config = BertConfig(vocab_size=30522, hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
-                        intermediate_size=128, max_position_embeddings=96)
+    config = BertConfig(
+        vocab_size=30522,
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=128,
+        max_position_embeddings=96,
+    )
     model = BertModel(config).eval()
     with torch.no_grad():  # random LayerNorms so that a swapped weight/bias would show
         for name, p in model.named_parameters():
@@ -171,14 +183,17 @@ def _tiny_bert_dir(path, seed: int = 0):
     return model
 
 
-@pytest.mark.parametrize("modes,normalize", [
-    (("cls",), True),
-    (("max",), False),
-    (("mean_sqrt_len_tokens",), False),
-    (("weightedmean",), True),
-    (("lasttoken",), False),
-    (("cls", "mean", "max"), True),
-])
+@pytest.mark.parametrize(
+    "modes,normalize",
+    [
+        (("cls",), True),
+        (("max",), False),
+        (("mean_sqrt_len_tokens",), False),
+        (("weightedmean",), True),
+        (("lasttoken",), False),
+        (("cls", "mean", "max"), True),
+    ],
+)
 def test_pooling_modes_match_sentence_transformers(tmp_path, modes, normalize):
     from sentence_transformers.base.modules import Normalize, Transformer
     from sentence_transformers.sentence_transformer.modules import Pooling
@@ -235,11 +250,15 @@ def test_masked_lm_bin_checkpoint_with_bert_prefix(tmp_path):
 
 def test_unsupported_modules_are_rejected(tmp_path):
     _tiny_bert_dir(tmp_path)
-    (tmp_path / "modules.json").write_text(json.dumps([
-        {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
-        {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
-        {"idx": 2, "name": "2", "path": "2_Dense", "type": "sentence_transformers.models.Dense"},
-    ]))
+    (tmp_path / "modules.json").write_text(
+        json.dumps(
+            [
+                {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+                {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
+                {"idx": 2, "name": "2", "path": "2_Dense", "type": "sentence_transformers.models.Dense"},
+            ]
+        )
+    )
     (tmp_path / "1_Pooling").mkdir()
     (tmp_path / "1_Pooling" / "config.json").write_text(json.dumps({"pooling_mode_cls_token": True}))
     with pytest.raises(ValueError, match="Dense"):

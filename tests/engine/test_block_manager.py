@@ -10,8 +10,15 @@ from fast_inference.engine.sequence import Request, Sequence, SequenceStatus
 
 def _seq(tokens, seq_id=0):
     req = Request(str(seq_id), None, list(tokens), SamplingParams(), RequestMetrics(0.0))
-    seq = Sequence(seq_id=seq_id, request=req, index=0, token_ids=list(tokens), num_prompt_tokens=len(tokens),
-                   seed=0, max_tokens=100)
+    seq = Sequence(
+        seq_id=seq_id,
+        request=req,
+        index=0,
+        token_ids=list(tokens),
+        num_prompt_tokens=len(tokens),
+        seed=0,
+        max_tokens=100,
+    )
     req.seqs.append(seq)
     return seq
 
@@ -84,8 +91,16 @@ def test_fork_shares_full_blocks_only():
 
 def test_scheduler_budget_chunking_and_youngest_preempted():
     bm = BlockManager(4, 4, False)
-    sched = Scheduler(SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=6, max_model_len=64, block_size=4,
-                                      enable_prefix_caching=False), bm)
+    sched = Scheduler(
+        SchedulerConfig(
+            max_num_seqs=8,
+            max_num_batched_tokens=6,
+            max_model_len=64,
+            block_size=4,
+            enable_prefix_caching=False,
+        ),
+        bm,
+    )
     old, young = _seq(range(7), 0), _seq(range(5), 1)
     sched.add(old)
     sched.add(young)

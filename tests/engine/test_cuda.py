@@ -28,4 +28,3 @@ def test_cuda_graph_decode_matches_eager_and_transformers(llama_dir):
         assert x.outputs[0].token_ids == hf_greedy(str(llama_dir), tuple(tok.encode(prompt)), 16)
     assert_no_leak(graphed.engine)
     assert_no_leak(eager.engine)
-

@@ -36,8 +36,15 @@ def sentencepiece_like():
 
 def _stream(tokenizer, prompt_ids, output_ids):
     req = Request("r", None, list(prompt_ids), SamplingParams(), RequestMetrics(0.0))
-    seq = Sequence(seq_id=0, request=req, index=0, token_ids=list(prompt_ids), num_prompt_tokens=len(prompt_ids),
-                   seed=0, max_tokens=10**6)
+    seq = Sequence(
+        seq_id=0,
+        request=req,
+        index=0,
+        token_ids=list(prompt_ids),
+        num_prompt_tokens=len(prompt_ids),
+        seed=0,
+        max_tokens=10**6,
+    )
     init_offsets(seq)
     deltas = []
     for t in output_ids:
@@ -54,7 +61,7 @@ def test_deltas_concatenate_to_final_decode(request, tok_name, text):
     prompt = tok.encode("Say:", add_special_tokens=False)
     ids = tok.encode(" " + text, add_special_tokens=False)
     deltas = _stream(tok, prompt, ids)
-    final = tok.decode(prompt + ids)[len(tok.decode(prompt)):]
+    final = tok.decode(prompt + ids)[len(tok.decode(prompt)) :]
     assert "".join(deltas) == final
     assert all("\ufffd" not in d for d in deltas)
 
@@ -71,7 +78,11 @@ def test_byte_level_never_emits_half_a_character(byte_bpe):
 
 def _gpt2_byte_to_unicode() -> dict[int, str]:
     """The byte -> printable character table of byte-level BPE (each byte is a base token)."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    bs = (
+        list(range(ord("!"), ord("~") + 1))
+        + list(range(ord("¡"), ord("¬") + 1))
+        + list(range(ord("®"), ord("ÿ") + 1))
+    )
     cs = bs[:]
     n = 0
     for b in range(256):

@@ -46,8 +46,13 @@ def test_preemption_keeps_output_identical(llama_dir):
 def test_prefix_caching_on_and_off(llama_dir, prefix_caching):
     shared = PROMPTS[1] + " " + PROMPTS[4]
     prompts = [shared + " one", shared + " two", shared, shared + " three four"]
-    llm = LLM(llama_dir, dtype="float32", kv_cache_memory="8MiB", enable_prefix_caching=prefix_caching,
-              max_num_seqs=1)  # one at a time, so later requests find the earlier ones' blocks cached
+    llm = LLM(
+        llama_dir,
+        dtype="float32",
+        kv_cache_memory="8MiB",
+        enable_prefix_caching=prefix_caching,
+        max_num_seqs=1,
+    )  # one at a time, so later requests find the earlier ones' blocks cached
     _check_against_hf(llm, llama_dir, prompts)
     hit_rate = llm.engine.stats()["prefix_cache_hit_rate"]
     assert (hit_rate > 0.5) if prefix_caching else (hit_rate == 0.0)
@@ -84,13 +89,19 @@ def test_token_id_prompts_and_single_prompt(llama_dir):
     by_ids = llm.generate([ids], params, use_tqdm=False)[0]
     by_text = llm.generate(PROMPTS[0], params, use_tqdm=False)[0]
     assert by_ids.prompt is None and by_ids.prompt_token_ids == ids
-    assert by_ids.outputs[0].token_ids == by_text.outputs[0].token_ids == hf_greedy(str(llama_dir), tuple(ids), 8)
+    assert (
+        by_ids.outputs[0].token_ids
+        == by_text.outputs[0].token_ids
+        == hf_greedy(str(llama_dir), tuple(ids), 8)
+    )
     assert_no_leak(llm.engine)
 
 
 def test_bfloat16_runs(llama_dir):
     llm = LLM(llama_dir, dtype="bfloat16", kv_cache_memory="8MiB")
-    outs = llm.generate(PROMPTS[:2], SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True), use_tqdm=False)
+    outs = llm.generate(
+        PROMPTS[:2], SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True), use_tqdm=False
+    )
     assert all(len(o.outputs[0].token_ids) == 8 for o in outs)
     assert_no_leak(llm.engine)
 

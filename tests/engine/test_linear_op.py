@@ -6,7 +6,9 @@ import torch
 from fast_inference import ops
 
 
-@pytest.mark.parametrize("m,n,k", [(1, 3072, 576), (2, 100, 577), (3, 5, 40), (4, 1000, 1536), (5, 64, 64), (1, 7, 1)])
+@pytest.mark.parametrize(
+    "m,n,k", [(1, 3072, 576), (2, 100, 577), (3, 5, 40), (4, 1000, 1536), (5, 64, 64), (1, 7, 1)]
+)
 @pytest.mark.parametrize("with_bias", [True, False])
 def test_linear_matches_reference(m, n, k, with_bias):
     g = torch.Generator().manual_seed(m * 1000 + n + k)

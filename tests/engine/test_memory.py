@@ -18,10 +18,14 @@ def _rss_bytes() -> int:
 
 
 def test_thousand_requests_leave_memory_flat(llama_dir):
-    engine = LLMEngine(EngineArgs(model=str(llama_dir), dtype="float32", kv_cache_memory="2MiB", max_num_seqs=64))
-    params = [SamplingParams(temperature=0.0, max_tokens=3, ignore_eos=True),
-              SamplingParams(temperature=1.0, max_tokens=4, seed=1, stop=["e"], logprobs=2),
-              SamplingParams(temperature=0.8, max_tokens=2, n=2, ignore_eos=True)]
+    engine = LLMEngine(
+        EngineArgs(model=str(llama_dir), dtype="float32", kv_cache_memory="2MiB", max_num_seqs=64)
+    )
+    params = [
+        SamplingParams(temperature=0.0, max_tokens=3, ignore_eos=True),
+        SamplingParams(temperature=1.0, max_tokens=4, seed=1, stop=["e"], logprobs=2),
+        SamplingParams(temperature=0.8, max_tokens=2, n=2, ignore_eos=True),
+    ]
     rss = {}
     done = 0
     for batch in range(20):

@@ -37,7 +37,9 @@ def test_legacy_rope_scaling_keys_give_same_model(model_dirs, tmp_path):
     llm = LLM(dst, dtype="float32", kv_cache_memory="4MiB")
     assert llm.engine.model_config.rope_scaling["type"] == "linear"
     ids = llm.get_tokenizer().encode(PROMPTS[1])
-    out = llm.generate([ids], SamplingParams(temperature=0, max_tokens=12, ignore_eos=True), use_tqdm=False)[0]
+    out = llm.generate([ids], SamplingParams(temperature=0, max_tokens=12, ignore_eos=True), use_tqdm=False)[
+        0
+    ]
     assert out.outputs[0].token_ids == hf_greedy(str(src), tuple(ids), 12)
 
 
@@ -93,8 +95,11 @@ def test_chat_uses_template(llama_dir):
     expected = tok.encode("<|im_start|>user\nHello, world!<|im_end|>\n<|im_start|>assistant\n")
     assert out.prompt_token_ids == expected
     assert out.outputs[0].token_ids == hf_greedy(str(llama_dir), tuple(expected), 6)
-    two = llm.chat([messages, messages + [{"role": "assistant", "content": "Hi"}]],
-                   SamplingParams(temperature=0, max_tokens=3), use_tqdm=False)
+    two = llm.chat(
+        [messages, messages + [{"role": "assistant", "content": "Hi"}]],
+        SamplingParams(temperature=0, max_tokens=3),
+        use_tqdm=False,
+    )
     assert len(two) == 2
     assert_no_leak(llm.engine)
 

@@ -23,16 +23,20 @@ def test_n_greater_than_one_shares_prompt_blocks(llm, llama_dir):
     ref = hf_greedy(str(llama_dir), tuple(tok.encode(PROMPTS[1])), 10)
     assert [c.index for c in out.outputs] == [0, 1, 2]
     assert all(c.token_ids == ref for c in out.outputs)  # greedy: every copy is the same
-    sampled = llm.generate(PROMPTS[1], SamplingParams(n=4, temperature=1.0, max_tokens=12, seed=7,
-                                                      ignore_eos=True), use_tqdm=False)[0]
+    sampled = llm.generate(
+        PROMPTS[1],
+        SamplingParams(n=4, temperature=1.0, max_tokens=12, seed=7, ignore_eos=True),
+        use_tqdm=False,
+    )[0]
     seqs = [tuple(c.token_ids) for c in sampled.outputs]
     assert len(set(seqs)) > 1  # independent random streams
     assert_no_leak(llm.engine)
 
 
 def test_n_forks_share_blocks_in_the_cache(llama_dir):
-    engine = LLMEngine(EngineArgs(model=str(llama_dir), dtype="float32", kv_cache_memory="8MiB",
-                                  enable_prefix_caching=False))
+    engine = LLMEngine(
+        EngineArgs(model=str(llama_dir), dtype="float32", kv_cache_memory="8MiB", enable_prefix_caching=False)
+    )
     prompt = PROMPTS[1] * 2  # several full blocks
     engine.add_request("r", prompt, SamplingParams(n=4, temperature=1.0, max_tokens=4, seed=1))
     while not engine.requests["r"].seqs[0].num_output_tokens:
@@ -53,12 +57,15 @@ def test_stop_strings(llm):
     assert len(text) > 6
     stop = text[3:6]
     idx = text.find(stop)
-    out = llm.generate(PROMPTS[3], _greedy(max_tokens=20, stop=[stop, "\x00never"]), use_tqdm=False)[0].outputs[0]
+    out = llm.generate(PROMPTS[3], _greedy(max_tokens=20, stop=[stop, "\x00never"]), use_tqdm=False)[
+        0
+    ].outputs[0]
     assert out.text == text[:idx]
     assert out.finish_reason == "stop" and out.stop_reason == stop
-    inc = llm.generate(PROMPTS[3], _greedy(max_tokens=20, stop=stop, include_stop_str_in_output=True),
-                       use_tqdm=False)[0].outputs[0]
-    assert inc.text == text[:idx + len(stop)]
+    inc = llm.generate(
+        PROMPTS[3], _greedy(max_tokens=20, stop=stop, include_stop_str_in_output=True), use_tqdm=False
+    )[0].outputs[0]
+    assert inc.text == text[: idx + len(stop)]
     assert_no_leak(llm.engine)
 
 
@@ -66,25 +73,32 @@ def test_stop_token_ids_and_eos(llm, llama_dir):
     base = llm.generate(PROMPTS[0], _greedy(max_tokens=12), use_tqdm=False)[0].outputs[0].token_ids
     target = base[5]
     first = base.index(target)
-    out = llm.generate(PROMPTS[0], _greedy(max_tokens=12, stop_token_ids=[target]), use_tqdm=False)[0].outputs[0]
-    assert out.token_ids == base[:first + 1]
+    out = llm.generate(PROMPTS[0], _greedy(max_tokens=12, stop_token_ids=[target]), use_tqdm=False)[
+        0
+    ].outputs[0]
+    assert out.token_ids == base[: first + 1]
     assert out.finish_reason == "stop" and out.stop_reason == target
     # The same token as EOS: generation stops there unless ignore_eos.
     engine = llm.engine
     saved = set(engine.model_config.eos_token_ids)
     engine.model_config.eos_token_ids = {target}
     try:
-        eos_out = llm.generate(PROMPTS[0], SamplingParams(temperature=0.0, max_tokens=12), use_tqdm=False)[0].outputs[0]
-        assert eos_out.token_ids == base[:first + 1] and eos_out.finish_reason == "stop"
+        eos_out = llm.generate(PROMPTS[0], SamplingParams(temperature=0.0, max_tokens=12), use_tqdm=False)[
+            0
+        ].outputs[0]
+        assert eos_out.token_ids == base[: first + 1] and eos_out.finish_reason == "stop"
         assert eos_out.stop_reason is None
         ignored = llm.generate(PROMPTS[0], _greedy(max_tokens=12), use_tqdm=False)[0].outputs[0]
         assert ignored.token_ids == base
         # min_tokens masks the stop token (through apply_logit_bias) until min_tokens are out.
         if first < 11:
-            masked = llm.generate(PROMPTS[0], SamplingParams(temperature=0.0, max_tokens=12, min_tokens=first + 1),
-                                  use_tqdm=False)[0].outputs[0]
+            masked = llm.generate(
+                PROMPTS[0],
+                SamplingParams(temperature=0.0, max_tokens=12, min_tokens=first + 1),
+                use_tqdm=False,
+            )[0].outputs[0]
             assert len(masked.token_ids) > first + 1 or masked.finish_reason == "length"
-            assert target not in masked.token_ids[:first + 1]
+            assert target not in masked.token_ids[: first + 1]
     finally:
         engine.model_config.eos_token_ids = saved
     assert_no_leak(engine)
@@ -109,8 +123,11 @@ def test_seeded_sampling_reproducible_across_batches(llm):
     others = SamplingParams(temperature=1.0, max_tokens=5, ignore_eos=True)
     mixed = llm.generate([PROMPTS[0], PROMPTS[2], PROMPTS[4]], [others, params, others], use_tqdm=False)
     assert mixed[1].outputs[0].token_ids == alone
-    different = llm.generate(PROMPTS[2], SamplingParams(temperature=0.9, top_p=0.9, top_k=50, max_tokens=12,
-                                                        seed=99, ignore_eos=True), use_tqdm=False)
+    different = llm.generate(
+        PROMPTS[2],
+        SamplingParams(temperature=0.9, top_p=0.9, top_k=50, max_tokens=12, seed=99, ignore_eos=True),
+        use_tqdm=False,
+    )
     assert different[0].outputs[0].token_ids != alone
     assert_no_leak(llm.engine)
 
@@ -131,8 +148,11 @@ def test_penalties_and_logit_bias(llm):
     assert out.outputs[0].token_ids[0] != banned
     forced = llm.generate(PROMPTS[0], _greedy(max_tokens=4, logit_bias={7: 100.0}), use_tqdm=False)[0]
     assert forced.outputs[0].token_ids == [7, 7, 7, 7]
-    rep = llm.generate(PROMPTS[0], _greedy(max_tokens=8, frequency_penalty=2.0, presence_penalty=2.0,
-                                           repetition_penalty=1.5), use_tqdm=False)[0]
+    rep = llm.generate(
+        PROMPTS[0],
+        _greedy(max_tokens=8, frequency_penalty=2.0, presence_penalty=2.0, repetition_penalty=1.5),
+        use_tqdm=False,
+    )[0]
     assert len(rep.outputs[0].token_ids) == 8
     assert_no_leak(llm.engine)
 
@@ -195,7 +215,9 @@ def test_abort_frees_blocks_next_step(llama_dir):
 
 
 def test_bad_inputs_raise_value_error(llama_dir):
-    engine = LLMEngine(EngineArgs(model=str(llama_dir), dtype="float32", kv_cache_memory="8MiB", max_model_len=32))
+    engine = LLMEngine(
+        EngineArgs(model=str(llama_dir), dtype="float32", kv_cache_memory="8MiB", max_model_len=32)
+    )
     params = SamplingParams(max_tokens=4)
     with pytest.raises(ValueError, match="empty"):
         engine.add_request("x", "", params)
@@ -224,8 +246,9 @@ def test_bad_inputs_raise_value_error(llama_dir):
 
 
 def test_abort_mid_chunked_prefill_and_embed_between_steps(llama_dir):
-    engine = LLMEngine(EngineArgs(model=str(llama_dir), dtype="float32", kv_cache_memory="8MiB",
-                                  max_num_batched_tokens=8))
+    engine = LLMEngine(
+        EngineArgs(model=str(llama_dir), dtype="float32", kv_cache_memory="8MiB", max_num_batched_tokens=8)
+    )
     engine.add_request("long", PROMPTS[1] * 2, SamplingParams(max_tokens=5, ignore_eos=True))
     engine.add_request("short", PROMPTS[2], SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True))
     engine.step()
@@ -244,7 +267,9 @@ def test_abort_mid_chunked_prefill_and_embed_between_steps(llama_dir):
 
 
 def test_n_with_stop_strings_and_logprobs(llm):
-    params = SamplingParams(n=3, temperature=1.0, seed=5, max_tokens=10, stop=["e"], logprobs=1, ignore_eos=True)
+    params = SamplingParams(
+        n=3, temperature=1.0, seed=5, max_tokens=10, stop=["e"], logprobs=1, ignore_eos=True
+    )
     out = llm.generate(PROMPTS[0], params, use_tqdm=False)[0]
     assert len(out.outputs) == 3
     for comp in out.outputs:

@@ -91,14 +91,18 @@ def test_opcheck(device):
     key = torch.randn(5, 2, 64, generator=gen).to(device)
     value = torch.randn(5, 2, 64, generator=gen).to(device)
     slots = torch.tensor([0, 9, -1, 31, 4], device=device)
-    torch.library.opcheck(torch.ops.fast_inference.reshape_and_cache.default,
-                          (key, value, key_cache, value_cache, slots))
+    torch.library.opcheck(
+        torch.ops.fast_inference.reshape_and_cache.default, (key, value, key_cache, value_cache, slots)
+    )
     mapping = torch.tensor([[0, 2], [1, 3]], device=device)
-    torch.library.opcheck(torch.ops.fast_inference.copy_blocks.default,
-                          ([key_cache, key_cache.clone()], [value_cache, value_cache.clone()], mapping))
+    torch.library.opcheck(
+        torch.ops.fast_inference.copy_blocks.default,
+        ([key_cache, key_cache.clone()], [value_cache, value_cache.clone()], mapping),
+    )
     dst = make_cache(3, 8, 2, 64, torch.float32, "cpu", gen)
-    torch.library.opcheck(torch.ops.fast_inference.swap_blocks.default,
-                          (key_cache, dst, torch.tensor([[3, 0], [1, 2]])))
+    torch.library.opcheck(
+        torch.ops.fast_inference.swap_blocks.default, (key_cache, dst, torch.tensor([[3, 0], [1, 2]]))
+    )
 
 
 # ---- bad input: an exception that names the argument ----------------------------------------------
@@ -121,9 +125,15 @@ def cache_args(device="cpu"):
         (lambda a: a.__setitem__(0, a[0].float()), "key dtype"),
         (lambda a: a.__setitem__(1, a[1][:, :1]), "value shape"),
         (lambda a: a.__setitem__(1, a[1][:3]), "value has 3 tokens but key has 4"),
-        (lambda a: a.__setitem__(0, a[0].transpose(1, 2).contiguous().transpose(1, 2)), "key must have unit stride"),
+        (
+            lambda a: a.__setitem__(0, a[0].transpose(1, 2).contiguous().transpose(1, 2)),
+            "key must have unit stride",
+        ),
         (lambda a: a.__setitem__(2, a[2][..., :32].contiguous()), "value_cache shape"),
-        (lambda a: a.__setitem__(2, a[2].transpose(0, 1).contiguous().transpose(0, 1)), "key_cache must be contiguous"),
+        (
+            lambda a: a.__setitem__(2, a[2].transpose(0, 1).contiguous().transpose(0, 1)),
+            "key_cache must be contiguous",
+        ),
         (lambda a: a.__setitem__(3, a[3].bfloat16()), "value_cache dtype"),
         (lambda a: a.__setitem__(2, a[2][0]), "key_cache must be 4-D"),
         (lambda a: a.__setitem__(4, a[4].int()), "slot_mapping must be int64"),

@@ -21,8 +21,18 @@ TOLERANCE = {torch.float32: (2e-5, 2e-5), torch.float16: (2e-3, 2e-3), torch.bfl
 SPLIT = 512  # the decode kernel's fixed split size (kPartitionSize)
 
 
-def make_batch(query_lens, seq_lens, *, num_heads, num_kv_heads, head_size, block_size, dtype, seed=0,
-               extra_table_blocks=2):
+def make_batch(
+    query_lens,
+    seq_lens,
+    *,
+    num_heads,
+    num_kv_heads,
+    head_size,
+    block_size,
+    dtype,
+    seed=0,
+    extra_table_blocks=2,
+):
     """Random caches on the GPU and a shuffled block table holding every sequence's context."""
     gen = torch.Generator().manual_seed(seed)
     blocks_per_seq = [(s + block_size - 1) // block_size for s in seq_lens]
@@ -41,8 +51,14 @@ def make_batch(query_lens, seq_lens, *, num_heads, num_kv_heads, head_size, bloc
     cu = torch.zeros(len(query_lens) + 1, dtype=torch.int32)
     cu[1:] = torch.tensor(query_lens).cumsum(0)
     query = torch.randn(int(cu[-1]), num_heads, head_size, generator=gen).to(dtype=dtype, device="cuda")
-    return (query, key_cache, value_cache, block_tables.cuda(),
-            torch.tensor(seq_lens, dtype=torch.int32, device="cuda"), cu.cuda())
+    return (
+        query,
+        key_cache,
+        value_cache,
+        block_tables.cuda(),
+        torch.tensor(seq_lens, dtype=torch.int32, device="cuda"),
+        cu.cuda(),
+    )
 
 
 def check_against_reference(args, *, causal=True, dtype):
@@ -65,8 +81,15 @@ def test_mixed_batch_head_and_block_sizes(dtype, head_size, block_size):
     # decode, decode at exactly a block, prefill, chunked prefill over a cached prefix, one past a block
     query_lens = [1, 1, 33, 7, 9, 1]
     seq_lens = [50, block_size, 33, 40 + block_size, block_size + 1, 1]
-    args = make_batch(query_lens, seq_lens, num_heads=8, num_kv_heads=2, head_size=head_size,
-                      block_size=block_size, dtype=dtype)
+    args = make_batch(
+        query_lens,
+        seq_lens,
+        num_heads=8,
+        num_kv_heads=2,
+        head_size=head_size,
+        block_size=block_size,
+        dtype=dtype,
+    )
     check_against_reference(args, causal=True, dtype=dtype)
     check_against_reference(args, causal=False, dtype=dtype)
 
@@ -75,8 +98,15 @@ def test_mixed_batch_head_and_block_sizes(dtype, head_size, block_size):
 @pytest.mark.parametrize("num_heads,num_kv_heads", [(4, 4), (8, 1), (12, 4), (32, 2), (40, 8)])
 def test_gqa_and_mqa(dtype, num_heads, num_kv_heads):
     # (32, 2) and (40, 8)... groups of 16 and 5: the decode kernel's 8-head groups, full and partial
-    args = make_batch([1, 5, 1, 40], [700, 70, 9, 600], num_heads=num_heads, num_kv_heads=num_kv_heads,
-                      head_size=128, block_size=16, dtype=dtype)
+    args = make_batch(
+        [1, 5, 1, 40],
+        [700, 70, 9, 600],
+        num_heads=num_heads,
+        num_kv_heads=num_kv_heads,
+        head_size=128,
+        block_size=16,
+        dtype=dtype,
+    )
     check_against_reference(args, causal=True, dtype=dtype)
 
 
@@ -84,8 +114,9 @@ def test_gqa_and_mqa(dtype, num_heads, num_kv_heads):
 def test_split_kv_decode_long_contexts(dtype):
     # around and past the split size, many splits, and a sequence using exactly one split
     seq_lens = [SPLIT - 1, SPLIT, SPLIT + 1, 2 * SPLIT, 3 * SPLIT + 17, 9000, 1]
-    args = make_batch([1] * len(seq_lens), seq_lens, num_heads=16, num_kv_heads=4, head_size=128,
-                      block_size=16, dtype=dtype)
+    args = make_batch(
+        [1] * len(seq_lens), seq_lens, num_heads=16, num_kv_heads=4, head_size=128, block_size=16, dtype=dtype
+    )
     check_against_reference(args, dtype=dtype)
 
 
@@ -94,7 +125,9 @@ def test_long_prefix_prefill_and_decode_mixed(dtype):
     # chunked prefill over a long cached prefix next to long decodes (the split-KV reduction) in one batch
     query_lens = [1, 300, 1, 64, 2]
     seq_lens = [5000, 2100, 1300, 64, 4000]
-    args = make_batch(query_lens, seq_lens, num_heads=8, num_kv_heads=2, head_size=64, block_size=64, dtype=dtype)
+    args = make_batch(
+        query_lens, seq_lens, num_heads=8, num_kv_heads=2, head_size=64, block_size=64, dtype=dtype
+    )
     check_against_reference(args, causal=True, dtype=dtype)
     check_against_reference(args, causal=False, dtype=dtype)
 
@@ -104,22 +137,26 @@ def test_prefill_tile_mapping_many_sequences():
     # tiles, so that the tiles of neighbouring sequences meet in every way
     query_lens = [2, 31, 32, 33, 1, 64, 65, 3, 95, 1, 1, 127, 2, 96]
     seq_lens = [q + extra for q, extra in zip(query_lens, [0, 5, 40, 0, 9, 100, 0, 1, 33, 1000, 2, 0, 7, 12])]
-    args = make_batch(query_lens, seq_lens, num_heads=4, num_kv_heads=2, head_size=128, block_size=16,
-                      dtype=torch.float32)
+    args = make_batch(
+        query_lens, seq_lens, num_heads=4, num_kv_heads=2, head_size=128, block_size=16, dtype=torch.float32
+    )
     check_against_reference(args, causal=True, dtype=torch.float32)
     # f32 head 256 uses 16-row tiles; bf16 runs on tensor cores with 64-row tiles
-    args = make_batch(query_lens, seq_lens, num_heads=2, num_kv_heads=1, head_size=256, block_size=8,
-                      dtype=torch.float32)
+    args = make_batch(
+        query_lens, seq_lens, num_heads=2, num_kv_heads=1, head_size=256, block_size=8, dtype=torch.float32
+    )
     check_against_reference(args, causal=True, dtype=torch.float32)
-    args = make_batch(query_lens, seq_lens, num_heads=2, num_kv_heads=1, head_size=256, block_size=8,
-                      dtype=torch.bfloat16)
+    args = make_batch(
+        query_lens, seq_lens, num_heads=2, num_kv_heads=1, head_size=256, block_size=8, dtype=torch.bfloat16
+    )
     check_against_reference(args, causal=True, dtype=torch.bfloat16)
 
 
 def test_non_contiguous_query_and_out():
     query_lens, seq_lens = [1, 20, 1], [600, 30, 7]
-    query, kc, vc, bt, sl, cu = make_batch(query_lens, seq_lens, num_heads=8, num_kv_heads=2, head_size=128,
-                                           block_size=16, dtype=torch.float16)
+    query, kc, vc, bt, sl, cu = make_batch(
+        query_lens, seq_lens, num_heads=8, num_kv_heads=2, head_size=128, block_size=16, dtype=torch.float16
+    )
     # query as a slice of a fused qkv projection, out as a slice of a wider buffer
     qkv = torch.randn(query.shape[0], 12, 128, device="cuda", dtype=torch.float16)
     qkv[:, :8] = query
@@ -135,23 +172,32 @@ def test_non_contiguous_query_and_out():
 def test_decode_is_batch_invariant():
     # fixed split size: a sequence's output does not depend on what else is in the batch
     seq_lens = [3000, 40, 1200, 513]
-    args = make_batch([1] * 4, seq_lens, num_heads=8, num_kv_heads=2, head_size=128, block_size=16,
-                      dtype=torch.bfloat16)
+    args = make_batch(
+        [1] * 4, seq_lens, num_heads=8, num_kv_heads=2, head_size=128, block_size=16, dtype=torch.bfloat16
+    )
     query, kc, vc, bt, sl, cu = args
     batched = ops.paged_attention(*args, 128**-0.5)
     for s in range(4):
-        alone = ops.paged_attention(query[s : s + 1], kc, vc, bt[s : s + 1], sl[s : s + 1],
-                                    torch.tensor([0, 1], dtype=torch.int32, device="cuda"), 128**-0.5)
+        alone = ops.paged_attention(
+            query[s : s + 1],
+            kc,
+            vc,
+            bt[s : s + 1],
+            sl[s : s + 1],
+            torch.tensor([0, 1], dtype=torch.int32, device="cuda"),
+            128**-0.5,
+        )
         assert torch.equal(alone, batched[s : s + 1])
 
 
 def test_out_of_range_block_id_gives_nan_rows_only():
     query_lens, seq_lens = [1, 1, 10, 4], [1000, 100, 40, 30]
-    query, kc, vc, bt, sl, cu = make_batch(query_lens, seq_lens, num_heads=4, num_kv_heads=2, head_size=64,
-                                           block_size=16, dtype=torch.float32)
+    query, kc, vc, bt, sl, cu = make_batch(
+        query_lens, seq_lens, num_heads=4, num_kv_heads=2, head_size=64, block_size=16, dtype=torch.float32
+    )
     bad = bt.clone()
     bad[0, 40] = kc.shape[0]  # decode sequence, second split
-    bad[2, 1] = -5            # prefill sequence
+    bad[2, 1] = -5  # prefill sequence
     got = ops.paged_attention(query, kc, vc, bad, sl, cu, 0.125)
     want = ref.paged_attention(query, kc, vc, bt, sl, cu, 0.125)
     assert torch.isnan(got[0]).all() and torch.isnan(got[2:12]).all()
@@ -161,8 +207,9 @@ def test_out_of_range_block_id_gives_nan_rows_only():
 
 def test_inconsistent_seq_lens_give_nan_rows_only():
     query_lens, seq_lens = [1, 8, 1], [20, 30, 50]
-    query, kc, vc, bt, sl, cu = make_batch(query_lens, seq_lens, num_heads=2, num_kv_heads=1, head_size=64,
-                                           block_size=16, dtype=torch.float32)
+    query, kc, vc, bt, sl, cu = make_batch(
+        query_lens, seq_lens, num_heads=2, num_kv_heads=1, head_size=64, block_size=16, dtype=torch.float32
+    )
     bad = sl.clone()
     bad[1] = 5  # shorter than its 8 new tokens
     bad[2] = bt.shape[1] * 16 + 1  # past its block-table row
@@ -174,9 +221,16 @@ def test_inconsistent_seq_lens_give_nan_rows_only():
 
 def test_decode_cuda_graph_capture_and_replay():
     batch, max_blocks, block_size = 8, 160, 16
-    query, kc, vc, bt, sl, cu = make_batch([1] * batch, [max_blocks * block_size - 7] * batch, num_heads=8,
-                                           num_kv_heads=2, head_size=128, block_size=block_size,
-                                           dtype=torch.bfloat16, extra_table_blocks=0)
+    query, kc, vc, bt, sl, cu = make_batch(
+        [1] * batch,
+        [max_blocks * block_size - 7] * batch,
+        num_heads=8,
+        num_kv_heads=2,
+        head_size=128,
+        block_size=block_size,
+        dtype=torch.bfloat16,
+        extra_table_blocks=0,
+    )
     out = torch.empty_like(query)
     scale = 128**-0.5
     stream = torch.cuda.Stream()
@@ -187,7 +241,9 @@ def test_decode_cuda_graph_capture_and_replay():
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         ops.paged_attention(query, kc, vc, bt, sl, cu, scale, out=out)
-    for step, lens in enumerate([[2000, 1, 17, 512, 513, 1500, 2553, 100], [5, 4000 // 2, 9, 1024, 1, 77, 2000, 2553]]):
+    for step, lens in enumerate(
+        [[2000, 1, 17, 512, 513, 1500, 2553, 100], [5, 4000 // 2, 9, 1024, 1, 77, 2000, 2553]]
+    ):
         query.copy_(torch.randn_like(query, dtype=torch.float32).to(query.dtype))
         sl.copy_(torch.tensor(lens, dtype=torch.int32))
         graph.replay()
@@ -199,8 +255,15 @@ def test_decode_cuda_graph_capture_and_replay():
 @pytest.mark.parametrize("head_size", [8, 40, 104, 200])
 def test_other_head_sizes_use_the_next_bucket(dtype, head_size):
     # head sizes that are not multiples of 16 leave zero padding columns in the tensor-core tiles
-    args = make_batch([1, 9, 70], [900, 20, 75], num_heads=4, num_kv_heads=2, head_size=head_size, block_size=16,
-                      dtype=dtype)
+    args = make_batch(
+        [1, 9, 70],
+        [900, 20, 75],
+        num_heads=4,
+        num_kv_heads=2,
+        head_size=head_size,
+        block_size=16,
+        dtype=dtype,
+    )
     check_against_reference(args, dtype=dtype)
 
 
@@ -260,8 +323,11 @@ def test_copy_blocks_many_layers(dtype):
 @pytest.mark.parametrize("pinned", [True, False])
 def test_swap_blocks_between_devices(direction, pinned):
     gen = torch.Generator().manual_seed(5)
-    src_device, dst_device = {"gpu_to_cpu": ("cuda", "cpu"), "cpu_to_gpu": ("cpu", "cuda"),
-                              "gpu_to_gpu": ("cuda", "cuda")}[direction]
+    src_device, dst_device = {
+        "gpu_to_cpu": ("cuda", "cpu"),
+        "cpu_to_gpu": ("cpu", "cuda"),
+        "gpu_to_gpu": ("cuda", "cuda"),
+    }[direction]
     src = torch.randn(9, 16, 2, 64, generator=gen).to(torch.bfloat16)
     dst = torch.randn(6, 16, 2, 64, generator=gen).to(torch.bfloat16)
     src, dst = src.to(src_device), dst.to(dst_device)

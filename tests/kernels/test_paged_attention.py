@@ -11,8 +11,19 @@ TOLERANCE = {torch.float32: (2e-5, 2e-5), torch.float16: (2e-3, 2e-3), torch.bfl
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
 
-def make_batch(query_lens, seq_lens, *, num_heads, num_kv_heads, head_size, block_size, dtype, device, seed=0,
-               extra_blocks=3):
+def make_batch(
+    query_lens,
+    seq_lens,
+    *,
+    num_heads,
+    num_kv_heads,
+    head_size,
+    block_size,
+    dtype,
+    device,
+    seed=0,
+    extra_blocks=3,
+):
     """Random caches and a shuffled (non-contiguous) block table holding every sequence's context."""
     gen = torch.Generator().manual_seed(seed)
     blocks_per_seq = [(s + block_size - 1) // block_size for s in seq_lens]
@@ -31,8 +42,14 @@ def make_batch(query_lens, seq_lens, *, num_heads, num_kv_heads, head_size, bloc
     cu = torch.zeros(len(query_lens) + 1, dtype=torch.int32)
     cu[1:] = torch.tensor(query_lens).cumsum(0)
     query = torch.randn(int(cu[-1]), num_heads, head_size, generator=gen).to(dtype=dtype, device=device)
-    return (query, key_cache, value_cache, block_tables.to(device),
-            torch.tensor(seq_lens, dtype=torch.int32, device=device), cu.to(device))
+    return (
+        query,
+        key_cache,
+        value_cache,
+        block_tables.to(device),
+        torch.tensor(seq_lens, dtype=torch.int32, device=device),
+        cu.to(device),
+    )
 
 
 def check(args, *, causal=True, scale=None, dtype=torch.float32):
@@ -53,32 +70,64 @@ MIXED_SEQ_LENS = [50, 16, 33, 40, 17, 1, 9]
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("causal", [True, False])
 def test_mixed_batch(device, dtype, causal):
-    args = make_batch(MIXED_QUERY_LENS, MIXED_SEQ_LENS, num_heads=8, num_kv_heads=2, head_size=64, block_size=16,
-                      dtype=dtype, device=device)
+    args = make_batch(
+        MIXED_QUERY_LENS,
+        MIXED_SEQ_LENS,
+        num_heads=8,
+        num_kv_heads=2,
+        head_size=64,
+        block_size=16,
+        dtype=dtype,
+        device=device,
+    )
     check(args, causal=causal, dtype=dtype)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("head_size", [64, 80, 96, 128, 256])
 def test_head_sizes(device, dtype, head_size):
-    args = make_batch([1, 5, 20], [37, 21, 20], num_heads=4, num_kv_heads=1, head_size=head_size, block_size=16,
-                      dtype=dtype, device=device)
+    args = make_batch(
+        [1, 5, 20],
+        [37, 21, 20],
+        num_heads=4,
+        num_kv_heads=1,
+        head_size=head_size,
+        block_size=16,
+        dtype=dtype,
+        device=device,
+    )
     check(args, dtype=dtype)
 
 
 @pytest.mark.parametrize("block_size", [8, 16, 32, 64, 128])
 def test_block_sizes(device, block_size):
     lens = [1, block_size, block_size + 1, 3 * block_size - 1]
-    args = make_batch([1, 1, 4, block_size], lens, num_heads=8, num_kv_heads=4, head_size=64, block_size=block_size,
-                      dtype=torch.bfloat16, device=device)
+    args = make_batch(
+        [1, 1, 4, block_size],
+        lens,
+        num_heads=8,
+        num_kv_heads=4,
+        head_size=64,
+        block_size=block_size,
+        dtype=torch.bfloat16,
+        device=device,
+    )
     check(args, dtype=torch.bfloat16)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("num_heads,num_kv_heads", [(4, 4), (6, 2), (8, 2), (16, 2), (8, 1), (32, 1)])
 def test_gqa_ratios(device, dtype, num_heads, num_kv_heads):
-    args = make_batch([1, 1, 9, 30], [70, 1, 40, 30], num_heads=num_heads, num_kv_heads=num_kv_heads,
-                      head_size=128, block_size=16, dtype=dtype, device=device)
+    args = make_batch(
+        [1, 1, 9, 30],
+        [70, 1, 40, 30],
+        num_heads=num_heads,
+        num_kv_heads=num_kv_heads,
+        head_size=128,
+        block_size=16,
+        dtype=dtype,
+        device=device,
+    )
     check(args, dtype=dtype)
     check(args, causal=False, dtype=dtype)
 
@@ -86,16 +135,32 @@ def test_gqa_ratios(device, dtype, num_heads, num_kv_heads):
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_long_context_split_kv(device, dtype):
     # one or two sequences with long contexts: too few work items, so the KV axis is split and merged
-    args = make_batch([1, 3], [3000, 1100], num_heads=8, num_kv_heads=8, head_size=128, block_size=16,
-                      dtype=dtype, device=device)
+    args = make_batch(
+        [1, 3],
+        [3000, 1100],
+        num_heads=8,
+        num_kv_heads=8,
+        head_size=128,
+        block_size=16,
+        dtype=dtype,
+        device=device,
+    )
     check(args, dtype=dtype)
     check(args[:5] + (args[5],), causal=False, dtype=dtype)
 
 
 def test_large_scores_are_stable(device):
     # a large scale makes exp overflow without the running max subtraction
-    args = make_batch([1, 40], [300, 300], num_heads=4, num_kv_heads=2, head_size=64, block_size=16,
-                      dtype=torch.float32, device=device)
+    args = make_batch(
+        [1, 40],
+        [300, 300],
+        num_heads=4,
+        num_kv_heads=2,
+        head_size=64,
+        block_size=16,
+        dtype=torch.float32,
+        device=device,
+    )
     out = check(args, scale=3.0)
     assert torch.isfinite(out).all()
 
@@ -103,8 +168,16 @@ def test_large_scores_are_stable(device):
 def test_strided_query_and_out(device):
     # query sliced out of a fused qkv projection; out written into a strided view
     num_heads, num_kv_heads, head = 8, 2, 64
-    q, kc, vc, bt, sl, cu = make_batch([1, 6, 12], [20, 30, 12], num_heads=num_heads, num_kv_heads=num_kv_heads,
-                                       head_size=head, block_size=16, dtype=torch.float16, device=device)
+    q, kc, vc, bt, sl, cu = make_batch(
+        [1, 6, 12],
+        [20, 30, 12],
+        num_heads=num_heads,
+        num_kv_heads=num_kv_heads,
+        head_size=head,
+        block_size=16,
+        dtype=torch.float16,
+        device=device,
+    )
     qkv = torch.randn(q.shape[0], (num_heads + 2 * num_kv_heads) * head, dtype=q.dtype, device=device)
     query = qkv[:, : num_heads * head].view(-1, num_heads, head)
     assert not query.is_contiguous()
@@ -117,8 +190,16 @@ def test_strided_query_and_out(device):
 
 
 def test_thread_count_does_not_change_result():
-    args = make_batch(MIXED_QUERY_LENS, MIXED_SEQ_LENS, num_heads=8, num_kv_heads=2, head_size=64, block_size=16,
-                      dtype=torch.bfloat16, device="cpu")
+    args = make_batch(
+        MIXED_QUERY_LENS,
+        MIXED_SEQ_LENS,
+        num_heads=8,
+        num_kv_heads=2,
+        head_size=64,
+        block_size=16,
+        dtype=torch.bfloat16,
+        device="cpu",
+    )
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
@@ -129,8 +210,16 @@ def test_thread_count_does_not_change_result():
 
 
 def test_opcheck(device):
-    args = make_batch([1, 4], [20, 9], num_heads=4, num_kv_heads=2, head_size=64, block_size=8,
-                      dtype=torch.float32, device=device)
+    args = make_batch(
+        [1, 4],
+        [20, 9],
+        num_heads=4,
+        num_kv_heads=2,
+        head_size=64,
+        block_size=8,
+        dtype=torch.float32,
+        device=device,
+    )
     out = torch.empty_like(args[0])
     torch.library.opcheck(torch.ops.fast_inference.paged_attention.default, (*args, 0.125, True, out))
 
@@ -141,19 +230,41 @@ def test_opcheck(device):
 def test_other_isa_paths(monkeypatch, isa, dtype):
     monkeypatch.setenv("FI_CPU_ISA", isa)
     for heads, kv, hs, bs, causal in [(8, 2, 64, 16, True), (6, 6, 80, 8, False)]:
-        args = make_batch(MIXED_QUERY_LENS, MIXED_SEQ_LENS, num_heads=heads, num_kv_heads=kv, head_size=hs,
-                          block_size=bs, dtype=dtype, device="cpu")
+        args = make_batch(
+            MIXED_QUERY_LENS,
+            MIXED_SEQ_LENS,
+            num_heads=heads,
+            num_kv_heads=kv,
+            head_size=hs,
+            block_size=bs,
+            dtype=dtype,
+            device="cpu",
+        )
         check(args, causal=causal, dtype=dtype)
-    check(make_batch([1], [700], num_heads=4, num_kv_heads=1, head_size=64, block_size=16, dtype=dtype,
-                     device="cpu"), dtype=dtype)
+    check(
+        make_batch(
+            [1], [700], num_heads=4, num_kv_heads=1, head_size=64, block_size=16, dtype=dtype, device="cpu"
+        ),
+        dtype=dtype,
+    )
 
 
 # ---- bad input: an exception that names the argument ----------------------------------------------
 
 
 def good_args(device="cpu"):
-    return list(make_batch([1, 3], [20, 9], num_heads=4, num_kv_heads=2, head_size=64, block_size=8,
-                           dtype=torch.float16, device=device))
+    return list(
+        make_batch(
+            [1, 3],
+            [20, 9],
+            num_heads=4,
+            num_kv_heads=2,
+            head_size=64,
+            block_size=8,
+            dtype=torch.float16,
+            device=device,
+        )
+    )
 
 
 def run(args, *, out=None):
@@ -168,8 +279,14 @@ def run(args, *, out=None):
         (lambda a: a.__setitem__(0, a[0][:, :3]), "num_heads 3 must be a positive multiple"),
         (lambda a: a.__setitem__(0, a[0].unsqueeze(0)), "query must be 3-D"),
         (lambda a: a.__setitem__(0, a[0].to(torch.int32)), "query must be float32"),
-        (lambda a: a.__setitem__(0, a[0].transpose(1, 2).contiguous().transpose(1, 2)), "query must have unit stride"),
-        (lambda a: a.__setitem__(1, a[1].transpose(0, 1).contiguous().transpose(0, 1)), "key_cache must be contiguous"),
+        (
+            lambda a: a.__setitem__(0, a[0].transpose(1, 2).contiguous().transpose(1, 2)),
+            "query must have unit stride",
+        ),
+        (
+            lambda a: a.__setitem__(1, a[1].transpose(0, 1).contiguous().transpose(0, 1)),
+            "key_cache must be contiguous",
+        ),
         (lambda a: a.__setitem__(2, a[2][:-1]), "value_cache shape"),
         (lambda a: a.__setitem__(2, a[2].bfloat16()), "value_cache dtype"),
         (lambda a: a.__setitem__(3, a[3].long()), "block_tables must be int32"),
@@ -225,7 +342,10 @@ def test_mixed_devices_name_the_argument():
         (lambda a: a[3].__setitem__((1, 0), -1), r"block_tables\[1, 0\] = -1 is out of range"),
         (lambda a: a[4].__setitem__(0, 10_000), r"seq_lens\[0\] = 10000 exceeds the block_tables capacity"),
         (lambda a: a[4].__setitem__(1, 2), r"seq_lens\[1\] = 2 is shorter than its query length 3"),
-        (lambda a: a[5].__setitem__(2, 3), r"cu_query_lens\[-1\] = 3 must equal the number of query tokens 4"),
+        (
+            lambda a: a[5].__setitem__(2, 3),
+            r"cu_query_lens\[-1\] = 3 must equal the number of query tokens 4",
+        ),
         (lambda a: a[5].__setitem__(0, 1), r"cu_query_lens\[0\] must be 0"),
         (lambda a: a[5].__setitem__(1, 5), "cu_query_lens must be non-decreasing"),
     ],

@@ -10,7 +10,9 @@ import torch
 from fast_inference import ops
 from fast_inference.ops import reference as ref
 
-HAS_CUDA = torch.cuda.is_available() and torch._C._dispatch_has_kernel_for_dispatch_key("fast_inference::sample", "CUDA")
+HAS_CUDA = torch.cuda.is_available() and torch._C._dispatch_has_kernel_for_dispatch_key(
+    "fast_inference::sample", "CUDA"
+)
 CUDA = pytest.param("cuda", marks=[pytest.mark.cuda, pytest.mark.skipif(not HAS_CUDA, reason="needs a GPU")])
 DEVICES = ["cpu", CUDA]
 devices = pytest.mark.parametrize("device", DEVICES)
@@ -18,20 +20,34 @@ devices = pytest.mark.parametrize("device", DEVICES)
 
 def params(batch, device="cpu", temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, seed=0, offsets=None):
     """Per-row parameter tensors (scalars broadcast to the batch)."""
+
     def full(v, dtype):
         t = v if isinstance(v, torch.Tensor) else torch.full((batch,), v)
         return t.to(dtype=dtype, device=device)
+
     off = torch.arange(batch) if offsets is None else offsets
-    return (full(temperature, torch.float32), full(top_k, torch.int32), full(top_p, torch.float32),
-            full(min_p, torch.float32), full(seed, torch.int64), full(off, torch.int64))
+    return (
+        full(temperature, torch.float32),
+        full(top_k, torch.int32),
+        full(top_p, torch.float32),
+        full(min_p, torch.float32),
+        full(seed, torch.int64),
+        full(off, torch.int64),
+    )
 
 
 # ---- Philox and exp ---------------------------------------------------------------------------
 
+
 def test_philox_known_answers():
     # Random123 known-answer vectors of philox4x32_10.
     assert ref.philox4x32_10((0, 0, 0, 0), (0, 0)) == (0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8)
-    assert ref.philox4x32_10((0xFFFFFFFF,) * 4, (0xFFFFFFFF,) * 2) == (0x408F276D, 0x41C83B0E, 0xA20BC7C6, 0x6D5451FD)
+    assert ref.philox4x32_10((0xFFFFFFFF,) * 4, (0xFFFFFFFF,) * 2) == (
+        0x408F276D,
+        0x41C83B0E,
+        0xA20BC7C6,
+        0x6D5451FD,
+    )
 
 
 def test_reference_exp_is_accurate():
@@ -43,6 +59,7 @@ def test_reference_exp_is_accurate():
 
 
 # ---- greedy -------------------------------------------------------------------------------------
+
 
 @devices
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
@@ -59,6 +76,7 @@ def test_greedy_is_first_argmax(device, dtype):
 
 
 # ---- exact agreement with the reference draw -----------------------------------------------------
+
 
 def mixed_batch(batch, vocab, gen, device="cpu"):
     logits = torch.randn(batch, vocab, generator=gen) * 3
@@ -102,8 +120,12 @@ def test_portable_cpu_kernels_draw_the_same_tokens():
         "torch.testing.assert_close(lp[2].double(), full.topk(5).values, rtol=0, atol=2e-5); print('ok')"
     )
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    env = dict(os.environ, FI_SAMPLING_PORTABLE="1", PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    done = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True, timeout=300)
+    env = dict(
+        os.environ, FI_SAMPLING_PORTABLE="1", PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", "")
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True, timeout=300
+    )
     assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]
 
 
@@ -112,9 +134,16 @@ def test_sample_matches_reference_draw_at_llm_vocab_size(device):
     gen = torch.Generator().manual_seed(12)
     vocab = 151936
     logits = (torch.randn(4, vocab, generator=gen) * 2.5).to(device)
-    args = params(4, device, temperature=torch.tensor([0.7, 1.0, 1.3, 0.9]), top_k=torch.tensor([0, 40, 5000, 0]),
-                  top_p=torch.tensor([0.9, 0.95, 0.5, 1.0]), min_p=torch.tensor([0.0, 0.0, 0.0, 0.02]),
-                  seed=torch.tensor([1, 2, 3, 4]), offsets=torch.tensor([10, 20, 30, 40]))
+    args = params(
+        4,
+        device,
+        temperature=torch.tensor([0.7, 1.0, 1.3, 0.9]),
+        top_k=torch.tensor([0, 40, 5000, 0]),
+        top_p=torch.tensor([0.9, 0.95, 0.5, 1.0]),
+        min_p=torch.tensor([0.0, 0.0, 0.0, 0.02]),
+        seed=torch.tensor([1, 2, 3, 4]),
+        offsets=torch.tensor([10, 20, 30, 40]),
+    )
     assert torch.equal(ops.sample(logits, *args).cpu(), ref.sample(logits.cpu(), *(a.cpu() for a in args)))
 
 
@@ -186,13 +215,14 @@ def test_single_finite_logit_is_sampled():
 
 # ---- reproducibility ------------------------------------------------------------------------------
 
+
 @devices
 def test_same_seed_and_offset_same_token_in_any_batch(device):
     gen = torch.Generator().manual_seed(5)
     logits, args = mixed_batch(64, 3000, gen, device)
     full = ops.sample(logits, *args)
     for row in (0, 1, 13, 37, 63):
-        single = ops.sample(logits[row:row + 1], *(a[row:row + 1] for a in args))
+        single = ops.sample(logits[row : row + 1], *(a[row : row + 1] for a in args))
         assert single.item() == full[row].item()
     perm = torch.randperm(64, generator=gen).to(device)
     assert torch.equal(ops.sample(logits[perm], *(a[perm] for a in args)), full[perm])
@@ -202,6 +232,7 @@ def test_same_seed_and_offset_same_token_in_any_batch(device):
 
 
 # ---- bad input ------------------------------------------------------------------------------------
+
 
 def test_sample_rejects_bad_input():
     logits = torch.randn(3, 50)
@@ -236,6 +267,7 @@ def test_sample_rejects_bad_input():
 
 # ---- penalties and logit bias ---------------------------------------------------------------------
 
+
 def ragged(lists, device="cpu"):
     ids = torch.tensor([t for row in lists for t in row], dtype=torch.int64)
     cu = torch.tensor([0] + [len(r) for r in lists], dtype=torch.int64).cumsum(0).to(torch.int32)
@@ -243,8 +275,12 @@ def ragged(lists, device="cpu"):
 
 
 def random_lists(batch, vocab, max_len, gen):
-    return [torch.randint(0, vocab, (int(torch.randint(0, max_len, (1,), generator=gen)),), generator=gen).tolist()
-            for _ in range(batch)]
+    return [
+        torch.randint(
+            0, vocab, (int(torch.randint(0, max_len, (1,), generator=gen)),), generator=gen
+        ).tolist()
+        for _ in range(batch)
+    ]
 
 
 @devices
@@ -279,14 +315,18 @@ def test_repetition_penalty_matches_transformers(device):
     prompt, output = ragged(history[:, :25].tolist()), ragged(history[:, 25:].tolist())
     got = logits.clone().to(device)
     zeros = torch.zeros(batch)
-    ops.apply_penalties(got, *(t.to(device) for t in (*prompt, *output, zeros, zeros, torch.full((batch,), penalty))))
+    ops.apply_penalties(
+        got, *(t.to(device) for t in (*prompt, *output, zeros, zeros, torch.full((batch,), penalty)))
+    )
     torch.testing.assert_close(got.cpu(), expect, rtol=1e-6, atol=1e-6)
 
 
 def test_presence_and_frequency_follow_openai():
     logits = torch.zeros(1, 6)
     prompt, output = ragged([[5, 5, 5]]), ragged([[1, 1, 1, 2, 4]])
-    ops.apply_penalties(logits, *prompt, *output, torch.tensor([0.5]), torch.tensor([0.25]), torch.tensor([1.0]))
+    ops.apply_penalties(
+        logits, *prompt, *output, torch.tensor([0.5]), torch.tensor([0.25]), torch.tensor([1.0])
+    )
     # prompt tokens are not penalized by presence/frequency; counts 3, 1, 1
     assert logits[0].tolist() == [0.0, -1.25, -0.75, 0.0, -0.75, 0.0]
 
@@ -307,10 +347,16 @@ def test_logit_bias_matches_reference_and_masks(device):
     # min_tokens: -inf on the greedy choice of every row, which then can never be drawn
     top = logits.argmax(-1)
     masked = logits.clone().to(device)
-    ops.apply_logit_bias(masked, top.to(device), torch.full((batch,), float("-inf"), device=device),
-                         torch.arange(batch + 1, dtype=torch.int32, device=device))
+    ops.apply_logit_bias(
+        masked,
+        top.to(device),
+        torch.full((batch,), float("-inf"), device=device),
+        torch.arange(batch + 1, dtype=torch.int32, device=device),
+    )
     for offset in range(20):
-        out = ops.sample(masked, *params(batch, device, temperature=0.3, offsets=torch.full((batch,), offset)))
+        out = ops.sample(
+            masked, *params(batch, device, temperature=0.3, offsets=torch.full((batch,), offset))
+        )
         assert (out.cpu() != top).all()
 
 
@@ -341,6 +387,7 @@ def test_penalties_and_bias_reject_bad_input():
 
 
 # ---- logprobs ---------------------------------------------------------------------------------------
+
 
 @devices
 @pytest.mark.parametrize("num_top", [0, 1, 5, 20])
@@ -377,6 +424,7 @@ def test_logprobs_ties_prefer_lower_ids_and_reject_bad_input():
 
 # ---- opcheck --------------------------------------------------------------------------------------
 
+
 @devices
 def test_opcheck_all_ops(device):
     gen = torch.Generator().manual_seed(10)
@@ -384,14 +432,19 @@ def test_opcheck_all_ops(device):
     torch.library.opcheck(torch.ops.fast_inference.sample.default, (logits, *args))
     ids, cu = ragged(random_lists(8, 300, 10, gen), device)
     pen = [torch.rand(8, generator=gen).to(device) + 0.5 for _ in range(3)]
-    torch.library.opcheck(torch.ops.fast_inference.apply_penalties.default, (logits.clone(), ids, cu, ids, cu, *pen))
-    torch.library.opcheck(torch.ops.fast_inference.apply_logit_bias.default,
-                          (logits.clone(), ids, torch.randn(ids.numel(), generator=gen).to(device), cu))
+    torch.library.opcheck(
+        torch.ops.fast_inference.apply_penalties.default, (logits.clone(), ids, cu, ids, cu, *pen)
+    )
+    torch.library.opcheck(
+        torch.ops.fast_inference.apply_logit_bias.default,
+        (logits.clone(), ids, torch.randn(ids.numel(), generator=gen).to(device), cu),
+    )
     tokens = torch.randint(0, 300, (8,), generator=gen).to(device)
     torch.library.opcheck(torch.ops.fast_inference.compute_logprobs.default, (logits, tokens, 5))
 
 
 # ---- CUDA specifics -------------------------------------------------------------------------------
+
 
 @pytest.mark.cuda
 @pytest.mark.skipif(not HAS_CUDA, reason="needs a GPU")

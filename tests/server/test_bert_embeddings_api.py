@@ -123,22 +123,32 @@ def test_length_limit_and_truncation(minilm_server, schemas, st_model):
     assert r.status == 400 and r.json()["error"]["param"] == "input"
     assert "256" in r.json()["error"]["message"]
     schemas.validate("ErrorResponse", r.json())
-    expected = torch.from_numpy(st_model.encode([LONG_TEXT], normalize_embeddings=True))  # ST truncates to 256
+    expected = torch.from_numpy(
+        st_model.encode([LONG_TEXT], normalize_embeddings=True)
+    )  # ST truncates to 256
     for k in (256, -1):
         data = embed_raw(minilm_server, schemas, input=[LONG_TEXT], truncate_prompt_tokens=k)
         assert data["usage"]["prompt_tokens"] == 256
         assert min_cosine([data["data"][0]["embedding"]], expected) >= 0.99999
     for bad in (0, 257, "5", True):
-        r = call(minilm_server.port, "POST", "/v1/embeddings",
-                 {"model": MODEL_NAME, "input": "x", "truncate_prompt_tokens": bad})
+        r = call(
+            minilm_server.port,
+            "POST",
+            "/v1/embeddings",
+            {"model": MODEL_NAME, "input": "x", "truncate_prompt_tokens": bad},
+        )
         assert r.status == 400 and r.json()["error"]["param"] == "truncate_prompt_tokens", bad
 
 
 def test_bad_requests(minilm_server, schemas):
-    for body, param in [({"input": []}, "input"), ({"input": [[]]}, "input"), ({"input": [[101, 30522]]}, "input"),
-                        ({"input": "x", "encoding_format": "int8"}, "encoding_format"),
-                        ({"input": "x", "dimensions": 128}, "dimensions"),  # MiniLM is not a Matryoshka model
-                        ({}, "input")]:
+    for body, param in [
+        ({"input": []}, "input"),
+        ({"input": [[]]}, "input"),
+        ({"input": [[101, 30522]]}, "input"),
+        ({"input": "x", "encoding_format": "int8"}, "encoding_format"),
+        ({"input": "x", "dimensions": 128}, "dimensions"),  # MiniLM is not a Matryoshka model
+        ({}, "input"),
+    ]:
         r = call(minilm_server.port, "POST", "/v1/embeddings", {"model": MODEL_NAME, **body})
         assert r.status == 400, (body, r.body)
         schemas.validate("ErrorResponse", r.json())
@@ -146,8 +156,10 @@ def test_bad_requests(minilm_server, schemas):
 
 
 def test_generation_routes_answer_400(minilm_server, schemas):
-    for path, body in [("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}]}),
-                       ("/v1/completions", {"prompt": "hi"})]:
+    for path, body in [
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}]}),
+        ("/v1/completions", {"prompt": "hi"}),
+    ]:
         r = call(minilm_server.port, "POST", path, {"model": MODEL_NAME, **body})
         assert r.status == 400, r.body
         schemas.validate("ErrorResponse", r.json())
@@ -170,10 +182,14 @@ def test_dimensions_on_a_matryoshka_model(tmp_path, schemas, st_model):
         vectors = torch.tensor([d["embedding"] for d in data["data"]])
         assert vectors.shape == (4, 128)
         torch.testing.assert_close(vectors.norm(dim=1), torch.ones(4), atol=1e-5, rtol=0)
-        expected = torch.from_numpy(st_model.encode(SENTENCES[:4], normalize_embeddings=True, truncate_dim=128))
+        expected = torch.from_numpy(
+            st_model.encode(SENTENCES[:4], normalize_embeddings=True, truncate_dim=128)
+        )
         assert min_cosine(vectors.tolist(), expected) >= 0.99999
         for bad in (100, 0, 385):
-            r = call(thread.port, "POST", "/v1/embeddings", {"model": MODEL_NAME, "input": "x", "dimensions": bad})
+            r = call(
+                thread.port, "POST", "/v1/embeddings", {"model": MODEL_NAME, "input": "x", "dimensions": bad}
+            )
             assert r.status == 400 and r.json()["error"]["param"] == "dimensions", bad
     finally:
         thread.stop()
