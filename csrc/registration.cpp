@@ -48,6 +48,12 @@ TORCH_LIBRARY(fast_inference, m) {
   // x: [M, K]; weight: [N, K]; bias: [N] or None; returns [M, N] = x W^T + b
   // (CPU: a weight-streaming bf16 kernel for M <= 4, at::linear otherwise)
   m.def("linear(Tensor x, Tensor weight, Tensor? bias) -> Tensor");
+
+  // ---- normalisation (CPU; the model uses torch's own norm elsewhere) -----------------------
+  // x: [T, H] (unit stride along H); weight: [H]; returns weight * (x / rms(x)), f32 statistics
+  m.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor");
+  // residual: [T, H] contiguous, updated in place to residual + x; returns rms_norm(residual)
+  m.def("add_rms_norm(Tensor x, Tensor(a!) residual, Tensor weight, float eps) -> Tensor");
 }
 
 // `import fast_inference._C` loads this library, which runs the registrations above.

@@ -62,3 +62,13 @@ def _compute_logprobs_fake(logits, token_ids, num_top):
 @torch.library.register_fake("fast_inference::linear")
 def _linear_fake(x, weight, bias):
     return x.new_empty((x.shape[0], weight.shape[0]))
+
+
+@torch.library.register_fake("fast_inference::rms_norm")
+def _rms_norm_fake(x, weight, eps):
+    return x.new_empty(x.shape)
+
+
+@torch.library.register_fake("fast_inference::add_rms_norm")
+def _add_rms_norm_fake(x, residual, weight, eps):
+    return x.new_empty(x.shape)
