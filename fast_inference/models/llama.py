@@ -177,6 +177,8 @@ class Attention(_DirectCall):
         self.o_proj = Linear(self.q_size, cfg.hidden_size, False, dt, dev)
         self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps, dt, dev) if cfg.qk_norm else None
         self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps, dt, dev) if cfg.qk_norm else None
+        # bf16/fp16 on CPU: RoPE as one kernel (float32 keeps the torch ops, bit-exact with transformers).
+        self.fused_rope = dev.type == "cpu" and dt != torch.float32
         # Bound by the model runner once the cache is allocated: [num_blocks, block_size, num_kv_heads, head_dim]
         self.key_cache = torch.empty(0)
         self.value_cache = torch.empty(0)
@@ -188,7 +190,16 @@ class Attention(_DirectCall):
         heads, kv_heads, d = self.num_heads, self.num_kv_heads, self.head_dim
         qkv = self.qkv_proj(x)
         cos, sin = rope
-        if self.q_norm is None:
+        if self.fused_rope and self.q_norm is None:
+            # One in-place op on the q and k columns of the fused projection (q, k, v stay views of qkv).
+            ops.rotary_embedding(
+                qkv[:, : self.q_size + self.kv_size].view(tokens, heads + kv_heads, d),
+                cos.view(tokens, d),
+                sin.view(tokens, d),
+            )
+            q = qkv[:, : self.q_size].view(tokens, heads, d)
+            k = qkv[:, self.q_size : self.q_size + self.kv_size].view(tokens, kv_heads, d)
+        elif self.q_norm is None:
             # q and k rotated together: one pass over [T, heads + kv_heads, D] (fewer ops per layer).
             qk = _rotate(qkv[:, : self.q_size + self.kv_size].view(tokens, heads + kv_heads, d), cos, sin)
             q, k = qk[:, :heads], qk[:, heads:]
@@ -219,9 +230,14 @@ class MLP(_DirectCall):
         self.intermediate = cfg.intermediate_size
         self.gate_up_proj = Linear(cfg.hidden_size, 2 * cfg.intermediate_size, False, cfg.dtype, cfg.device)
         self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size, False, cfg.dtype, cfg.device)
+        # bf16/fp16 on CPU: silu(gate) * up as one kernel (float32 keeps the torch ops, bit-exact).
+        self.fused_act = cfg.device.type == "cpu" and cfg.dtype != torch.float32
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).split(self.intermediate, dim=-1)
+        gate_up = self.gate_up_proj(x)
+        if self.fused_act:
+            return self.down_proj(ops.silu_and_mul(gate_up))
+        gate, up = gate_up.split(self.intermediate, dim=-1)
         return self.down_proj(F.silu(gate) * up)
 
 

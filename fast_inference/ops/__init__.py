@@ -11,7 +11,7 @@ from . import _fake  # noqa: F401  (fake kernels for torch.compile / opcheck)
 from .attention import paged_attention
 from .cache import copy_blocks, reshape_and_cache, swap_blocks
 from .dense import linear
-from .norm import add_rms_norm, rms_norm
+from .norm import add_rms_norm, rms_norm, rotary_embedding, silu_and_mul
 from .sampling import apply_logit_bias, apply_penalties, compute_logprobs, sample
 
 __all__ = [
@@ -24,7 +24,9 @@ __all__ = [
     "paged_attention",
     "reshape_and_cache",
     "rms_norm",
+    "rotary_embedding",
     "sample",
+    "silu_and_mul",
     "swap_blocks",
     "cuda_ops_available",
 ]

@@ -72,3 +72,13 @@ def _rms_norm_fake(x, weight, eps):
 @torch.library.register_fake("fast_inference::add_rms_norm")
 def _add_rms_norm_fake(x, residual, weight, eps):
     return x.new_empty(x.shape)
+
+
+@torch.library.register_fake("fast_inference::rotary_embedding")
+def _rotary_embedding_fake(x, cos, sin):
+    return None
+
+
+@torch.library.register_fake("fast_inference::silu_and_mul")
+def _silu_and_mul_fake(x):
+    return x.new_empty((x.shape[0], x.shape[1] // 2))

@@ -1,4 +1,4 @@
-"""Python wrappers for the RMSNorm ops (CPU): one kernel per norm instead of torch's chain of small ops."""
+"""Python wrappers for the CPU norm and fused elementwise ops (RMSNorm, RoPE, SiLU-and-mul): one kernel each."""
 
 import torch
 
@@ -21,3 +21,17 @@ def add_rms_norm(
 ) -> torch.Tensor:  # [T, H]
     """residual += x (rounded to its dtype), then return rms_norm(residual, weight, eps). CPU only."""
     return torch.ops.fast_inference.add_rms_norm(x, residual, weight, float(eps))
+
+
+def rotary_embedding(
+    x: torch.Tensor,  # [T, H, D], unit stride along D; rotated in place
+    cos: torch.Tensor,  # [T, D] contiguous: [c, c]
+    sin: torch.Tensor,  # [T, D] contiguous: [-s, s]
+) -> None:
+    """Neox RoPE in place: x = x * cos + roll(x, D/2) * sin, rounded like those three torch ops. CPU only."""
+    torch.ops.fast_inference.rotary_embedding(x, cos, sin)
+
+
+def silu_and_mul(x: torch.Tensor) -> torch.Tensor:  # [T, 2 * I] = [gate | up] -> [T, I]
+    """silu(gate) * up, rounded like the two torch ops (silu then mul). CPU only."""
+    return torch.ops.fast_inference.silu_and_mul(x)

@@ -38,3 +38,35 @@ def test_rms_norm_rejects_bad_arguments():
         ops.rms_norm(x, torch.randn(7), 1e-5)
     with pytest.raises(RuntimeError, match="residual"):
         ops.add_rms_norm(x, torch.randn(3, 8), torch.randn(8), 1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rotary_embedding_matches_reference(dtype):
+    torch.manual_seed(1)
+    tokens, heads, d = 5, 6, 64
+    qkv = torch.randn(tokens, (heads + 2) * d).to(dtype)
+    x = qkv[:, : heads * d].view(tokens, heads, d)  # strided rows, as in the model
+    angles = torch.randn(tokens, d // 2)
+    cos = torch.cat((angles.cos(), angles.cos()), -1).to(dtype)
+    sin = torch.cat((-angles.sin(), angles.sin()), -1).to(dtype)
+    expected = x.clone()
+    reference.rotary_embedding(expected, cos, sin)
+    untouched = qkv[:, heads * d :].clone()
+    ops.rotary_embedding(x, cos, sin)
+    torch.testing.assert_close(x, expected, atol=0, rtol=0)  # same rounding points as the torch ops
+    torch.testing.assert_close(qkv[:, heads * d :], untouched, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_silu_and_mul_matches_reference(dtype):
+    torch.manual_seed(2)
+    x = (torch.randn(3, 2 * 100) * 4).to(dtype)
+    tol = 1e-6 if dtype == torch.float32 else 1e-2
+    torch.testing.assert_close(ops.silu_and_mul(x), reference.silu_and_mul(x), atol=tol, rtol=tol)
+
+
+def test_fused_elementwise_reject_bad_arguments():
+    with pytest.raises(RuntimeError, match="cos"):
+        ops.rotary_embedding(torch.randn(2, 3, 8), torch.randn(2, 6), torch.randn(2, 6))
+    with pytest.raises(RuntimeError, match="even"):
+        ops.silu_and_mul(torch.randn(2, 7))
