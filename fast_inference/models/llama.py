@@ -10,6 +10,7 @@ from fast_inference import ops
 from fast_inference.ops.attention_metadata import AttentionMetadata
 
 from .config import ModelConfig
+from .hugepages import move_to_huge_pages
 
 
 def _param(*shape: int, dtype: torch.dtype, device: torch.device) -> nn.Parameter:
@@ -295,6 +296,14 @@ class LlamaForCausalLM(nn.Module):
         if self.lm_head.device.type == "cpu" and self.lm_head.dtype == torch.bfloat16 and _mkldnn_linear_ok():
             # A packed copy (the embedding, tied or not, still serves token lookups).
             self.lm_head_packed = torch.ops.mkldnn._reorder_linear_weight(self.lm_head.data, batch_hint)
+        # The weights the batch-1 kernel streams every decode step move onto huge pages (see hugepages.py).
+        streamed = [
+            m.weight for m in self.modules() if isinstance(m, Linear) and m.small_m and m.weight.numel()
+        ]
+        if streamed and self.lm_head.device.type == "cpu" and self.lm_head.dtype == torch.bfloat16:
+            streamed.append(self.lm_head)  # tied: the embedding's Parameter itself, so lookups follow
+            for param, moved in zip(streamed, move_to_huge_pages([p.data for p in streamed]), strict=True):
+                param.data = moved
 
     def bind_kv_cache(self, key_caches: list[torch.Tensor], value_caches: list[torch.Tensor]) -> None:
         for layer, kc, vc in zip(self.layers, key_caches, value_caches, strict=True):
