@@ -18,6 +18,8 @@ def huge_page_buffer(nbytes: int) -> torch.Tensor:
     """A uint8 CPU tensor of nbytes on 2 MiB-aligned anonymous memory advised MADV_HUGEPAGE.
 
     The tensor keeps its mapping alive (torch.frombuffer holds a reference to the mmap)."""
+    if nbytes == 0 or not hasattr(mmap, "MAP_ANONYMOUS"):
+        return torch.empty(nbytes, dtype=torch.uint8)  # nothing to map / no anonymous mmap here
     size = nbytes + _HUGE  # room to align the start to a huge-page boundary
     m = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     base = ctypes.addressof(ctypes.c_char.from_buffer(m))
