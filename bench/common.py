@@ -54,7 +54,8 @@ def median_time(
 def streaming_read_bandwidth(device: torch.device, nbytes: int = 1 << 30) -> float:
     """The memory bandwidth limit in bytes/s, measured now.
 
-    CPU: a streaming read (a sum over a buffer far larger than the last-level cache, all threads).
+    CPU: a streaming read (a sum over a buffer far larger than the last-level cache, all threads), the
+    faster of 4 KiB and 2 MiB pages.
     CUDA: a device-to-device copy (bytes read + bytes written per second).
     """
     if device.type == "cuda":
@@ -62,9 +63,18 @@ def streaming_read_bandwidth(device: torch.device, nbytes: int = 1 << 30) -> flo
         dst = torch.empty_like(src)
         seconds = median_time(lambda: dst.copy_(src), device, iters=20)
         return 2 * nbytes / seconds
-    buffer = torch.ones(nbytes // 4, dtype=torch.float32)
-    seconds = median_time(lambda: buffer.sum(), device, warmup=2, iters=10)
-    return nbytes / seconds
+    # CPU: the best of ordinary and 2 MiB huge pages (the engine keeps its streamed weights on huge
+    # pages, which read faster: the limit must be measured the same way).
+    from fast_inference.models.hugepages import huge_page_buffer
+
+    best = 0.0
+    for make in (lambda: torch.ones(nbytes // 4, dtype=torch.float32), lambda: huge_page_buffer(nbytes)):
+        buffer = make().view(torch.float32)
+        buffer.fill_(1.0)  # touched: pages are faulted in before timing
+        seconds = median_time(buffer.sum, device, warmup=2, iters=10)
+        best = max(best, nbytes / seconds)
+        del buffer  # one 1 GiB buffer at a time
+    return best
 
 
 def emit(record: dict) -> None:

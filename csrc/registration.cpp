@@ -48,6 +48,16 @@ TORCH_LIBRARY(fast_inference, m) {
   // x: [M, K]; weight: [N, K]; bias: [N] or None; returns [M, N] = x W^T + b
   // (CPU: a weight-streaming bf16 kernel for M <= 4, at::linear otherwise)
   m.def("linear(Tensor x, Tensor weight, Tensor? bias) -> Tensor");
+
+  // ---- norm and fused elementwise (CPU only; the model uses torch ops elsewhere) -----------
+  // x: [T, H] (unit stride along H); weight: [H]; returns weight * (x / rms(x)), f32 statistics
+  m.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor");
+  // residual: [T, H] contiguous, updated in place to residual + x; returns rms_norm(residual)
+  m.def("add_rms_norm(Tensor x, Tensor(a!) residual, Tensor weight, float eps) -> Tensor");
+  // x: [T, H, D] rotated in place (neox halves); cos, sin: [T, D] full width [c, c] and [-s, s], x's dtype
+  m.def("rotary_embedding(Tensor(a!) x, Tensor cos, Tensor sin) -> ()");
+  // x: [T, 2 * I] = [gate | up]; returns [T, I] = silu(gate) * up
+  m.def("silu_and_mul(Tensor x) -> Tensor");
 }
 
 // `import fast_inference._C` loads this library, which runs the registrations above.

@@ -10,6 +10,7 @@ from fast_inference import ops
 from fast_inference.ops.attention_metadata import AttentionMetadata
 
 from .config import ModelConfig
+from .hugepages import move_to_huge_pages
 
 
 def _param(*shape: int, dtype: torch.dtype, device: torch.device) -> nn.Parameter:
@@ -22,7 +23,15 @@ def _param(*shape: int, dtype: torch.dtype, device: torch.device) -> nn.Paramete
 SMALL_M = 2
 
 
-class Linear(nn.Module):
+class _DirectCall(nn.Module):
+    """A module whose call goes straight to forward. The model registers no hooks, and nn.Module.__call__'s
+    hook bookkeeping costs ~2 us per call: a batch-1 decode step makes ~270 module calls."""
+
+    def __call__(self, *args, **kwargs):
+        return self.forward(*args, **kwargs)
+
+
+class Linear(_DirectCall):
     """y = x W^T (+ b). On CPU in bfloat16: decode-sized inputs (<= SMALL_M rows) go through ops.linear,
     which reads the plain weight once at close to memory bandwidth; larger ones through a oneDNN-prepacked
     copy of the weight (about twice torch's default bf16 GEMM at decode batch sizes)."""
@@ -74,18 +83,35 @@ def _mkldnn_linear_ok() -> bool:
     return _MKLDNN_OK
 
 
-class RMSNorm(nn.Module):
-    """RMSNorm: exactly the transformers arithmetic in float32; the fused torch op in bf16/fp16 (f32 inside)."""
+class RMSNorm(_DirectCall):
+    """RMSNorm, optionally fused with the residual add before it (residual += x, then norm the sum).
+
+    float32: exactly the transformers arithmetic (bit-exact outputs). bf16/fp16 on CPU: the one-pass
+    ops.rms_norm / ops.add_rms_norm kernels (same rounding points; torch's fused norm is ~8 ops, and a
+    batch-1 decode step runs 61 norms). Elsewhere torch's fused norm."""
 
     def __init__(self, size: int, eps: float, dtype: torch.dtype, device: torch.device):
         super().__init__()
         self.weight = _param(size, dtype=dtype, device=device)
         self.eps = eps
+        self.use_op = device.type == "cpu" and dtype != torch.float32
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, residual: torch.Tensor | None = None
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """x [T, H] -> norm(x); with residual [T, H] -> (norm(residual + x), residual + x)."""
+        if self.use_op and x.dim() == 2:
+            if residual is None:
+                return ops.rms_norm(x, self.weight, self.eps)
+            return ops.add_rms_norm(x, residual, self.weight, self.eps), residual  # residual updated in place
+        if residual is not None:
+            residual = residual + x
+            return self._norm(residual), residual
+        return self._norm(x)
+
+    def _norm(self, x: torch.Tensor) -> torch.Tensor:
         if x.dtype != torch.float32:
-            # One fused op (f32 inside); in float32 the explicit form below is kept bit-exact with transformers.
-            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
+            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)  # one fused op (f32 inside)
         return self.weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps))
 
 
@@ -113,27 +139,34 @@ def rope_inv_freq(head_dim: int, theta: float, scaling: dict | None) -> torch.Te
     return inv_freq
 
 
-class RotaryEmbedding(nn.Module):
-    """Neox-style RoPE from a precomputed float32 cos/sin table indexed by absolute position."""
+class RotaryEmbedding(_DirectCall):
+    """Neox-style RoPE from precomputed float32 tables indexed by absolute position.
+
+    The tables are full head width: cos = [c, c] and a signed sin = [-s, s], so that rotating is
+    x * cos + roll(x, D/2) * sin: four ops per call instead of seven, and bit-identical to transformers'
+    x * cos + rotate_half(x) * sin (negating s and swapping the halves are exact)."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         inv_freq = rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
         freqs = torch.outer(torch.arange(cfg.max_position_embeddings, dtype=torch.float32), inv_freq)
-        self.register_buffer("cos", freqs.cos().to(cfg.device), persistent=False)  # [max_pos, head_dim // 2]
-        self.register_buffer("sin", freqs.sin().to(cfg.device), persistent=False)
+        cos, sin = freqs.cos(), freqs.sin()
+        self.register_buffer(
+            "cos", torch.cat((cos, cos), -1).to(cfg.device), persistent=False
+        )  # [max_pos, D]
+        self.register_buffer("sin", torch.cat((-sin, sin), -1).to(cfg.device), persistent=False)
 
     def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos, sin [T, 1, head_dim // 2] for the step's positions (int64 [T]), looked up once per forward."""
-        return self.cos[positions].to(dtype).unsqueeze(1), self.sin[positions].to(dtype).unsqueeze(1)
+        """cos, signed sin [T, head_dim] for the step's positions (int64 [T]), looked up once per forward."""
+        return self.cos[positions].to(dtype), self.sin[positions].to(dtype)
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+    # roll by half the head width swaps the halves: [x2, x1]; the signed sin supplies the minus.
+    return x * cos + torch.roll(x, x.shape[-1] // 2, -1) * sin
 
 
-class Attention(nn.Module):
+class Attention(_DirectCall):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         dt, dev = cfg.dtype, cfg.device
@@ -145,6 +178,8 @@ class Attention(nn.Module):
         self.o_proj = Linear(self.q_size, cfg.hidden_size, False, dt, dev)
         self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps, dt, dev) if cfg.qk_norm else None
         self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps, dt, dev) if cfg.qk_norm else None
+        # bf16/fp16 on CPU: RoPE as one kernel (float32 keeps the torch ops, bit-exact with transformers).
+        self.fused_rope = dev.type == "cpu" and dt != torch.float32
         # Bound by the model runner once the cache is allocated: [num_blocks, block_size, num_kv_heads, head_dim]
         self.key_cache = torch.empty(0)
         self.value_cache = torch.empty(0)
@@ -156,17 +191,25 @@ class Attention(nn.Module):
         heads, kv_heads, d = self.num_heads, self.num_kv_heads, self.head_dim
         qkv = self.qkv_proj(x)
         cos, sin = rope
-        if self.q_norm is None:
-            # q and k rotated together: one pass over [T, heads + kv_heads, D] (fewer ops per layer).
-            qk = _rotate(qkv[:, : self.q_size + self.kv_size].view(tokens, heads + kv_heads, d), cos, sin)
-            q, k = qk[:, :heads], qk[:, heads:]
+        if self.fused_rope and self.q_norm is None:
+            # One in-place op on the q and k heads of the fused projection; q, k, v stay views of qkv
+            # (the ops accept strided rows): as few ops as possible, a decode step runs this 30 times.
+            qkv_heads = qkv.view(tokens, heads + 2 * kv_heads, d)
+            ops.rotary_embedding(qkv_heads[:, : heads + kv_heads], cos, sin)
+            q = qkv_heads[:, :heads]
+            k = qkv_heads[:, heads : heads + kv_heads]
+            v = qkv_heads[:, heads + kv_heads :]
         else:
-            q, k = qkv[:, : self.q_size], qkv[:, self.q_size : self.q_size + self.kv_size]
-            q = _rotate(self.q_norm(q.view(tokens, heads, d)), cos, sin)
-            k = _rotate(self.k_norm(k.view(tokens, kv_heads, d)), cos, sin)
-        v = qkv[:, self.q_size + self.kv_size :].view(
-            tokens, kv_heads, d
-        )  # strided rows: the ops accept them
+            cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # broadcast over heads
+            if self.q_norm is None:
+                # q and k rotated together: one pass over [T, heads + kv_heads, D].
+                qk = _rotate(qkv[:, : self.q_size + self.kv_size].view(tokens, heads + kv_heads, d), cos, sin)
+                q, k = qk[:, :heads], qk[:, heads:]
+            else:
+                q, k = qkv[:, : self.q_size], qkv[:, self.q_size : self.q_size + self.kv_size]
+                q = _rotate(self.q_norm(q.view(tokens, heads, d)), cos, sin)
+                k = _rotate(self.k_norm(k.view(tokens, kv_heads, d)), cos, sin)
+            v = qkv[:, self.q_size + self.kv_size :].view(tokens, kv_heads, d)
         ops.reshape_and_cache(k, v, self.key_cache, self.value_cache, meta.slot_mapping)
         out = ops.paged_attention(
             q,
@@ -181,19 +224,24 @@ class Attention(nn.Module):
         return self.o_proj(out.reshape(tokens, self.q_size))
 
 
-class MLP(nn.Module):
+class MLP(_DirectCall):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.intermediate = cfg.intermediate_size
         self.gate_up_proj = Linear(cfg.hidden_size, 2 * cfg.intermediate_size, False, cfg.dtype, cfg.device)
         self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size, False, cfg.dtype, cfg.device)
+        # bf16/fp16 on CPU: silu(gate) * up as one kernel (float32 keeps the torch ops, bit-exact).
+        self.fused_act = cfg.device.type == "cpu" and cfg.dtype != torch.float32
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).split(self.intermediate, dim=-1)
+        gate_up = self.gate_up_proj(x)
+        if self.fused_act:
+            return self.down_proj(ops.silu_and_mul(gate_up))
+        gate, up = gate_up.split(self.intermediate, dim=-1)
         return self.down_proj(F.silu(gate) * up)
 
 
-class DecoderLayer(nn.Module):
+class DecoderLayer(_DirectCall):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.dtype, cfg.device)
@@ -202,10 +250,22 @@ class DecoderLayer(nn.Module):
         self.mlp = MLP(cfg)
 
     def forward(
-        self, h: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], meta: AttentionMetadata
-    ) -> torch.Tensor:
-        h = h + self.self_attn(self.input_layernorm(h), rope, meta)
-        return h + self.mlp(self.post_attention_layernorm(h))
+        self,
+        h: torch.Tensor,
+        residual: torch.Tensor | None,
+        rope: tuple[torch.Tensor, torch.Tensor],
+        meta: AttentionMetadata,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(h, residual) -> (h, residual): each residual add is fused into the norm that follows it, and
+        the MLP output's add into the next layer's input norm (None: h is the embedding, first layer)."""
+        if residual is None:
+            residual = h.clone()  # updated in place by the fused norms; the embedding output stays intact
+            h = self.input_layernorm(h)
+        else:
+            h, residual = self.input_layernorm(h, residual)
+        h = self.self_attn(h, rope, meta)
+        h, residual = self.post_attention_layernorm(h, residual)
+        return self.mlp(h), residual
 
 
 class LlamaForCausalLM(nn.Module):
@@ -236,6 +296,14 @@ class LlamaForCausalLM(nn.Module):
         if self.lm_head.device.type == "cpu" and self.lm_head.dtype == torch.bfloat16 and _mkldnn_linear_ok():
             # A packed copy (the embedding, tied or not, still serves token lookups).
             self.lm_head_packed = torch.ops.mkldnn._reorder_linear_weight(self.lm_head.data, batch_hint)
+        # The weights the batch-1 kernel streams every decode step move onto huge pages (see hugepages.py).
+        streamed = [
+            m.weight for m in self.modules() if isinstance(m, Linear) and m.small_m and m.weight.numel()
+        ]
+        if streamed and self.lm_head.device.type == "cpu" and self.lm_head.dtype == torch.bfloat16:
+            streamed.append(self.lm_head)  # tied: the embedding's Parameter itself, so lookups follow
+            for param, moved in zip(streamed, move_to_huge_pages([p.data for p in streamed]), strict=True):
+                param.data = moved
 
     def bind_kv_cache(self, key_caches: list[torch.Tensor], value_caches: list[torch.Tensor]) -> None:
         for layer, kc, vc in zip(self.layers, key_caches, value_caches, strict=True):
@@ -248,9 +316,10 @@ class LlamaForCausalLM(nn.Module):
         """input_ids, positions: int64 [num_tokens] (all sequences flattened) -> final hidden [num_tokens, hidden]."""
         h = F.embedding(input_ids, self.embed_tokens)
         rope = self.rope(positions, h.dtype)
+        residual = None
         for layer in self.layers:
-            h = layer(h, rope, meta)
-        return self.norm(h)
+            h, residual = layer(h, residual, rope, meta)
+        return self.norm(h, residual)[0]
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden [B, hidden] -> float32 logits [B, vocab]."""

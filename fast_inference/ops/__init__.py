@@ -11,9 +11,11 @@ from . import _fake  # noqa: F401  (fake kernels for torch.compile / opcheck)
 from .attention import paged_attention
 from .cache import copy_blocks, reshape_and_cache, swap_blocks
 from .dense import linear
+from .norm import add_rms_norm, rms_norm, rotary_embedding, silu_and_mul
 from .sampling import apply_logit_bias, apply_penalties, compute_logprobs, sample
 
 __all__ = [
+    "add_rms_norm",
     "apply_logit_bias",
     "apply_penalties",
     "compute_logprobs",
@@ -21,7 +23,10 @@ __all__ = [
     "linear",
     "paged_attention",
     "reshape_and_cache",
+    "rms_norm",
+    "rotary_embedding",
     "sample",
+    "silu_and_mul",
     "swap_blocks",
     "cuda_ops_available",
 ]

@@ -62,3 +62,23 @@ def _compute_logprobs_fake(logits, token_ids, num_top):
 @torch.library.register_fake("fast_inference::linear")
 def _linear_fake(x, weight, bias):
     return x.new_empty((x.shape[0], weight.shape[0]))
+
+
+@torch.library.register_fake("fast_inference::rms_norm")
+def _rms_norm_fake(x, weight, eps):
+    return x.new_empty(x.shape)
+
+
+@torch.library.register_fake("fast_inference::add_rms_norm")
+def _add_rms_norm_fake(x, residual, weight, eps):
+    return x.new_empty(x.shape)
+
+
+@torch.library.register_fake("fast_inference::rotary_embedding")
+def _rotary_embedding_fake(x, cos, sin):
+    return None
+
+
+@torch.library.register_fake("fast_inference::silu_and_mul")
+def _silu_and_mul_fake(x):
+    return x.new_empty((x.shape[0], x.shape[1] // 2))

@@ -21,6 +21,30 @@ def reshape_and_cache(
     value_cache[blocks, offsets] = value[keep]
 
 
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """transformers' RMSNorm: float32 statistics, x * rstd rounded to x's dtype, times weight."""
+    xf = x.float()
+    normed = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+    return weight * normed
+
+
+def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """residual += x in place, then rms_norm(residual)."""
+    residual.add_(x)
+    return rms_norm(residual, weight, eps)
+
+
+def rotary_embedding(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
+    """x [T, H, D] = x * cos + roll(x, D/2) * sin in place; cos, sin [T, D] (full width, signed sin)."""
+    x.copy_(x * cos[:, None] + torch.roll(x, x.shape[-1] // 2, -1) * sin[:, None])
+
+
+def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
+    """[T, 2 * I] = [gate | up] -> silu(gate) * up."""
+    gate, up = x.chunk(2, dim=-1)
+    return torch.nn.functional.silu(gate) * up
+
+
 def copy_blocks(
     key_caches: list[torch.Tensor],  # per layer [num_blocks, block_size, num_kv_heads, head_size]
     value_caches: list[torch.Tensor],
