@@ -49,7 +49,7 @@ TORCH_LIBRARY(fast_inference, m) {
   // (CPU: a weight-streaming bf16 kernel for M <= 4, at::linear otherwise)
   m.def("linear(Tensor x, Tensor weight, Tensor? bias) -> Tensor");
 
-  // ---- norm and fused elementwise (CPU only; the model uses torch ops elsewhere) -----------
+  // ---- norm and fused elementwise (CPU kernels; on CUDA ATen compositions, csrc/cuda/fused_elementwise.cpp)
   // x: [T, H] (unit stride along H); weight: [H]; returns weight * (x / rms(x)), f32 statistics
   m.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor");
   // residual: [T, H] contiguous, updated in place to residual + x; returns rms_norm(residual)
