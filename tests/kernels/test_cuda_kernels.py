@@ -5,6 +5,7 @@ decode path (contexts past the 512-token split) and its reduction, the query-til
 prefill kernel, NaN rows for out-of-range block ids, CUDA graph capture, and host<->device swaps.
 """
 
+import paged_batch
 import pytest
 import torch
 
@@ -21,43 +22,10 @@ TOLERANCE = {torch.float32: (2e-5, 2e-5), torch.float16: (2e-3, 2e-3), torch.bfl
 SPLIT = 512  # the decode kernel's fixed split size (kPartitionSize)
 
 
-def make_batch(
-    query_lens,
-    seq_lens,
-    *,
-    num_heads,
-    num_kv_heads,
-    head_size,
-    block_size,
-    dtype,
-    seed=0,
-    extra_table_blocks=2,
-):
-    """Random caches on the GPU and a shuffled block table holding every sequence's context."""
-    gen = torch.Generator().manual_seed(seed)
-    blocks_per_seq = [(s + block_size - 1) // block_size for s in seq_lens]
-    max_blocks = max(blocks_per_seq) + extra_table_blocks
-    num_blocks = sum(blocks_per_seq) + 3
-    shape = (num_blocks, block_size, num_kv_heads, head_size)
-    key_cache = torch.randn(shape, generator=gen).to(dtype=dtype, device="cuda")
-    value_cache = torch.randn(shape, generator=gen).to(dtype=dtype, device="cuda")
-    perm = torch.randperm(num_blocks, generator=gen)
-    # Unused table entries hold an out-of-range id: the kernels must never read them.
-    block_tables = torch.full((len(seq_lens), max_blocks), num_blocks + 1000, dtype=torch.int32)
-    used = 0
-    for s, n in enumerate(blocks_per_seq):
-        block_tables[s, :n] = perm[used : used + n].to(torch.int32)
-        used += n
-    cu = torch.zeros(len(query_lens) + 1, dtype=torch.int32)
-    cu[1:] = torch.tensor(query_lens).cumsum(0)
-    query = torch.randn(int(cu[-1]), num_heads, head_size, generator=gen).to(dtype=dtype, device="cuda")
-    return (
-        query,
-        key_cache,
-        value_cache,
-        block_tables.cuda(),
-        torch.tensor(seq_lens, dtype=torch.int32, device="cuda"),
-        cu.cuda(),
+def make_batch(query_lens, seq_lens, *, extra_table_blocks=2, **kwargs):
+    """paged_batch.make_batch on the GPU, with spare (out-of-range) block-table columns by default."""
+    return paged_batch.make_batch(
+        query_lens, seq_lens, device="cuda", extra_table_blocks=extra_table_blocks, **kwargs
     )
 
 
