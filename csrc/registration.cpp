@@ -6,6 +6,8 @@
 #include <Python.h>
 #include <torch/library.h>
 
+#include "cpu/cpu_features.h"
+
 TORCH_LIBRARY(fast_inference, m) {
   // ---- KV cache ---------------------------------------------------------------------------
   // key, value: [num_tokens, num_kv_heads, head_size]
@@ -60,7 +62,16 @@ TORCH_LIBRARY(fast_inference, m) {
   m.def("silu_and_mul(Tensor x) -> Tensor");
 }
 
-// `import fast_inference._C` loads this library, which runs the registrations above.
-static PyModuleDef fast_inference_module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+// `import fast_inference._C` loads this library, which runs the registrations above. Its one function,
+// cpu_isa(), names the instruction set the CPU kernels run now (benchmarks and the engine log print it).
+static PyObject* cpu_isa(PyObject*, PyObject*) {
+  return PyUnicode_FromString(fast_inference::cpu::isa_name(fast_inference::cpu::selected_isa()));
+}
+
+static PyMethodDef fast_inference_methods[] = {
+    {"cpu_isa", cpu_isa, METH_NOARGS, "The CPU kernels' instruction set now: avx512, avx2 or portable."},
+    {nullptr, nullptr, 0, nullptr}};
+
+static PyModuleDef fast_inference_module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, fast_inference_methods};
 
 PyMODINIT_FUNC PyInit__C(void) { return PyModule_Create(&fast_inference_module); }

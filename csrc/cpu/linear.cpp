@@ -5,6 +5,8 @@
 
 #include <optional>
 
+#include "cpu/cpu_features.h"
+
 namespace fast_inference::cpu {
 namespace avx512 {
 void linear_bf16_small_m(const c10::BFloat16* x, int64_t x_stride, const c10::BFloat16* w,
@@ -14,12 +16,6 @@ void linear_bf16_small_m(const c10::BFloat16* x, int64_t x_stride, const c10::BF
 namespace {
 
 constexpr int64_t kMaxRows = 4;
-
-bool has_avx512_bf16() {
-  static const bool ok = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-                         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512bf16");
-  return ok;
-}
 
 // x: [M, K]; weight: [N, K]; bias: [N] or None -> [M, N]
 at::Tensor linear_cpu(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias) {
@@ -36,7 +32,7 @@ at::Tensor linear_cpu(const at::Tensor& x, const at::Tensor& weight, const std::
                 " must equal x dtype ", x.scalar_type());
   }
   const bool fast = x.scalar_type() == at::kBFloat16 && M >= 1 && M <= kMaxRows && K > 0 && N > 0 &&
-                    has_avx512_bf16() && weight.is_contiguous() && x.stride(1) == 1 &&
+                    selected_isa() == Isa::kAvx512 && weight.is_contiguous() && x.stride(1) == 1 &&
                     (!bias.has_value() || bias->is_contiguous());
   if (!fast) return at::linear(x, weight, bias);
   at::Tensor out = at::empty({M, N}, x.options());

@@ -1,10 +1,8 @@
 // CPU paged_attention: argument and value checks, run-time ISA dispatch, and the portable kernel.
 #include <torch/library.h>
 
-#include <cstdlib>
-#include <cstring>
-
 #include "checks/attention_checks.h"
+#include "cpu/cpu_features.h"
 #include "cpu/paged_attention.h"
 
 #define FI_CPU_ISA portable
@@ -48,24 +46,6 @@ void check_paged_attention_values(const PagedAttentionDims& d, const at::Tensor&
   }
 }
 
-enum class Isa { kPortable, kAvx2, kAvx512 };
-
-// The best kernel this CPU runs, unless FI_CPU_ISA=portable|avx2 asks for a lower one (read at every
-// call, so tests cover every path in one process; asking for an unsupported ISA falls back).
-Isa select_isa() {
-  static const Isa best = [] {
-    const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
-    const bool avx512 = avx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-                        __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
-                        __builtin_cpu_supports("avx512bf16");
-    return avx512 ? Isa::kAvx512 : avx2 ? Isa::kAvx2 : Isa::kPortable;
-  }();
-  const char* want = std::getenv("FI_CPU_ISA");
-  if (want != nullptr && std::strcmp(want, "portable") == 0) return Isa::kPortable;
-  if (want != nullptr && std::strcmp(want, "avx2") == 0 && best != Isa::kPortable) return Isa::kAvx2;
-  return best;
-}
-
 }  // namespace
 
 // query, out: [num_query_tokens, num_heads, head_size]; caches: [num_blocks, block_size, num_kv_heads, head_size]
@@ -76,7 +56,7 @@ void paged_attention_cpu(const at::Tensor& query, const at::Tensor& key_cache, c
   const PagedAttentionDims d =
       check_paged_attention(query, key_cache, value_cache, block_tables, seq_lens, cu_query_lens, scale, out);
   check_paged_attention_values(d, block_tables, seq_lens, cu_query_lens);
-  const Isa isa = select_isa();
+  const Isa isa = selected_isa();
   if (d.num_query_tokens == 0) return;
   PagedAttentionArgs args{};
   args.query = query.data_ptr();

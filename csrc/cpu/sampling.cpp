@@ -22,6 +22,7 @@
 #include <torch/library.h>
 
 #include "checks/sampling_checks.h"
+#include "cpu/cpu_features.h"
 #include "cpu/sampling_kernels.h"
 #include "philox.h"
 #include "sampling_math.h"
@@ -122,19 +123,12 @@ const SamplingRowKernels kPortable{row_max_portable, row_argmax_portable, filter
                                    gather_ge_portable, exp_bits_portable,   mass_ge_portable,
                                    compact_portable,   draw_portable,       sum_exp_portable};
 
+// The AVX-512 row kernels where selected_isa() allows them (FI_CPU_ISA=portable forces the portable ones:
+// the tests compare both paths), else the portable ones.
 const SamplingRowKernels& row_kernels() {
-  static const SamplingRowKernels* chosen = [] {
-    // FI_SAMPLING_PORTABLE=1 forces the portable kernels (the tests compare both paths).
-    const char* force_portable = std::getenv("FI_SAMPLING_PORTABLE");
-    if (force_portable != nullptr && force_portable[0] == '1') return &kPortable;
-    const SamplingRowKernels* avx512 = avx512_sampling_kernels();
-    if (avx512 != nullptr && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq") &&
-        __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl")) {
-      return avx512;
-    }
-    return &kPortable;
-  }();
-  return *chosen;
+  static const SamplingRowKernels* avx512 = avx512_sampling_kernels();
+  if (avx512 != nullptr && selected_isa() == Isa::kAvx512) return *avx512;
+  return kPortable;
 }
 
 // ---- the sample driver ------------------------------------------------------------------------

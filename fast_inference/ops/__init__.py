@@ -28,8 +28,14 @@ __all__ = [
     "sample",
     "silu_and_mul",
     "swap_blocks",
+    "cpu_isa",
     "cuda_ops_available",
 ]
+
+
+def cpu_isa() -> str:
+    """The instruction set the CPU kernels run now: "avx512", "avx2" or "portable" (FI_CPU_ISA lowers it)."""
+    return fast_inference._C.cpu_isa()
 
 
 def cuda_ops_available() -> bool:

@@ -1,9 +1,5 @@
 """Tests of the sampling ops (sample, apply_penalties, apply_logit_bias, compute_logprobs) against the references."""
 
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
 
@@ -108,25 +104,17 @@ def test_sample_matches_reference_draw(device):
     assert (probs[torch.arange(96), out.cpu()] > 0).all()
 
 
-def test_portable_cpu_kernels_draw_the_same_tokens():
-    # The AVX-512 and portable row kernels must agree bit for bit; run the portable ones in a child.
-    code = (
-        "import torch, sys; sys.path.insert(0, 'tests/kernels'); from test_sampling import mixed_batch;"
-        "from fast_inference import ops; from fast_inference.ops import reference as ref;"
-        "logits, args = mixed_batch(64, 4099, torch.Generator().manual_seed(2));"
-        "out = ops.sample(logits, *args); lp = ops.compute_logprobs(logits, out, 5);"
-        "assert torch.equal(out, ref.sample(logits, *args)), 'tokens differ';"
-        "full = torch.log_softmax(logits.double(), -1);"
-        "torch.testing.assert_close(lp[2].double(), full.topk(5).values, rtol=0, atol=2e-5); print('ok')"
-    )
-    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    env = dict(
-        os.environ, FI_SAMPLING_PORTABLE="1", PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", "")
-    )
-    done = subprocess.run(
-        [sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True, timeout=300
-    )
-    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]
+def test_portable_cpu_kernels_draw_the_same_tokens(monkeypatch):
+    # The vectorized and portable row kernels must agree bit for bit (the kernel reads FI_CPU_ISA per call).
+    logits, args = mixed_batch(64, 4099, torch.Generator().manual_seed(2))
+    fast = ops.sample(logits, *args)
+    monkeypatch.setenv("FI_CPU_ISA", "portable")
+    out = ops.sample(logits, *args)
+    lp = ops.compute_logprobs(logits, out, 5)
+    assert torch.equal(out, fast)
+    assert torch.equal(out, ref.sample(logits, *args))
+    full = torch.log_softmax(logits.double(), -1)
+    torch.testing.assert_close(lp[2].double(), full.topk(5).values, rtol=0, atol=2e-5)
 
 
 @devices

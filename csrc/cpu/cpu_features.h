@@ -1,0 +1,48 @@
+// The one run-time instruction-set pick of every CPU kernel: what this CPU runs, lowered by FI_CPU_ISA.
+//
+// Vectorized kernels are compiled once per ISA (*_avx2.cpp, *_avx512.cpp get their flags in CMakeLists.txt)
+// and a kernel's glue switches on selected_isa(). FI_CPU_ISA=portable|avx2|avx512 asks for a lower path
+// (read at every call, so one process can test and benchmark every path); asking for more than the CPU has
+// gives the best it has.
+#pragma once
+
+#include <cstdlib>
+#include <cstring>
+
+namespace fast_inference::cpu {
+
+enum class Isa { kPortable = 0, kAvx2 = 1, kAvx512 = 2 };
+
+// kAvx2: AVX2 + FMA + F16C (Haswell, Zen 1 and later).
+// kAvx512: F + BW + VL + DQ + BF16 + VNNI (Zen 4, Sapphire Rapids and later); older AVX-512 CPUs take kAvx2.
+inline Isa best_isa() {
+  static const Isa best = [] {
+    const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+                      __builtin_cpu_supports("f16c");
+    const bool avx512 = avx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                        __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
+                        __builtin_cpu_supports("avx512bf16") && __builtin_cpu_supports("avx512vnni");
+    return avx512 ? Isa::kAvx512 : avx2 ? Isa::kAvx2 : Isa::kPortable;
+  }();
+  return best;
+}
+
+inline Isa selected_isa() {
+  const Isa best = best_isa();
+  const char* want = std::getenv("FI_CPU_ISA");
+  if (want == nullptr) return best;
+  Isa asked = best;
+  if (std::strcmp(want, "portable") == 0) asked = Isa::kPortable;
+  else if (std::strcmp(want, "avx2") == 0) asked = Isa::kAvx2;
+  return asked < best ? asked : best;
+}
+
+inline const char* isa_name(Isa isa) {
+  switch (isa) {
+    case Isa::kAvx512: return "avx512";
+    case Isa::kAvx2: return "avx2";
+    default: return "portable";
+  }
+}
+
+}  // namespace fast_inference::cpu
