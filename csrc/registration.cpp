@@ -1,11 +1,14 @@
 // The op schemas of fast_inference, all in one place, and the Python module that loads them.
 //
-// Each schema has a CPU implementation (csrc/cpu/) and a CUDA implementation (csrc/cuda/)
-// registered with TORCH_LIBRARY_IMPL next to the kernel. Python wrappers with shapes and
-// docstrings live in fast_inference/ops/, fake (meta) kernels in fast_inference/ops/_fake.py.
+// Each schema has a CPU implementation (csrc/cpu/) and, unless kCpuOnlyOps names it, a CUDA
+// implementation (csrc/cuda/), registered with TORCH_LIBRARY_IMPL next to the kernel. Python wrappers
+// with shapes and docstrings live in fast_inference/ops/, fake (meta) kernels in ops/_fake.py.
 #include <Python.h>
 #include <torch/library.h>
 
+#include <iterator>
+
+#include "checks/sampling_checks.h"
 #include "cpu/cpu_features.h"
 
 TORCH_LIBRARY(fast_inference, m) {
@@ -46,12 +49,15 @@ TORCH_LIBRARY(fast_inference, m) {
   // returns (token_logprobs f32 [B], top_ids int64 [B, num_top], top_logprobs f32 [B, num_top])
   m.def("compute_logprobs(Tensor logits, Tensor token_ids, int num_top) -> (Tensor, Tensor, Tensor)");
 
+  // ---- CPU-only ops (kCpuOnlyOps): on CUDA the model calls torch's own ops (cuBLAS, and CUDA graphs
+  // remove the launch overhead these fused CPU kernels exist to avoid) --------------------------
+
   // ---- dense ------------------------------------------------------------------------------
   // x: [M, K]; weight: [N, K]; bias: [N] or None; returns [M, N] = x W^T + b
   // (CPU: a weight-streaming bf16 kernel for M <= 4, at::linear otherwise)
   m.def("linear(Tensor x, Tensor weight, Tensor? bias) -> Tensor");
 
-  // ---- norm and fused elementwise (CPU kernels; on CUDA ATen compositions, csrc/cuda/fused_elementwise.cpp)
+  // ---- norm and fused elementwise ---------------------------------------------------------
   // x: [T, H] (unit stride along H); weight: [H]; returns weight * (x / rms(x)), f32 statistics
   m.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor");
   // residual: [T, H] contiguous, updated in place to residual + x; returns rms_norm(residual)
@@ -62,8 +68,13 @@ TORCH_LIBRARY(fast_inference, m) {
   m.def("silu_and_mul(Tensor x) -> Tensor");
 }
 
-// `import fast_inference._C` loads this library, which runs the registrations above. Its one function,
-// cpu_isa(), names the instruction set the CPU kernels run now (benchmarks and the engine log print it).
+// The ops above with a CPU kernel only; every other op has a CUDA kernel too (.ci/run checks both ways).
+constexpr const char* kCpuOnlyOps[] = {"linear", "rms_norm", "add_rms_norm", "rotary_embedding", "silu_and_mul"};
+
+// `import fast_inference._C` loads this library, which runs the registrations above. The module has
+// cpu_isa(), naming the instruction set the CPU kernels run now (benchmarks and the engine log print it),
+// MAX_LOGPROBS (the most top logprobs per token compute_logprobs returns: the one definition Python
+// reads) and CPU_ONLY_OPS (kCpuOnlyOps as a tuple of op names).
 static PyObject* cpu_isa(PyObject*, PyObject*) {
   return PyUnicode_FromString(fast_inference::cpu::isa_name(fast_inference::cpu::selected_isa()));
 }
@@ -74,4 +85,20 @@ static PyMethodDef fast_inference_methods[] = {
 
 static PyModuleDef fast_inference_module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, fast_inference_methods};
 
-PyMODINIT_FUNC PyInit__C(void) { return PyModule_Create(&fast_inference_module); }
+PyMODINIT_FUNC PyInit__C(void) {
+  PyObject* module = PyModule_Create(&fast_inference_module);
+  if (module == nullptr) return nullptr;
+  PyObject* cpu_only = PyTuple_New(std::size(kCpuOnlyOps));
+  for (size_t i = 0; cpu_only != nullptr && i < std::size(kCpuOnlyOps); ++i) {
+    PyTuple_SET_ITEM(cpu_only, i, PyUnicode_FromString(kCpuOnlyOps[i]));
+  }
+  // PyModule_AddObjectRef does not steal the reference: drop ours whatever happened.
+  const bool ok = cpu_only != nullptr && PyModule_AddObjectRef(module, "CPU_ONLY_OPS", cpu_only) == 0 &&
+                  PyModule_AddIntConstant(module, "MAX_LOGPROBS", fast_inference::checks::kMaxLogprobs) == 0;
+  Py_XDECREF(cpu_only);
+  if (!ok) {
+    Py_DECREF(module);
+    return nullptr;
+  }
+  return module;
+}

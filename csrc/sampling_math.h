@@ -21,6 +21,9 @@ constexpr float kExpMinArg = -86.0f;
 // A row of V tokens sums to at most V * 2^40, so V < 2^23 keeps sums inside uint64.
 constexpr float kMassScale = 1099511627776.0f;  // 2^40
 constexpr int64_t kMaxSamplingVocab = int64_t{1} << 23;
+// What a sample kernel writes instead of a token for a row that cannot be sampled.
+constexpr int64_t kRowHasNaN = -1;     // a NaN or +inf logit
+constexpr int64_t kRowAllNegInf = -2;  // no finite logit
 
 #if defined(__CUDACC__)
 FI_HOST_DEVICE float fi_fma(float a, float b, float c) { return fmaf(a, b, c); }

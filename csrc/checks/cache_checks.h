@@ -109,9 +109,9 @@ inline void check_swap_blocks(const at::Tensor& src, const at::Tensor& dst, cons
   TORCH_CHECK(block_mapping.device().is_cpu(), "block_mapping must be on the CPU, got ", block_mapping.device());
   const int64_t* pairs = block_mapping.data_ptr<int64_t>();
   for (int64_t i = 0; i < block_mapping.size(0); ++i) {
-    TORCH_CHECK(pairs[2 * i] >= 0 && pairs[2 * i] < src.size(0), "block_mapping[", i, ", 0] = ", pairs[2 * i],
+    TORCH_CHECK_VALUE(pairs[2 * i] >= 0 && pairs[2 * i] < src.size(0), "block_mapping[", i, ", 0] = ", pairs[2 * i],
                 " is out of range for src with ", src.size(0), " blocks");
-    TORCH_CHECK(pairs[2 * i + 1] >= 0 && pairs[2 * i + 1] < dst.size(0), "block_mapping[", i,
+    TORCH_CHECK_VALUE(pairs[2 * i + 1] >= 0 && pairs[2 * i + 1] < dst.size(0), "block_mapping[", i,
                 ", 1] = ", pairs[2 * i + 1], " is out of range for dst with ", dst.size(0), " blocks");
   }
 }

@@ -1,10 +1,10 @@
-// Argument validation of the sampling ops, shared by the CPU and CUDA implementations.
+// Argument validation of the sampling ops: one set of checks, called by the CPU and the CUDA implementations.
 //
-// Shape, dtype and device checks run everywhere. Checks that read tensor values (NaN logits,
-// parameter ranges, ragged offsets, token ids) run in C++ for CPU tensors only: on CUDA they would
-// need a host synchronisation, which a CUDA graph cannot contain. For CUDA tensors the Python
-// wrappers run the value checks when the stream is not capturing (fast_inference/ops/sampling.py),
-// and the kernels never read or write out of bounds whatever the values.
+// Shape, dtype and device checks (TORCH_CHECK -> RuntimeError) read only metadata and run on every call.
+// Value checks (TORCH_CHECK_VALUE -> ValueError, on both devices) read the tensors' contents: NaN logits,
+// parameter ranges, ragged offsets, token ids. They read host copies (host_values), so on CUDA they
+// synchronize with the device; the CUDA implementations therefore skip them while the current stream
+// is capturing a CUDA graph, and their kernels never access memory out of bounds whatever the values.
 #pragma once
 
 #include <cmath>
@@ -52,39 +52,70 @@ inline void check_ragged(const at::Tensor& ids, const char* ids_name, const at::
   TORCH_CHECK(ids.numel() <= INT32_MAX, ids_name, " is too long for int32 ", cu_name);
 }
 
-// Value checks of ragged lists (CPU tensors): prefix sums from 0 to the list length, ids in [0, vocab).
+// The values of t readable on the host: t itself (contiguous) on the CPU, else a copy, which waits for
+// the device: never called while a CUDA graph is being captured.
+inline at::Tensor host_values(const at::Tensor& t) { return t.to(at::kCPU).contiguous(); }
+
+// The error of a logits row that cannot be sampled; code is kRowHasNaN or kRowAllNegInf (sampling_math.h).
+inline void raise_bad_logits_row(int64_t row, int64_t code) {
+  TORCH_CHECK_VALUE(code != kRowHasNaN, "logits row ", row, " contains NaN or +inf");
+  TORCH_CHECK_VALUE(false, "logits row ", row, " has no finite value (all -inf): nothing can be sampled");
+}
+
+// Every logits row has a finite maximum (no NaN or +inf, not all -inf): one reduction, then the host.
+inline void check_logits_values(const at::Tensor& logits) {
+  if (logits.size(0) == 0) return;
+  const at::Tensor row_max = host_values(logits.amax(1).to(at::kFloat));  // NaN propagates through amax
+  const float* m = row_max.data_ptr<float>();
+  for (int64_t b = 0; b < row_max.numel(); ++b) {
+    if (std::isnan(m[b]) || m[b] == INFINITY) raise_bad_logits_row(b, kRowHasNaN);
+    if (m[b] == -INFINITY) raise_bad_logits_row(b, kRowAllNegInf);
+  }
+}
+
+// Tokens written by a sample kernel: a negative entry is a row status code; raises for the first such row.
+inline void check_sampled_tokens(const at::Tensor& tokens) {
+  const at::Tensor t = host_values(tokens);
+  const int64_t* v = t.data_ptr<int64_t>();
+  for (int64_t b = 0; b < t.numel(); ++b) {
+    if (v[b] < 0) raise_bad_logits_row(b, v[b]);
+  }
+}
+
+// Ragged lists: prefix sums from 0 to the list length, ids in [0, vocab).
 inline void check_ragged_values(const at::Tensor& ids, const char* ids_name, const at::Tensor& cu_lens,
                                 const char* cu_name, int64_t vocab) {
-  const at::Tensor cu = cu_lens.contiguous();
+  const at::Tensor cu = host_values(cu_lens);
   const int32_t* c = cu.data_ptr<int32_t>();
   const int64_t batch = cu.numel() - 1;
-  TORCH_CHECK(c[0] == 0, cu_name, "[0] must be 0, got ", c[0]);
+  TORCH_CHECK_VALUE(c[0] == 0, cu_name, "[0] must be 0, got ", c[0]);
   for (int64_t b = 0; b < batch; ++b) {
-    TORCH_CHECK(c[b + 1] >= c[b], cu_name, " must be non-decreasing, but ", cu_name, "[", b + 1, "] = ",
+    TORCH_CHECK_VALUE(c[b + 1] >= c[b], cu_name, " must be non-decreasing, but ", cu_name, "[", b + 1, "] = ",
                 c[b + 1], " < ", cu_name, "[", b, "] = ", c[b]);
   }
-  TORCH_CHECK(c[batch] == ids.numel(), cu_name, "[-1] must equal the length of ", ids_name, " (",
+  TORCH_CHECK_VALUE(c[batch] == ids.numel(), cu_name, "[-1] must equal the length of ", ids_name, " (",
               ids.numel(), "), got ", c[batch]);
-  const at::Tensor idc = ids.contiguous();
+  const at::Tensor idc = host_values(ids);
   const int64_t* id = idc.data_ptr<int64_t>();
   for (int64_t i = 0; i < idc.numel(); ++i) {
-    TORCH_CHECK(id[i] >= 0 && id[i] < vocab, ids_name, " must hold token ids in [0, ", vocab, "), got ",
+    TORCH_CHECK_VALUE(id[i] >= 0 && id[i] < vocab, ids_name, " must hold token ids in [0, ", vocab, "), got ",
                 id[i], " at position ", i);
   }
 }
 
-// Sampling parameters (CPU tensors): finite non-negative temperature, top_p in (0, 1], min_p in [0, 1].
+// Sampling parameters: finite non-negative temperature, top_p in (0, 1], min_p in [0, 1].
 inline void check_sampling_values(const at::Tensor& temperature, const at::Tensor& top_p,
                                   const at::Tensor& min_p) {
-  const at::Tensor t = temperature.contiguous(), p = top_p.contiguous(), mp = min_p.contiguous();
-  const float* tv = t.data_ptr<float>();
-  const float* pv = p.data_ptr<float>();
-  const float* mv = mp.data_ptr<float>();
-  for (int64_t b = 0; b < t.numel(); ++b) {
-    TORCH_CHECK(std::isfinite(tv[b]) && tv[b] >= 0.0f, "temperature must be finite and >= 0, got ", tv[b],
+  const int64_t batch = temperature.numel();
+  const at::Tensor v = host_values(at::stack({temperature, top_p, min_p}));  // one copy from a device
+  const float* tv = v.data_ptr<float>();
+  const float* pv = tv + batch;
+  const float* mv = tv + 2 * batch;
+  for (int64_t b = 0; b < batch; ++b) {
+    TORCH_CHECK_VALUE(std::isfinite(tv[b]) && tv[b] >= 0.0f, "temperature must be finite and >= 0, got ", tv[b],
                 " in row ", b);
-    TORCH_CHECK(pv[b] > 0.0f && pv[b] <= 1.0f, "top_p must be in (0, 1], got ", pv[b], " in row ", b);
-    TORCH_CHECK(mv[b] >= 0.0f && mv[b] <= 1.0f, "min_p must be in [0, 1], got ", mv[b], " in row ", b);
+    TORCH_CHECK_VALUE(pv[b] > 0.0f && pv[b] <= 1.0f, "top_p must be in (0, 1], got ", pv[b], " in row ", b);
+    TORCH_CHECK_VALUE(mv[b] >= 0.0f && mv[b] <= 1.0f, "min_p must be in [0, 1], got ", mv[b], " in row ", b);
   }
 }
 
@@ -118,15 +149,16 @@ inline void check_penalties_args(const at::Tensor& logits, const at::Tensor& pro
 
 inline void check_penalty_values(const at::Tensor& presence_penalty, const at::Tensor& frequency_penalty,
                                  const at::Tensor& repetition_penalty) {
-  const at::Tensor pr = presence_penalty.contiguous(), fr = frequency_penalty.contiguous();
-  const at::Tensor rp = repetition_penalty.contiguous();
-  for (int64_t b = 0; b < pr.numel(); ++b) {
-    TORCH_CHECK(std::isfinite(pr.data_ptr<float>()[b]), "presence_penalty must be finite, got ",
-                pr.data_ptr<float>()[b], " in row ", b);
-    TORCH_CHECK(std::isfinite(fr.data_ptr<float>()[b]), "frequency_penalty must be finite, got ",
-                fr.data_ptr<float>()[b], " in row ", b);
-    const float r = rp.data_ptr<float>()[b];
-    TORCH_CHECK(std::isfinite(r) && r > 0.0f, "repetition_penalty must be finite and > 0, got ", r, " in row ", b);
+  const int64_t batch = presence_penalty.numel();
+  const at::Tensor v = host_values(at::stack({presence_penalty, frequency_penalty, repetition_penalty}));
+  const float* pr = v.data_ptr<float>();
+  const float* fr = pr + batch;
+  const float* rp = pr + 2 * batch;
+  for (int64_t b = 0; b < batch; ++b) {
+    TORCH_CHECK_VALUE(std::isfinite(pr[b]), "presence_penalty must be finite, got ", pr[b], " in row ", b);
+    TORCH_CHECK_VALUE(std::isfinite(fr[b]), "frequency_penalty must be finite, got ", fr[b], " in row ", b);
+    TORCH_CHECK_VALUE(std::isfinite(rp[b]) && rp[b] > 0.0f, "repetition_penalty must be finite and > 0, got ",
+                      rp[b], " in row ", b);
   }
 }
 
@@ -141,22 +173,23 @@ inline void check_logit_bias_args(const at::Tensor& logits, const at::Tensor& to
               biases.device());
 }
 
-constexpr int64_t kMaxLogprobsTop = 20;
+// The most top logprobs one row can ask for (OpenAI's limit), exported to Python as _C.MAX_LOGPROBS.
+constexpr int64_t kMaxLogprobs = 20;
 
 inline void check_logprobs_args(const at::Tensor& logits, const at::Tensor& token_ids, int64_t num_top) {
   check_logits(logits);
   check_row_param(token_ids, "token_ids", at::kLong, logits.size(0), logits.device());
-  TORCH_CHECK(num_top >= 0 && num_top <= kMaxLogprobsTop, "num_top must be in [0, ", kMaxLogprobsTop, "], got ",
+  TORCH_CHECK_VALUE(num_top >= 0 && num_top <= kMaxLogprobs, "num_top must be in [0, ", kMaxLogprobs, "], got ",
               num_top);
-  TORCH_CHECK(num_top <= logits.size(1), "num_top (", num_top, ") must not exceed the vocabulary size (",
+  TORCH_CHECK_VALUE(num_top <= logits.size(1), "num_top (", num_top, ") must not exceed the vocabulary size (",
               logits.size(1), ")");
 }
 
 inline void check_token_id_values(const at::Tensor& token_ids, int64_t vocab) {
-  const at::Tensor t = token_ids.contiguous();
+  const at::Tensor t = host_values(token_ids);
   const int64_t* id = t.data_ptr<int64_t>();
   for (int64_t i = 0; i < t.numel(); ++i) {
-    TORCH_CHECK(id[i] >= 0 && id[i] < vocab, "token_ids must be in [0, ", vocab, "), got ", id[i], " in row ", i);
+    TORCH_CHECK_VALUE(id[i] >= 0 && id[i] < vocab, "token_ids must be in [0, ", vocab, "), got ", id[i], " in row ", i);
   }
 }
 

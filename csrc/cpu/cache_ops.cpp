@@ -17,7 +17,7 @@ void check_block_ids(const at::Tensor& block_mapping, int64_t num_blocks, const 
   const int64_t* pairs = block_mapping.data_ptr<int64_t>();
   for (int64_t i = 0; i < block_mapping.size(0); ++i) {
     for (int j = 0; j < 2; ++j) {
-      TORCH_CHECK(pairs[2 * i + j] >= 0 && pairs[2 * i + j] < num_blocks, "block_mapping[", i, ", ", j, "] = ",
+      TORCH_CHECK_VALUE(pairs[2 * i + j] >= 0 && pairs[2 * i + j] < num_blocks, "block_mapping[", i, ", ", j, "] = ",
                   pairs[2 * i + j], " is out of range for ", cache_name, " with ", num_blocks, " blocks");
     }
   }
@@ -34,7 +34,7 @@ void reshape_and_cache_cpu(const at::Tensor& key, const at::Tensor& value, at::T
   const int64_t num_slots = key_cache.size(0) * key_cache.size(1);
   const int64_t* slots = slot_mapping.data_ptr<int64_t>();
   for (int64_t i = 0; i < num_tokens; ++i) {
-    TORCH_CHECK(slots[i] < num_slots, "slot_mapping[", i, "] = ", slots[i], " is out of range for a cache of ",
+    TORCH_CHECK_VALUE(slots[i] < num_slots, "slot_mapping[", i, "] = ", slots[i], " is out of range for a cache of ",
                 num_slots, " slots");
   }
   const int64_t num_kv_heads = key_cache.size(2);

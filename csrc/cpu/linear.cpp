@@ -44,14 +44,8 @@ at::Tensor linear_cpu(const at::Tensor& x, const at::Tensor& weight, const std::
   return out;
 }
 
-// Elsewhere (CUDA) the vendor GEMM is already the right kernel; the op exists so one call site serves both.
-at::Tensor linear_generic(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias) {
-  return at::linear(x, weight, bias);
-}
-
 }  // namespace
 
 TORCH_LIBRARY_IMPL(fast_inference, CPU, m) { m.impl("linear", &linear_cpu); }
-TORCH_LIBRARY_IMPL(fast_inference, CUDA, m) { m.impl("linear", &linear_generic); }
 
 }  // namespace fast_inference::cpu

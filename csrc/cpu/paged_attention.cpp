@@ -22,25 +22,25 @@ void check_paged_attention_values(const PagedAttentionDims& d, const at::Tensor&
                                   const at::Tensor& seq_lens, const at::Tensor& cu_query_lens) {
   const int32_t* cu = cu_query_lens.data_ptr<int32_t>();
   const int32_t* lens = seq_lens.data_ptr<int32_t>();
-  TORCH_CHECK(cu[0] == 0, "cu_query_lens[0] must be 0, got ", cu[0]);
-  TORCH_CHECK(cu[d.num_seqs] == d.num_query_tokens, "cu_query_lens[-1] = ", cu[d.num_seqs],
+  TORCH_CHECK_VALUE(cu[0] == 0, "cu_query_lens[0] must be 0, got ", cu[0]);
+  TORCH_CHECK_VALUE(cu[d.num_seqs] == d.num_query_tokens, "cu_query_lens[-1] = ", cu[d.num_seqs],
               " must equal the number of query tokens ", d.num_query_tokens);
   const int64_t capacity = d.max_blocks_per_seq * d.block_size;
   const int64_t table_stride = block_tables.stride(0);
   const int32_t* tables = block_tables.data_ptr<int32_t>();
   for (int64_t s = 0; s < d.num_seqs; ++s) {
     const int64_t q_len = int64_t(cu[s + 1]) - cu[s];
-    TORCH_CHECK(q_len >= 0, "cu_query_lens must be non-decreasing, but cu_query_lens[", s + 1, "] = ", cu[s + 1],
+    TORCH_CHECK_VALUE(q_len >= 0, "cu_query_lens must be non-decreasing, but cu_query_lens[", s + 1, "] = ", cu[s + 1],
                 " < cu_query_lens[", s, "] = ", cu[s]);
-    TORCH_CHECK(lens[s] >= q_len, "seq_lens[", s, "] = ", lens[s], " is shorter than its query length ", q_len,
+    TORCH_CHECK_VALUE(lens[s] >= q_len, "seq_lens[", s, "] = ", lens[s], " is shorter than its query length ", q_len,
                 " (from cu_query_lens)");
-    TORCH_CHECK(lens[s] <= capacity, "seq_lens[", s, "] = ", lens[s], " exceeds the block_tables capacity of ",
+    TORCH_CHECK_VALUE(lens[s] <= capacity, "seq_lens[", s, "] = ", lens[s], " exceeds the block_tables capacity of ",
                 d.max_blocks_per_seq, " blocks x ", d.block_size, " tokens");
     if (q_len == 0) continue;  // nothing of this sequence is read
     const int64_t used_blocks = (int64_t(lens[s]) + d.block_size - 1) / d.block_size;
     for (int64_t b = 0; b < used_blocks; ++b) {
       const int32_t id = tables[s * table_stride + b];
-      TORCH_CHECK(id >= 0 && id < d.num_blocks, "block_tables[", s, ", ", b, "] = ", id,
+      TORCH_CHECK_VALUE(id >= 0 && id < d.num_blocks, "block_tables[", s, ", ", b, "] = ", id,
                   " is out of range for a cache of ", d.num_blocks, " blocks");
     }
   }

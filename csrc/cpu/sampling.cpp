@@ -211,8 +211,6 @@ int64_t select_from_bits(const SamplingRowKernels& K, const uint32_t* bits, int6
   return K.draw(bits, n, t, fi_scale_random(random64, mass));
 }
 
-constexpr int64_t kRowHasNaN = -1;
-constexpr int64_t kRowAllNegInf = -2;
 constexpr int64_t kSmallTopK = 1024;        // top-k rows up to this k work on gathered candidates
 constexpr int64_t kSmallTopKCap = 8192;     // ... unless ties make the top-k set larger than this
 
@@ -254,11 +252,6 @@ const float* row_as_float(const scalar_t* row, int64_t n, Workspace& ws) {
   }
 }
 
-void raise_row_error(int64_t row, int64_t code) {
-  TORCH_CHECK(code != kRowHasNaN, "logits row ", row, " contains NaN or +inf");
-  TORCH_CHECK(false, "logits row ", row, " has no finite value (all -inf): nothing can be sampled");
-}
-
 // Records the first failing row across threads, then raises it on the calling thread.
 struct RowError {
   std::atomic<int64_t> row{std::numeric_limits<int64_t>::max()};
@@ -270,7 +263,7 @@ struct RowError {
     if (row.load() == r) code.store(c);
   }
   void raise_if_set() const {
-    if (row.load() != std::numeric_limits<int64_t>::max()) raise_row_error(row.load(), code.load());
+    if (row.load() != std::numeric_limits<int64_t>::max()) checks::raise_bad_logits_row(row.load(), code.load());
   }
 };
 

@@ -1,4 +1,4 @@
-// Device helpers shared by the CUDA kernels: f32/f16/bf16 <-> float, 16-byte vector loads, reductions.
+// Helpers shared by the CUDA kernels: f32/f16/bf16 <-> float, 16-byte vector loads, warp/block reductions, capture test.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -6,10 +6,17 @@
 
 #include <cstdint>
 
+#include <c10/cuda/CUDAGraphsC10Utils.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
 namespace fast_inference::cuda {
+
+// Host side: whether the current stream is capturing a CUDA graph. Value checks read tensors on the host
+// (a synchronisation, which a graph cannot contain), so the ops run them only when this is false.
+inline bool current_stream_is_capturing() {
+  return c10::cuda::currentStreamCaptureStatusMayInitCtx() != c10::cuda::CaptureStatus::None;
+}
 
 // at:: element types -> the CUDA types the kernels compute with.
 template <typename T> struct CudaType { using type = T; };
@@ -64,40 +71,48 @@ __device__ __forceinline__ void unpack16(const uint4& raw, float* out, __nv_bflo
 // A quiet NaN: the value written for output rows whose inputs were out of range.
 __device__ __forceinline__ float fault_nan() { return __int_as_float(0x7fc00000); }
 
-__device__ __forceinline__ float warp_max(float v) {
-#pragma unroll
-  for (int off = 16; off > 0; off >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, off));
-  return v;
-}
-__device__ __forceinline__ float warp_sum(float v) {
-#pragma unroll
-  for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
-  return v;
-}
+// Reduction operators for warp_reduce / block_reduce.
+struct MaxOp {  // fmaxf for floats: a NaN operand loses, as in the kernels' running maxima
+  __device__ __forceinline__ float operator()(float a, float b) const { return fmaxf(a, b); }
+};
+struct MinOp {
+  template <typename T> __device__ __forceinline__ T operator()(T a, T b) const { return b < a ? b : a; }
+};
+struct SumOp {
+  template <typename T> __device__ __forceinline__ T operator()(T a, T b) const { return a + b; }
+};
 
-// Block-wide reductions for blocks of NUM_WARPS full warps; `scratch` holds NUM_WARPS floats. Every
-// thread gets the result. Ends with a barrier so `scratch` can be reused right away.
-template <int NUM_WARPS>
-__device__ __forceinline__ float block_max(float v, float* scratch) {
-  v = warp_max(v);
+// Reduces v across the 32 lanes of a full warp; every lane gets the result.
+template <typename T, typename Op>
+__device__ __forceinline__ T warp_reduce(T v, Op op) {
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) v = op(v, __shfl_xor_sync(0xffffffffu, v, off));
+  return v;
+}
+__device__ __forceinline__ float warp_max(float v) { return warp_reduce(v, MaxOp{}); }
+__device__ __forceinline__ float warp_sum(float v) { return warp_reduce(v, SumOp{}); }
+
+// Block-wide reduction for blocks of NUM_WARPS full warps; `scratch` holds NUM_WARPS values in shared
+// memory. Every thread gets the result, combined in warp order (the same order on every run). Ends with
+// a barrier so `scratch` can be reused right away.
+template <int NUM_WARPS, typename T, typename Op>
+__device__ __forceinline__ T block_reduce(T v, Op op, T* scratch) {
+  v = warp_reduce(v, op);
   if (threadIdx.x % 32 == 0) scratch[threadIdx.x / 32] = v;
   __syncthreads();
-  float r = scratch[0];
+  T r = scratch[0];
 #pragma unroll
-  for (int w = 1; w < NUM_WARPS; ++w) r = fmaxf(r, scratch[w]);
+  for (int w = 1; w < NUM_WARPS; ++w) r = op(r, scratch[w]);
   __syncthreads();
   return r;
+}
+template <int NUM_WARPS>
+__device__ __forceinline__ float block_max(float v, float* scratch) {
+  return block_reduce<NUM_WARPS>(v, MaxOp{}, scratch);
 }
 template <int NUM_WARPS>
 __device__ __forceinline__ float block_sum(float v, float* scratch) {
-  v = warp_sum(v);
-  if (threadIdx.x % 32 == 0) scratch[threadIdx.x / 32] = v;
-  __syncthreads();
-  float r = scratch[0];
-#pragma unroll
-  for (int w = 1; w < NUM_WARPS; ++w) r += scratch[w];
-  __syncthreads();
-  return r;
+  return block_reduce<NUM_WARPS>(v, SumOp{}, scratch);
 }
 
 }  // namespace fast_inference::cuda

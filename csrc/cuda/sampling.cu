@@ -5,8 +5,11 @@
 // a radix select on the bit patterns of e = exp((x - max) / T) weighted by fixed-point mass (4 passes),
 // and the draw an inverse CDF over the survivors in index order with a block-wide integer scan. Every
 // sum is an integer sum (order independent) and exp is sampling_math.h's fi_exp, so thresholds and
-// tokens are bit-identical to the CPU. No host synchronisation, no allocation beyond the output:
-// safe inside a CUDA graph. A row that cannot be sampled (NaN/+inf logits, all -inf) yields -1.
+// tokens are bit-identical to the CPU. The kernels need no host synchronisation and allocate nothing
+// beyond their outputs. The value checks of csrc/checks/sampling_checks.h (the CPU ops run the same
+// ones) read host copies, so they are skipped while a CUDA graph is being captured; whatever the values,
+// no kernel accesses memory out of bounds, and a row that cannot be sampled (NaN/+inf logits, all -inf)
+// gets a negative status code instead of a token (kRowHasNaN, kRowAllNegInf), raised when not capturing.
 #include <cstdint>
 
 #include <ATen/ATen.h>
@@ -16,6 +19,7 @@
 #include <torch/library.h>
 
 #include "checks/sampling_checks.h"
+#include "cuda/cuda_utils.cuh"
 #include "philox.h"
 #include "sampling_math.h"
 
@@ -30,26 +34,6 @@ template <typename T>
 __device__ __forceinline__ float load_float(const T* p) {
   return static_cast<float>(*p);
 }
-
-// Block-wide reductions over kSampleThreads threads through a small shared scratch.
-template <typename T, typename Op>
-__device__ T block_reduce(T v, Op op, T* scratch) {
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  for (int o = 16; o > 0; o >>= 1) v = op(v, __shfl_xor_sync(0xffffffffu, v, o));
-  __syncthreads();  // scratch may still be read by a previous call
-  if (lane == 0) scratch[warp] = v;
-  __syncthreads();
-  v = scratch[0];
-  for (int w = 1; w < kWarps; ++w) v = op(v, scratch[w]);
-  return v;
-}
-
-struct MaxOp {
-  __device__ float operator()(float a, float b) const { return fmaxf(a, b); }
-};
-struct SumOp {
-  __device__ unsigned long long operator()(unsigned long long a, unsigned long long b) const { return a + b; }
-};
 
 // Order-preserving map of floats to unsigned keys (larger float -> larger key).
 __device__ __forceinline__ uint32_t float_key(float x) {
@@ -177,9 +161,9 @@ __global__ void __launch_bounds__(kSampleThreads) sample_kernel(
     m = fmaxf(m, x);
   }
   bad = __syncthreads_or(bad);
-  m = block_reduce(m, MaxOp{}, sh.fscratch);
+  m = block_reduce<kWarps>(m, MaxOp{}, sh.fscratch);
   if (bad || m == -INFINITY) {
-    if (threadIdx.x == 0) out[b] = -1;
+    if (threadIdx.x == 0) out[b] = bad ? kRowHasNaN : kRowAllNegInf;
     return;
   }
 
@@ -193,7 +177,7 @@ __global__ void __launch_bounds__(kSampleThreads) sample_kernel(
         break;
       }
     }
-    best = block_reduce(best, [](int a, int c) { return a < c ? a : c; }, sh.iscratch);
+    best = block_reduce<kWarps>(best, MinOp{}, sh.iscratch);
     if (threadIdx.x == 0) out[b] = best;
     return;
   }
@@ -212,7 +196,7 @@ __global__ void __launch_bounds__(kSampleThreads) sample_kernel(
       const float x = load_float(row + i);
       if (x >= tk) total += fi_mass(e_bits(x, m, inv_t));
     }
-    total = block_reduce(total, SumOp{}, sh.uscratch);
+    total = block_reduce<kWarps>(total, SumOp{}, sh.uscratch);
     t = max(t, top_p_threshold(row, vocab, m, inv_t, tk, fi_top_p_target(tp, total), sh));
   }
   t = min(t, kOneBits);
@@ -226,7 +210,7 @@ __global__ void __launch_bounds__(kSampleThreads) sample_kernel(
       if (bits >= t) mass += fi_mass(bits);
     }
   }
-  mass = block_reduce(mass, SumOp{}, sh.uscratch);
+  mass = block_reduce<kWarps>(mass, SumOp{}, sh.uscratch);
   const unsigned long long r = fi_scale_random(philox_random64(seeds[b], offsets[b]), mass);
 
   constexpr int kItems = 4;  // consecutive elements per thread, so thread order is index order
@@ -290,6 +274,8 @@ at::Tensor sample_cuda(const at::Tensor& logits,       // float [B, V]
                        const at::Tensor& offsets) {    // int64 [B]
   checks::check_sample_args(logits, temperature, top_k, top_p, min_p, seeds, offsets);
   const c10::cuda::CUDAGuard guard(logits.device());
+  const bool check_values = !current_stream_is_capturing();
+  if (check_values) checks::check_sampling_values(temperature, top_p, min_p);
   const int64_t batch = logits.size(0), vocab = logits.size(1);
   at::Tensor out = at::empty({batch}, logits.options().dtype(at::kLong));
   if (batch == 0) return out;
@@ -303,6 +289,7 @@ at::Tensor sample_cuda(const at::Tensor& logits,       // float [B, V]
         out.data_ptr<int64_t>());
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
+  if (check_values) checks::check_sampled_tokens(out);  // rows that could not be sampled hold a status code
   return out;
 }
 
@@ -312,7 +299,7 @@ constexpr int kPenaltyThreads = 256;
 
 // One CTA per row. A shared bitmask over the vocabulary marks tokens already handled, so each distinct
 // token is penalized once by the thread that claimed it (deterministic: the update is the same
-// whichever thread claims it). Out-of-range ids are skipped (the wrapper reports them when it can).
+// whichever thread claims it). Out-of-range ids are skipped (the value checks report them when not capturing).
 template <typename scalar_t>
 __global__ void __launch_bounds__(kPenaltyThreads) penalties_kernel(
     scalar_t* __restrict__ logits, int64_t row_stride, int64_t vocab,  // [B, V]
@@ -369,6 +356,11 @@ void apply_penalties_cuda(const at::Tensor& logits,              // float [B, V]
                                presence_penalty, frequency_penalty, repetition_penalty);
   const c10::cuda::CUDAGuard guard(logits.device());
   const int64_t batch = logits.size(0), vocab = logits.size(1);
+  if (!current_stream_is_capturing()) {
+    checks::check_ragged_values(prompt_token_ids, "prompt_token_ids", prompt_cu_lens, "prompt_cu_lens", vocab);
+    checks::check_ragged_values(output_token_ids, "output_token_ids", output_cu_lens, "output_cu_lens", vocab);
+    checks::check_penalty_values(presence_penalty, frequency_penalty, repetition_penalty);
+  }
   if (batch == 0) return;
   const size_t smem = static_cast<size_t>((vocab + 31) / 32) * sizeof(uint32_t);
   int max_smem = 0;
@@ -417,6 +409,9 @@ void apply_logit_bias_cuda(const at::Tensor& logits,     // float [B, V], in pla
                            const at::Tensor& cu_lens) {  // int32 [B + 1]
   checks::check_logit_bias_args(logits, token_ids, biases, cu_lens);
   const c10::cuda::CUDAGuard guard(logits.device());
+  if (!current_stream_is_capturing()) {
+    checks::check_ragged_values(token_ids, "token_ids", cu_lens, "cu_lens", logits.size(1));
+  }
   const int64_t batch = logits.size(0);
   if (batch == 0) return;
   const at::Tensor ids = token_ids.contiguous(), bias = biases.contiguous(), cu = cu_lens.contiguous();
@@ -434,7 +429,6 @@ void apply_logit_bias_cuda(const at::Tensor& logits,     // float [B, V], in pla
 
 constexpr int kLogprobThreads = 256;
 constexpr int kLogprobWarps = kLogprobThreads / 32;
-constexpr int kMaxTop = 20;
 
 struct Cand {
   float v;
@@ -455,7 +449,7 @@ __global__ void __launch_bounds__(kLogprobThreads) logprobs_kernel(
   const scalar_t* row = logits + b * row_stride;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
 
-  Cand mine[kMaxTop];
+  Cand mine[checks::kMaxLogprobs];
   int count = 0;
   float m = -INFINITY;
   for (int64_t i = threadIdx.x; i < vocab; i += blockDim.x) {
@@ -469,21 +463,10 @@ __global__ void __launch_bounds__(kLogprobThreads) logprobs_kernel(
     }
     mine[pos] = Cand{x, static_cast<int>(i)};
   }
-  // block max
-  for (int o = 16; o > 0; o >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, o));
-  if (lane == 0) fscratch[warp] = m;
-  __syncthreads();
-  m = fscratch[0];
-  for (int w = 1; w < kLogprobWarps; ++w) m = fmaxf(m, fscratch[w]);
-  __syncthreads();
-  // block sum of exp(x - m)
+  m = block_max<kLogprobWarps>(m, fscratch);
   float s = 0.0f;
   for (int64_t i = threadIdx.x; i < vocab; i += blockDim.x) s += fi_exp(load_float(row + i) - m);
-  for (int o = 16; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
-  if (lane == 0) fscratch[warp] = s;
-  __syncthreads();
-  s = 0.0f;
-  for (int w = 0; w < kLogprobWarps; ++w) s += fscratch[w];
+  s = block_sum<kLogprobWarps>(s, fscratch);
   const float lse = m + logf(s);
   if (threadIdx.x == 0) {
     const int64_t tok = token_ids[b];
@@ -516,9 +499,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> compute_logprobs_cuda(const at::T
                                                                      const at::Tensor& token_ids,  // int64 [B]
                                                                      int64_t num_top) {
   checks::check_logprobs_args(logits, token_ids, num_top);
-  TORCH_CHECK(logits.size(1) <= INT32_MAX, "compute_logprobs: vocabulary too large");
   const c10::cuda::CUDAGuard guard(logits.device());
   const int64_t batch = logits.size(0), vocab = logits.size(1);
+  if (!current_stream_is_capturing()) {
+    checks::check_logits_values(logits);
+    checks::check_token_id_values(token_ids, vocab);
+  }
   at::Tensor token_lp = at::empty({batch}, logits.options().dtype(at::kFloat));
   at::Tensor top_ids = at::empty({batch, num_top}, logits.options().dtype(at::kLong));
   at::Tensor top_lp = at::empty({batch, num_top}, logits.options().dtype(at::kFloat));

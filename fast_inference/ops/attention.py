@@ -1,7 +1,10 @@
 """Python wrapper for the paged-attention kernel: output allocation, shapes, documentation.
 
 Validation lives in the C++ op (csrc/checks/attention_checks.h), so direct torch.ops calls are
-checked the same way; bad arguments raise RuntimeError naming the argument.
+checked the same way: wrong shapes, dtypes or devices raise RuntimeError naming the argument on every
+device. On CPU the values of block_tables, seq_lens and cu_query_lens are checked too (ValueError);
+on CUDA reading them would cost a host synchronisation per layer, so the kernel instead writes NaN
+rows for the query tokens whose sequence holds an out-of-range value.
 """
 
 import torch

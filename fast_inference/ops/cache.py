@@ -1,7 +1,8 @@
 """Python wrappers for the KV-cache kernels: write new tokens, copy blocks, swap blocks between devices.
 
-Validation lives in the C++ ops (csrc/checks/cache_checks.h); bad arguments raise RuntimeError naming
-the argument. Caches are [num_blocks, block_size, num_kv_heads, head_size], contiguous, float32,
+Validation lives in the C++ ops (csrc/checks/cache_checks.h): wrong shapes, dtypes or devices raise
+RuntimeError naming the argument; out-of-range slot or block ids raise ValueError where the ids are on
+the host (CPU caches, swap_blocks' mapping) and are skipped on the device otherwise. Caches are [num_blocks, block_size, num_kv_heads, head_size], contiguous, float32,
 float16 or bfloat16; slot = block_id * block_size + offset.
 """
 

@@ -6,10 +6,10 @@ from typing import Any
 
 from ..engine.outputs import CompletionOutput, Logprob
 from ..engine.sampling_params import SamplingParams
+from ..ops.sampling import MAX_LOGPROBS
 from .errors import APIError, invalid, unsupported
 
 MAX_N = 128
-MAX_LOGPROBS = 20
 _ROLES = {"system", "developer", "user", "assistant", "tool", "function"}
 
 
