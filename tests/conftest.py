@@ -1,10 +1,36 @@
-"""Shared test fixtures: tiny random-weight Hugging Face model dirs of each architecture, built once per session."""
+"""Shared test fixtures: the device rule of CUDA cases, the `device` fixture, and tiny random-weight model dirs.
+
+The one device rule: a test marked `cuda` (`pytest -m cuda` selects them all) is skipped when no GPU is
+visible and FAILS when a GPU is visible but fast_inference._C was built without its CUDA kernels, so a
+broken build cannot hide behind skips.
+"""
 
 from pathlib import Path
 
 import pytest
+import torch
 
 from fast_inference.models.demo import build_model_dir
+from fast_inference.ops import cuda_ops_available
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    if item.get_closest_marker("cuda") is None:
+        return
+    if not torch.cuda.is_available():
+        pytest.skip("needs an NVIDIA GPU")
+    if not cuda_ops_available():
+        pytest.fail(
+            "a GPU is visible but fast_inference._C has no CUDA kernels: rebuild it against a CUDA torch "
+            "(FI_TARGET_DEVICE=cuda pip install --no-build-isolation .)",
+            pytrace=False,
+        )
+
+
+@pytest.fixture(params=["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
+def device(request) -> str:
+    """Every kernel test that takes `device` runs on the CPU and, under the rule above, on CUDA."""
+    return request.param
 
 # name -> build_model_dir keyword arguments. Together they cover every architecture, tied and untied
 # embeddings, an explicit head_dim, each RoPE scaling type and a sharded checkpoint.

@@ -1,6 +1,23 @@
-"""Random paged-attention batches for the kernel tests: caches, a shuffled block table, varlen queries."""
+"""Paged-attention test helpers shared by the CPU and CUDA suites: random batches and the one tolerance table."""
 
 import torch
+
+from fast_inference import ops
+from fast_inference.ops import reference as ref
+
+# paged_attention vs ops.reference, per dtype (rtol, atol), on every device: softmax and accumulation are
+# float32; the bf16 kernels round P to bf16 for the p.v products (as flash attention does), hence its bound.
+TOLERANCE = {torch.float32: (2e-5, 2e-5), torch.float16: (2e-3, 2e-3), torch.bfloat16: (2e-2, 2e-2)}
+
+
+def check_against_reference(args, *, causal=True, scale=None, dtype=torch.float32):
+    """ops.paged_attention(*args) equals the reference within TOLERANCE[dtype]; returns the kernel's output."""
+    scale = args[0].shape[-1] ** -0.5 if scale is None else scale
+    got = ops.paged_attention(*args, scale, causal=causal)
+    want = ref.paged_attention(*args, scale, causal=causal)
+    rtol, atol = TOLERANCE[dtype]
+    torch.testing.assert_close(got, want, rtol=rtol, atol=atol)
+    return got
 
 
 def make_batch(

@@ -151,14 +151,14 @@ def test_reshape_and_cache_slot_out_of_range():
     args = cache_args()
     args[4][2] = 24  # 3 blocks x 8 slots
     before = args[2].clone()
-    with pytest.raises(RuntimeError, match=r"slot_mapping\[2\] = 24 is out of range"):
+    with pytest.raises(ValueError, match=r"slot_mapping\[2\] = 24 is out of range"):
         ops.reshape_and_cache(*args)
     torch.testing.assert_close(args[2], before, rtol=0, atol=0)  # nothing written
 
 
 def test_copy_blocks_bad_input():
     caches = [torch.zeros(4, 8, 2, 64) for _ in range(2)]
-    with pytest.raises(RuntimeError, match=r"block_mapping\[1, 1\] = 4 is out of range"):
+    with pytest.raises(ValueError, match=r"block_mapping\[1, 1\] = 4 is out of range"):
         ops.copy_blocks(caches[:1], caches[1:], torch.tensor([[0, 1], [2, 4]]))
     with pytest.raises(RuntimeError, match="block_mapping must be int64"):
         ops.copy_blocks(caches[:1], caches[1:], torch.tensor([[0, 1]], dtype=torch.int32))
@@ -174,9 +174,9 @@ def test_copy_blocks_bad_input():
 
 def test_swap_blocks_bad_input():
     src, dst = torch.zeros(4, 8, 2, 64), torch.zeros(2, 8, 2, 64)
-    with pytest.raises(RuntimeError, match=r"block_mapping\[0, 0\] = 4 is out of range for src"):
+    with pytest.raises(ValueError, match=r"block_mapping\[0, 0\] = 4 is out of range for src"):
         ops.swap_blocks(src, dst, torch.tensor([[4, 0]]))
-    with pytest.raises(RuntimeError, match=r"block_mapping\[0, 1\] = 2 is out of range for dst"):
+    with pytest.raises(ValueError, match=r"block_mapping\[0, 1\] = 2 is out of range for dst"):
         ops.swap_blocks(src, dst, torch.tensor([[0, 2]]))
     with pytest.raises(RuntimeError, match="dst dtype"):
         ops.swap_blocks(src, dst.half(), torch.tensor([[0, 1]]))

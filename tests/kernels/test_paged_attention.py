@@ -2,23 +2,13 @@
 
 import pytest
 import torch
-from paged_batch import make_batch
+from paged_batch import TOLERANCE, make_batch
+from paged_batch import check_against_reference as check
 
 from fast_inference import ops
 from fast_inference.ops import reference as ref
 
-# bf16 kernels round P to bf16 for the p.v products (as flash attention does), hence the wider bound.
-TOLERANCE = {torch.float32: (2e-5, 2e-5), torch.float16: (2e-3, 2e-3), torch.bfloat16: (2e-2, 2e-2)}
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
-
-
-def check(args, *, causal=True, scale=None, dtype=torch.float32):
-    scale = args[0].shape[-1] ** -0.5 if scale is None else scale
-    got = ops.paged_attention(*args, scale, causal=causal)
-    want = ref.paged_attention(*args, scale, causal=causal)
-    rtol, atol = TOLERANCE[dtype]
-    torch.testing.assert_close(got, want, rtol=rtol, atol=atol)
-    return got
 
 
 # decode, decode at exactly a block, full prefill, chunked prefill over a cached prefix, one past a
@@ -106,7 +96,7 @@ def test_long_context_split_kv(device, dtype):
         device=device,
     )
     check(args, dtype=dtype)
-    check(args[:5] + (args[5],), causal=False, dtype=dtype)
+    check(args, causal=False, dtype=dtype)
 
 
 def test_large_scores_are_stable(device):
@@ -145,7 +135,8 @@ def test_strided_query_and_out(device):
     out = big_out[:, :, :head]
     ops.paged_attention(query, kc, vc, bt, sl, cu, 0.125, out=out)
     want = ref.paged_attention(query.contiguous(), kc, vc, bt, sl, cu, 0.125)
-    torch.testing.assert_close(out, want, rtol=2e-3, atol=2e-3)
+    rtol, atol = TOLERANCE[torch.float16]
+    torch.testing.assert_close(out, want, rtol=rtol, atol=atol)
     assert (big_out[:, :, head:] == 0).all()  # nothing written outside the view
 
 
@@ -184,11 +175,14 @@ def test_opcheck(device):
     torch.library.opcheck(torch.ops.fast_inference.paged_attention.default, (*args, 0.125, True, out))
 
 
-# Every instruction-set path this machine runs (the kernel reads FI_CPU_ISA at each call).
+# The lower instruction-set paths (the kernel reads FI_CPU_ISA at each call); the default path is the
+# best this CPU has, which every other test runs. A path this CPU cannot run is skipped, never replaced.
 @pytest.mark.parametrize("isa", ["portable", "avx2"])
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_other_isa_paths(monkeypatch, isa, dtype):
     monkeypatch.setenv("FI_CPU_ISA", isa)
+    if ops.cpu_isa() != isa:
+        pytest.skip(f"this CPU cannot run the {isa} kernels (it runs {ops.cpu_isa()})")
     for heads, kv, hs, bs, causal in [(8, 2, 64, 16, True), (6, 6, 80, 8, False)]:
         args = make_batch(
             MIXED_QUERY_LENS,
@@ -286,7 +280,6 @@ def test_unsupported_sizes_name_the_argument():
         run(args)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
 @pytest.mark.cuda
 def test_mixed_devices_name_the_argument():
     args = good_args()
@@ -313,7 +306,7 @@ def test_mixed_devices_name_the_argument():
 def test_bad_values_name_the_argument(mutate, match):
     args = good_args()
     mutate(args)
-    with pytest.raises(RuntimeError, match=match):
+    with pytest.raises(ValueError, match=match):
         run(args)
 
 
