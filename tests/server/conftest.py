@@ -1,7 +1,6 @@
 """Server test fixtures: a tiny local model, a live server on 127.0.0.1:0 in a background thread, schemas."""
 
 import json
-import os
 import threading
 from pathlib import Path
 
@@ -16,13 +15,9 @@ from fast_inference.server.serve import Server, ServerThread
 # Tiny models gain nothing from intra-op threads, and on a shared machine OpenMP spin-waits cost 10-100x.
 torch.set_num_threads(1)
 
-_ROOT = Path(__file__).resolve().parents[2]
-_SPEC_CANDIDATES = [
-    os.environ.get("FI_OPENAI_SPEC"),
-    _ROOT.parent / "shared" / "openai-spec" / "openai-subset.json",  # the checkout's sibling shared/
-    _ROOT / "shared" / "openai-spec" / "openai-subset.json",
-    Path("/work/shared/openai-spec/openai-subset.json"),
-]
+# The OpenAI schemas the responses are validated against, kept in the repository beside this file
+# (a subset of openai/openai-openapi, MIT: see openai-subset.NOTICE).
+OPENAI_SPEC = Path(__file__).resolve().parent / "openai-subset.json"
 MODEL_NAME = "tiny-test"
 
 
@@ -120,12 +115,7 @@ def _nullable(node):
 
 class Schemas:
     def __init__(self) -> None:
-        found = [Path(p) for p in _SPEC_CANDIDATES if p and Path(p).is_file()]
-        if not found:
-            raise FileNotFoundError(
-                f"openai-subset.json not found (set FI_OPENAI_SPEC); looked in {_SPEC_CANDIDATES}"
-            )
-        spec = json.loads(found[0].read_text())
+        spec = json.loads(OPENAI_SPEC.read_text())
         self.root = _nullable(spec)
         self.root.pop("paths", None)
 
