@@ -5,6 +5,8 @@ import logging
 import os
 import sys
 
+from .sizes import MEMORY_UNITS_HELP, parse_memory
+
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -46,7 +48,8 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--kv-cache-memory",
         default=None,
-        help="KV-cache size in bytes, or with a unit (e.g. 2GiB); default: the engine's choice",
+        help=f"KV-cache size in bytes or with a unit, e.g. 2GiB or 2GB ({MEMORY_UNITS_HELP}); "
+        "default: the engine's choice",
     )
     serve.add_argument("--block-size", type=int, default=16, help="tokens per KV-cache block")
     serve.add_argument("--no-enable-prefix-caching", action="store_true", help="disable prefix caching")
@@ -58,7 +61,10 @@ def _parser() -> argparse.ArgumentParser:
         help="torch intra-op CPU threads for the engine (default: torch's choice)",
     )
     serve.add_argument(
-        "--chat-template", default=None, help="Jinja chat template: a file path or the template"
+        "--chat-template",
+        metavar="FILE",
+        default=None,
+        help="file holding a Jinja chat template; none: the tokenizer's own",
     )
     serve.add_argument(
         "--allowed-origins",
@@ -91,35 +97,13 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _bytes(value: str | None) -> int | None:
-    if value is None:
-        return None
-    text = value.strip().lower().replace(" ", "")
-    units = {
-        "kib": 1 << 10,
-        "mib": 1 << 20,
-        "gib": 1 << 30,
-        "kb": 10**3,
-        "mb": 10**6,
-        "gb": 10**9,
-        "k": 1 << 10,
-        "m": 1 << 20,
-        "g": 1 << 30,
-        "b": 1,
-    }
-    for unit, scale in units.items():
-        if text.endswith(unit):
-            return int(float(text[: -len(unit)]) * scale)
-    return int(float(text))
-
-
-def _chat_template(value: str | None) -> str | None:
-    if value is None:
-        return None
-    if os.path.isfile(value):
-        with open(value, encoding="utf-8") as f:
+def _read_chat_template(path: str) -> str:
+    """The text of the --chat-template file; ValueError naming the flag when it cannot be read."""
+    try:
+        with open(path, encoding="utf-8") as f:
             return f.read()
-    return value
+    except OSError as exc:
+        raise ValueError(f"--chat-template {path!r} cannot be read: {exc.strerror or exc}") from None
 
 
 def serve(args: argparse.Namespace) -> int:
@@ -147,14 +131,14 @@ def serve(args: argparse.Namespace) -> int:
         log.error("--model %s is not a directory", model)
         return 2
     try:
-        kv_cache_memory = _bytes(args.kv_cache_memory)
-    except ValueError:
-        log.error("--kv-cache-memory %r is not a size", args.kv_cache_memory)
+        kv_cache_memory = None if args.kv_cache_memory is None else parse_memory(args.kv_cache_memory)
+        chat_template = None if args.chat_template is None else _read_chat_template(args.chat_template)
+    except ValueError as exc:
+        log.error("%s", exc)
         return 2
     names = args.served_model_name or (
         ["fast-inference-demo"] if is_demo else [os.path.basename(os.path.normpath(model))]
     )
-    chat_template = _chat_template(args.chat_template)
     api_key = args.api_key or os.environ.get("FAST_INFERENCE_API_KEY") or None
 
     def engine_factory():

@@ -1,43 +1,11 @@
 """EngineArgs (what a user may set) and the resolved cache/scheduler configuration of one engine."""
 
-import re
 from dataclasses import dataclass
 
 import torch
 
 from fast_inference.models.config import ModelConfig, load_model_config  # noqa: F401  (re-exported)
-
-_UNITS = {
-    "": 1,
-    "b": 1,
-    "k": 1000,
-    "kb": 1000,
-    "m": 1000**2,
-    "mb": 1000**2,
-    "g": 1000**3,
-    "gb": 1000**3,
-    "kib": 1 << 10,
-    "mib": 1 << 20,
-    "gib": 1 << 30,
-    "tib": 1 << 40,
-    "t": 1000**4,
-    "tb": 1000**4,
-}
-
-
-def parse_memory(value: str | int | float) -> int:
-    """'2GiB', '512MB', '1e9' or an int -> bytes."""
-    if isinstance(value, int | float) and not isinstance(value, bool):
-        if value <= 0:
-            raise ValueError(f"kv_cache_memory must be positive, got {value}")
-        return int(value)
-    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:e[0-9]+)?)\s*([a-zA-Z]*)\s*", str(value))
-    if m is None or m.group(2).lower() not in _UNITS:
-        raise ValueError(f"kv_cache_memory must be bytes or a size like '2GiB' or '512MB', got {value!r}")
-    nbytes = int(float(m.group(1)) * _UNITS[m.group(2).lower()])
-    if nbytes <= 0:
-        raise ValueError(f"kv_cache_memory must be positive, got {value!r}")
-    return nbytes
+from fast_inference.sizes import parse_memory  # noqa: F401  (re-exported)
 
 
 def resolve_device(device: str | torch.device) -> torch.device:
@@ -67,7 +35,7 @@ class EngineArgs:
     enable_prefix_caching: bool = True
     seed: int = 0
     tokenizer: str | None = None
-    chat_template: str | None = None
+    chat_template: str | None = None  # the Jinja template text (not a path); None: the tokenizer's
     enforce_eager: bool = False  # CUDA: do not capture decode steps into CUDA graphs
 
     def validate(self) -> None:

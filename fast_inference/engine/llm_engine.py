@@ -44,8 +44,7 @@ def load_tokenizer(path: str, chat_template: str | None = None):
             f"the tokenizer loaded from {path!r} is empty (missing or unreadable tokenizer files)"
         )
     if chat_template is not None:
-        template_path = Path(chat_template)
-        tokenizer.chat_template = template_path.read_text() if template_path.is_file() else chat_template
+        tokenizer.chat_template = chat_template
     return tokenizer
 
 
