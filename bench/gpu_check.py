@@ -24,6 +24,7 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import signal
 import subprocess
 import sys
@@ -73,10 +74,13 @@ def run_stage(stage: Stage, deadline: float) -> None:
     """Run the stage's command in its own process group, killed (group and all) at its limit."""
     limit = min(stage.limit_s, deadline - time.monotonic() - RESERVE_S)
     if limit <= 0:
-        stage.status, stage.output = "skipped", "the overall time budget was spent before this stage"
+        stage.status, stage.limit_s = "skipped", 0
+        stage.output = "the overall time budget was spent before this stage"
         return
     stage.limit_s = round(limit, 1)
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", **stage.env}
+    # The checkout first on sys.path: the tests and benchmarks import it (and bench.common) from there.
+    pythonpath = os.pathsep.join(filter(None, (str(ROOT), os.environ.get("PYTHONPATH"))))
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": pythonpath, **stage.env}
     started = time.monotonic()
     try:
         proc = subprocess.Popen(
@@ -224,25 +228,20 @@ def main() -> int:
     }
     stages: list[Stage] = []
     try:
-        env_stages = [
-            Stage(
-                "nvidia-smi",
-                ["nvidia-smi", "--query-gpu=name,driver_version,memory.total", "--format=csv,noheader"],
-                30,
-            ),
-            Stage("torch", [sys.executable, "-c", TORCH_INFO], 60),
-        ]
+        env_stages = [Stage("torch", [sys.executable, "-c", TORCH_INFO], 60)]
+        if not args.dry_run:
+            query = ["--query-gpu=name,driver_version,memory.total", "--format=csv,noheader"]
+            env_stages.insert(0, Stage("nvidia-smi", ["nvidia-smi", *query], 30))
         for stage in env_stages:
             run_stage(stage, deadline)
         stages += env_stages
-        torch_info = (json_lines(env_stages[1].output) or [{}])[-1]
+        torch_stage = env_stages[-1]
+        torch_info = (json_lines(torch_stage.output) or [{}])[-1]
         report["torch"] = torch_info
         if not args.dry_run and not torch_info.get("gpu_visible"):
             # Without a GPU the CUDA tests would only skip: say so instead of reporting a green run.
-            env_stages[1].status = "failed"
-            env_stages[
-                1
-            ].output += "\nno GPU is visible to torch (use --dry-run to check this script on a CPU)"
+            torch_stage.status = "failed"
+            torch_stage.output += "\nno GPU is visible to torch (--dry-run checks this script on a CPU)"
         for stage in plan(args, work, torch_info.get("capability")):
             stages.append(stage)
             run_stage(stage, deadline)
@@ -270,6 +269,7 @@ def main() -> int:
             }
         report["seconds"] = round(time.monotonic() - started, 1)
         report["ok"] = bool(stages) and all(s.status == "ok" for s in stages)
+        shutil.rmtree(work, ignore_errors=True)
         path = out / REPORT_NAME
         path.write_text(json.dumps(report, indent=1) + "\n")
         summary = ", ".join(f"{s.name}={s.status}" for s in stages)
