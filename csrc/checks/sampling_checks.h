@@ -119,9 +119,11 @@ inline void check_sampling_values(const at::Tensor& temperature, const at::Tenso
   }
 }
 
-inline void check_sample_args(const at::Tensor& logits, const at::Tensor& temperature, const at::Tensor& top_k,
-                              const at::Tensor& top_p, const at::Tensor& min_p, const at::Tensor& seeds,
-                              const at::Tensor& offsets) {
+// The one validation of each op, called by its CPU and its CUDA implementation alike: metadata always,
+// values only when check_values (false on CUDA while the stream captures a graph: see the top of this file).
+inline void check_sample(const at::Tensor& logits, const at::Tensor& temperature, const at::Tensor& top_k,
+                         const at::Tensor& top_p, const at::Tensor& min_p, const at::Tensor& seeds,
+                         const at::Tensor& offsets, bool check_values) {
   check_logits(logits);
   const int64_t batch = logits.size(0);
   const at::Device device = logits.device();
@@ -131,20 +133,7 @@ inline void check_sample_args(const at::Tensor& logits, const at::Tensor& temper
   check_row_param(min_p, "min_p", at::kFloat, batch, device);
   check_row_param(seeds, "seeds", at::kLong, batch, device);
   check_row_param(offsets, "offsets", at::kLong, batch, device);
-}
-
-inline void check_penalties_args(const at::Tensor& logits, const at::Tensor& prompt_token_ids,
-                                 const at::Tensor& prompt_cu_lens, const at::Tensor& output_token_ids,
-                                 const at::Tensor& output_cu_lens, const at::Tensor& presence_penalty,
-                                 const at::Tensor& frequency_penalty, const at::Tensor& repetition_penalty) {
-  check_logits(logits);
-  const int64_t batch = logits.size(0);
-  const at::Device device = logits.device();
-  check_ragged(prompt_token_ids, "prompt_token_ids", prompt_cu_lens, "prompt_cu_lens", batch, device);
-  check_ragged(output_token_ids, "output_token_ids", output_cu_lens, "output_cu_lens", batch, device);
-  check_row_param(presence_penalty, "presence_penalty", at::kFloat, batch, device);
-  check_row_param(frequency_penalty, "frequency_penalty", at::kFloat, batch, device);
-  check_row_param(repetition_penalty, "repetition_penalty", at::kFloat, batch, device);
+  if (check_values) check_sampling_values(temperature, top_p, min_p);
 }
 
 inline void check_penalty_values(const at::Tensor& presence_penalty, const at::Tensor& frequency_penalty,
@@ -162,8 +151,28 @@ inline void check_penalty_values(const at::Tensor& presence_penalty, const at::T
   }
 }
 
-inline void check_logit_bias_args(const at::Tensor& logits, const at::Tensor& token_ids, const at::Tensor& biases,
-                                  const at::Tensor& cu_lens) {
+inline void check_penalties(const at::Tensor& logits, const at::Tensor& prompt_token_ids,
+                            const at::Tensor& prompt_cu_lens, const at::Tensor& output_token_ids,
+                            const at::Tensor& output_cu_lens, const at::Tensor& presence_penalty,
+                            const at::Tensor& frequency_penalty, const at::Tensor& repetition_penalty,
+                            bool check_values) {
+  check_logits(logits);
+  const int64_t batch = logits.size(0);
+  const at::Device device = logits.device();
+  check_ragged(prompt_token_ids, "prompt_token_ids", prompt_cu_lens, "prompt_cu_lens", batch, device);
+  check_ragged(output_token_ids, "output_token_ids", output_cu_lens, "output_cu_lens", batch, device);
+  check_row_param(presence_penalty, "presence_penalty", at::kFloat, batch, device);
+  check_row_param(frequency_penalty, "frequency_penalty", at::kFloat, batch, device);
+  check_row_param(repetition_penalty, "repetition_penalty", at::kFloat, batch, device);
+  if (!check_values) return;
+  const int64_t vocab = logits.size(1);
+  check_ragged_values(prompt_token_ids, "prompt_token_ids", prompt_cu_lens, "prompt_cu_lens", vocab);
+  check_ragged_values(output_token_ids, "output_token_ids", output_cu_lens, "output_cu_lens", vocab);
+  check_penalty_values(presence_penalty, frequency_penalty, repetition_penalty);
+}
+
+inline void check_logit_bias(const at::Tensor& logits, const at::Tensor& token_ids, const at::Tensor& biases,
+                             const at::Tensor& cu_lens, bool check_values) {
   check_logits(logits);
   check_ragged(token_ids, "token_ids", cu_lens, "cu_lens", logits.size(0), logits.device());
   TORCH_CHECK(biases.dim() == 1 && biases.size(0) == token_ids.size(0), "biases must have shape [",
@@ -171,19 +180,11 @@ inline void check_logit_bias_args(const at::Tensor& logits, const at::Tensor& to
   TORCH_CHECK(biases.scalar_type() == at::kFloat, "biases must be float32, got ", biases.scalar_type());
   TORCH_CHECK(biases.device() == logits.device(), "biases must be on ", logits.device(), " like logits, got ",
               biases.device());
+  if (check_values) check_ragged_values(token_ids, "token_ids", cu_lens, "cu_lens", logits.size(1));
 }
 
 // The most top logprobs one row can ask for (OpenAI's limit), exported to Python as _C.MAX_LOGPROBS.
 constexpr int64_t kMaxLogprobs = 20;
-
-inline void check_logprobs_args(const at::Tensor& logits, const at::Tensor& token_ids, int64_t num_top) {
-  check_logits(logits);
-  check_row_param(token_ids, "token_ids", at::kLong, logits.size(0), logits.device());
-  TORCH_CHECK_VALUE(num_top >= 0 && num_top <= kMaxLogprobs, "num_top must be in [0, ", kMaxLogprobs, "], got ",
-              num_top);
-  TORCH_CHECK_VALUE(num_top <= logits.size(1), "num_top (", num_top, ") must not exceed the vocabulary size (",
-              logits.size(1), ")");
-}
 
 inline void check_token_id_values(const at::Tensor& token_ids, int64_t vocab) {
   const at::Tensor t = host_values(token_ids);
@@ -191,6 +192,19 @@ inline void check_token_id_values(const at::Tensor& token_ids, int64_t vocab) {
   for (int64_t i = 0; i < t.numel(); ++i) {
     TORCH_CHECK_VALUE(id[i] >= 0 && id[i] < vocab, "token_ids must be in [0, ", vocab, "), got ", id[i], " in row ", i);
   }
+}
+
+// The CUDA implementation also checks the logits' values (check_logits_values); the CPU one finds a bad row
+// in its own pass over the logits.
+inline void check_logprobs(const at::Tensor& logits, const at::Tensor& token_ids, int64_t num_top,
+                           bool check_values) {
+  check_logits(logits);
+  check_row_param(token_ids, "token_ids", at::kLong, logits.size(0), logits.device());
+  TORCH_CHECK_VALUE(num_top >= 0 && num_top <= kMaxLogprobs, "num_top must be in [0, ", kMaxLogprobs, "], got ",
+              num_top);
+  TORCH_CHECK_VALUE(num_top <= logits.size(1), "num_top (", num_top, ") must not exceed the vocabulary size (",
+              logits.size(1), ")");
+  if (check_values) check_token_id_values(token_ids, logits.size(1));
 }
 
 }  // namespace fast_inference::checks

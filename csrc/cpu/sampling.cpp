@@ -274,8 +274,7 @@ at::Tensor sample_cpu(const at::Tensor& logits,       // float [B, V]
                       const at::Tensor& min_p,        // f32 [B]
                       const at::Tensor& seeds,        // int64 [B]
                       const at::Tensor& offsets) {    // int64 [B]
-  checks::check_sample_args(logits, temperature, top_k, top_p, min_p, seeds, offsets);
-  checks::check_sampling_values(temperature, top_p, min_p);
+  checks::check_sample(logits, temperature, top_k, top_p, min_p, seeds, offsets, /*check_values=*/true);
   const int64_t batch = logits.size(0), vocab = logits.size(1);
   at::Tensor out = at::empty({batch}, logits.options().dtype(at::kLong));
   const at::Tensor t = temperature.contiguous(), k = top_k.contiguous(), p = top_p.contiguous();
@@ -346,12 +345,9 @@ void apply_penalties_cpu(const at::Tensor& logits,              // float [B, V],
                          const at::Tensor& presence_penalty,    // f32 [B]
                          const at::Tensor& frequency_penalty,   // f32 [B]
                          const at::Tensor& repetition_penalty) {  // f32 [B]
-  checks::check_penalties_args(logits, prompt_token_ids, prompt_cu_lens, output_token_ids, output_cu_lens,
-                               presence_penalty, frequency_penalty, repetition_penalty);
+  checks::check_penalties(logits, prompt_token_ids, prompt_cu_lens, output_token_ids, output_cu_lens,
+                          presence_penalty, frequency_penalty, repetition_penalty, /*check_values=*/true);
   const int64_t batch = logits.size(0), vocab = logits.size(1);
-  checks::check_ragged_values(prompt_token_ids, "prompt_token_ids", prompt_cu_lens, "prompt_cu_lens", vocab);
-  checks::check_ragged_values(output_token_ids, "output_token_ids", output_cu_lens, "output_cu_lens", vocab);
-  checks::check_penalty_values(presence_penalty, frequency_penalty, repetition_penalty);
   const at::Tensor pid = prompt_token_ids.contiguous(), pcu = prompt_cu_lens.contiguous();
   const at::Tensor oid = output_token_ids.contiguous(), ocu = output_cu_lens.contiguous();
   const at::Tensor pres = presence_penalty.contiguous(), freq = frequency_penalty.contiguous();
@@ -377,8 +373,7 @@ void apply_logit_bias_cpu(const at::Tensor& logits,     // float [B, V], in plac
                           const at::Tensor& token_ids,  // int64 [total]
                           const at::Tensor& biases,     // f32 [total]
                           const at::Tensor& cu_lens) {  // int32 [B + 1]
-  checks::check_logit_bias_args(logits, token_ids, biases, cu_lens);
-  checks::check_ragged_values(token_ids, "token_ids", cu_lens, "cu_lens", logits.size(1));
+  checks::check_logit_bias(logits, token_ids, biases, cu_lens, /*check_values=*/true);
   const at::Tensor ids = token_ids.contiguous(), bias = biases.contiguous(), cu = cu_lens.contiguous();
   const int64_t* id = ids.data_ptr<int64_t>();
   const float* bv = bias.data_ptr<float>();
@@ -425,9 +420,8 @@ void top_n(const SamplingRowKernels& K, const float* x, int64_t n, int64_t num_t
 std::tuple<at::Tensor, at::Tensor, at::Tensor> compute_logprobs_cpu(const at::Tensor& logits,     // float [B, V]
                                                                     const at::Tensor& token_ids,  // int64 [B]
                                                                     int64_t num_top) {
-  checks::check_logprobs_args(logits, token_ids, num_top);
+  checks::check_logprobs(logits, token_ids, num_top, /*check_values=*/true);
   const int64_t batch = logits.size(0), vocab = logits.size(1);
-  checks::check_token_id_values(token_ids, vocab);
   at::Tensor token_lp = at::empty({batch}, logits.options().dtype(at::kFloat));
   at::Tensor top_ids = at::empty({batch, num_top}, logits.options().dtype(at::kLong));
   at::Tensor top_lp = at::empty({batch, num_top}, logits.options().dtype(at::kFloat));

@@ -272,10 +272,9 @@ at::Tensor sample_cuda(const at::Tensor& logits,       // float [B, V]
                        const at::Tensor& min_p,        // f32 [B]
                        const at::Tensor& seeds,        // int64 [B]
                        const at::Tensor& offsets) {    // int64 [B]
-  checks::check_sample_args(logits, temperature, top_k, top_p, min_p, seeds, offsets);
   const c10::cuda::CUDAGuard guard(logits.device());
   const bool check_values = !current_stream_is_capturing();
-  if (check_values) checks::check_sampling_values(temperature, top_p, min_p);
+  checks::check_sample(logits, temperature, top_k, top_p, min_p, seeds, offsets, check_values);
   const int64_t batch = logits.size(0), vocab = logits.size(1);
   at::Tensor out = at::empty({batch}, logits.options().dtype(at::kLong));
   if (batch == 0) return out;
@@ -352,15 +351,10 @@ void apply_penalties_cuda(const at::Tensor& logits,              // float [B, V]
                           const at::Tensor& presence_penalty,    // f32 [B]
                           const at::Tensor& frequency_penalty,   // f32 [B]
                           const at::Tensor& repetition_penalty) {  // f32 [B]
-  checks::check_penalties_args(logits, prompt_token_ids, prompt_cu_lens, output_token_ids, output_cu_lens,
-                               presence_penalty, frequency_penalty, repetition_penalty);
   const c10::cuda::CUDAGuard guard(logits.device());
+  checks::check_penalties(logits, prompt_token_ids, prompt_cu_lens, output_token_ids, output_cu_lens,
+                          presence_penalty, frequency_penalty, repetition_penalty, !current_stream_is_capturing());
   const int64_t batch = logits.size(0), vocab = logits.size(1);
-  if (!current_stream_is_capturing()) {
-    checks::check_ragged_values(prompt_token_ids, "prompt_token_ids", prompt_cu_lens, "prompt_cu_lens", vocab);
-    checks::check_ragged_values(output_token_ids, "output_token_ids", output_cu_lens, "output_cu_lens", vocab);
-    checks::check_penalty_values(presence_penalty, frequency_penalty, repetition_penalty);
-  }
   if (batch == 0) return;
   const size_t smem = static_cast<size_t>((vocab + 31) / 32) * sizeof(uint32_t);
   int max_smem = 0;
@@ -407,11 +401,8 @@ void apply_logit_bias_cuda(const at::Tensor& logits,     // float [B, V], in pla
                            const at::Tensor& token_ids,  // int64 [total]
                            const at::Tensor& biases,     // f32 [total]
                            const at::Tensor& cu_lens) {  // int32 [B + 1]
-  checks::check_logit_bias_args(logits, token_ids, biases, cu_lens);
   const c10::cuda::CUDAGuard guard(logits.device());
-  if (!current_stream_is_capturing()) {
-    checks::check_ragged_values(token_ids, "token_ids", cu_lens, "cu_lens", logits.size(1));
-  }
+  checks::check_logit_bias(logits, token_ids, biases, cu_lens, !current_stream_is_capturing());
   const int64_t batch = logits.size(0);
   if (batch == 0) return;
   const at::Tensor ids = token_ids.contiguous(), bias = biases.contiguous(), cu = cu_lens.contiguous();
@@ -498,13 +489,11 @@ __global__ void __launch_bounds__(kLogprobThreads) logprobs_kernel(
 std::tuple<at::Tensor, at::Tensor, at::Tensor> compute_logprobs_cuda(const at::Tensor& logits,     // float [B, V]
                                                                      const at::Tensor& token_ids,  // int64 [B]
                                                                      int64_t num_top) {
-  checks::check_logprobs_args(logits, token_ids, num_top);
   const c10::cuda::CUDAGuard guard(logits.device());
+  const bool check_values = !current_stream_is_capturing();
+  checks::check_logprobs(logits, token_ids, num_top, check_values);
+  if (check_values) checks::check_logits_values(logits);
   const int64_t batch = logits.size(0), vocab = logits.size(1);
-  if (!current_stream_is_capturing()) {
-    checks::check_logits_values(logits);
-    checks::check_token_id_values(token_ids, vocab);
-  }
   at::Tensor token_lp = at::empty({batch}, logits.options().dtype(at::kFloat));
   at::Tensor top_ids = at::empty({batch, num_top}, logits.options().dtype(at::kLong));
   at::Tensor top_lp = at::empty({batch, num_top}, logits.options().dtype(at::kFloat));
