@@ -66,17 +66,22 @@ def test_block_sizes(device, block_size):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("num_heads,num_kv_heads", [(4, 4), (6, 2), (8, 2), (16, 2), (8, 1), (32, 1)])
+# (32, 2) and (40, 8): groups of 16 and 5 heads, the CUDA decode kernel's 8-head groups full and partial
+@pytest.mark.parametrize(
+    "num_heads,num_kv_heads", [(4, 4), (6, 2), (8, 2), (12, 4), (16, 2), (8, 1), (32, 1), (32, 2), (40, 8)]
+)
 def test_gqa_ratios(device, dtype, num_heads, num_kv_heads):
+    # decode past the 512-token split, a one-token context, chunked prefill, full prefill, long chunk
     args = make_batch(
-        [1, 1, 9, 30],
-        [70, 1, 40, 30],
+        [1, 1, 5, 30, 40],
+        [530, 1, 70, 30, 300],
         num_heads=num_heads,
         num_kv_heads=num_kv_heads,
         head_size=128,
         block_size=16,
         dtype=dtype,
         device=device,
+        extra_table_blocks=2,  # spare block-table columns past each sequence's blocks are never read
     )
     check(args, dtype=dtype)
     check(args, causal=False, dtype=dtype)

@@ -367,7 +367,9 @@ def test_penalties_and_bias_reject_bad_input(device):
     with pytest.raises(ValueError, match="presence_penalty must be finite"):
         ops.apply_penalties(logits, ids, cu, ids, cu, torch.full((2,), float("nan"), device=device), *pen[1:])
     with pytest.raises(ValueError, match="token_ids must hold token ids"):
-        ops.apply_logit_bias(logits, torch.tensor([1, 2, -1], device=device), torch.zeros(3, device=device), cu)
+        ops.apply_logit_bias(
+            logits, torch.tensor([1, 2, -1], device=device), torch.zeros(3, device=device), cu
+        )
     with pytest.raises(ValueError, match="cu_lens\\[0\\] must be 0"):
         ops.apply_logit_bias(logits, ids, torch.zeros(3, device=device), int32([1, 2, 3]))
     with pytest.raises(RuntimeError, match="prompt_cu_lens must have shape"):
@@ -417,7 +419,9 @@ def test_logprobs_ties_prefer_lower_ids_and_reject_bad_input(device):
     with pytest.raises(ValueError, match="logits row 0 contains NaN"):
         ops.compute_logprobs(torch.tensor([[0.0, float("nan")]], device=device), first, 1)
     with pytest.raises(ValueError, match="logits row 1 has no finite value"):
-        ops.compute_logprobs(torch.tensor([[0.0, 1.0], [float("-inf")] * 2], device=device), first.repeat(2), 1)
+        ops.compute_logprobs(
+            torch.tensor([[0.0, 1.0], [float("-inf")] * 2], device=device), first.repeat(2), 1
+        )
 
 
 def test_max_logprobs_is_the_one_cpp_limit():
