@@ -51,6 +51,14 @@ TORCH_LIBRARY(fast_inference, m) {
   // (CPU: a weight-streaming bf16 kernel for M <= 4, at::linear otherwise)
   m.def("linear(Tensor x, Tensor weight, Tensor? bias) -> Tensor");
 
+  // ---- quantized weights (ggml block formats, csrc/quant_formats.h; qtype = ggml type id) --------
+  // weight: float [N, K] -> uint8 [N, row_bytes]: rows of ceil(K / block) blocks, K zero-padded (Q4_0, Q4_1, Q8_0)
+  m.def("quantize(Tensor weight, int qtype) -> Tensor");
+  // qweight: uint8 [N, row_bytes] -> [N, in_features] in dtype (Q4_0, Q4_1, Q8_0, Q4_K, Q5_K, Q6_K)
+  m.def("dequantize(Tensor qweight, int qtype, int in_features, ScalarType dtype) -> Tensor");
+  // x: [M, K] float; qweight: uint8 [N, row_bytes(qtype, K)]; bias: [N] or None -> [M, N] in x's dtype
+  m.def("quant_linear(Tensor x, Tensor qweight, int qtype, Tensor? bias) -> Tensor");
+
   // ---- norm and fused elementwise (CPU kernels; on CUDA ATen compositions, csrc/cuda/fused_elementwise.cpp)
   // x: [T, H] (unit stride along H); weight: [H]; returns weight * (x / rms(x)), f32 statistics
   m.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor");
