@@ -59,54 +59,77 @@ void quantize_activations(const float* x, int64_t x_stride, int64_t M, int64_t K
   }
 }
 
+inline float fp16(uint16_t h) { return _cvtsh_ss(h); }
+
 // Rows [n0, n1) of the Q4_0 / Q4_1 / Q8_0 weight w ([N, row_bytes]) against M quantized activation rows:
-// out[m * N + n] = sum_k x[m, k] * w[n, k].
-void dot_rows_q8(int64_t qtype, const int8_t* xq, const float* xscale, const float* xsum, int64_t M,
-                        int64_t nb, const uint8_t* w, int64_t row_bytes, int64_t n0, int64_t n1, float* out,
-                        int64_t N) {
+// out[m * N + n] = sum_k x[m, k] * w[n, k]. M is a template argument so the accumulators stay in registers.
+template <int64_t QT, int M>
+void dot_rows_q8_m(const int8_t* xq, const float* xscale, const float* xsum, int64_t nb, const uint8_t* w,
+                   int64_t row_bytes, int64_t n0, int64_t n1, float* out, int64_t N) {
   const __m256i low_nibbles = _mm256_set1_epi8(0x0F);
   for (int64_t n = n0; n < n1; ++n) {
     const uint8_t* row = w + n * row_bytes;
-    __m256 acc[8];
-    float zero_point[8];
-    for (int64_t m = 0; m < M; ++m) {
+    __m256 acc[M];
+    float zero_point[M];
+    for (int m = 0; m < M; ++m) {
       acc[m] = _mm256_setzero_ps();
       zero_point[m] = 0.f;
     }
     for (int64_t b = 0; b < nb; ++b) {
       __m256i wq;
-      float d, zp;  // per-block scale; zero point multiplying xscale * sum(xq)
-      if (qtype == kQ8_0) {
+      float d, zp = 0.f;  // per-block scale; zero point multiplying xscale * sum(xq)
+      if constexpr (QT == kQ8_0) {
         const auto* blk = reinterpret_cast<const BlockQ8_0*>(row) + b;
         wq = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk->qs));
-        d = half_to_float(blk->d);
-        zp = 0.f;
-      } else {
-        // Q4_0 and Q4_1 share the nibble layout; Q4_1 has an extra fp16 min before qs.
-        const uint8_t* qs = qtype == kQ4_0 ? reinterpret_cast<const BlockQ4_0*>(row)[b].qs
-                                           : reinterpret_cast<const BlockQ4_1*>(row)[b].qs;
-        const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(qs));
+        d = fp16(blk->d);
+      } else if constexpr (QT == kQ4_0) {
+        const auto* blk = reinterpret_cast<const BlockQ4_0*>(row) + b;
+        const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(blk->qs));
         wq = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(raw, 4), raw), low_nibbles);
-        if (qtype == kQ4_0) {
-          d = half_to_float(reinterpret_cast<const BlockQ4_0*>(row)[b].d);
-          zp = -8.f * d;
-        } else {
-          d = half_to_float(reinterpret_cast<const BlockQ4_1*>(row)[b].d);
-          zp = half_to_float(reinterpret_cast<const BlockQ4_1*>(row)[b].m);
-        }
+        d = fp16(blk->d);
+        zp = -8.f * d;
+      } else {
+        const auto* blk = reinterpret_cast<const BlockQ4_1*>(row) + b;
+        const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(blk->qs));
+        wq = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(raw, 4), raw), low_nibbles);
+        d = fp16(blk->d);
+        zp = fp16(blk->m);
       }
       // Q8_0 weights are signed: move the sign onto the activations so the dot is unsigned x signed.
-      const __m256i wu = qtype == kQ8_0 ? _mm256_sign_epi8(wq, wq) : wq;
-      for (int64_t m = 0; m < M; ++m) {
+      const __m256i wu = QT == kQ8_0 ? _mm256_sign_epi8(wq, wq) : wq;
+      for (int m = 0; m < M; ++m) {
         __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + (m * nb + b) * 32));
-        if (qtype == kQ8_0) xv = _mm256_sign_epi8(xv, wq);
+        if constexpr (QT == kQ8_0) xv = _mm256_sign_epi8(xv, wq);
         const __m256 dot = _mm256_cvtepi32_ps(dot_u8s8(wu, xv));
         acc[m] = _mm256_fmadd_ps(dot, _mm256_set1_ps(d * xscale[m * nb + b]), acc[m]);
-        zero_point[m] += zp * xsum[m * nb + b];
+        if constexpr (QT != kQ8_0) zero_point[m] += zp * xsum[m * nb + b];
       }
     }
-    for (int64_t m = 0; m < M; ++m) out[m * N + n] = hsum(acc[m]) + zero_point[m];
+    for (int m = 0; m < M; ++m) out[m * N + n] = hsum(acc[m]) + zero_point[m];
   }
+}
+
+template <int64_t QT>
+void dot_rows_q8_qt(const int8_t* xq, const float* xscale, const float* xsum, int64_t M, int64_t nb,
+                    const uint8_t* w, int64_t row_bytes, int64_t n0, int64_t n1, float* out, int64_t N) {
+  switch (M) {
+    case 1: return dot_rows_q8_m<QT, 1>(xq, xscale, xsum, nb, w, row_bytes, n0, n1, out, N);
+    case 2: return dot_rows_q8_m<QT, 2>(xq, xscale, xsum, nb, w, row_bytes, n0, n1, out, N);
+    case 3: return dot_rows_q8_m<QT, 3>(xq, xscale, xsum, nb, w, row_bytes, n0, n1, out, N);
+    case 4: return dot_rows_q8_m<QT, 4>(xq, xscale, xsum, nb, w, row_bytes, n0, n1, out, N);
+    case 5: return dot_rows_q8_m<QT, 5>(xq, xscale, xsum, nb, w, row_bytes, n0, n1, out, N);
+    case 6: return dot_rows_q8_m<QT, 6>(xq, xscale, xsum, nb, w, row_bytes, n0, n1, out, N);
+    case 7: return dot_rows_q8_m<QT, 7>(xq, xscale, xsum, nb, w, row_bytes, n0, n1, out, N);
+    default: return dot_rows_q8_m<QT, 8>(xq, xscale, xsum, nb, w, row_bytes, n0, n1, out, N);
+  }
+}
+
+// M <= 8 activation rows (quantized by quantize_activations) against rows [n0, n1) of w.
+void dot_rows_q8(int64_t qtype, const int8_t* xq, const float* xscale, const float* xsum, int64_t M,
+                 int64_t nb, const uint8_t* w, int64_t row_bytes, int64_t n0, int64_t n1, float* out, int64_t N) {
+  if (qtype == kQ8_0) return dot_rows_q8_qt<kQ8_0>(xq, xscale, xsum, M, nb, w, row_bytes, n0, n1, out, N);
+  if (qtype == kQ4_0) return dot_rows_q8_qt<kQ4_0>(xq, xscale, xsum, M, nb, w, row_bytes, n0, n1, out, N);
+  return dot_rows_q8_qt<kQ4_1>(xq, xscale, xsum, M, nb, w, row_bytes, n0, n1, out, N);
 }
 
 // Rows [n0, n1) of a K-quant weight: each row dequantized into `row_buf` (f32 [nb * 256], in cache), then
