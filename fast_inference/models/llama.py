@@ -303,6 +303,9 @@ class LlamaForCausalLM(nn.Module):
                 self.embedding if tied else make_linear("lm_head", cfg.hidden_size, cfg.vocab_size, False)
             )
             return
+        # Instance attributes (a class-level None would shadow nn.Module's submodule lookup).
+        self.embedding: nn.Module | None = None  # a factory's table module, else embed_tokens is the table
+        self.head: nn.Module | None = None  # a factory's head module, else lm_head is the weight
         self.embed_tokens = _param(cfg.vocab_size, cfg.hidden_size, dtype=cfg.dtype, device=cfg.device)
         self.lm_head = (
             self.embed_tokens
@@ -311,8 +314,6 @@ class LlamaForCausalLM(nn.Module):
         )
 
     lm_head_packed: torch.Tensor | None = None
-    embedding: nn.Module | None = None  # set by a make_linear factory, else embed_tokens is the table
-    head: nn.Module | None = None  # set by a make_linear factory, else lm_head is the weight
     weight_bytes: int = 0  # bytes of the checkpoint weights as loaded (each read once per decode step)
 
     def prepack(self, batch_hint: int = 32, keep_plain: bool = True) -> None:
