@@ -11,7 +11,7 @@ from safetensors import safe_open
 from .config import SUPPORTED_ARCHITECTURES, ModelConfig
 from .gguf import gguf_weights, is_gguf_file
 from .llama import Linear, LlamaForCausalLM
-from .quantized import LOAD_TIME_QUANTIZATIONS, QuantizedLinear, StoredWeight
+from .quantized import LOAD_TIME_QUANTIZATIONS, QuantizedLinear, StoredWeight, quantize
 
 MODEL_CLASSES = {arch: LlamaForCausalLM for arch in SUPPORTED_ARCHITECTURES}
 
@@ -144,8 +144,6 @@ _TABLE_QTYPE = LOAD_TIME_QUANTIZATIONS["q8_0"]
 def _quantized_checkpoint(cfg: ModelConfig) -> dict[str, StoredWeight]:
     """The safetensors tensors, the linear and embedding weights quantized one at a time (no full-precision
     copy of the model is ever resident)."""
-    from fast_inference import ops
-
     qtype = LOAD_TIME_QUANTIZATIONS[cfg.quantization]
     weights: dict[str, StoredWeight] = {}
     for file in safetensors_files(cfg.model_path):
@@ -155,9 +153,9 @@ def _quantized_checkpoint(cfg: ModelConfig) -> dict[str, StoredWeight]:
                     continue
                 tensor = f.get_tensor(name)
                 if _LINEAR_WEIGHT.match(name):
-                    weights[name] = StoredWeight(qtype, ops.quantize(tensor.float(), qtype), tensor.shape[-1])
+                    weights[name] = StoredWeight(qtype, quantize(tensor.float(), qtype), tensor.shape[-1])
                 elif name in ("model.embed_tokens.weight", "lm_head.weight"):
-                    packed = ops.quantize(tensor.float(), _TABLE_QTYPE)
+                    packed = quantize(tensor.float(), _TABLE_QTYPE)
                     weights[name] = StoredWeight(_TABLE_QTYPE, packed, tensor.shape[-1])
                 else:
                     weights[name] = StoredWeight(None, tensor, tensor.shape[-1])
