@@ -36,11 +36,28 @@ def cpu_description() -> dict:
     return {"cpu_model": model, "cpu_flags": isa, "kernel_isa": ops.cpu_isa()}
 
 
-def fast_inference_decode(path: str, tokens: int) -> float:
-    """Decode tok/s at batch 1: (time for 1 + tokens new tokens - time for 1) / tokens, prompt cached."""
+def _rss_bytes() -> int:
+    for line in open("/proc/self/status"):
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def fast_inference_decode(path: str, tokens: int, record: dict) -> float:
+    """Decode tok/s at batch 1: (time for 1 + tokens new tokens - time for 1) / tokens. Also records the
+    resident-memory growth of loading (weights + KV cache + tokenizer) against file size + KV cache."""
+    import fast_inference.ops  # noqa: F401  (the extension and torch are resident before the baseline)
     from fast_inference import LLM, SamplingParams
 
+    before = _rss_bytes()
     llm = LLM(path, kv_cache_memory="64MiB", max_model_len=1024, enable_prefix_caching=False)
+    kv = sum(
+        t.numel() * t.element_size() for t in llm.engine.runner.key_caches + llm.engine.runner.value_caches
+    )
+    grown = _rss_bytes() - before
+    record["rss_growth_mib"] = round(grown / 2**20, 1)
+    record["kv_cache_mib"] = round(kv / 2**20, 1)
+    record["rss_vs_file_plus_kv"] = round(grown / (Path(path).stat().st_size + kv), 3)
     prompt = [1] + list(range(100, 115))
 
     def run(n: int) -> float:
@@ -122,7 +139,7 @@ def main() -> None:
     emit({"env": {**environment(torch.device("cpu")), **cpu_description()}, "note": "shared machine: noisy"})
     for path in files:
         record = {"file": Path(path).name, "bytes": Path(path).stat().st_size, "threads": args.threads}
-        record["fast_inference_tok_s"] = round(fast_inference_decode(path, args.tokens), 2)
+        record["fast_inference_tok_s"] = round(fast_inference_decode(path, args.tokens, record), 2)
         if args.llama_bench:
             record["llama_cpp_tok_s"] = round(
                 llama_bench_decode(args.llama_bench, path, args.tokens, args.threads), 2
