@@ -46,6 +46,8 @@ def _rss_bytes() -> int:
 def fast_inference_decode(path: str, tokens: int, record: dict) -> float:
     """Decode tok/s at batch 1: (time for 1 + tokens new tokens - time for 1) / tokens. Also records the
     resident-memory growth of loading (weights + KV cache + tokenizer) against file size + KV cache."""
+    import transformers  # noqa: F401  (imported by every load: resident before the baseline, like torch)
+
     import fast_inference.ops  # noqa: F401  (the extension and torch are resident before the baseline)
     from fast_inference import LLM, SamplingParams
 
