@@ -8,10 +8,12 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
+from fast_inference import ops
+
 from .config import SUPPORTED_ARCHITECTURES, ModelConfig
 from .gguf import gguf_weights, is_gguf_file
 from .llama import Linear, LlamaForCausalLM
-from .quantized import LOAD_TIME_QUANTIZATIONS, QuantizedLinear, StoredWeight, quantize
+from .quantized import LOAD_TIME_QUANTIZATIONS, QuantizedLinear, StoredWeight
 
 MODEL_CLASSES = {arch: LlamaForCausalLM for arch in SUPPORTED_ARCHITECTURES}
 
@@ -153,9 +155,9 @@ def _quantized_checkpoint(cfg: ModelConfig) -> dict[str, StoredWeight]:
                     continue
                 tensor = f.get_tensor(name)
                 if _LINEAR_WEIGHT.match(name):
-                    weights[name] = StoredWeight(qtype, quantize(tensor.float(), qtype), tensor.shape[-1])
+                    weights[name] = StoredWeight(qtype, ops.quantize(tensor.float(), qtype), tensor.shape[-1])
                 elif name in ("model.embed_tokens.weight", "lm_head.weight"):
-                    packed = quantize(tensor.float(), _TABLE_QTYPE)
+                    packed = ops.quantize(tensor.float(), _TABLE_QTYPE)
                     weights[name] = StoredWeight(_TABLE_QTYPE, packed, tensor.shape[-1])
                 else:
                     weights[name] = StoredWeight(None, tensor, tensor.shape[-1])

@@ -7,50 +7,18 @@ import torch
 import torch.nn.functional as F
 
 from fast_inference import ops
+from fast_inference.ops import quant
 
 from .llama import _DirectCall
 
 # ggml type id -> name, for the block formats the quantized ops implement.
-QUANTIZED_TYPES = {2: "Q4_0", 3: "Q4_1", 8: "Q8_0", 12: "Q4_K", 13: "Q5_K", 14: "Q6_K"}
-# ggml type id -> (weights per block, bytes per block): ggml's block layouts.
-_BLOCKS = {2: (32, 18), 3: (32, 20), 8: (32, 34), 12: (256, 144), 13: (256, 176), 14: (256, 210)}
-
-
-def _numpy_dequantize(qweight: torch.Tensor, qtype: int, cols: int, dtype: torch.dtype) -> torch.Tensor:
-    """[rows, cols] in dtype from ggml blocks, by the gguf package's numpy reference (used only while this
-    build's extension lacks the quantized ops: the blocks are dequantized per call, never kept)."""
-    import gguf
-
-    values = gguf.quants.dequantize(qweight.cpu().numpy(), gguf.GGMLQuantizationType(qtype))
-    return torch.from_numpy(values.reshape(qweight.shape[0], -1)[:, :cols].copy()).to(qweight.device, dtype)
-
-
-def _numpy_quant_linear(x, qweight, qtype, bias=None):
-    weight = _numpy_dequantize(qweight, qtype, x.shape[-1], x.dtype)
-    return F.linear(x, weight, bias)
-
-
-def _numpy_quantize(weight: torch.Tensor, qtype: int) -> torch.Tensor:
-    import gguf
-
-    return torch.from_numpy(
-        gguf.quants.quantize(weight.float().cpu().numpy(), gguf.GGMLQuantizationType(qtype))
-    )
-
-
-# The extension's quantized kernels (ops.quant_linear, ...) when this build has them, else the numpy reference.
-quant_linear = getattr(ops, "quant_linear", _numpy_quant_linear)
-dequantize = getattr(ops, "dequantize", _numpy_dequantize)
-quantize = getattr(ops, "quantize", _numpy_quantize)
+QUANTIZED_TYPES = quant.QTYPE_NAMES
 
 # --quantization names -> ggml type id (formats this engine can quantize an HF checkpoint into at load).
 LOAD_TIME_QUANTIZATIONS = {"q8_0": 8, "q4_0": 2}
 
 
-def row_bytes(qtype: int, cols: int) -> int:
-    """Bytes of one row of `cols` weights in format `qtype` (cols rounded up to whole blocks)."""
-    per_block, nbytes = _BLOCKS[qtype]
-    return (cols + per_block - 1) // per_block * nbytes
+row_bytes = quant.row_bytes
 
 
 @dataclass(slots=True)
@@ -99,7 +67,7 @@ class QuantizedLinear(_DirectCall):
     def _one(self, x: torch.Tensor, part: StoredWeight, bias: torch.Tensor | None) -> torch.Tensor:
         if part.qtype is None:
             return F.linear(x, part.data, bias)
-        return quant_linear(x, part.data, part.qtype, bias)
+        return ops.quant_linear(x, part.data, part.qtype, bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [M, K] -> [M, N] in x's dtype."""
@@ -113,4 +81,4 @@ class QuantizedLinear(_DirectCall):
         (part,) = self.parts  # an embedding table is one tensor
         if part.qtype is None:
             return F.embedding(ids, part.data)
-        return dequantize(part.data.index_select(0, ids), part.qtype, part.cols, self.dtype)
+        return ops.dequantize(part.data.index_select(0, ids), part.qtype, part.cols, self.dtype)
