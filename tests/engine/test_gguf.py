@@ -152,6 +152,26 @@ def _greedy(model, prompts=PROMPTS, **kw):
     return [o.outputs[0].token_ids for o in llm.generate(prompts, GREEDY, use_tqdm=False)]
 
 
+def _assert_greedy_agrees(model, reference, tie=0.05, **kw):
+    """Greedy outputs of `model` equal `reference`'s up to a near tie.
+
+    Q4_0 / Q4_1 / Q8_0 decode multiplies activations quantized to int8 blocks (as llama.cpp does), so on a tiny
+    random model two candidates within a few hundredths of a nat can swap. Criterion: the outputs agree until the
+    first difference; there the reference's token is in the model's top 5 within `tie` nats of the model's pick.
+    """
+    expected = _greedy(reference)
+    llm = LLM(str(model), dtype="float32", kv_cache_memory="16MiB", **kw)
+    params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True, logprobs=5)
+    for out, want in zip(llm.generate(PROMPTS, params, use_tqdm=False), expected, strict=True):
+        got = out.outputs[0].token_ids
+        if got == want:
+            continue
+        i = next(j for j, (a, b) in enumerate(zip(got, want, strict=True)) if a != b)
+        top = out.outputs[0].logprobs[i]
+        assert want[i] in top, (got, want)
+        assert top[got[i]].logprob - top[want[i]].logprob < tie, (got, want, i)
+
+
 @pytest.mark.parametrize(
     "architecture,qtype",
     [
@@ -183,14 +203,17 @@ def test_gguf_matches_dequantized_hf(tmp_path, architecture, qtype):
     file = tmp_path / "model.gguf"
     weights = write_gguf(hf, file, qtype, _ARCH[architecture])
     reference = _hf_copy(hf, tmp_path / "dequantized", weights)
-    assert _greedy(file) == _greedy(reference)
+    if qtype in (GT.Q4_0, GT.Q4_1, GT.Q8_0):
+        _assert_greedy_agrees(file, reference)
+    else:  # f32 math on the same values: exactly equal
+        assert _greedy(file) == _greedy(reference)
 
 
 def test_quantization_q8_0_matches_dequantized(tmp_path):
     hf = build_model_dir(tmp_path / "hf", hidden_size=64, intermediate_size=128, seed=5)
     weights = write_gguf(hf, tmp_path / "model.gguf", GT.Q8_0)  # the same Q8_0 blocks, dequantized
     reference = _hf_copy(hf, tmp_path / "dequantized", weights)
-    assert _greedy(hf, quantization="q8_0") == _greedy(reference)
+    _assert_greedy_agrees(hf, reference, quantization="q8_0")
 
 
 def test_bad_quantization_and_arch_and_type(tmp_path):
