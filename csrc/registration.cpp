@@ -49,6 +49,14 @@ TORCH_LIBRARY(fast_inference, m) {
   // returns (token_logprobs f32 [B], top_ids int64 [B, num_top], top_logprobs f32 [B, num_top])
   m.def("compute_logprobs(Tensor logits, Tensor token_ids, int num_top) -> (Tensor, Tensor, Tensor)");
 
+  // ---- quantized weights (ggml block formats, csrc/quant_formats.h; qtype = ggml type id) --------
+  // weight: float [N, K] -> uint8 [N, row_bytes]: rows of ceil(K / block) blocks, K zero-padded (Q4_0, Q4_1, Q8_0)
+  m.def("quantize(Tensor weight, int qtype) -> Tensor");
+  // qweight: uint8 [N, row_bytes] -> [N, in_features] in dtype (Q4_0, Q4_1, Q8_0, Q4_K, Q5_K, Q6_K)
+  m.def("dequantize(Tensor qweight, int qtype, int in_features, ScalarType dtype) -> Tensor");
+  // x: [M, K] float; qweight: uint8 [N, row_bytes(qtype, K)]; bias: [N] or None -> [M, N] in x's dtype
+  m.def("quant_linear(Tensor x, Tensor qweight, int qtype, Tensor? bias) -> Tensor");
+
   // ---- CPU-only ops (kCpuOnlyOps): on CUDA the model calls torch's own ops (cuBLAS, and CUDA graphs
   // remove the launch overhead these fused CPU kernels exist to avoid) --------------------------
 

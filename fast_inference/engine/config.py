@@ -37,10 +37,13 @@ class EngineArgs:
     tokenizer: str | None = None
     chat_template: str | None = None  # the Jinja template text (not a path); None: the tokenizer's
     enforce_eager: bool = False  # CUDA: do not capture decode steps into CUDA graphs
+    quantization: str | None = None  # "q8_0" / "q4_0": quantize an HF checkpoint's weights at load
 
     def validate(self) -> None:
         if not isinstance(self.model, str | bytes) and not hasattr(self.model, "__fspath__"):
-            raise ValueError(f"model must be a path to a Hugging Face model directory, got {self.model!r}")
+            raise ValueError(
+                f"model must be a path to a Hugging Face model directory or a .gguf file, got {self.model!r}"
+            )
         if self.max_num_seqs < 1:
             raise ValueError(f"max_num_seqs must be at least 1, got {self.max_num_seqs}")
         if self.max_num_batched_tokens is not None and self.max_num_batched_tokens < 1:

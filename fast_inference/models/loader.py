@@ -1,4 +1,5 @@
-"""Builds a model from a Hugging Face directory: picks the class, reads (sharded) safetensors into fused weights."""
+"""Builds a model from a Hugging Face directory (safetensors, optionally quantized at load) or a GGUF file:
+picks the class and fills its fused weights."""
 
 import json
 import re
@@ -7,8 +8,12 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
+from fast_inference import ops
+
 from .config import SUPPORTED_ARCHITECTURES, ModelConfig
-from .llama import LlamaForCausalLM
+from .gguf import gguf_weights, is_gguf_file
+from .llama import Linear, LlamaForCausalLM
+from .quantized import LOAD_TIME_QUANTIZATIONS, QuantizedLinear, StoredWeight
 
 MODEL_CLASSES = {arch: LlamaForCausalLM for arch in SUPPORTED_ARCHITECTURES}
 
@@ -80,6 +85,10 @@ def load_model(cfg: ModelConfig) -> LlamaForCausalLM:
         raise ValueError(
             f"unsupported architecture {cfg.architecture!r}; supported: {', '.join(MODEL_CLASSES)}"
         )
+    if is_gguf_file(cfg.model_path):
+        return _build_from_stored(model_class, cfg, gguf_weights(cfg))
+    if cfg.quantization is not None:
+        return _build_from_stored(model_class, cfg, _quantized_checkpoint(cfg))
     model = model_class(cfg)
     expected: dict[tuple[int, int], str] = {}
     for pname, param in model.named_parameters(remove_duplicate=True):
@@ -116,4 +125,113 @@ def load_model(cfg: ModelConfig) -> LlamaForCausalLM:
         )
     model.eval()
     model.weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    return model
+
+
+# The fused projections of the model -> the checkpoint tensors (Hugging Face names) they concatenate by rows.
+_FUSED_PARTS = {
+    "self_attn.qkv_proj": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+    "self_attn.o_proj": ("self_attn.o_proj",),
+    "mlp.gate_up_proj": ("mlp.gate_proj", "mlp.up_proj"),
+    "mlp.down_proj": ("mlp.down_proj",),
+}
+_LINEAR_WEIGHT = re.compile(
+    r"^model\.layers\.\d+\.(self_attn\.[qkvo]_proj|mlp\.(gate|up|down)_proj)\.weight$"
+)
+# The token embedding and the head of a load-time quantized model: Q8_0 whatever the layers get (as llama.cpp
+# keeps them at higher precision), a 4-bit tied embedding costs too much quality.
+_TABLE_QTYPE = LOAD_TIME_QUANTIZATIONS["q8_0"]
+
+
+def _quantized_checkpoint(cfg: ModelConfig) -> dict[str, StoredWeight]:
+    """The safetensors tensors, the linear and embedding weights quantized one at a time (no full-precision
+    copy of the model is ever resident)."""
+    qtype = LOAD_TIME_QUANTIZATIONS[cfg.quantization]
+    weights: dict[str, StoredWeight] = {}
+    for file in safetensors_files(cfg.model_path):
+        with safe_open(str(file), framework="pt", device="cpu") as f:
+            for name in f.keys():
+                if name == "lm_head.weight" and cfg.tie_word_embeddings:
+                    continue
+                tensor = f.get_tensor(name)
+                if _LINEAR_WEIGHT.match(name):
+                    weights[name] = StoredWeight(qtype, ops.quantize(tensor.float(), qtype), tensor.shape[-1])
+                elif name in ("model.embed_tokens.weight", "lm_head.weight"):
+                    packed = ops.quantize(tensor.float(), _TABLE_QTYPE)
+                    weights[name] = StoredWeight(_TABLE_QTYPE, packed, tensor.shape[-1])
+                else:
+                    weights[name] = StoredWeight(None, tensor, tensor.shape[-1])
+    return weights
+
+
+def _build_from_stored(model_class, cfg: ModelConfig, weights: dict[str, StoredWeight]) -> LlamaForCausalLM:
+    """Build the model around checkpoint tensors kept in their stored format: quantized projections become
+    QuantizedLinear (blocks as stored), all-dense ones a plain Linear in cfg.dtype."""
+    source = cfg.model_path
+    missing: list[str] = []
+
+    def take(name: str, cols: int | None = None) -> StoredWeight | None:
+        stored = weights.pop(name, None)
+        if stored is None:
+            missing.append(name)
+        elif cols is not None and stored.cols != cols:
+            raise ValueError(f"weight {name!r} in {source!r} has {stored.cols} columns, expected {cols}")
+        return stored
+
+    def make_linear(name: str, in_features: int, out_features: int, bias: bool):
+        if name in ("embed_tokens", "lm_head"):
+            part_names = ["model.embed_tokens.weight" if name == "embed_tokens" else "lm_head.weight"]
+            bias_names: list[str] = []
+        else:
+            layer, proj = name.split(".", 2)[1], name.split(".", 2)[2]
+            stems = [f"model.layers.{layer}.{p}" for p in _FUSED_PARTS[proj]]
+            part_names = [f"{s}.weight" for s in stems]
+            bias_names = [f"{s}.bias" for s in stems] if bias else []
+        parts = [take(n, in_features) for n in part_names]
+        biases = [take(n) for n in bias_names]
+        if None in parts or None in biases:
+            return Linear(
+                in_features, 1, False, cfg.dtype, cfg.device
+            )  # reported below, with every other gap
+        rows = sum(p.rows for p in parts)
+        if rows != out_features:
+            raise ValueError(
+                f"weights {', '.join(part_names)} in {source!r} have {rows} rows, expected {out_features}"
+            )
+        parts = [StoredWeight(p.qtype, p.data.to(cfg.device), p.cols) for p in parts]
+        bias_t = torch.cat([b.data.reshape(-1) for b in biases]).to(cfg.device, cfg.dtype) if biases else None
+        if name not in ("embed_tokens", "lm_head") and all(p.qtype is None for p in parts):
+            linear = Linear(in_features, out_features, bias, cfg.dtype, cfg.device)
+            linear.weight.data.copy_(torch.cat([p.data for p in parts]))
+            if bias_t is not None:
+                linear.bias.data.copy_(bias_t)
+            return linear
+        return QuantizedLinear(parts, bias_t, cfg.dtype)
+
+    model = model_class(cfg, make_linear)
+    vectors = [("model.norm.weight", model.norm.weight)]
+    for i, layer in enumerate(model.layers):
+        prefix = f"model.layers.{i}."
+        vectors.append((prefix + "input_layernorm.weight", layer.input_layernorm.weight))
+        vectors.append((prefix + "post_attention_layernorm.weight", layer.post_attention_layernorm.weight))
+        if layer.self_attn.q_norm is not None:
+            vectors.append((prefix + "self_attn.q_norm.weight", layer.self_attn.q_norm.weight))
+            vectors.append((prefix + "self_attn.k_norm.weight", layer.self_attn.k_norm.weight))
+    for name, param in vectors:
+        stored = take(name)
+        if stored is not None:
+            if stored.data.numel() != param.numel():
+                raise ValueError(
+                    f"weight {name!r} in {source!r} has {stored.data.numel()} values, expected {param.numel()}"
+                )
+            param.data.copy_(stored.data.reshape(param.shape))
+    if missing:
+        raise ValueError(
+            f"checkpoint {source!r} is missing weights: {', '.join(missing[:8])}{' ...' if len(missing) > 8 else ''}"
+        )
+    model.eval()
+    quantized = {id(m): m.weight_bytes for m in model.modules() if isinstance(m, QuantizedLinear)}
+    model.weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters()) + sum(
+        quantized.values()
+    )
     return model

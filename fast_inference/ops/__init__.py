@@ -12,6 +12,7 @@ from .attention import paged_attention
 from .cache import copy_blocks, reshape_and_cache, swap_blocks
 from .dense import linear
 from .norm import add_rms_norm, rms_norm, rotary_embedding, silu_and_mul
+from .quant import dequantize, quant_linear, quantize
 from .sampling import apply_logit_bias, apply_penalties, compute_logprobs, sample
 
 __all__ = [
@@ -20,8 +21,11 @@ __all__ = [
     "apply_penalties",
     "compute_logprobs",
     "copy_blocks",
+    "dequantize",
     "linear",
     "paged_attention",
+    "quant_linear",
+    "quantize",
     "reshape_and_cache",
     "rms_norm",
     "rotary_embedding",

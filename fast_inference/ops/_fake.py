@@ -82,3 +82,20 @@ def _rotary_embedding_fake(x, cos, sin):
 @torch.library.register_fake("fast_inference::silu_and_mul")
 def _silu_and_mul_fake(x):
     return x.new_empty((x.shape[0], x.shape[1] // 2))
+
+
+@torch.library.register_fake("fast_inference::quantize")
+def _quantize_fake(weight, qtype):
+    from .quant import row_bytes
+
+    return weight.new_empty((weight.shape[0], row_bytes(qtype, weight.shape[1])), dtype=torch.uint8)
+
+
+@torch.library.register_fake("fast_inference::dequantize")
+def _dequantize_fake(qweight, qtype, in_features, dtype):
+    return qweight.new_empty((qweight.shape[0], in_features), dtype=dtype)
+
+
+@torch.library.register_fake("fast_inference::quant_linear")
+def _quant_linear_fake(x, qweight, qtype, bias):
+    return x.new_empty((x.shape[0], qweight.shape[0]))

@@ -328,3 +328,103 @@ def compute_logprobs(
     lp = _torch.log_softmax(logits.float(), dim=-1)
     top = _torch.topk(lp, num_top, dim=-1)
     return lp.gather(1, token_ids.view(-1, 1)).view(-1), top.indices, top.values
+
+
+# ---- quantized weights (ggml block formats) ---------------------------------------------------------------
+
+
+def _f16(blocks: _torch.Tensor, start: int) -> _torch.Tensor:  # [N, nb, bytes] -> f32 [N, nb, 1]
+    return blocks[..., start : start + 2].contiguous().view(_torch.float16).float()
+
+
+def _k_scales_mins(s: _torch.Tensor) -> tuple[_torch.Tensor, _torch.Tensor]:  # [N, nb, 12] -> 2 x [N, nb, 8]
+    s = s.int()
+    low_sc, low_m = s[..., 0:4] & 63, s[..., 4:8] & 63
+    high_sc = (s[..., 8:12] & 0xF) | ((s[..., 0:4] >> 6) << 4)
+    high_m = (s[..., 8:12] >> 4) | ((s[..., 4:8] >> 6) << 4)
+    return _torch.cat([low_sc, high_sc], -1).float(), _torch.cat([low_m, high_m], -1).float()
+
+
+def dequantize(qweight: _torch.Tensor, qtype: int, in_features: int, dtype: _torch.dtype = _torch.float32):
+    """Reference of ops.dequantize: ggml's block formats decoded with plain tensor ops."""
+    from .quant import BLOCK_LAYOUT, Q4_0, Q4_1, Q4_K, Q5_K, Q8_0
+
+    elems, nbytes = BLOCK_LAYOUT[qtype]
+    n = qweight.shape[0]
+    b = qweight.reshape(n, -1, nbytes)
+    if qtype in (Q4_0, Q4_1):
+        qs = b[..., 2:18] if qtype == Q4_0 else b[..., 4:20]
+        q = _torch.cat([qs & 0xF, qs >> 4], -1).float()
+        vals = (q - 8) * _f16(b, 0) if qtype == Q4_0 else q * _f16(b, 0) + _f16(b, 2)
+    elif qtype == Q8_0:
+        vals = b[..., 2:34].contiguous().view(_torch.int8).float() * _f16(b, 0)
+    elif qtype in (Q4_K, Q5_K):
+        sc, mn = _k_scales_mins(b[..., 4:16])
+        qs = b[..., 16:144] if qtype == Q4_K else b[..., 48:176]
+        chunks = qs.reshape(n, -1, 4, 32).int()
+        q = _torch.stack([chunks & 0xF, chunks >> 4], 3).reshape(n, -1, 8, 32)  # sub-block s = 2 * chunk + nibble
+        if qtype == Q5_K:
+            qh = b[..., 16:48].int()
+            bits = _torch.stack([(qh >> s) & 1 for s in range(8)], 2)  # [N, nb, 8, 32]
+            q = q + 16 * bits
+        vals = (_f16(b, 0)[..., None] * sc[..., None] * q - _f16(b, 2)[..., None] * mn[..., None]).reshape(n, -1, 256)
+    else:  # Q6_K
+        ql = b[..., 0:128].int().reshape(n, -1, 2, 64)
+        qh = b[..., 128:192].int().reshape(n, -1, 2, 32)
+        sc = b[..., 192:208].contiguous().view(_torch.int8).float().reshape(n, -1, 2, 8)
+        q = _torch.cat(
+            [
+                (ql[..., :32] & 0xF) | ((qh & 3) << 4),
+                (ql[..., 32:] & 0xF) | (((qh >> 2) & 3) << 4),
+                (ql[..., :32] >> 4) | (((qh >> 4) & 3) << 4),
+                (ql[..., 32:] >> 4) | (((qh >> 6) & 3) << 4),
+            ],
+            -1,
+        ).float() - 32  # [N, nb, 2, 128]
+        scale = sc.repeat_interleave(16, -1)  # each int8 scale covers 16 values
+        vals = (_f16(b, 208)[..., None] * scale * q).reshape(n, -1, 256)
+    return vals.reshape(n, -1)[:, :in_features].to(dtype)
+
+
+def quantize(weight: _torch.Tensor, qtype: int) -> _torch.Tensor:
+    """Reference of ops.quantize (Q4_0, Q4_1, Q8_0 with ggml's rounding); K is zero-padded to whole blocks."""
+    from .quant import Q4_0, Q8_0, WRITABLE_QTYPES
+
+    if qtype not in WRITABLE_QTYPES:
+        raise ValueError(f"quantize writes Q4_0, Q4_1, Q8_0; got qtype {qtype}")
+    n, k = weight.shape
+    x = _torch.nn.functional.pad(weight.float(), (0, -k % 32)).reshape(n, -1, 32)
+
+    def half_bytes(v: _torch.Tensor) -> _torch.Tensor:  # f32 [N, nb] -> uint8 [N, nb, 2]
+        return v.half().unsqueeze(-1).view(_torch.uint8)
+
+    def nibbles(q: _torch.Tensor) -> _torch.Tensor:  # int [N, nb, 32] -> uint8 [N, nb, 16]
+        return (q[..., :16] | (q[..., 16:] << 4)).to(_torch.uint8)
+
+    if qtype == Q8_0:
+        d = x.abs().amax(-1) / 127
+        idv = _torch.where(d != 0, 1.0 / d, _torch.zeros_like(d))
+        v = x * idv[..., None]
+        q = (v.sign() * (v.abs() + 0.5).floor()).to(_torch.int8).view(_torch.uint8)  # round half away from zero
+        out = _torch.cat([half_bytes(d), q], -1)
+    elif qtype == Q4_0:
+        mx = x.gather(-1, x.abs().argmax(-1, keepdim=True)).squeeze(-1)
+        d = mx / -8
+        idv = _torch.where(d != 0, 1.0 / d, _torch.zeros_like(d))
+        q = (x * idv[..., None] + 8.5).clamp_max(15).trunc().int()
+        out = _torch.cat([half_bytes(d), nibbles(q)], -1)
+    else:  # Q4_1
+        lo, hi = x.amin(-1), x.amax(-1)
+        d = (hi - lo) / 15
+        idv = _torch.where(d != 0, 1.0 / d, _torch.zeros_like(d))
+        q = ((x - lo[..., None]) * idv[..., None] + 0.5).clamp_max(15).trunc().int()
+        out = _torch.cat([half_bytes(d), half_bytes(lo), nibbles(q)], -1)
+    return out.reshape(n, -1)
+
+
+def quant_linear(x: _torch.Tensor, qweight: _torch.Tensor, qtype: int, bias: _torch.Tensor | None = None):
+    """Reference of ops.quant_linear: dequantize, then an f32 matmul."""
+    y = x.float() @ dequantize(qweight, qtype, x.shape[1]).t()
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(x.dtype)

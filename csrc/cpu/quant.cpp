@@ -1,0 +1,169 @@
+// fast_inference::quantize / dequantize / quant_linear on CPU: ggml block-format weights used in place.
+//
+//   quant_linear, M <= 8 (decode): a GEMV that streams each weight row once for all M rows
+//     (quant_gemv_kernel.h, compiled for AVX2 and AVX-512): Q4_0 / Q4_1 / Q8_0 as int8 dot products against
+//     activations quantized to 32-value blocks; K-quants dequantized row by row in cache, dotted in f32.
+//   quant_linear, M > 8 (prefill, big batches): slabs of weight rows dequantized to f32 into a per-thread
+//     buffer that stays in cache, multiplied by torch's f32 GEMM, so the weight is read once and the math runs
+//     at GEMM speed.
+//   No AVX2: every path goes through the dequantized slabs.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <optional>
+#include <vector>
+
+#include "checks/quant_checks.h"
+#include "cpu/cpu_features.h"
+#include "quant_formats.h"
+
+namespace fast_inference::cpu {
+
+#define FI_DECLARE_QUANT_GEMV(ns)                                                                              \
+  namespace ns {                                                                                               \
+  void quantize_activations(const float* x, int64_t x_stride, int64_t M, int64_t K, int64_t nb, int8_t* xq,   \
+                            float* xscale, float* xsum);                                                       \
+  void dot_rows_q8(int64_t qtype, const int8_t* xq, const float* xscale, const float* xsum, int64_t M,          \
+                   int64_t nb, const uint8_t* w, int64_t row_bytes, int64_t n0, int64_t n1, float* out,        \
+                   int64_t N);                                                                                 \
+  void dot_rows_dequant(int64_t qtype, const float* x, int64_t x_stride, int64_t M, int64_t K, const uint8_t* w, \
+                        int64_t row_bytes, int64_t n0, int64_t n1, float* out, int64_t N, float* row_buf);      \
+  }
+FI_DECLARE_QUANT_GEMV(avx2)
+FI_DECLARE_QUANT_GEMV(avx512)
+#undef FI_DECLARE_QUANT_GEMV
+
+namespace {
+
+using namespace fast_inference::quant;
+
+constexpr int64_t kMaxGemvRows = 8;
+// Rows handed to one thread at a time by the GEMV: enough to amortise the scheduling, small enough to balance.
+constexpr int64_t kGemvGrain = 16;
+// A dequantized f32 weight slab of about this size stays in L2 while the GEMM walks it.
+constexpr int64_t kSlabBytes = 256 * 1024;
+
+// Rows [r0, r1) of qweight -> f32 rows of width nb * block_elems at dst (row stride `width`).
+void dequantize_rows(int64_t qtype, const uint8_t* qweight, int64_t rbytes, int64_t r0, int64_t r1, float* dst,
+                     int64_t width) {
+  const int64_t nb = rbytes / block_bytes(qtype), belems = block_elems(qtype), bbytes = block_bytes(qtype);
+  for (int64_t r = r0; r < r1; ++r)
+    for (int64_t b = 0; b < nb; ++b)
+      dequantize_block(qtype, qweight + r * rbytes + b * bbytes, dst + (r - r0) * width + b * belems);
+}
+
+// qweight: uint8 [N, row_bytes]; returns [N, in_features] in `dtype`
+at::Tensor dequantize_cpu(const at::Tensor& qweight, int64_t qtype, int64_t in_features, at::ScalarType dtype) {
+  check_qweight(qweight, qtype, in_features);
+  const int64_t N = qweight.size(0), width = blocks_per_row(qtype, in_features) * block_elems(qtype);
+  at::Tensor full = at::empty({N, width}, qweight.options().dtype(at::kFloat));
+  const uint8_t* q = qweight.data_ptr<uint8_t>();
+  float* out = full.data_ptr<float>();
+  at::parallel_for(0, N, 64, [&](int64_t r0, int64_t r1) {
+    dequantize_rows(qtype, q, qweight.size(1), r0, r1, out + r0 * width, width);
+  });
+  return full.narrow(1, 0, in_features).to(dtype).contiguous();
+}
+
+// weight: float [N, K]; returns uint8 [N, row_bytes(qtype, K)], K zero-padded to whole blocks
+at::Tensor quantize_cpu(const at::Tensor& weight, int64_t qtype) {
+  check_quantize(weight, qtype);
+  const int64_t N = weight.size(0), K = weight.size(1), nb = blocks_per_row(qtype, K);
+  const at::Tensor w = weight.to(at::kFloat).contiguous();
+  at::Tensor out = at::empty({N, row_bytes(qtype, K)}, weight.options().dtype(at::kByte));
+  const float* src = w.data_ptr<float>();
+  uint8_t* dst = out.data_ptr<uint8_t>();
+  const int64_t bbytes = block_bytes(qtype);
+  at::parallel_for(0, N, 16, [&](int64_t r0, int64_t r1) {
+    float block[32];
+    for (int64_t r = r0; r < r1; ++r) {
+      for (int64_t b = 0; b < nb; ++b) {
+        for (int64_t j = 0; j < 32; ++j) block[j] = b * 32 + j < K ? src[r * K + b * 32 + j] : 0.f;
+        quantize_block(qtype, block, dst + r * out.size(1) + b * bbytes);
+      }
+    }
+  });
+  return out;
+}
+
+// x: f32 [M, K] contiguous -> out f32 [M, N] through the GEMV of `isa`
+void quant_gemv(Isa isa, const at::Tensor& x, const at::Tensor& qweight, int64_t qtype, at::Tensor& out) {
+  const int64_t M = x.size(0), K = x.size(1), N = qweight.size(0), rbytes = qweight.size(1);
+  const float* xp = x.data_ptr<float>();
+  const uint8_t* w = qweight.data_ptr<uint8_t>();
+  float* o = out.data_ptr<float>();
+  if (qtype == kQ4_0 || qtype == kQ4_1 || qtype == kQ8_0) {
+    const int64_t nb = blocks_per_row(qtype, K);
+    std::vector<int8_t> xq(M * nb * 32);
+    std::vector<float> xscale(M * nb), xsum(M * nb);
+    auto quantize_x = isa == Isa::kAvx512 ? avx512::quantize_activations : avx2::quantize_activations;
+    auto dot = isa == Isa::kAvx512 ? avx512::dot_rows_q8 : avx2::dot_rows_q8;
+    quantize_x(xp, K, M, K, nb, xq.data(), xscale.data(), xsum.data());
+    at::parallel_for(0, N, kGemvGrain, [&](int64_t n0, int64_t n1) {
+      dot(qtype, xq.data(), xscale.data(), xsum.data(), M, nb, w, rbytes, n0, n1, o, N);
+    });
+    return;
+  }
+  auto dot = isa == Isa::kAvx512 ? avx512::dot_rows_dequant : avx2::dot_rows_dequant;
+  const int64_t width = blocks_per_row(qtype, K) * block_elems(qtype);
+  at::parallel_for(0, N, kGemvGrain, [&](int64_t n0, int64_t n1) {
+    std::vector<float> row_buf(width);
+    dot(qtype, xp, K, M, K, w, rbytes, n0, n1, o, N, row_buf.data());
+  });
+}
+
+// x: f32 [M, K] contiguous -> out f32 [M, N]: dequantized slabs of rows times x by torch's f32 GEMM
+void quant_gemm_slabs(const at::Tensor& x, const at::Tensor& qweight, int64_t qtype, at::Tensor& out) {
+  const int64_t M = x.size(0), K = x.size(1), N = qweight.size(0);
+  const int64_t width = blocks_per_row(qtype, K) * block_elems(qtype);
+  const int64_t threads = at::get_num_threads();
+  int64_t slab = std::max<int64_t>(kSlabBytes / (4 * width), M);
+  slab = std::min<int64_t>({slab, 1024, (N + threads - 1) / threads});
+  slab = std::max<int64_t>(16, (slab + 15) / 16 * 16);
+  const int64_t num_slabs = (N + slab - 1) / slab;
+  const uint8_t* w = qweight.data_ptr<uint8_t>();
+  float* o = out.data_ptr<float>();
+  at::parallel_for(0, num_slabs, 1, [&](int64_t s0, int64_t s1) {
+    std::vector<float> w_slab(slab * width), y_slab(M * slab);
+    const at::TensorOptions f32 = at::TensorOptions().dtype(at::kFloat);
+    for (int64_t s = s0; s < s1; ++s) {
+      const int64_t n0 = s * slab, rows = std::min(slab, N - n0);
+      dequantize_rows(qtype, w, qweight.size(1), n0, n0 + rows, w_slab.data(), width);
+      at::Tensor y = at::from_blob(y_slab.data(), {M, rows}, f32);
+      // Inside a parallel region the GEMM runs on this thread alone.
+      at::mm_out(y, x, at::from_blob(w_slab.data(), {rows, width}, f32).narrow(1, 0, K).t());
+      for (int64_t m = 0; m < M; ++m) std::copy_n(y_slab.data() + m * rows, rows, o + m * N + n0);
+    }
+  });
+}
+
+// x: [M, K]; qweight: uint8 [N, row_bytes(qtype, K)]; bias: [N] or None -> [M, N] in x's dtype
+at::Tensor quant_linear_cpu(const at::Tensor& x, const at::Tensor& qweight, int64_t qtype,
+                            const std::optional<at::Tensor>& bias) {
+  check_quant_linear(x, qweight, qtype, bias);
+  const int64_t M = x.size(0), N = qweight.size(0);
+  const at::Tensor xf = x.to(at::kFloat).contiguous();
+  at::Tensor out = at::empty({M, N}, x.options().dtype(at::kFloat));
+  if (M > 0) {
+    const Isa isa = selected_isa();
+    if (M <= kMaxGemvRows && isa != Isa::kPortable) {
+      quant_gemv(isa, xf, qweight, qtype, out);
+    } else {
+      quant_gemm_slabs(xf, qweight, qtype, out);
+    }
+  }
+  if (bias.has_value()) out.add_(bias->to(at::kFloat));
+  return x.scalar_type() == at::kFloat ? out : out.to(x.scalar_type());
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fast_inference, CPU, m) {
+  m.impl("quantize", &quantize_cpu);
+  m.impl("dequantize", &dequantize_cpu);
+  m.impl("quant_linear", &quant_linear_cpu);
+}
+
+}  // namespace fast_inference::cpu

@@ -1,0 +1,84 @@
+"""Weights kept in ggml block formats (from a GGUF file or quantized at load): the stored-weight record and the
+linear / embedding module that runs them through ops.quant_linear and ops.dequantize."""
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from fast_inference import ops
+from fast_inference.ops import quant
+
+from .llama import _DirectCall
+
+# ggml type id -> name, for the block formats the quantized ops implement.
+QUANTIZED_TYPES = quant.QTYPE_NAMES
+
+# --quantization names -> ggml type id (formats this engine can quantize an HF checkpoint into at load).
+LOAD_TIME_QUANTIZATIONS = {"q8_0": 8, "q4_0": 2}
+
+
+row_bytes = quant.row_bytes
+
+
+@dataclass(slots=True)
+class StoredWeight:
+    """One checkpoint tensor as it is kept in memory."""
+
+    qtype: int | None  # ggml type id of the blocks; None: a dense float tensor
+    data: torch.Tensor  # dense: [rows, cols] (or [cols] for vectors); quantized: uint8 [rows, row_bytes]
+    cols: int  # weights per row (K)
+
+    @property
+    def rows(self) -> int:
+        return self.data.shape[0] if self.data.dim() > 1 else 1
+
+
+class QuantizedLinear(_DirectCall):
+    """y = x W^T (+ b) with W's row groups (fused q/k/v, gate/up) each in its own format.
+
+    A Q4_K_M file stores attn_v in Q6_K next to Q4_K q/k: parts in different formats stay separate ops whose
+    outputs are concatenated; parts in the same format are concatenated once at load into one op. Dense parts
+    (F32/F16/BF16 in the file) are kept in the activation dtype. The rows double as an embedding table
+    (embed), so a tied head and the token lookup share one quantized copy."""
+
+    def __init__(self, parts: list[StoredWeight], bias: torch.Tensor | None, dtype: torch.dtype):
+        super().__init__()
+        merged: list[StoredWeight] = []
+        for part in parts:
+            if merged and merged[-1].qtype == part.qtype:
+                last = merged[-1]
+                merged[-1] = StoredWeight(last.qtype, torch.cat((last.data, part.data)), last.cols)
+            else:
+                merged.append(part)
+        self.parts = [
+            StoredWeight(p.qtype, p.data.to(dtype) if p.qtype is None else p.data.contiguous(), p.cols)
+            for p in merged
+        ]
+        self.in_features = parts[0].cols
+        self.out_features = sum(p.rows for p in parts)
+        self.bias = bias
+        self.dtype = dtype
+
+    @property
+    def weight_bytes(self) -> int:
+        return sum(p.data.numel() * p.data.element_size() for p in self.parts)
+
+    def _one(self, x: torch.Tensor, part: StoredWeight, bias: torch.Tensor | None) -> torch.Tensor:
+        if part.qtype is None:
+            return F.linear(x, part.data, bias)
+        return ops.quant_linear(x, part.data, part.qtype, bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x [M, K] -> [M, N] in x's dtype."""
+        if len(self.parts) == 1:
+            return self._one(x, self.parts[0], self.bias)
+        y = torch.cat([self._one(x, p, None) for p in self.parts], dim=-1)
+        return y if self.bias is None else y + self.bias
+
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        """Rows `ids` (int64 [T]) as [T, K] in the activation dtype: only those rows are dequantized."""
+        (part,) = self.parts  # an embedding table is one tensor
+        if part.qtype is None:
+            return F.embedding(ids, part.data)
+        return ops.dequantize(part.data.index_select(0, ids), part.qtype, part.cols, self.dtype)

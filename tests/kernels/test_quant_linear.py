@@ -1,0 +1,120 @@
+"""Quantized-weight ops (quantize, dequantize, quant_linear) against gguf's own codecs and the references."""
+
+import numpy as np
+import pytest
+import torch
+from gguf import GGMLQuantizationType, quants
+
+from fast_inference import ops
+from fast_inference.ops import quant
+from fast_inference.ops import reference as ref
+
+ALL_QTYPES = [quant.Q4_0, quant.Q4_1, quant.Q8_0, quant.Q4_K, quant.Q5_K, quant.Q6_K]
+IDS = [quant.QTYPE_NAMES[q] for q in ALL_QTYPES]
+
+
+def random_qweight(qtype: int, n: int, k: int, seed: int = 0) -> torch.Tensor:
+    """A valid uint8 [n, row_bytes] weight: quantized random data, or random K-quant bytes with tame scales."""
+    gen = torch.Generator().manual_seed(seed)
+    if qtype in quant.WRITABLE_QTYPES:
+        return ref.quantize(torch.randn(n, k, generator=gen), qtype)
+    _, nbytes = quant.BLOCK_LAYOUT[qtype]
+    blocks = torch.randint(0, 256, (n, quant.row_bytes(qtype, k) // nbytes, nbytes), dtype=torch.uint8, generator=gen)
+    scale = torch.full(blocks.shape[:2], 0.01, dtype=torch.float16).unsqueeze(-1).view(torch.uint8)
+    if qtype == quant.Q6_K:
+        blocks[..., 208:210] = scale
+    else:  # d and dmin
+        blocks[..., 0:2] = scale
+        blocks[..., 2:4] = scale
+    return blocks.reshape(n, -1)
+
+
+@pytest.mark.parametrize("qtype", ALL_QTYPES, ids=IDS)
+def test_dequantize_matches_gguf_bit_for_bit(qtype, device):
+    k = 512
+    qw = random_qweight(qtype, 24, k)
+    expected = torch.from_numpy(quants.dequantize(qw.numpy(), GGMLQuantizationType(qtype)).astype(np.float32))
+    torch.testing.assert_close(ops.dequantize(qw.to(device), qtype, k).cpu(), expected, rtol=0, atol=0)
+    torch.testing.assert_close(ref.dequantize(qw, qtype, k), expected, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("qtype", quant.WRITABLE_QTYPES, ids=[quant.QTYPE_NAMES[q] for q in quant.WRITABLE_QTYPES])
+def test_quantize_matches_gguf_bit_for_bit(qtype, device):
+    w = torch.randn(40, 256, generator=torch.Generator().manual_seed(1))
+    w[3] = 0.0  # an all-zero block: scale 0
+    expected = torch.from_numpy(quants.quantize(w.numpy(), GGMLQuantizationType(qtype)))
+    assert torch.equal(ops.quantize(w.to(device), qtype).cpu(), expected)
+    assert torch.equal(ref.quantize(w, qtype), expected)
+
+
+@pytest.mark.parametrize("qtype", quant.WRITABLE_QTYPES, ids=[quant.QTYPE_NAMES[q] for q in quant.WRITABLE_QTYPES])
+def test_quantize_pads_odd_k_with_zeros(qtype):
+    w = torch.randn(5, 45)
+    qw = ops.quantize(w, qtype)
+    assert qw.shape == (5, quant.row_bytes(qtype, 45))
+    padded = ops.dequantize(qw, qtype, 64)
+    if qtype != quant.Q4_1:  # symmetric formats store zeros exactly; Q4_1's min offset moves them by < one step
+        assert torch.all(padded[:, 45:] == 0)
+    torch.testing.assert_close(ops.dequantize(qw, qtype, 45), ref.dequantize(qw, qtype, 45), rtol=0, atol=0)
+
+
+# int8 formats at M <= 8 quantize the activations to 32-value int8 blocks (as llama.cpp does): ~0.5% error.
+def tolerance(qtype: int, m: int) -> float:
+    return 2e-2 if qtype in quant.WRITABLE_QTYPES and m <= 8 else 1e-5
+
+
+@pytest.mark.parametrize("isa", ["best", "avx2"])
+@pytest.mark.parametrize("qtype", ALL_QTYPES, ids=IDS)
+@pytest.mark.parametrize("m", [1, 3, 8, 9, 64])
+def test_quant_linear_matches_reference(qtype, m, isa, monkeypatch):
+    if isa == "avx2":
+        monkeypatch.setenv("FI_CPU_ISA", "avx2")
+        if ops.cpu_isa() != "avx2":
+            pytest.skip(f"this CPU cannot run the AVX2 kernels (best: {ops.cpu_isa()})")
+    k = 300 if qtype >= quant.Q4_K else 100  # not a multiple of the block
+    qw = random_qweight(qtype, 70, k, seed=m)
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(2))
+    bias = torch.randn(70)
+    got, expected = ops.quant_linear(x, qw, qtype, bias), ref.quant_linear(x, qw, qtype, bias)
+    rel = ((got - expected).norm() / expected.norm()).item()
+    assert rel < tolerance(qtype, m), rel
+
+
+@pytest.mark.parametrize("qtype", [quant.Q4_1, quant.Q6_K], ids=["Q4_1", "Q6_K"])
+def test_quant_linear_on_device_and_in_bfloat16(qtype, device):
+    k = 256
+    qw = random_qweight(qtype, 33, k)
+    for m in (1, 5, 20):
+        x = torch.randn(m, k).to(torch.bfloat16)
+        got = ops.quant_linear(x.to(device), qw.to(device), qtype)
+        assert got.dtype == torch.bfloat16 and got.shape == (m, 33)
+        expected = ref.quant_linear(x.float(), qw, qtype)
+        rel = ((got.cpu().float() - expected).norm() / expected.norm()).item()
+        assert rel < 3e-2, (m, rel)
+
+
+def test_opcheck():
+    qw = random_qweight(quant.Q8_0, 16, 64)
+    x = torch.randn(2, 64)
+    torch.library.opcheck(torch.ops.fast_inference.quant_linear, (x, qw, quant.Q8_0, None))
+    torch.library.opcheck(torch.ops.fast_inference.dequantize, (qw, quant.Q8_0, 64, torch.float32))
+    torch.library.opcheck(torch.ops.fast_inference.quantize, (torch.randn(16, 64), quant.Q8_0))
+
+
+def test_bad_arguments_name_the_argument():
+    qw = random_qweight(quant.Q4_1, 8, 64)
+    x = torch.randn(1, 64)
+    with pytest.raises(ValueError, match="qtype 7 is not a supported.*Q4_0=2"):
+        ops.quant_linear(x, qw, 7)
+    with pytest.raises(ValueError, match="qweight has .* bytes per row"):
+        ops.quant_linear(torch.randn(1, 96), qw, quant.Q4_1)
+    with pytest.raises(ValueError, match="qweight must be uint8"):
+        ops.quant_linear(x, qw.to(torch.int32), quant.Q4_1)
+    with pytest.raises(ValueError, match="x must be float32, bfloat16 or float16"):
+        ops.quant_linear(x.to(torch.int64), qw, quant.Q4_1)
+    with pytest.raises(ValueError, match="bias must be"):
+        ops.quant_linear(x, qw, quant.Q4_1, torch.zeros(3))
+    with pytest.raises(ValueError, match="can be read but not written"):
+        ops.quantize(torch.randn(4, 256), quant.Q4_K)
+    with pytest.raises(ValueError, match="in_features must be positive"):
+        ops.dequantize(qw, quant.Q4_1, 0)
