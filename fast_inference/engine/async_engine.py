@@ -24,8 +24,8 @@ class EngineDeadError(RuntimeError):
 class RequestStream:
     """The outputs of one request, consumed on the event loop.
 
-    Outputs are cumulative, so a slow consumer only ever needs the latest one: the engine thread
-    overwrites `_latest` and the consumer never falls behind or buffers more than one output.
+    The engine sends deltas; a consumer slower than the engine gets the deltas it missed folded into
+    one (RequestOutput.add), so it never falls behind by more than one output and never re-derives them.
     """
 
     __slots__ = ("request_id", "_engine", "_latest", "_error", "_waiter", "_accepted", "finished")
@@ -41,7 +41,10 @@ class RequestStream:
 
     # engine thread -> loop (always called on the loop thread)
     def _put(self, output: RequestOutput) -> None:
-        self._latest = output
+        if self._latest is None:
+            self._latest = output
+        else:
+            self._latest.add(output)
         if output.finished:
             self.finished = True
         self._wake()

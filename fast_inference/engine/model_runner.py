@@ -147,26 +147,21 @@ class ModelRunner:
 
     # ---- execution ------------------------------------------------------------------------------
     @torch.inference_mode()
-    def execute(self, seqs: list[Sequence], num_new: list[int], logit_rows: list[int]) -> torch.Tensor | None:
-        """Run the step; return float32 logits [len(logit_rows), vocab] for the given batch rows
-        (each row's last new token), or None when no row needs sampling."""
-        total = sum(num_new)
-        if self.graphs and total == len(seqs) and len(seqs) <= self._max_graph_bs:
-            logits = self._replay(seqs)
-            if not logit_rows:
+    def execute(self, seqs: list[Sequence], num_new: list[int], token_rows: list[int]) -> torch.Tensor | None:
+        """Run the step; return float32 logits [len(token_rows), vocab] of the given new tokens (flat
+        indices into the step's new tokens, in batch order), or None when none is asked for."""
+        if self.graphs and sum(num_new) == len(seqs) and len(seqs) <= self._max_graph_bs:
+            logits = self._replay(seqs)  # a decode step: new token i is batch row i
+            if not token_rows:
                 return None
-            return (
-                logits[torch.tensor(logit_rows, device=self.device)]
-                if len(logit_rows) != len(seqs)
-                else logits
-            )
+            if len(token_rows) == len(seqs) and token_rows == list(range(len(seqs))):
+                return logits
+            return logits[torch.tensor(token_rows, device=self.device)]
         input_ids, positions, meta = self.prepare(seqs, num_new)
         hidden = self.model(input_ids, positions, meta)
-        if not logit_rows:
+        if not token_rows:
             return None
-        cu_end = torch.tensor(num_new, dtype=torch.int64).cumsum(0) - 1
-        last = cu_end[torch.tensor(logit_rows, dtype=torch.int64)]
-        return self.model.compute_logits(hidden[last.to(self.device)])
+        return self.model.compute_logits(hidden[torch.tensor(token_rows, device=self.device)])
 
     @torch.inference_mode()
     def hidden_states(self, seqs: list[Sequence], num_new: list[int]) -> torch.Tensor:

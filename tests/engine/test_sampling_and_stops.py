@@ -173,23 +173,34 @@ def test_logprobs(llm):
     assert out.cumulative_logprob == pytest.approx(total)
 
 
-def test_streaming_text_is_append_only(llama_dir):
+def test_step_outputs_are_deltas(llama_dir):
     engine = LLMEngine(EngineArgs(model=str(llama_dir), dtype="float32", kv_cache_memory="8MiB"))
-    params = SamplingParams(temperature=1.0, max_tokens=30, seed=3, stop=["e t", "qq"], ignore_eos=True)
+    params = SamplingParams(
+        temperature=1.0, max_tokens=30, seed=3, stop=["e t", "qq"], ignore_eos=True, logprobs=1
+    )
     for i, p in enumerate(PROMPTS):
         engine.add_request(str(i), p, params)
-    last = {str(i): "" for i in range(len(PROMPTS))}
     finals = {}
+    steps = {str(i): 0 for i in range(len(PROMPTS))}
     while engine.has_unfinished_requests():
-        for out in engine.step():
-            text = out.outputs[0].text
-            assert text.startswith(last[out.request_id])
-            last[out.request_id] = text
-            if out.finished:
-                finals[out.request_id] = out
+        for delta in engine.step():
+            (comp,) = delta.outputs
+            # One sampled token per step, with exactly its own logprob entry: nothing is resent.
+            assert len(comp.token_ids) == 1 and len(comp.logprobs) == 1
+            assert comp.token_ids[0] in comp.logprobs[0]
+            steps[delta.request_id] += 1
+            if delta.request_id in finals:
+                finals[delta.request_id].add(delta)
+            else:
+                finals[delta.request_id] = delta
     tok = engine.tokenizer
-    for _rid, out in finals.items():
+    for rid, out in finals.items():
+        assert out.finished
         comp = out.outputs[0]
+        assert len(comp.token_ids) == len(comp.logprobs) == steps[rid]
+        assert comp.cumulative_logprob == pytest.approx(
+            sum(e[t].logprob for t, e in zip(comp.token_ids, comp.logprobs))
+        )
         full = tok.decode(comp.token_ids, skip_special_tokens=True)
         if comp.finish_reason == "length":
             assert comp.text == full
