@@ -18,6 +18,8 @@ import torch
 from fast_inference.models.bert import BertConfig, BertEncoder, EncoderBatch
 from fast_inference.models.pooling import PoolingConfig, load_pooling_config, pool
 
+from .intake import check_embedding_inputs, resolve_truncation
+
 _DTYPES = {
     "float32": torch.float32,
     "float": torch.float32,
@@ -47,22 +49,10 @@ def encode_texts(
 ) -> list[list[int]]:
     """Encoder token ids for texts: special tokens added; truncation (when asked) keeps them, like
     sentence-transformers' own truncation at max_seq_length. -1 truncates to max_model_len."""
-    if truncate_prompt_tokens is None:
+    k = resolve_truncation(truncate_prompt_tokens, max_model_len)
+    if k is None:
         return tokenizer(list(texts), add_special_tokens=True)["input_ids"]
-    if truncate_prompt_tokens == -1:
-        truncate_prompt_tokens = max_model_len
-    if (
-        isinstance(truncate_prompt_tokens, bool)
-        or not isinstance(truncate_prompt_tokens, int)
-        or not (1 <= truncate_prompt_tokens <= max_model_len)
-    ):
-        raise ValueError(
-            f"truncate_prompt_tokens: {truncate_prompt_tokens!r} is not -1 or an integer in "
-            f"[1, max_model_len={max_model_len}]"
-        )
-    return tokenizer(
-        list(texts), add_special_tokens=True, truncation=True, max_length=truncate_prompt_tokens
-    )["input_ids"]
+    return tokenizer(list(texts), add_special_tokens=True, truncation=True, max_length=k)["input_ids"]
 
 
 def _resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
@@ -219,32 +209,20 @@ class EncoderEngine:
         """Token ids of many texts; truncate_prompt_tokens cuts each to that length, special tokens kept."""
         return encode_texts(self.tokenizer, texts, self.model_config.max_model_len, truncate_prompt_tokens)
 
-    def embed(self, token_id_lists: list[list[int]]) -> torch.Tensor:
-        """Pooled (and, when the model says so, normalized) embeddings: float32 [len(token_id_lists), D]."""
-        if len(token_id_lists) == 0:
-            raise ValueError("token_id_lists: must not be empty")
-        max_len, vocab = self.model_config.max_model_len, self.model_config.vocab_size
-        lens = []
-        for i, ids in enumerate(token_id_lists):
-            if len(ids) == 0:
-                raise ValueError(f"token_id_lists[{i}]: empty input")
-            if len(ids) > max_len:
-                raise ValueError(
-                    f"token_id_lists[{i}]: {len(ids)} tokens exceed the model's maximum length {max_len}"
-                )
-            lens.append(len(ids))
-        try:
-            flat = torch.tensor([t for ids in token_id_lists for t in ids])
-        except (TypeError, ValueError, RuntimeError) as e:
-            raise ValueError(f"token_id_lists: every token id must be an integer ({e})") from None
-        if flat.dtype != torch.int64:
-            raise ValueError(f"token_id_lists: every token id must be an integer, got {flat.dtype} values")
-        low, high = int(flat.min()), int(flat.max())
-        if low < 0 or high >= vocab:
-            bad = low if low < 0 else high
-            row = next(i for i, ids in enumerate(token_id_lists) if bad in ids)
-            raise ValueError(f"token_id_lists[{row}]: token id {bad} is outside [0, vocab_size={vocab})")
-
+    def embed(
+        self, token_id_lists: list[list[int]], truncate_prompt_tokens: int | None = None
+    ) -> torch.Tensor:
+        """Pooled (and, when the model says so, normalized) embeddings: float32 [len(token_id_lists), D].
+        truncate_prompt_tokens cuts long inputs, keeping a final [SEP] (see intake.check_embedding_inputs)."""
+        token_id_lists = check_embedding_inputs(
+            token_id_lists,
+            vocab_size=self.model_config.vocab_size,
+            max_model_len=self.model_config.max_model_len,
+            truncate_prompt_tokens=truncate_prompt_tokens,
+            end_token_id=getattr(self.tokenizer, "sep_token_id", None),
+        )
+        lens = [len(ids) for ids in token_id_lists]
+        flat = torch.tensor([t for ids in token_id_lists for t in ids], dtype=torch.int64)
         out = torch.empty(len(lens), self.model_config.embedding_size, dtype=torch.float32)
         start = 0
         offset = 0  # token offset of token_id_lists[start] in flat

@@ -17,7 +17,8 @@ from urllib.parse import unquote
 
 from .. import __version__
 from ..engine.async_engine import AsyncEngine, EngineDeadError, RequestStream
-from ..engine.outputs import RequestOutput
+from ..engine.intake import InvalidRequestError, check_token_ids, resolve_truncation
+from ..engine.outputs import CompletionOutput, RequestOutput
 from . import protocol, sse
 from .errors import APIError, invalid
 from .http import Request, Response, StreamingResponse, error_response
@@ -56,7 +57,6 @@ class OpenAIApp:
         self._created = int(time.time())
         self._fingerprint = f"fp_fast_inference_{__version__}"
         self._tokenizer = None
-        self._token_text: protocol.TokenText | None = None
         self.inflight = 0  # engine requests this server has queued or running
         self._pool: ThreadPoolExecutor | None = None  # the tokenizer thread, started on first need
         self._pool_tokenizer = None
@@ -211,7 +211,6 @@ class OpenAIApp:
                 self._tokenizer = copy.deepcopy(self.engine.engine.tokenizer)
             except Exception:
                 self._tokenizer = self.engine.engine.tokenizer
-            self._token_text = protocol.TokenText(self._tokenizer)
         return self._tokenizer
 
     async def _tokenizing(self, request: Request, fn: Callable):
@@ -356,8 +355,10 @@ class OpenAIApp:
         vocab = self._model_config.vocab_size
         if tokens == []:
             return self._json({"prompt": ""})
-        if protocol.token_id_list(tokens, vocab, "tokens") is None:
-            raise invalid("'tokens' must be an array of token ids", "tokens")
+        try:
+            check_token_ids(tokens, vocab, "tokens")
+        except InvalidRequestError as exc:
+            raise invalid(str(exc), "tokens") from None
         return self._json({"prompt": self.tokenizer.decode(tokens)})
 
     # -- embeddings ----------------------------------------------------------------------------------
@@ -368,32 +369,19 @@ class OpenAIApp:
         if "input" not in body:
             raise invalid("'input' is required", "input")
         cfg = self._model_config
-        limit = cfg.max_model_len
-        truncate = _truncate_prompt_tokens(body, limit)
-        encoder = not getattr(self.engine.engine, "supports_generation", True)
         prompts = await self._tokenizing(
-            request, lambda tokenizer: _embedding_prompts(body["input"], tokenizer, cfg, encoder, truncate)
+            request, lambda tokenizer: protocol.prompts_of(body["input"], tokenizer, "input")[0]
         )
         encoding = body.get("encoding_format") or "float"
         if encoding not in ("float", "base64"):
             raise invalid("'encoding_format' must be 'float' or 'base64'", "encoding_format")
         dimensions = _embedding_dimensions(body, cfg, model)
-        for i, ids in enumerate(prompts):
-            if not ids:
-                raise invalid(f"input[{i}] is empty", "input")
-            if len(ids) > limit:
-                raise APIError(
-                    400,
-                    f"input[{i}] has {len(ids)} tokens; this model's maximum context length is "
-                    f"{limit} tokens",
-                    param="input",
-                    code="context_length_exceeded",
-                )
         self._admit(len(prompts))
         try:
-            vectors = await self.engine.embed(prompts)
-        except (ValueError, NotImplementedError) as exc:
-            raise invalid(str(exc), "input") from None
+            vectors = await self.engine.embed(prompts, body.get("truncate_prompt_tokens"))
+        except InvalidRequestError as exc:  # the engine's intake refused it
+            param = "truncate_prompt_tokens" if exc.param == "truncate_prompt_tokens" else "input"
+            raise APIError(400, str(exc), param=param, code=exc.code) from None
         finally:
             self.inflight -= len(prompts)
         data = []
@@ -407,7 +395,9 @@ class OpenAIApp:
             else:
                 value = vector
             data.append({"object": "embedding", "index": i, "embedding": value})
-        tokens = sum(len(p) for p in prompts)
+        # The engine accepted the truncation, so this cannot raise; inputs are cut to its length.
+        cut = resolve_truncation(body.get("truncate_prompt_tokens"), cfg.max_model_len)
+        tokens = sum(len(p) if cut is None else min(len(p), cut) for p in prompts)
         self.metrics.prompt_tokens += tokens
         return self._json(
             {
@@ -447,15 +437,12 @@ class OpenAIApp:
                 "not support generation; use /v1/embeddings",
                 "model",
             )
-        cfg = self._model_config
         names = self.config.served_model_names
 
         def parse(tokenizer) -> protocol.GenerationRequest:
             if chat:
-                return protocol.parse_chat(
-                    body, names, tokenizer, cfg.max_model_len, cfg.vocab_size, self.config.chat_template
-                )
-            return protocol.parse_completion(body, names, tokenizer, cfg.max_model_len, cfg.vocab_size)
+                return protocol.parse_chat(body, names, tokenizer, self.config.chat_template)
+            return protocol.parse_completion(body, names, tokenizer)
 
         gen = await self._tokenizing(request, parse)
         request_id = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
@@ -463,11 +450,17 @@ class OpenAIApp:
         streams: list[RequestStream] = []
         try:
             if len(gen.prompts) == 1:
-                streams.append(await self.engine.add_request(request_id, gen.prompts[0], gen.params))
+                streams.append(
+                    await self.engine.add_request(
+                        request_id, gen.prompts[0], gen.params, max_tokens_must_fit=True
+                    )
+                )
             else:
                 results = await asyncio.gather(
                     *(
-                        self.engine.add_request(f"{request_id}-{i}", ids, gen.params)
+                        self.engine.add_request(
+                            f"{request_id}-{i}", ids, gen.params, max_tokens_must_fit=True
+                        )
                         for i, ids in enumerate(gen.prompts)
                     ),
                     return_exceptions=True,
@@ -480,8 +473,9 @@ class OpenAIApp:
             for stream in streams:
                 stream.abort()
             self.inflight -= len(gen.prompts)
-            if isinstance(exc, ValueError):  # the engine refused the prompt (e.g. too long)
-                raise APIError(400, str(exc), param="messages" if chat else "prompt") from None
+            if isinstance(exc, InvalidRequestError):  # the engine's intake refused it
+                param = ("messages" if chat else "prompt") if exc.param == "prompt" else exc.param
+                raise APIError(400, str(exc), param=param, code=exc.code) from None
             raise
         job = _Job(self, gen, request_id, streams, arrival)
         if gen.stream:
@@ -526,14 +520,24 @@ class _Job:
         self.token_counts = [0] * (len(streams) * gen.params.n)
 
     def _observe(self, prompt_index: int, output: RequestOutput) -> None:
-        """Token counts and TTFT/ITL from one cumulative output."""
+        """Token counts and TTFT/ITL from one delta; the deltas are folded into self.finals."""
         n = self.gen.params.n
         new = 0
         for c in output.outputs:
-            k = prompt_index * n + c.index
-            count = len(c.token_ids)
-            new += count - self.token_counts[k]
-            self.token_counts[k] = count
+            self.token_counts[prompt_index * n + c.index] += len(c.token_ids)
+            new += len(c.token_ids)
+        final = self.finals[prompt_index]
+        if final is None:
+            # The stream's own copy: the delta object itself is folded into, the engine never reuses it.
+            self.finals[prompt_index] = RequestOutput(
+                output.request_id, output.prompt, output.prompt_token_ids,
+                [CompletionOutput(c.index, c.text, list(c.token_ids), c.cumulative_logprob,
+                                  list(c.logprobs) if c.logprobs is not None else None,
+                                  c.finish_reason, c.stop_reason) for c in output.outputs],
+                output.finished, output.metrics, output.num_cached_tokens, output.prompt_logprobs,
+            )  # fmt: skip
+        else:
+            final.add(output)
         if new <= 0:
             return
         now = time.perf_counter()
@@ -582,8 +586,8 @@ class _Job:
 
     async def collect(self) -> dict:
         try:
-            async for i, output in self._outputs():
-                self.finals[i] = output
+            async for _ in self._outputs():
+                pass
         except EngineDeadError as exc:
             self.status = 503
             raise APIError(503, str(exc), code="engine_unavailable") from None
@@ -592,7 +596,6 @@ class _Job:
     def _response_body(self) -> dict:
         gen = self.gen
         app = self.app
-        token_text = app._token_text
         choices = []
         prompt_tokens = cached = 0
         for i, final in enumerate(self.finals):
@@ -607,9 +610,7 @@ class _Job:
                     logprobs = None
                     if gen.logprobs is not None:
                         logprobs = {
-                            "content": protocol.chat_logprobs(
-                                c, 0, len(c.token_ids), gen.logprobs, token_text
-                            ),
+                            "content": protocol.chat_logprobs(c, gen.logprobs),
                             "refusal": None,
                         }
                     choices.append(
@@ -625,9 +626,12 @@ class _Job:
                     prefix = self._echo_text(i) if gen.echo else ""
                     logprobs = None
                     if gen.logprobs is not None:
-                        logprobs = protocol.completion_logprobs(
-                            c, 0, len(c.token_ids), gen.logprobs, token_text, len(prefix)
-                        )
+                        logprobs = protocol.completion_logprobs(c, gen.logprobs, len(prefix))
+                        if gen.echo:
+                            logprobs = protocol.join_logprobs(
+                                protocol.prompt_completion_logprobs(final, gen.logprobs, self._token_text),
+                                logprobs,
+                            )
                     choices.append(
                         {
                             "index": index,
@@ -649,6 +653,9 @@ class _Job:
             "usage": protocol.usage(prompt_tokens, self.completion_tokens, cached),
         }
 
+    def _token_text(self, token_id: int) -> str:
+        return self.app.tokenizer.decode([token_id])
+
     def _echo_text(self, i: int) -> str:
         text = self.gen.prompt_texts[i]
         return text if text is not None else self.app.tokenizer.decode(self.gen.prompts[i])
@@ -665,54 +672,48 @@ class _Job:
             model=gen.model,
             fingerprint=app._fingerprint,
         )
-        token_text = app._token_text
-        sent_chars = [0] * total
-        sent_tokens = [0] * total
         done = [False] * total
         try:
             if gen.chat:
                 for k in range(total):
                     yield enc.choice(k, "", role=True)
-            elif gen.echo:
+            elif gen.echo and gen.logprobs is None:
                 for k in range(total):
                     yield enc.choice(k, self._echo_text(k // n))
             text_offsets = [0] * total
-            async for i, output in self._outputs():
-                self.finals[i] = output
-                for c in output.outputs:
+            echo_sent = [False] * len(self.streams)
+            async for i, delta in self._outputs():
+                if gen.echo and gen.logprobs is not None and not echo_sent[i]:
+                    # The prompt's logprobs come with its first delta: echo it (and them) first.
+                    echo_sent[i] = True
+                    echo = self._echo_text(i)
+                    prompt_lps = protocol.prompt_completion_logprobs(
+                        self.finals[i], gen.logprobs, self._token_text
+                    )
+                    for k in range(i * n, (i + 1) * n):
+                        text_offsets[k] = len(echo)
+                        yield enc.choice(k, echo, logprobs=prompt_lps)
+                for c in delta.outputs:
                     k = i * n + c.index
                     if done[k]:
                         continue
-                    new_text = c.text[sent_chars[k] :]
-                    count = len(c.token_ids)
                     reason = protocol.finish_reason(c.finish_reason)
-                    if not new_text and count == sent_tokens[k] and reason is None:
-                        continue
                     logprobs = None
-                    if gen.logprobs is not None and count > sent_tokens[k]:
+                    if gen.logprobs is not None and c.token_ids:
                         if gen.chat:
-                            logprobs = {
-                                "content": protocol.chat_logprobs(
-                                    c, sent_tokens[k], count, gen.logprobs, token_text
-                                ),
-                                "refusal": None,
-                            }
+                            logprobs = {"content": protocol.chat_logprobs(c, gen.logprobs), "refusal": None}
                         else:
-                            logprobs = protocol.completion_logprobs(
-                                c, sent_tokens[k], count, gen.logprobs, token_text, text_offsets[k]
-                            )
+                            logprobs = protocol.completion_logprobs(c, gen.logprobs, text_offsets[k])
                             text_offsets[k] += sum(len(t) for t in logprobs["tokens"])
-                    sent_chars[k] = len(c.text)
-                    sent_tokens[k] = count
                     if reason is None and logprobs is None:
-                        if new_text:
-                            yield enc.text(k, new_text)
+                        if c.text:
+                            yield enc.text(k, c.text)
                         continue
                     if reason is not None:
                         done[k] = True
                     yield enc.choice(
                         k,
-                        new_text if (new_text or not gen.chat) else None,
+                        c.text if (c.text or not gen.chat) else None,
                         logprobs=logprobs,
                         finish_reason=reason,
                         stop_reason=c.stop_reason,
@@ -772,31 +773,6 @@ class _Job:
             (now - self.arrival) * 1e3,
             " stream" if self.gen.stream else "",
         )
-
-
-def _truncate_prompt_tokens(body: dict, limit: int) -> int | None:
-    """/v1/embeddings 'truncate_prompt_tokens' (vLLM's extension): keep the first k tokens; -1 = max_model_len."""
-    k = body.get("truncate_prompt_tokens")
-    if k is None:
-        return None
-    if isinstance(k, bool) or not isinstance(k, int) or not (k == -1 or 1 <= k <= limit):
-        raise invalid(
-            f"'truncate_prompt_tokens' must be -1 or an integer in [1, {limit}], got {k!r}",
-            "truncate_prompt_tokens",
-        )
-    return limit if k == -1 else k
-
-
-def _embedding_prompts(value, tokenizer, cfg, encoder: bool, truncate: int | None) -> list[list[int]]:
-    """/v1/embeddings 'input' -> token ids. Encoder models get their special tokens ([CLS] ... [SEP]) on text
-    inputs, and truncation keeps them (as sentence-transformers truncates at its max_seq_length)."""
-    texts = [value] if isinstance(value, str) else value
-    if encoder and isinstance(texts, list) and texts and all(isinstance(t, str) for t in texts):
-        from ..engine.encoder_engine import encode_texts
-
-        return encode_texts(tokenizer, texts, cfg.max_model_len, truncate)
-    prompts, _ = protocol.prompts_of(value, tokenizer, cfg.vocab_size, "input")
-    return prompts if truncate is None else [ids[:truncate] for ids in prompts]
 
 
 def _embedding_dimensions(body: dict, cfg, model: str) -> int | None:

@@ -429,7 +429,6 @@ def test_completion_errors(server, schemas):
         ({}, "prompt"),
         ({"prompt": "x", "suffix": "y"}, "suffix"),
         ({"prompt": "x", "logprobs": 50}, "logprobs"),
-        ({"prompt": "x", "echo": True, "logprobs": 1}, "echo"),
         ({"prompt": "word " * 400}, "prompt"),
     ]:
         r = call(server.port, "POST", "/v1/completions", {"model": MODEL_NAME, **body})
