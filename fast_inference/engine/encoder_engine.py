@@ -16,17 +16,10 @@ from pathlib import Path
 import torch
 
 from fast_inference.models.bert import BertConfig, BertEncoder, EncoderBatch
+from fast_inference.models.config import resolve_dtype
 from fast_inference.models.pooling import PoolingConfig, load_pooling_config, pool
 
 from .intake import check_embedding_inputs, resolve_truncation
-
-_DTYPES = {
-    "float32": torch.float32,
-    "float": torch.float32,
-    "bfloat16": torch.bfloat16,
-    "float16": torch.float16,
-    "half": torch.float16,
-}
 
 
 def is_encoder_model(model_dir: str | os.PathLike) -> bool:
@@ -53,21 +46,6 @@ def encode_texts(
     if k is None:
         return tokenizer(list(texts), add_special_tokens=True)["input_ids"]
     return tokenizer(list(texts), add_special_tokens=True, truncation=True, max_length=k)["input_ids"]
-
-
-def _resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
-    if isinstance(dtype, torch.dtype):
-        resolved = dtype
-    elif dtype == "auto":
-        # Encoders are small and embeddings are compared across systems: float32 unless asked otherwise.
-        resolved = torch.float32
-    elif dtype in _DTYPES:
-        resolved = _DTYPES[dtype]
-    else:
-        raise ValueError(f"dtype: {dtype!r} is not one of 'auto', {sorted(_DTYPES)}")
-    if resolved not in (torch.float32, torch.float16, torch.bfloat16):
-        raise ValueError(f"dtype: {resolved} is not float32, float16 or bfloat16")
-    return resolved
 
 
 @dataclass(slots=True)
@@ -136,7 +114,9 @@ class EncoderEngine:
             )
 
         self.device = torch.device(device)
-        torch_dtype = _resolve_dtype(dtype)
+        # The one dtype resolver (models/config.py), except that 'auto' is float32 here: encoders are small
+        # and embeddings are compared across systems.
+        torch_dtype = torch.float32 if dtype == "auto" else resolve_dtype(dtype, None, self.device)
         self.model = BertEncoder.from_pretrained(model_dir, torch_dtype, self.device, prepack_weights)
         if tokenizer is None:
             from transformers import AutoTokenizer
