@@ -15,9 +15,10 @@ from pathlib import Path
 
 import torch
 
-from fast_inference.models.bert import BertConfig, BertEncoder, EncoderBatch
+from fast_inference.models.bert import BertConfig, BertEncoder
 from fast_inference.models.config import resolve_dtype
 from fast_inference.models.pooling import PoolingConfig, load_pooling_config, pool
+from fast_inference.ops.attention_metadata import build_metadata
 
 from .intake import check_embedding_inputs, resolve_truncation
 
@@ -224,32 +225,19 @@ class EncoderEngine:
 
     def _forward(self, input_ids: torch.Tensor, lens: list[int]) -> torch.Tensor:
         """One forward over a packed batch: int64 [sum(lens)] ids -> float32 [len(lens), D]."""
+        # Each sequence gets its own run of scratch blocks, from block 0 on.
         bs = self.block_size
-        seq_lens = torch.tensor(lens, dtype=torch.int64)
-        num_seqs = seq_lens.numel()
-        cu = torch.zeros(num_seqs + 1, dtype=torch.int64)
-        torch.cumsum(seq_lens, 0, out=cu[1:])
-        blocks = (seq_lens + bs - 1) // bs
-        first_block = torch.cumsum(blocks, 0) - blocks
-        token_seq = torch.repeat_interleave(torch.arange(num_seqs), seq_lens)
-        positions = torch.arange(int(cu[-1])) - cu[:-1][token_seq]
-        slot_mapping = first_block[token_seq] * bs + positions
-        # Sequence s owns blocks first_block[s] .. first_block[s] + blocks[s] - 1; unused table entries
-        # point at block 0 and are never read (seq_lens bounds the kernel).
-        j = torch.arange(int(blocks.max()))
-        block_tables = torch.where(j < blocks[:, None], first_block[:, None] + j, 0).to(torch.int32)
+        tables = []
+        first = 0
+        for n in lens:
+            num_blocks = -(-n // bs)
+            tables.append(list(range(first, first + num_blocks)))
+            first += num_blocks
         dev = self.device
-        batch = EncoderBatch(
-            key_cache=self.key_cache,
-            value_cache=self.value_cache,
-            slot_mapping=slot_mapping.to(dev),
-            block_tables=block_tables.to(dev),
-            seq_lens=seq_lens.to(torch.int32).to(dev),
-            cu_seq_lens=cu.to(torch.int32).to(dev),
-        )
-        hidden = self.model.forward(input_ids.to(dev), positions.to(dev), batch)
+        positions, meta = build_metadata(tables, [0] * len(lens), lens, bs, dev, causal=False)
+        hidden = self.model.forward(input_ids.to(dev), positions, meta, self.key_cache, self.value_cache)
         self._num_forwards += 1
-        return pool(hidden, cu.to(dev), self.model_config.pooling).cpu()
+        return pool(hidden, meta.cu_query_lens.long(), self.model_config.pooling).cpu()
 
     # ---- the engine surface shared with LLMEngine -------------------------------------------------
 

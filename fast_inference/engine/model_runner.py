@@ -6,7 +6,7 @@ import torch
 
 from fast_inference.models.config import ModelConfig
 from fast_inference.models.loader import load_model
-from fast_inference.ops.attention_metadata import AttentionMetadata
+from fast_inference.ops.attention_metadata import AttentionMetadata, build_metadata
 
 from .sequence import Sequence
 
@@ -106,10 +106,8 @@ class ModelRunner:
         self, seqs: list[Sequence], num_new: list[int]
     ) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
         """Flatten the step's sequences into input_ids/positions and the paged-attention metadata."""
-        bs = self.block_size
         input_ids: list[int] = []
         starts: list[int] = []
-        width = 0
         for seq, n in zip(seqs, num_new):
             start = seq.num_computed
             starts.append(start)
@@ -117,33 +115,11 @@ class ModelRunner:
                 input_ids.append(seq.token_ids[start])
             else:
                 input_ids.extend(seq.token_ids[start : start + n])
-            if len(seq.block_table) > width:
-                width = len(seq.block_table)
-        tables = [seq.block_table + [0] * (width - len(seq.block_table)) for seq in seqs]
-        dev = self.device
-        q_lens = torch.tensor(num_new, dtype=torch.int32)
-        starts_t = torch.tensor(starts, dtype=torch.int64)
-        block_tables = torch.tensor(tables, dtype=torch.int32)
-        cu = torch.zeros(len(seqs) + 1, dtype=torch.int32)
-        torch.cumsum(q_lens, 0, out=cu[1:])
-        total = len(input_ids)
-        if total == len(seqs):  # pure decode
-            positions = starts_t
-            seq_index = torch.arange(len(seqs))
-        else:
-            seq_index = torch.repeat_interleave(torch.arange(len(seqs)), q_lens.long())
-            positions = torch.arange(total) - cu[:-1].long()[seq_index] + starts_t[seq_index]
-        slots = block_tables[seq_index, positions // bs].long() * bs + positions % bs
-        seq_lens = (starts_t + q_lens).to(torch.int32)
-        meta = AttentionMetadata(
-            slot_mapping=slots.to(dev, non_blocking=True),
-            block_tables=block_tables.to(dev, non_blocking=True),
-            seq_lens=seq_lens.to(dev, non_blocking=True),
-            cu_query_lens=cu.to(dev, non_blocking=True),
-            max_query_len=max(num_new),
+        positions, meta = build_metadata(
+            [seq.block_table for seq in seqs], starts, num_new, self.block_size, self.device
         )
-        ids = torch.tensor(input_ids, dtype=torch.int64).to(dev, non_blocking=True)
-        return ids, positions.to(dev, non_blocking=True), meta
+        ids = torch.tensor(input_ids, dtype=torch.int64).to(self.device, non_blocking=True)
+        return ids, positions, meta
 
     # ---- execution ------------------------------------------------------------------------------
     @torch.inference_mode()
@@ -198,7 +174,6 @@ class ModelRunner:
                         self._g_tables[:b],
                         self._g_lens[:b],
                         self._g_cu[: b + 1],
-                        max_query_len=1,
                     )
                     hidden = self.model(self._g_ids[:b], self._g_pos[:b], meta)  # warm-up outside capture
                     self.model.compute_logits(hidden)
