@@ -20,6 +20,7 @@ from fast_inference.models.config import resolve_dtype
 from fast_inference.models.pooling import PoolingConfig, load_pooling_config, pool
 from fast_inference.ops.attention_metadata import build_metadata
 
+from .embed_batches import packed_batches
 from .intake import check_embedding_inputs, resolve_truncation
 
 
@@ -205,20 +206,11 @@ class EncoderEngine:
         lens = [len(ids) for ids in token_id_lists]
         flat = torch.tensor([t for ids in token_id_lists for t in ids], dtype=torch.int64)
         out = torch.empty(len(lens), self.model_config.embedding_size, dtype=torch.float32)
-        start = 0
         offset = 0  # token offset of token_id_lists[start] in flat
-        while start < len(lens):
-            end, tokens = start, 0
-            while (
-                end < len(lens)
-                and end - start < self.max_num_seqs
-                and tokens + lens[end] <= self.max_num_batched_tokens
-            ):
-                tokens += lens[end]
-                end += 1
+        for start, end in packed_batches(lens, self.max_num_batched_tokens, self.max_num_seqs):
+            tokens = sum(lens[start:end])
             out[start:end] = self._forward(flat[offset : offset + tokens], lens[start:end])
             offset += tokens
-            start = end
         self._num_embedded += len(lens)
         self._num_embedded_tokens += offset
         return out

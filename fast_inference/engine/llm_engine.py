@@ -11,6 +11,7 @@ import torch
 from .block_manager import BlockManager
 from .config import EngineArgs, SchedulerConfig, load_model_config, parse_memory, resolve_device
 from .detokenizer import init_offsets
+from .embed_batches import packed_batches
 from .intake import InvalidRequestError, check_embedding_inputs, check_generation, check_token_ids
 from .model_runner import ModelRunner
 from .output_processor import OutputProcessor
@@ -271,41 +272,27 @@ class LLMEngine:
             truncate_prompt_tokens=truncate_prompt_tokens,
         )
         out = torch.empty(len(lists), cfg.hidden_size, dtype=torch.float32)
-        budget = self.scheduler.config.max_num_batched_tokens
-        bm = self.block_manager
-        dummy = Request("", None, [], SamplingParams(), RequestMetrics(0.0))
-        i = 0
-        while i < len(lists):
-            batch: list[Sequence] = []
-            tokens = 0
-            while i + len(batch) < len(lists):
-                ids = lists[i + len(batch)]
-                if batch and (tokens + len(ids) > budget or len(batch) >= self.scheduler.config.max_num_seqs):
-                    break
-                seq = Sequence(
-                    seq_id=-1,
-                    request=dummy,
-                    index=0,
-                    token_ids=ids,
-                    num_prompt_tokens=len(ids),
-                    seed=0,
-                    max_tokens=0,
-                )
-                if not bm.can_grow(seq, len(ids)):
-                    if not batch:
-                        raise RuntimeError(
-                            f"not enough free KV-cache blocks to embed input {i} "
-                            f"({len(ids)} tokens); retry when the engine is less busy"
-                        )
-                    break
-                bm.grow(seq, len(ids))
-                batch.append(seq)
-                tokens += len(ids)
-            try:
-                hidden = self.runner.hidden_states(batch, [s.num_tokens for s in batch])
-                out[i : i + len(batch)] = torch.nn.functional.normalize(hidden.float(), dim=-1).cpu()
-            finally:
-                for seq in batch:
-                    bm.free_seq(seq)
-            i += len(batch)
+        lens = [len(ids) for ids in lists]
+        limits = self.scheduler.config
+        for start, end in packed_batches(lens, limits.max_num_batched_tokens, limits.max_num_seqs):
+            i = start
+            while i < end:
+                tables: list[list[int]] = []  # borrowed until the forward is done
+                while i + len(tables) < end:
+                    blocks = self.block_manager.borrow(lens[i + len(tables)])
+                    if blocks is None:
+                        break  # KV cache busy with generations: embed what fits, then the rest
+                    tables.append(blocks)
+                if not tables:
+                    raise RuntimeError(
+                        f"not enough free KV-cache blocks to embed input {i} ({lens[i]} tokens); "
+                        "retry when the engine is less busy"
+                    )
+                try:
+                    hidden = self.runner.last_hidden_states(lists[i : i + len(tables)], tables)
+                    out[i : i + len(tables)] = torch.nn.functional.normalize(hidden.float(), dim=-1).cpu()
+                finally:
+                    for blocks in tables:
+                        self.block_manager.give_back(blocks)
+                i += len(tables)
         return out

@@ -140,11 +140,16 @@ class ModelRunner:
         return self.model.compute_logits(hidden[torch.tensor(token_rows, device=self.device)])
 
     @torch.inference_mode()
-    def hidden_states(self, seqs: list[Sequence], num_new: list[int]) -> torch.Tensor:
-        """Final hidden state [len(seqs), hidden] of each sequence's last new token (for embeddings)."""
-        input_ids, positions, meta = self.prepare(seqs, num_new)
-        hidden = self.model(input_ids, positions, meta)
-        last = torch.tensor(num_new, dtype=torch.int64).cumsum(0) - 1
+    def last_hidden_states(
+        self, token_id_lists: list[list[int]], block_tables: list[list[int]]
+    ) -> torch.Tensor:
+        """Final hidden state [len(token_id_lists), hidden] of each input's last token; each input is
+        computed whole, from position 0, into its own blocks (embeddings)."""
+        lens = [len(ids) for ids in token_id_lists]
+        positions, meta = build_metadata(block_tables, [0] * len(lens), lens, self.block_size, self.device)
+        ids = torch.tensor([t for ids in token_id_lists for t in ids], dtype=torch.int64).to(self.device)
+        hidden = self.model(ids, positions, meta)
+        last = torch.tensor(lens, dtype=torch.int64).cumsum(0) - 1
         return hidden[last.to(self.device)]
 
     # ---- CUDA graphs (decode only) -------------------------------------------------------------
