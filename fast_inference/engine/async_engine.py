@@ -133,6 +133,26 @@ class AsyncEngine:
         self._thread.join(timeout)
         self._thread = None
 
+    # -- the served model, for the server (read once the engine is ready; nothing else reaches inside) --
+    @property
+    def tokenizer(self):
+        return self.engine.tokenizer
+
+    @property
+    def model_config(self):
+        """max_model_len, vocab_size, dtype, device, architecture, model_path, ... of the served model."""
+        return self.engine.model_config
+
+    @property
+    def supports_generation(self) -> bool:
+        """False for an embedding-only engine (EncoderEngine): the server answers generation with 400."""
+        return self.engine.supports_generation
+
+    @property
+    def kv_cache_blocks(self) -> tuple[int, int]:
+        """(number of KV-cache blocks, tokens per block)."""
+        return self.engine.num_total_blocks, self.engine.block_size
+
     @property
     def num_requests(self) -> int:
         return len(self._streams)

@@ -208,9 +208,9 @@ class OpenAIApp:
             self._require_ready()
             # A private copy: Rust tokenizers are not safe to share with the engine thread's detokenizer.
             try:
-                self._tokenizer = copy.deepcopy(self.engine.engine.tokenizer)
+                self._tokenizer = copy.deepcopy(self.engine.tokenizer)
             except Exception:
-                self._tokenizer = self.engine.engine.tokenizer
+                self._tokenizer = self.engine.tokenizer
         return self._tokenizer
 
     async def _tokenizing(self, request: Request, fn: Callable):
@@ -254,7 +254,7 @@ class OpenAIApp:
 
     @property
     def _model_config(self):
-        return self.engine.engine.model_config
+        return self.engine.model_config
 
     @staticmethod
     def _json(obj, status: int = 200) -> Response:
@@ -431,7 +431,7 @@ class OpenAIApp:
         body = self._json_body(request)
         protocol.check_model(body, self.config.served_model_names)
         self._require_ready()
-        if not getattr(self.engine.engine, "supports_generation", True):
+        if not self.engine.supports_generation:
             raise invalid(
                 f"The model '{self.config.served_model_names[0]}' is an embedding model and does "
                 "not support generation; use /v1/embeddings",
