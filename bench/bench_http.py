@@ -62,7 +62,7 @@ class SyntheticEngine:
         self._token = self.tokenizer.encode(" the", add_special_tokens=False)[0]
         self._requests: dict[str, list] = {}
 
-    def add_request(self, request_id, prompt, params, arrival_time=None):
+    def add_request(self, request_id, prompt, params, arrival_time=None, max_tokens_must_fit=False):
         self._requests[request_id] = [prompt, params.max_tokens, []]
 
     def abort_request(self, request_id):
@@ -78,13 +78,12 @@ class SyntheticEngine:
             prompt, max_tokens, tokens = state
             tokens.append(self._token)
             done = len(tokens) >= max_tokens
-            text = " the" * len(tokens)
-            outputs.append(
+            outputs.append(  # a delta, as the engine emits: this step's token and text
                 request_output(
                     rid,
                     None,
                     prompt,
-                    [completion_output(0, text, list(tokens), None, None, "length" if done else None)],
+                    [completion_output(0, " the", [self._token], None, None, "length" if done else None)],
                     done,
                 )
             )

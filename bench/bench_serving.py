@@ -187,10 +187,10 @@ def engine_baseline(engine, prompts: list[list[int]], concurrency: int, output_l
             counter += 1
             engine.add_request(f"b{concurrency}-{counter}", pending.pop(), params)
             active += 1
-        for out in engine.step():
+        for out in engine.step():  # deltas: each step's new tokens
+            tokens += sum(len(c.token_ids) for c in out.outputs)
             if out.finished:
                 active -= 1
-                tokens += sum(len(c.token_ids) for c in out.outputs)
     return tokens / (time.perf_counter() - start)
 
 

@@ -24,8 +24,8 @@ class EngineDeadError(RuntimeError):
 class RequestStream:
     """The outputs of one request, consumed on the event loop.
 
-    Outputs are cumulative, so a slow consumer only ever needs the latest one: the engine thread
-    overwrites `_latest` and the consumer never falls behind or buffers more than one output.
+    The engine sends deltas; a consumer slower than the engine gets the deltas it missed folded into
+    one (RequestOutput.add), so it never falls behind by more than one output and never re-derives them.
     """
 
     __slots__ = ("request_id", "_engine", "_latest", "_error", "_waiter", "_accepted", "finished")
@@ -41,7 +41,10 @@ class RequestStream:
 
     # engine thread -> loop (always called on the loop thread)
     def _put(self, output: RequestOutput) -> None:
-        self._latest = output
+        if self._latest is None:
+            self._latest = output
+        else:
+            self._latest.add(output)
         if output.finished:
             self.finished = True
         self._wake()
@@ -130,22 +133,48 @@ class AsyncEngine:
         self._thread.join(timeout)
         self._thread = None
 
+    # -- the served model, for the server (read once the engine is ready; nothing else reaches inside) --
+    @property
+    def tokenizer(self):
+        return self.engine.tokenizer
+
+    @property
+    def model_config(self):
+        """max_model_len, vocab_size, dtype, device, architecture, model_path, ... of the served model."""
+        return self.engine.model_config
+
+    @property
+    def supports_generation(self) -> bool:
+        """False for an embedding-only engine (EncoderEngine): the server answers generation with 400."""
+        return self.engine.supports_generation
+
+    @property
+    def kv_cache_blocks(self) -> tuple[int, int]:
+        """(number of KV-cache blocks, tokens per block)."""
+        return self.engine.num_total_blocks, self.engine.block_size
+
     @property
     def num_requests(self) -> int:
         return len(self._streams)
 
     # -- loop-side API -------------------------------------------------------------------------------
     async def add_request(
-        self, request_id: str, prompt: str | list[int], params: SamplingParams
+        self,
+        request_id: str,
+        prompt: str | list[int],
+        params: SamplingParams,
+        *,
+        max_tokens_must_fit: bool = False,
     ) -> RequestStream:
-        """Queue a request; returns once the engine has accepted it (raises ValueError if it refused)."""
+        """Queue a request; returns once the engine has accepted it (raises the engine's
+        InvalidRequestError if it refused)."""
         if self.state != "ready":
             raise EngineDeadError(f"engine is not ready ({self.state})")
         if request_id in self._streams:
             raise ValueError(f"request id {request_id!r} is already in use")
         stream = RequestStream(request_id, self)
         self._streams[request_id] = stream
-        self._commands.put(("add", request_id, prompt, params, time.time()))
+        self._commands.put(("add", request_id, prompt, params, time.time(), max_tokens_must_fit))
         if self.state == "stopped":  # the engine thread may have drained its queue already
             self._fail_one(request_id, EngineDeadError("the server is shutting down"))
         try:
@@ -161,11 +190,13 @@ class AsyncEngine:
         self._streams.pop(request_id, None)
         self._commands.put(("abort", request_id))
 
-    async def embed(self, token_id_lists: list[list[int]]) -> list[list[float]]:
+    async def embed(
+        self, token_id_lists: list[list[int]], truncate_prompt_tokens: int | None = None
+    ) -> list[list[float]]:
         if self.state != "ready":
             raise EngineDeadError(f"engine is not ready ({self.state})")
         future = asyncio.get_running_loop().create_future()
-        self._commands.put(("embed", token_id_lists, future))
+        self._commands.put(("embed", token_id_lists, future, truncate_prompt_tokens))
         if self.state == "stopped":
             _resolve(future, None, EngineDeadError("the server is shutting down"))
         return await future
@@ -255,14 +286,16 @@ class AsyncEngine:
         for command in batch:
             kind = command[0]
             if kind == "add":
-                _, request_id, prompt, params, arrival = command
+                _, request_id, prompt, params, arrival, must_fit = command
                 if self.state != "ready":
                     self._call(
                         self._fail_one, request_id, EngineDeadError(f"engine is {self.state}: {self.error}")
                     )
                     continue
                 try:
-                    engine.add_request(request_id, prompt, params, arrival_time=arrival)
+                    engine.add_request(
+                        request_id, prompt, params, arrival_time=arrival, max_tokens_must_fit=must_fit
+                    )
                     accepted.append(request_id)
                     self._active.add(request_id)
                 except Exception as exc:
@@ -291,19 +324,31 @@ class AsyncEngine:
         return True
 
     def _embed_batch(self, embeds: list[tuple]) -> None:
-        flat: list[list[int]] = []
-        for _, lists, _ in embeds:
-            flat.extend(lists)
-        try:
-            vectors = self.engine.embed(flat).float().cpu().tolist()
-        except Exception as exc:
-            for _, _, future in embeds:
-                self._call(_resolve, future, None, exc)
-            return
-        start = 0
-        for _, lists, future in embeds:
-            self._call(_resolve, future, vectors[start : start + len(lists)], None)
-            start += len(lists)
+        """Pending embed requests with the same truncation in one engine call; when that call refuses an
+        input, each request again on its own, so one bad request does not fail its neighbours."""
+        groups: dict[int | None, list[tuple]] = {}
+        for command in embeds:
+            groups.setdefault(command[3], []).append(command)
+        for truncate, group in groups.items():
+            flat: list[list[int]] = [ids for _, lists, _, _ in group for ids in lists]
+            try:
+                vectors = (
+                    (self.engine.embed(flat) if truncate is None else self.engine.embed(flat, truncate))
+                    .float()
+                    .cpu()
+                    .tolist()
+                )
+            except Exception as exc:
+                if len(group) == 1:
+                    self._call(_resolve, group[0][2], None, exc)
+                else:
+                    for command in group:
+                        self._embed_batch([command])
+                continue
+            start = 0
+            for _, lists, future, _ in group:
+                self._call(_resolve, future, vectors[start : start + len(lists)], None)
+                start += len(lists)
 
     def _step_failed(self, exc: Exception) -> None:
         """Fail the requests in flight (not later ones); after repeated failures mark the engine failed."""

@@ -55,16 +55,27 @@ class BlockManager:
             seq.block_table.append(self._take_free())
 
     def free_seq(self, seq: Sequence) -> None:
+        self.give_back(seq.block_table)
+        seq.block_table = []
+        seq.block_hashes = []
+        seq.num_computed = 0
+
+    def borrow(self, num_tokens: int) -> list[int] | None:
+        """Blocks for num_tokens tokens outside any sequence (an embedding forward), or None when too few
+        are free. Return them with give_back."""
+        need = self.blocks_needed(num_tokens)
+        if need > len(self.free):
+            return None
+        return [self._take_free() for _ in range(need)]
+
+    def give_back(self, blocks: list[int]) -> None:
         # Reverse order: a prefix's tail blocks are less likely to be shared, so they are evicted first.
-        for block in reversed(seq.block_table):
+        for block in reversed(blocks):
             self.ref_counts[block] -= 1
             if self.ref_counts[block] == 0:
                 self.free[block] = None
                 if self.hashes[block] is None:
                     self.free.move_to_end(block, last=False)
-        seq.block_table = []
-        seq.block_hashes = []
-        seq.num_computed = 0
 
     def fork(self, parent: Sequence, child: Sequence) -> None:
         """Share parent's full blocks with child (ref counts). A partly filled last block is not shared:

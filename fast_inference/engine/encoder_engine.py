@@ -15,16 +15,13 @@ from pathlib import Path
 
 import torch
 
-from fast_inference.models.bert import BertConfig, BertEncoder, EncoderBatch
+from fast_inference.models.bert import BertConfig, BertEncoder
+from fast_inference.models.config import resolve_dtype
 from fast_inference.models.pooling import PoolingConfig, load_pooling_config, pool
+from fast_inference.ops.attention_metadata import build_metadata
 
-_DTYPES = {
-    "float32": torch.float32,
-    "float": torch.float32,
-    "bfloat16": torch.bfloat16,
-    "float16": torch.float16,
-    "half": torch.float16,
-}
+from .embed_batches import packed_batches
+from .intake import check_embedding_inputs, resolve_truncation
 
 
 def is_encoder_model(model_dir: str | os.PathLike) -> bool:
@@ -47,37 +44,10 @@ def encode_texts(
 ) -> list[list[int]]:
     """Encoder token ids for texts: special tokens added; truncation (when asked) keeps them, like
     sentence-transformers' own truncation at max_seq_length. -1 truncates to max_model_len."""
-    if truncate_prompt_tokens is None:
+    k = resolve_truncation(truncate_prompt_tokens, max_model_len)
+    if k is None:
         return tokenizer(list(texts), add_special_tokens=True)["input_ids"]
-    if truncate_prompt_tokens == -1:
-        truncate_prompt_tokens = max_model_len
-    if (
-        isinstance(truncate_prompt_tokens, bool)
-        or not isinstance(truncate_prompt_tokens, int)
-        or not (1 <= truncate_prompt_tokens <= max_model_len)
-    ):
-        raise ValueError(
-            f"truncate_prompt_tokens: {truncate_prompt_tokens!r} is not -1 or an integer in "
-            f"[1, max_model_len={max_model_len}]"
-        )
-    return tokenizer(
-        list(texts), add_special_tokens=True, truncation=True, max_length=truncate_prompt_tokens
-    )["input_ids"]
-
-
-def _resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
-    if isinstance(dtype, torch.dtype):
-        resolved = dtype
-    elif dtype == "auto":
-        # Encoders are small and embeddings are compared across systems: float32 unless asked otherwise.
-        resolved = torch.float32
-    elif dtype in _DTYPES:
-        resolved = _DTYPES[dtype]
-    else:
-        raise ValueError(f"dtype: {dtype!r} is not one of 'auto', {sorted(_DTYPES)}")
-    if resolved not in (torch.float32, torch.float16, torch.bfloat16):
-        raise ValueError(f"dtype: {resolved} is not float32, float16 or bfloat16")
-    return resolved
+    return tokenizer(list(texts), add_special_tokens=True, truncation=True, max_length=k)["input_ids"]
 
 
 @dataclass(slots=True)
@@ -146,7 +116,9 @@ class EncoderEngine:
             )
 
         self.device = torch.device(device)
-        torch_dtype = _resolve_dtype(dtype)
+        # The one dtype resolver (models/config.py), except that 'auto' is float32 here: encoders are small
+        # and embeddings are compared across systems.
+        torch_dtype = torch.float32 if dtype == "auto" else resolve_dtype(dtype, None, self.device)
         self.model = BertEncoder.from_pretrained(model_dir, torch_dtype, self.device, prepack_weights)
         if tokenizer is None:
             from transformers import AutoTokenizer
@@ -219,79 +191,45 @@ class EncoderEngine:
         """Token ids of many texts; truncate_prompt_tokens cuts each to that length, special tokens kept."""
         return encode_texts(self.tokenizer, texts, self.model_config.max_model_len, truncate_prompt_tokens)
 
-    def embed(self, token_id_lists: list[list[int]]) -> torch.Tensor:
-        """Pooled (and, when the model says so, normalized) embeddings: float32 [len(token_id_lists), D]."""
-        if len(token_id_lists) == 0:
-            raise ValueError("token_id_lists: must not be empty")
-        max_len, vocab = self.model_config.max_model_len, self.model_config.vocab_size
-        lens = []
-        for i, ids in enumerate(token_id_lists):
-            if len(ids) == 0:
-                raise ValueError(f"token_id_lists[{i}]: empty input")
-            if len(ids) > max_len:
-                raise ValueError(
-                    f"token_id_lists[{i}]: {len(ids)} tokens exceed the model's maximum length {max_len}"
-                )
-            lens.append(len(ids))
-        try:
-            flat = torch.tensor([t for ids in token_id_lists for t in ids])
-        except (TypeError, ValueError, RuntimeError) as e:
-            raise ValueError(f"token_id_lists: every token id must be an integer ({e})") from None
-        if flat.dtype != torch.int64:
-            raise ValueError(f"token_id_lists: every token id must be an integer, got {flat.dtype} values")
-        low, high = int(flat.min()), int(flat.max())
-        if low < 0 or high >= vocab:
-            bad = low if low < 0 else high
-            row = next(i for i, ids in enumerate(token_id_lists) if bad in ids)
-            raise ValueError(f"token_id_lists[{row}]: token id {bad} is outside [0, vocab_size={vocab})")
-
+    def embed(
+        self, token_id_lists: list[list[int]], truncate_prompt_tokens: int | None = None
+    ) -> torch.Tensor:
+        """Pooled (and, when the model says so, normalized) embeddings: float32 [len(token_id_lists), D].
+        truncate_prompt_tokens cuts long inputs, keeping a final [SEP] (see intake.check_embedding_inputs)."""
+        token_id_lists = check_embedding_inputs(
+            token_id_lists,
+            vocab_size=self.model_config.vocab_size,
+            max_model_len=self.model_config.max_model_len,
+            truncate_prompt_tokens=truncate_prompt_tokens,
+            end_token_id=getattr(self.tokenizer, "sep_token_id", None),
+        )
+        lens = [len(ids) for ids in token_id_lists]
+        flat = torch.tensor([t for ids in token_id_lists for t in ids], dtype=torch.int64)
         out = torch.empty(len(lens), self.model_config.embedding_size, dtype=torch.float32)
-        start = 0
         offset = 0  # token offset of token_id_lists[start] in flat
-        while start < len(lens):
-            end, tokens = start, 0
-            while (
-                end < len(lens)
-                and end - start < self.max_num_seqs
-                and tokens + lens[end] <= self.max_num_batched_tokens
-            ):
-                tokens += lens[end]
-                end += 1
+        for start, end in packed_batches(lens, self.max_num_batched_tokens, self.max_num_seqs):
+            tokens = sum(lens[start:end])
             out[start:end] = self._forward(flat[offset : offset + tokens], lens[start:end])
             offset += tokens
-            start = end
         self._num_embedded += len(lens)
         self._num_embedded_tokens += offset
         return out
 
     def _forward(self, input_ids: torch.Tensor, lens: list[int]) -> torch.Tensor:
         """One forward over a packed batch: int64 [sum(lens)] ids -> float32 [len(lens), D]."""
+        # Each sequence gets its own run of scratch blocks, from block 0 on.
         bs = self.block_size
-        seq_lens = torch.tensor(lens, dtype=torch.int64)
-        num_seqs = seq_lens.numel()
-        cu = torch.zeros(num_seqs + 1, dtype=torch.int64)
-        torch.cumsum(seq_lens, 0, out=cu[1:])
-        blocks = (seq_lens + bs - 1) // bs
-        first_block = torch.cumsum(blocks, 0) - blocks
-        token_seq = torch.repeat_interleave(torch.arange(num_seqs), seq_lens)
-        positions = torch.arange(int(cu[-1])) - cu[:-1][token_seq]
-        slot_mapping = first_block[token_seq] * bs + positions
-        # Sequence s owns blocks first_block[s] .. first_block[s] + blocks[s] - 1; unused table entries
-        # point at block 0 and are never read (seq_lens bounds the kernel).
-        j = torch.arange(int(blocks.max()))
-        block_tables = torch.where(j < blocks[:, None], first_block[:, None] + j, 0).to(torch.int32)
+        tables = []
+        first = 0
+        for n in lens:
+            num_blocks = -(-n // bs)
+            tables.append(list(range(first, first + num_blocks)))
+            first += num_blocks
         dev = self.device
-        batch = EncoderBatch(
-            key_cache=self.key_cache,
-            value_cache=self.value_cache,
-            slot_mapping=slot_mapping.to(dev),
-            block_tables=block_tables.to(dev),
-            seq_lens=seq_lens.to(torch.int32).to(dev),
-            cu_seq_lens=cu.to(torch.int32).to(dev),
-        )
-        hidden = self.model.forward(input_ids.to(dev), positions.to(dev), batch)
+        positions, meta = build_metadata(tables, [0] * len(lens), lens, bs, dev, causal=False)
+        hidden = self.model.forward(input_ids.to(dev), positions, meta, self.key_cache, self.value_cache)
         self._num_forwards += 1
-        return pool(hidden, cu.to(dev), self.model_config.pooling).cpu()
+        return pool(hidden, meta.cu_query_lens.long(), self.model_config.pooling).cpu()
 
     # ---- the engine surface shared with LLMEngine -------------------------------------------------
 

@@ -125,7 +125,7 @@ class LLM:
             while engine.has_unfinished_requests():
                 engine.step()
             raise
-        results: dict[str, RequestOutput] = {}
+        results: dict[str, RequestOutput] = {}  # the first delta of each request, the later ones added in
         bar = None
         if use_tqdm:
             from tqdm.auto import tqdm
@@ -133,11 +133,14 @@ class LLM:
             bar = tqdm(total=len(ids), desc="Generating", unit="req", dynamic_ncols=True)
         try:
             while engine.has_unfinished_requests():
-                for out in engine.step():
-                    if out.finished:
-                        results[out.request_id] = out
-                        if bar is not None:
-                            bar.update(1)
+                for delta in engine.step():
+                    acc = results.get(delta.request_id)
+                    if acc is None:
+                        results[delta.request_id] = acc = delta
+                    else:
+                        acc.add(delta)
+                    if acc.finished and bar is not None:
+                        bar.update(1)
         finally:
             if bar is not None:
                 bar.close()

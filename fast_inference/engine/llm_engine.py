@@ -1,4 +1,4 @@
-"""LLMEngine: requests in, one scheduler step at a time, cumulative RequestOutputs out (single-threaded)."""
+"""LLMEngine: requests in, one schedule -> run -> update step at a time, RequestOutput deltas out (single-threaded)."""
 
 import logging
 import random
@@ -12,23 +12,20 @@ from fast_inference.models.gguf import gguf_tokenizer, is_gguf_file
 
 from .block_manager import BlockManager
 from .config import EngineArgs, SchedulerConfig, load_model_config, parse_memory, resolve_device
-from .detokenizer import decode_new_text, find_stop, flush_text, held_back, init_offsets
+from .detokenizer import init_offsets
+from .embed_batches import packed_batches
+from .intake import InvalidRequestError, check_embedding_inputs, check_generation, check_token_ids
 from .model_runner import ModelRunner
-from .outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
+from .output_processor import OutputProcessor
+from .outputs import RequestMetrics, RequestOutput
 from .sampler import Sampler
 from .sampling_params import SamplingParams
 from .scheduler import Scheduler
-from .sequence import Request, Sequence, SequenceStatus
+from .sequence import SEED_MASK, Request, Sequence, child_seed
 
 logger = logging.getLogger("fast_inference.engine")
 
-_SEED_MASK = (1 << 63) - 1
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "spiece.model", "vocab.txt")
-
-
-def _child_seed(seed: int, index: int) -> int:
-    """Seed of output `index` of a request: distinct streams for the n outputs, reproducible from `seed`."""
-    return seed if index == 0 else hash((seed, index)) & _SEED_MASK
 
 
 def load_tokenizer(path: str, chat_template: str | None = None):
@@ -91,12 +88,11 @@ class LLMEngine:
             self.block_manager,
         )
         self.sampler = Sampler(device)
+        self.outputs = OutputProcessor(self.tokenizer, cfg)
         self.requests: dict[str, Request] = {}
         self._aborts: list[str] = []
         self._rng = random.Random(args.seed)
-        self._next_seq_id = 0
         self.num_prompt_tokens = 0
-        self.num_generation_tokens = 0
         self.num_requests_finished = 0
         logger.info(
             "engine ready: %s (%s) on %s, %s, max_model_len %d, KV cache %d blocks = %d tokens",
@@ -121,100 +117,79 @@ class LLMEngine:
     def tokenize(self, prompt: str) -> list[int]:
         return self.tokenizer.encode(prompt)
 
-    def _check_token_ids(self, ids: list[int], what: str) -> list[int]:
-        vocab = self.model_config.vocab_size
-        out = []
-        for t in ids:
-            if isinstance(t, bool) or not isinstance(t, int):
-                raise ValueError(f"{what} must be integers, got {t!r}")
-            if not 0 <= t < vocab:
-                raise ValueError(f"{what} contains token id {t}, outside the vocabulary [0, {vocab})")
-            out.append(int(t))
-        return out
-
     def add_request(
         self,
         request_id: str,
         prompt: str | list[int],
         params: SamplingParams | None = None,
         arrival_time: float | None = None,
+        *,
+        max_tokens_must_fit: bool = False,
     ) -> None:
+        """Queue a request; refusals raise InvalidRequestError (a ValueError naming the field). max_tokens
+        is capped to the room the prompt leaves, or with max_tokens_must_fit refused when it does not fit."""
         if params is None:
             params = self.default_sampling_params()
         if not isinstance(params, SamplingParams):
-            raise ValueError(f"params must be a SamplingParams, got {type(params).__name__}")
+            raise InvalidRequestError(
+                f"params must be a SamplingParams, got {type(params).__name__}", "params"
+            )
         if request_id in self.requests:
-            raise ValueError(f"request_id {request_id!r} is already in use")
+            raise InvalidRequestError(f"request_id {request_id!r} is already in use", "request_id")
+        cfg = self.model_config
         if isinstance(prompt, str):
             prompt_text: str | None = prompt
             token_ids = self.tokenize(prompt)
+            if not token_ids:
+                raise InvalidRequestError("prompt is empty", "prompt")
         elif isinstance(prompt, list | tuple):
             prompt_text = None
-            token_ids = self._check_token_ids(list(prompt), "prompt token ids")
+            token_ids = check_token_ids(prompt, cfg.vocab_size, "prompt")
         else:
-            raise ValueError(f"prompt must be a string or a list of token ids, got {type(prompt).__name__}")
-        if not token_ids:
-            raise ValueError("prompt is empty")
-        max_len = self.model_config.max_model_len
-        capacity = min(max_len, self.num_total_blocks * self.block_size)
-        if len(token_ids) >= capacity:
-            limit = "max_model_len" if capacity == max_len else "KV cache capacity"
-            raise ValueError(
-                f"prompt has {len(token_ids)} tokens; the {limit} is {capacity} tokens, "
-                f"which leaves no room for an output token"
+            raise InvalidRequestError(
+                f"prompt must be a string or a list of token ids, got {type(prompt).__name__}", "prompt"
             )
-        room = capacity - len(token_ids)
-        max_tokens = room if params.max_tokens is None else min(params.max_tokens, room)
-        vocab = self.model_config.vocab_size
-        for name, ids in (
-            ("logit_bias", params.logit_bias or {}),
-            ("stop_token_ids", params.stop_token_ids or []),
-        ):
-            for t in ids:
-                if not 0 <= t < vocab:
-                    raise ValueError(f"{name} token id {t} is outside the vocabulary [0, {vocab})")
+        max_tokens = check_generation(
+            len(token_ids),
+            params,
+            vocab_size=cfg.vocab_size,
+            max_model_len=cfg.max_model_len,
+            kv_capacity=self.num_total_blocks * self.block_size,
+            max_tokens_must_fit=max_tokens_must_fit,
+        )
         stop_ids = set(params.stop_token_ids or ())
         if not params.ignore_eos:
-            stop_ids |= self.model_config.eos_token_ids
-        now = time.time()
+            stop_ids |= cfg.eos_token_ids
         req = Request(
             request_id=request_id,
             prompt=prompt_text,
             prompt_token_ids=token_ids,
             params=params,
-            metrics=RequestMetrics(arrival_time=arrival_time if arrival_time is not None else now),
+            metrics=RequestMetrics(arrival_time=arrival_time if arrival_time is not None else time.time()),
             pending_forks=params.n - 1,
             stop_token_ids=frozenset(stop_ids),
+            seed=params.seed & SEED_MASK if params.seed is not None else self._rng.getrandbits(63),
         )
         if params.logit_bias:
             req.bias_ids = [int(t) for t in params.logit_bias]
             req.bias_values = [float(b) for b in params.logit_bias.values()]
         if params.min_tokens > 0:
             req.min_tokens_mask_ids = sorted(stop_ids)
-        seed = params.seed & _SEED_MASK if params.seed is not None else self._rng.getrandbits(63)
-        req.seqs.append(self._new_seq(req, 0, list(token_ids), _child_seed(seed, 0), max_tokens))
-        req.seed = seed
-        self.requests[request_id] = req
-        self.scheduler.add(req.seqs[0])
-        self.num_prompt_tokens += len(token_ids)
-
-    def _new_seq(
-        self, req: Request, index: int, token_ids: list[int], seed: int, max_tokens: int
-    ) -> Sequence:
+        if params.prompt_logprobs is not None:
+            req.prompt_logprobs = [None]
         seq = Sequence(
-            seq_id=self._next_seq_id,
             request=req,
-            index=index,
-            token_ids=token_ids,
-            num_prompt_tokens=len(req.prompt_token_ids),
-            seed=seed,
+            index=0,
+            token_ids=list(token_ids),
+            num_prompt_tokens=len(token_ids),
+            seed=child_seed(req.seed, 0),
             max_tokens=max_tokens,
         )
-        self._next_seq_id += 1
-        if req.params.logprobs is not None:
-            seq.logprobs = []
         init_offsets(seq)
-        return seq
+        req.seqs.append(seq)
+        self.requests[request_id] = req
+        self.scheduler.add(seq)
+        self.num_prompt_tokens += len(token_ids)
 
     def abort_request(self, request_id: str | Iterable[str]) -> None:
         """Abort one or more requests; their blocks are freed by the next step, which reports them."""
@@ -229,168 +204,30 @@ class LLMEngine:
 
     # ---- the step -------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
-        """Run one scheduler step; return the outputs of requests that got tokens or finished."""
-        outputs: list[RequestOutput] = []
-        if self._aborts:
-            outputs.extend(self._process_aborts())
-        sched = self.scheduler.schedule()
-        if sched.is_empty:
+        """One step, schedule -> run -> update; returns the deltas of the requests that changed."""
+        outputs = self._process_aborts() if self._aborts else []
+        batch = self.scheduler.schedule()
+        if batch.is_empty:
             return outputs
-        now = time.time()
-        rows: list[int] = []
-        for i, (seq, n) in enumerate(zip(sched.seqs, sched.num_new_tokens)):
-            metrics = seq.request.metrics
-            if metrics.first_scheduled_time is None:
-                metrics.first_scheduled_time = now
-            if seq.num_computed + n == seq.num_tokens:
-                rows.append(i)
-        logits = self.runner.execute(sched.seqs, sched.num_new_tokens, rows)
-        bm = self.block_manager
-        for seq, n in zip(sched.seqs, sched.num_new_tokens):
-            seq.num_computed += n
-            bm.register_full_blocks(seq)
-        if not rows:
-            return outputs
-        sample_seqs = [sched.seqs[i] for i in rows]
-        if any(seq.request.pending_forks for seq in sample_seqs):
-            logits, sample_seqs = self._fork(logits, sample_seqs)
-        result = self.sampler(logits, sample_seqs)
-        touched: dict[str, Request] = {}
-        lps = result.logprobs
-        for i, (seq, token) in enumerate(zip(sample_seqs, result.token_ids)):
-            self._append_token(seq, token, lps[i] if lps is not None else None)
-            touched[seq.request.request_id] = seq.request
-        for req in touched.values():
-            outputs.append(self._make_output(req))
-            if req.finished:
-                self._retire(req)
+        sample_rows = batch.sample_token_rows()
+        prompt_rows = self.outputs.prompt_logprob_rows(batch)
+        logits = self.runner.execute(
+            batch.seqs, batch.num_new_tokens, sample_rows + [r[1] for r in prompt_rows]
+        )
+        samplers, rows = self.scheduler.update(batch)
+        if prompt_rows:
+            self.outputs.add_prompt_logprobs(prompt_rows, logits[len(sample_rows) :])
+        if samplers:
+            forked = len(rows) != len(sample_rows)
+            picked = logits[torch.tensor(rows, device=logits.device)] if forked else logits[: len(rows)]
+            deltas, finished = self.outputs.process(samplers, self.sampler(picked, samplers))
+            for seq in finished:
+                self.scheduler.finish(seq)
+            outputs.extend(deltas)
+            for delta in deltas:
+                if delta.finished:
+                    self._retire(self.requests[delta.request_id])
         return outputs
-
-    def _fork(self, logits: torch.Tensor, seqs: list[Sequence]) -> tuple[torch.Tensor, list[Sequence]]:
-        """n > 1: the first sequence finished prefilling the prompt; make the other n - 1 outputs now,
-        sharing its full prompt blocks, and sample each of them from the same logits row."""
-        row_index: list[int] = []
-        out_seqs: list[Sequence] = []
-        for row, seq in enumerate(seqs):
-            row_index.append(row)
-            out_seqs.append(seq)
-            req = seq.request
-            if not req.pending_forks:
-                continue
-            for index in range(1, req.pending_forks + 1):
-                child = self._new_seq(
-                    req, index, list(seq.token_ids), _child_seed(req.seed, index), seq.max_tokens
-                )
-                self.block_manager.fork(seq, child)
-                child.status = SequenceStatus.RUNNING
-                self.scheduler.running.append(child)
-                req.seqs.append(child)
-                row_index.append(row)
-                out_seqs.append(child)
-            req.pending_forks = 0
-        return logits[torch.tensor(row_index, device=logits.device)], out_seqs
-
-    def _append_token(self, seq: Sequence, token: int, lp) -> None:
-        req = seq.request
-        params = req.params
-        seq.token_ids.append(token)
-        self.num_generation_tokens += 1
-        if req.metrics.first_token_time is None:
-            req.metrics.first_token_time = time.time()
-        if lp is not None:
-            chosen, rank, top_ids, top_lps = lp
-            entry = {
-                tid: Logprob(lpv, r + 1, self._decode_one(tid))
-                for r, (tid, lpv) in enumerate(zip(top_ids, top_lps))
-            }
-            if token not in entry:
-                entry[token] = Logprob(chosen, rank, self._decode_one(token))
-            seq.logprobs.append(entry)
-            seq.cumulative_logprob += chosen
-        generated = seq.num_output_tokens
-        checks = generated >= params.min_tokens
-        finish: str | None = None
-        stop_reason: int | str | None = None
-        stops = params.stop_strings
-        if checks and token in req.stop_token_ids:
-            finish = "stop"
-            stop_reason = (
-                None
-                if token in self.model_config.eos_token_ids
-                and not (params.stop_token_ids and token in params.stop_token_ids)
-                else token
-            )
-            if params.include_stop_str_in_output:
-                self._add_text(seq, flush_text(self.tokenizer, seq, params.skip_special_tokens), stops, False)
-            else:
-                # Release text still pending before the stop token (e.g. a trailing partial character).
-                seq.token_ids.pop()
-                self._add_text(seq, flush_text(self.tokenizer, seq, params.skip_special_tokens), stops, False)
-                seq.token_ids.append(token)
-        else:
-            found = self._add_text(
-                seq, decode_new_text(self.tokenizer, seq, params.skip_special_tokens), stops, checks
-            )
-            if found is not None:
-                finish, stop_reason = "stop", found
-            elif generated >= seq.max_tokens or seq.num_tokens >= self.model_config.max_model_len:
-                finish = "length"
-                found = self._add_text(
-                    seq, flush_text(self.tokenizer, seq, params.skip_special_tokens), stops, checks
-                )
-                if found is not None:
-                    finish, stop_reason = "stop", found
-        if finish is None:
-            seq.visible_len = len(seq.text) - held_back(seq.text, stops) if stops else len(seq.text)
-            return
-        seq.visible_len = len(seq.text)
-        seq.finish_reason = finish
-        seq.stop_reason = stop_reason
-        self.scheduler.finish(seq)
-
-    def _add_text(self, seq: Sequence, delta: str, stops: list[str], check: bool) -> str | None:
-        """Append decoded text; on a stop string, cut the text there and return the stop string."""
-        if not delta:
-            return None
-        start = len(seq.text)
-        seq.text += delta
-        if not (stops and check):
-            return None
-        found = find_stop(seq.text, start, stops)
-        if found is None:
-            return None
-        idx, stop = found
-        seq.text = (
-            seq.text[: idx + len(stop)] if seq.request.params.include_stop_str_in_output else seq.text[:idx]
-        )
-        return stop
-
-    def _decode_one(self, token: int) -> str:
-        return self.tokenizer.decode([token])
-
-    def _make_output(self, req: Request) -> RequestOutput:
-        want_lp = req.params.logprobs is not None
-        comps = [
-            CompletionOutput(
-                index=seq.index,
-                text=seq.text[: seq.visible_len],
-                token_ids=seq.token_ids[seq.num_prompt_tokens :],
-                cumulative_logprob=seq.cumulative_logprob if want_lp else None,
-                logprobs=list(seq.logprobs) if want_lp else None,
-                finish_reason=seq.finish_reason,
-                stop_reason=seq.stop_reason,
-            )
-            for seq in req.seqs
-        ]
-        return RequestOutput(
-            request_id=req.request_id,
-            prompt=req.prompt,
-            prompt_token_ids=req.prompt_token_ids,
-            outputs=comps,
-            finished=req.finished,
-            metrics=req.metrics,
-            num_cached_tokens=req.num_cached_tokens,
-        )
 
     def _retire(self, req: Request) -> None:
         req.metrics.finished_time = time.time()
@@ -404,13 +241,12 @@ class LLMEngine:
             req = self.requests.get(rid)
             if req is None:
                 continue  # finished already, or never existed
-            for seq in req.seqs:
-                if not seq.finished:
-                    self.scheduler.finish(seq)
-                    seq.finish_reason = "abort"
-                    seq.visible_len = len(seq.text)
+            live = [seq for seq in req.seqs if not seq.finished]
+            for seq in live:
+                self.scheduler.finish(seq)
+                self.outputs.abort(seq)
             req.pending_forks = 0
-            outputs.append(self._make_output(req))
+            outputs.append(self.outputs.delta(req, live))
             self._retire(req)
         return outputs
 
@@ -426,62 +262,46 @@ class LLMEngine:
             "kv_cache_usage": bm.usage(),
             "prefix_cache_hit_rate": bm.hit_tokens / bm.queried_tokens if bm.queried_tokens else 0.0,
             "prompt_tokens_total": self.num_prompt_tokens,
-            "generation_tokens_total": self.num_generation_tokens,
+            "generation_tokens_total": self.outputs.num_generation_tokens,
             "num_preemptions": self.scheduler.num_preemptions,
             "num_requests_finished": self.num_requests_finished,
         }
 
     # ---- embeddings -----------------------------------------------------------------------------
-    def embed(self, token_id_lists: list[list[int]]) -> torch.Tensor:
+    def embed(
+        self, token_id_lists: list[list[int]], truncate_prompt_tokens: int | None = None
+    ) -> torch.Tensor:
         """Last-token pooled, L2-normalised final hidden states, float32 [N, hidden]. Runs the same paged
         forward in batches under the token budget, on blocks borrowed for the call and given back."""
         cfg = self.model_config
-        lists = []
-        for i, ids in enumerate(token_id_lists):
-            ids = self._check_token_ids(list(ids), f"input {i} token ids")
-            if not ids:
-                raise ValueError(f"input {i} is empty")
-            if len(ids) > cfg.max_model_len:
-                raise ValueError(
-                    f"input {i} has {len(ids)} tokens, more than max_model_len ({cfg.max_model_len})"
-                )
-            lists.append(ids)
+        lists = check_embedding_inputs(
+            token_id_lists,
+            vocab_size=cfg.vocab_size,
+            max_model_len=cfg.max_model_len,
+            truncate_prompt_tokens=truncate_prompt_tokens,
+        )
         out = torch.empty(len(lists), cfg.hidden_size, dtype=torch.float32)
-        budget = self.scheduler.config.max_num_batched_tokens
-        bm = self.block_manager
-        dummy = Request("", None, [], SamplingParams(), RequestMetrics(0.0))
-        i = 0
-        while i < len(lists):
-            batch: list[Sequence] = []
-            tokens = 0
-            while i + len(batch) < len(lists):
-                ids = lists[i + len(batch)]
-                if batch and (tokens + len(ids) > budget or len(batch) >= self.scheduler.config.max_num_seqs):
-                    break
-                seq = Sequence(
-                    seq_id=-1,
-                    request=dummy,
-                    index=0,
-                    token_ids=ids,
-                    num_prompt_tokens=len(ids),
-                    seed=0,
-                    max_tokens=0,
-                )
-                if not bm.can_grow(seq, len(ids)):
-                    if not batch:
-                        raise RuntimeError(
-                            f"not enough free KV-cache blocks to embed input {i} "
-                            f"({len(ids)} tokens); retry when the engine is less busy"
-                        )
-                    break
-                bm.grow(seq, len(ids))
-                batch.append(seq)
-                tokens += len(ids)
-            try:
-                hidden = self.runner.hidden_states(batch, [s.num_tokens for s in batch])
-                out[i : i + len(batch)] = torch.nn.functional.normalize(hidden.float(), dim=-1).cpu()
-            finally:
-                for seq in batch:
-                    bm.free_seq(seq)
-            i += len(batch)
+        lens = [len(ids) for ids in lists]
+        limits = self.scheduler.config
+        for start, end in packed_batches(lens, limits.max_num_batched_tokens, limits.max_num_seqs):
+            i = start
+            while i < end:
+                tables: list[list[int]] = []  # borrowed until the forward is done
+                while i + len(tables) < end:
+                    blocks = self.block_manager.borrow(lens[i + len(tables)])
+                    if blocks is None:
+                        break  # KV cache busy with generations: embed what fits, then the rest
+                    tables.append(blocks)
+                if not tables:
+                    raise RuntimeError(
+                        f"not enough free KV-cache blocks to embed input {i} ({lens[i]} tokens); "
+                        "retry when the engine is less busy"
+                    )
+                try:
+                    hidden = self.runner.last_hidden_states(lists[i : i + len(tables)], tables)
+                    out[i : i + len(tables)] = torch.nn.functional.normalize(hidden.float(), dim=-1).cpu()
+                finally:
+                    for blocks in tables:
+                        self.block_manager.give_back(blocks)
+                i += len(tables)
         return out

@@ -6,7 +6,7 @@ import torch
 
 from fast_inference.models.config import ModelConfig
 from fast_inference.models.loader import load_model
-from fast_inference.ops.attention_metadata import AttentionMetadata
+from fast_inference.ops.attention_metadata import AttentionMetadata, build_metadata
 
 from .sequence import Sequence
 
@@ -106,10 +106,8 @@ class ModelRunner:
         self, seqs: list[Sequence], num_new: list[int]
     ) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
         """Flatten the step's sequences into input_ids/positions and the paged-attention metadata."""
-        bs = self.block_size
         input_ids: list[int] = []
         starts: list[int] = []
-        width = 0
         for seq, n in zip(seqs, num_new):
             start = seq.num_computed
             starts.append(start)
@@ -117,63 +115,41 @@ class ModelRunner:
                 input_ids.append(seq.token_ids[start])
             else:
                 input_ids.extend(seq.token_ids[start : start + n])
-            if len(seq.block_table) > width:
-                width = len(seq.block_table)
-        tables = [seq.block_table + [0] * (width - len(seq.block_table)) for seq in seqs]
-        dev = self.device
-        q_lens = torch.tensor(num_new, dtype=torch.int32)
-        starts_t = torch.tensor(starts, dtype=torch.int64)
-        block_tables = torch.tensor(tables, dtype=torch.int32)
-        cu = torch.zeros(len(seqs) + 1, dtype=torch.int32)
-        torch.cumsum(q_lens, 0, out=cu[1:])
-        total = len(input_ids)
-        if total == len(seqs):  # pure decode
-            positions = starts_t
-            seq_index = torch.arange(len(seqs))
-        else:
-            seq_index = torch.repeat_interleave(torch.arange(len(seqs)), q_lens.long())
-            positions = torch.arange(total) - cu[:-1].long()[seq_index] + starts_t[seq_index]
-        slots = block_tables[seq_index, positions // bs].long() * bs + positions % bs
-        seq_lens = (starts_t + q_lens).to(torch.int32)
-        meta = AttentionMetadata(
-            slot_mapping=slots.to(dev, non_blocking=True),
-            block_tables=block_tables.to(dev, non_blocking=True),
-            seq_lens=seq_lens.to(dev, non_blocking=True),
-            cu_query_lens=cu.to(dev, non_blocking=True),
-            max_query_len=max(num_new),
+        positions, meta = build_metadata(
+            [seq.block_table for seq in seqs], starts, num_new, self.block_size, self.device
         )
-        ids = torch.tensor(input_ids, dtype=torch.int64).to(dev, non_blocking=True)
-        return ids, positions.to(dev, non_blocking=True), meta
+        ids = torch.tensor(input_ids, dtype=torch.int64).to(self.device, non_blocking=True)
+        return ids, positions, meta
 
     # ---- execution ------------------------------------------------------------------------------
     @torch.inference_mode()
-    def execute(self, seqs: list[Sequence], num_new: list[int], logit_rows: list[int]) -> torch.Tensor | None:
-        """Run the step; return float32 logits [len(logit_rows), vocab] for the given batch rows
-        (each row's last new token), or None when no row needs sampling."""
-        total = sum(num_new)
-        if self.graphs and total == len(seqs) and len(seqs) <= self._max_graph_bs:
-            logits = self._replay(seqs)
-            if not logit_rows:
+    def execute(self, seqs: list[Sequence], num_new: list[int], token_rows: list[int]) -> torch.Tensor | None:
+        """Run the step; return float32 logits [len(token_rows), vocab] of the given new tokens (flat
+        indices into the step's new tokens, in batch order), or None when none is asked for."""
+        if self.graphs and sum(num_new) == len(seqs) and len(seqs) <= self._max_graph_bs:
+            logits = self._replay(seqs)  # a decode step: new token i is batch row i
+            if not token_rows:
                 return None
-            return (
-                logits[torch.tensor(logit_rows, device=self.device)]
-                if len(logit_rows) != len(seqs)
-                else logits
-            )
+            if len(token_rows) == len(seqs) and token_rows == list(range(len(seqs))):
+                return logits
+            return logits[torch.tensor(token_rows, device=self.device)]
         input_ids, positions, meta = self.prepare(seqs, num_new)
         hidden = self.model(input_ids, positions, meta)
-        if not logit_rows:
+        if not token_rows:
             return None
-        cu_end = torch.tensor(num_new, dtype=torch.int64).cumsum(0) - 1
-        last = cu_end[torch.tensor(logit_rows, dtype=torch.int64)]
-        return self.model.compute_logits(hidden[last.to(self.device)])
+        return self.model.compute_logits(hidden[torch.tensor(token_rows, device=self.device)])
 
     @torch.inference_mode()
-    def hidden_states(self, seqs: list[Sequence], num_new: list[int]) -> torch.Tensor:
-        """Final hidden state [len(seqs), hidden] of each sequence's last new token (for embeddings)."""
-        input_ids, positions, meta = self.prepare(seqs, num_new)
-        hidden = self.model(input_ids, positions, meta)
-        last = torch.tensor(num_new, dtype=torch.int64).cumsum(0) - 1
+    def last_hidden_states(
+        self, token_id_lists: list[list[int]], block_tables: list[list[int]]
+    ) -> torch.Tensor:
+        """Final hidden state [len(token_id_lists), hidden] of each input's last token; each input is
+        computed whole, from position 0, into its own blocks (embeddings)."""
+        lens = [len(ids) for ids in token_id_lists]
+        positions, meta = build_metadata(block_tables, [0] * len(lens), lens, self.block_size, self.device)
+        ids = torch.tensor([t for ids in token_id_lists for t in ids], dtype=torch.int64).to(self.device)
+        hidden = self.model(ids, positions, meta)
+        last = torch.tensor(lens, dtype=torch.int64).cumsum(0) - 1
         return hidden[last.to(self.device)]
 
     # ---- CUDA graphs (decode only) -------------------------------------------------------------
@@ -203,7 +179,6 @@ class ModelRunner:
                         self._g_tables[:b],
                         self._g_lens[:b],
                         self._g_cu[: b + 1],
-                        max_query_len=1,
                     )
                     hidden = self.model(self._g_ids[:b], self._g_pos[:b], meta)  # warm-up outside capture
                     self.model.compute_logits(hidden)

@@ -95,21 +95,22 @@ class Sampler:
         )
         out = SamplerOutput(token_ids=sampled.tolist())
         if want_logprobs:
-            chosen_lp, top_ids, top_lps = ops.compute_logprobs(raw, sampled, want_logprobs - 1)
-            # Rank of the chosen token in the raw distribution (1 = most likely).
-            chosen_logit = raw.gather(1, sampled.view(-1, 1))
-            ranks = (raw > chosen_logit).sum(dim=1) + 1
-            chosen_lp, ranks = chosen_lp.tolist(), ranks.tolist()
-            top_ids, top_lps = top_ids.tolist(), top_lps.tolist()
-            out.logprobs = [
-                (
-                    chosen_lp[i],
-                    ranks[i],
-                    top_ids[i][: seq.request.params.logprobs],
-                    top_lps[i][: seq.request.params.logprobs],
-                )
-                if seq.request.params.logprobs is not None
-                else None
-                for i, seq in enumerate(seqs)
-            ]
+            ks = [seq.request.params.logprobs for seq in seqs]
+            out.logprobs = token_logprobs(raw, sampled, ks)
         return out
+
+
+def token_logprobs(
+    raw: torch.Tensor, token_ids: torch.Tensor, ks: list[int | None]
+) -> list[tuple[float, int, list[int], list[float]] | None]:
+    """raw: float32 [B, V] model logits; token_ids: int64 [B]. Per row with ks[b] not None: (logprob of
+    token_ids[b], its rank in the raw distribution (1 = most likely), the ks[b] top ids, their logprobs)."""
+    num_top = max(k for k in ks if k is not None)
+    chosen_lp, top_ids, top_lps = ops.compute_logprobs(raw, token_ids, num_top)
+    chosen_logit = raw.gather(1, token_ids.view(-1, 1))
+    ranks = ((raw > chosen_logit).sum(dim=1) + 1).tolist()
+    chosen_lp, top_ids, top_lps = chosen_lp.tolist(), top_ids.tolist(), top_lps.tolist()
+    return [
+        (chosen_lp[b], ranks[b], top_ids[b][:k], top_lps[b][:k]) if k is not None else None
+        for b, k in enumerate(ks)
+    ]

@@ -1,5 +1,7 @@
-"""Scheduler: continuous batching with chunked prefill, prefix-cache admission and preemption by recompute."""
+"""Scheduler: continuous batching with chunked prefill, prefix-cache admission and preemption by recompute;
+after each forward, update() does the bookkeeping (computed tokens, prefix-cache blocks, n > 1 forks)."""
 
+import time
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -17,6 +19,17 @@ class SchedulerOutput:
     @property
     def is_empty(self) -> bool:
         return not self.seqs
+
+    def sample_token_rows(self) -> list[int]:
+        """Flat index (into this step's new tokens) of the last token of every sequence that computes
+        its last token now, i.e. samples: one logits row each, in batch order."""
+        rows = []
+        end = -1
+        for seq, n in zip(self.seqs, self.num_new_tokens):
+            end += n
+            if seq.num_computed + n == seq.num_tokens:
+                rows.append(end)
+        return rows
 
 
 class Scheduler:
@@ -73,13 +86,16 @@ class Scheduler:
         waiting = self.waiting
         while waiting and budget > 0 and len(running) < self.config.max_num_seqs:
             seq = waiting[0]
-            hits, hashes = bm.lookup(seq)
+            # Prompt logprobs need every prompt position's logits: no prefix-cache hits for those.
+            hits, hashes = bm.lookup(seq) if seq.request.prompt_logprobs is None else ([], [])
             cached = len(hits) * bm.block_size
             num_new = min(seq.num_tokens - cached, budget)
             need = bm.blocks_needed(cached + num_new) - len(hits)
             if need > bm.num_free_after_hits(hits):
                 break
             waiting.popleft()
+            if seq.request.metrics.first_scheduled_time is None:
+                seq.request.metrics.first_scheduled_time = time.time()
             if seq.num_output_tokens == 0:
                 bm.record_query(seq.num_tokens, cached)
                 seq.request.num_cached_tokens = max(seq.request.num_cached_tokens, cached)
@@ -91,6 +107,34 @@ class Scheduler:
             out.num_new_tokens.append(num_new)
             budget -= num_new
         return out
+
+    def update(self, batch: SchedulerOutput) -> tuple[list[Sequence], list[int]]:
+        """After the forward: count the computed tokens, publish newly full blocks in the prefix cache,
+        and fork the n > 1 requests whose prompt has just been computed (the forks share its full blocks
+        and sample from its logits row). Returns the sequences that sample now and, for each, its row in
+        the logits of batch.sample_token_rows()."""
+        samplers: list[Sequence] = []
+        rows: list[int] = []
+        bm = self.bm
+        row = 0
+        for seq, n in zip(batch.seqs, batch.num_new_tokens):
+            seq.num_computed += n
+            bm.register_full_blocks(seq)
+            if seq.num_computed < seq.num_tokens:
+                continue  # a prompt chunk: nothing to sample yet
+            samplers.append(seq)
+            rows.append(row)
+            req = seq.request
+            for index in range(1, req.pending_forks + 1):
+                child = seq.fork(index)
+                bm.fork(seq, child)
+                self.running.append(child)
+                req.seqs.append(child)
+                samplers.append(child)
+                rows.append(row)
+            req.pending_forks = 0
+            row += 1
+        return samplers, rows
 
     def finish(self, seq: Sequence) -> None:
         """Take a finished or aborted sequence out of the queues and give its blocks back."""

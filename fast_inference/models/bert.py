@@ -1,10 +1,11 @@
 """BERT-family encoder (BertModel / BertForMaskedLM checkpoints): config, weight loading, varlen forward.
 
 The forward pass runs on a flat batch of many sequences with no padding: token t of sequence s sits at
-row cu_seq_lens[s] + t. Bidirectional attention goes through the project's kernels: each layer writes
-its keys and values into a scratch paged cache with ops.reshape_and_cache and attends with
-ops.paged_attention(causal=False). The cache is scratch space reused by every layer, because an encoder
-layer needs only its own keys and values and they are dead once the layer is done.
+row cu_query_lens[s] + t of the batch's AttentionMetadata (the decoders' one, built by build_metadata).
+Bidirectional attention goes through the project's kernels: each layer writes its keys and values into a
+scratch paged cache with ops.reshape_and_cache and attends with ops.paged_attention(causal=False). The
+cache is scratch space reused by every layer, because an encoder layer needs only its own keys and
+values and they are dead once the layer is done.
 """
 
 import json
@@ -17,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from fast_inference import ops
+from fast_inference.ops.attention_metadata import AttentionMetadata
 
 
 def onednn_available() -> bool:
@@ -119,18 +121,6 @@ class _Linear:
         y = F.linear(x, self.weight, self.bias)
         y += residual
         return y
-
-
-@dataclass(slots=True)
-class EncoderBatch:
-    """Where a flat batch of sequences lives in the scratch paged cache, for every layer's attention."""
-
-    key_cache: torch.Tensor  # [num_blocks, block_size, num_heads, head_size]
-    value_cache: torch.Tensor  # [num_blocks, block_size, num_heads, head_size]
-    slot_mapping: torch.Tensor  # int64 [num_tokens]
-    block_tables: torch.Tensor  # int32 [num_seqs, max_blocks_per_seq]
-    seq_lens: torch.Tensor  # int32 [num_seqs]
-    cu_seq_lens: torch.Tensor  # int32 [num_seqs + 1]
 
 
 def _read_checkpoint(model_dir: Path) -> dict[str, torch.Tensor]:
@@ -259,7 +249,9 @@ class BertEncoder:
         self,
         input_ids: torch.Tensor,  # int64 [num_tokens], all sequences back to back
         positions: torch.Tensor,  # int64 [num_tokens], 0-based position inside its own sequence
-        batch: EncoderBatch,
+        meta: AttentionMetadata,  # built by build_metadata with causal=False
+        key_cache: torch.Tensor,  # [num_blocks, block_size, num_heads, head_size], scratch shared by layers
+        value_cache: torch.Tensor,  # same shape
     ) -> torch.Tensor:  # [num_tokens, hidden_size], the last hidden state of every token
         c = self.config
         eps = c.layer_norm_eps
@@ -271,17 +263,17 @@ class BertEncoder:
         for layer in self.layers:
             qkv = layer.qkv(x).view(num_tokens, 3, heads, head_size)
             q, k, v = qkv.unbind(1)
-            ops.reshape_and_cache(k, v, batch.key_cache, batch.value_cache, batch.slot_mapping)
+            ops.reshape_and_cache(k, v, key_cache, value_cache, meta.slot_mapping)
             # q stays a strided view into qkv: the kernel takes token and head strides, so no copy.
             attn = ops.paged_attention(
                 q,
-                batch.key_cache,
-                batch.value_cache,
-                batch.block_tables,
-                batch.seq_lens,
-                batch.cu_seq_lens,
+                key_cache,
+                value_cache,
+                meta.block_tables,
+                meta.seq_lens,
+                meta.cu_query_lens,
                 self.scale,
-                causal=False,
+                causal=meta.causal,
             )
             h = layer.out.add(attn.view(num_tokens, c.hidden_size), x)
             x = F.layer_norm(h, (c.hidden_size,), layer.ln1_w, layer.ln1_b, eps)

@@ -78,13 +78,8 @@ class _Close(Exception):
     """Stop serving this connection (after an optional final response has been written)."""
 
 
-@dataclass(slots=True)
-class _ConnState:
-    idle: bool = True  # waiting for the first byte of the next request (safe to drop on shutdown)
-
-
 class HTTPServer:
-    """Serves `app` on a listening socket; one coroutine per connection, requests handled in order."""
+    """Serves `app` on a listening socket; one _Connection (one coroutine) per client, requests in order."""
 
     def __init__(
         self,
@@ -97,7 +92,7 @@ class HTTPServer:
         # Extra headers (CORS) for responses the HTTP layer writes itself (400, 413, 408...).
         self.on_error_headers = on_error_headers or (lambda _req: [])
         self._server: asyncio.base_events.Server | None = None
-        self._connections: dict[asyncio.Task, _ConnState] = {}
+        self._connections: dict[asyncio.Task, _Connection] = {}
         self.draining = False
         self.port: int | None = None
 
@@ -120,8 +115,8 @@ class HTTPServer:
         self.draining = True
         if self._server is not None:
             self._server.close()
-        for task, state in list(self._connections.items()):
-            if state.idle:
+        for task, connection in list(self._connections.items()):
+            if connection.idle:
                 task.cancel()
         pending = [t for t in self._connections if not t.done()]
         if pending:
@@ -135,7 +130,6 @@ class HTTPServer:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self._server.wait_closed(), 2.0)
 
-    # -- one connection ------------------------------------------------------------------------------
     async def _on_connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         if self.draining or len(self._connections) >= self.limits.max_connections:
             err = APIError(
@@ -155,48 +149,63 @@ class HTTPServer:
             writer.close()
             return
         task = asyncio.current_task()
-        state = _ConnState()
-        self._connections[task] = state
+        connection = _Connection(self, reader, writer)
+        self._connections[task] = connection
+        try:
+            await connection.serve()
+        finally:
+            self._connections.pop(task, None)
+
+
+class _Connection:
+    """One client connection: its h11 state machine, its streams and whether it sits idle between requests."""
+
+    __slots__ = ("server", "limits", "reader", "writer", "client", "h11", "idle")
+
+    def __init__(
+        self, server: HTTPServer, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        self.server = server
+        self.limits = server.limits
+        self.reader = reader
+        self.writer = writer
         peer = writer.get_extra_info("peername")
-        client = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
-        conn = h11.Connection(h11.SERVER, max_incomplete_event_size=self.limits.max_header_bytes)
+        self.client = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
+        self.h11 = h11.Connection(h11.SERVER, max_incomplete_event_size=self.limits.max_header_bytes)
+        self.idle = True  # waiting for the first byte of the next request (safe to drop on shutdown)
+
+    async def serve(self) -> None:
+        conn = self.h11
         try:
             while True:
-                request = await self._read_request(conn, reader, writer, state, client)
+                request = await self._read_request()
                 if request is None:
                     break
-                keep_alive = await self._dispatch(conn, reader, writer, request)
+                keep_alive = await self._dispatch(request)
                 if not keep_alive or conn.our_state is not h11.DONE or conn.their_state is not h11.DONE:
                     break
-                if self.draining:
+                if self.server.draining:
                     break
                 conn.start_next_cycle()
         except (_Close, ConnectionError, asyncio.CancelledError):
             pass
         except Exception:  # never let one connection's fault reach the event loop
-            logger.exception("connection %s failed", client)
+            logger.exception("connection %s failed", self.client)
         finally:
-            self._connections.pop(task, None)
             with contextlib.suppress(Exception):
-                writer.close()
+                self.writer.close()
 
-    async def _send_error_and_close(
-        self,
-        conn: h11.Connection,
-        reader: asyncio.StreamReader,
-        writer: asyncio.StreamWriter,
-        err: APIError,
-        request: Request | None = None,
-    ) -> None:
+    async def _send_error_and_close(self, err: APIError, request: Request | None = None) -> None:
         """Answer a protocol-level fault (400/408/413/431) if the state allows, then close."""
         logger.info("%s HTTP %d: %s", request.client if request else "-", err.status, err.message)
+        conn, reader, writer = self.h11, self.reader, self.writer
         if conn.our_state in (h11.IDLE, h11.SEND_RESPONSE):
             body = err.to_json()
             headers = [
                 ("content-type", "application/json"),
                 ("content-length", str(len(body))),
                 ("connection", "close"),
-                *self.on_error_headers(request),
+                *self.server.on_error_headers(request),
             ]
             with contextlib.suppress(Exception):
                 data = conn.send(
@@ -222,70 +231,52 @@ class HTTPServer:
                         swallowed += len(data)
         raise _Close()
 
-    async def _receive(self, conn: h11.Connection, reader: asyncio.StreamReader, timeout: float) -> None:
+    async def _receive(self, timeout: float) -> None:
         async with asyncio.timeout(timeout):
-            data = await reader.read(_READ_SIZE)
-        conn.receive_data(data)
+            data = await self.reader.read(_READ_SIZE)
+        self.h11.receive_data(data)
 
-    async def _read_request(
-        self,
-        conn: h11.Connection,
-        reader: asyncio.StreamReader,
-        writer: asyncio.StreamWriter,
-        state: _ConnState,
-        client: str,
-    ) -> Request | None:
+    async def _read_request(self) -> Request | None:
+        conn = self.h11
         limits = self.limits
         loop = asyncio.get_running_loop()
         head_deadline = loop.time() + limits.header_timeout if conn.trailing_data[0] else None
-        state.idle = head_deadline is None
+        self.idle = head_deadline is None
         try:
             while True:
                 event = conn.next_event()
                 if event is h11.NEED_DATA:
                     if head_deadline is None:
                         try:
-                            await self._receive(conn, reader, limits.idle_timeout)
+                            await self._receive(limits.idle_timeout)
                         except TimeoutError:
                             return None  # an idle keep-alive connection: close quietly
-                        state.idle = False
+                        self.idle = False
                         head_deadline = loop.time() + limits.header_timeout
                     else:
                         remaining = head_deadline - loop.time()
                         if remaining <= 0:
                             raise TimeoutError
-                        await self._receive(conn, reader, remaining)
+                        await self._receive(remaining)
                     continue
                 if isinstance(event, h11.Request):
                     break
-                if isinstance(event, h11.ConnectionClosed):
-                    return None
-                return None
+                return None  # ConnectionClosed (or anything else before a request): done
         except TimeoutError:
-            await self._send_error_and_close(
-                conn, reader, writer, APIError(408, "Timed out reading the request head")
-            )
+            await self._send_error_and_close(APIError(408, "Timed out reading the request head"))
         except h11.RemoteProtocolError as exc:
             status = exc.error_status_hint if exc.error_status_hint in (400, 413, 414, 431) else 400
-            await self._send_error_and_close(
-                conn, reader, writer, APIError(status, f"Malformed HTTP request: {exc}")
-            )
-        state.idle = False
+            await self._send_error_and_close(APIError(status, f"Malformed HTTP request: {exc}"))
+        self.idle = False
         if len(event.headers) > limits.max_header_count:
             await self._send_error_and_close(
-                conn,
-                reader,
-                writer,
-                APIError(431, f"Too many request headers (limit {limits.max_header_count})"),
+                APIError(431, f"Too many request headers (limit {limits.max_header_count})")
             )
         # h11 bounds only a head still incomplete in its buffer; one that arrived whole is checked here.
         head_size = len(event.target) + sum(len(n) + len(v) + 4 for n, v in event.headers)
         if head_size > limits.max_header_bytes:
             await self._send_error_and_close(
-                conn,
-                reader,
-                writer,
-                APIError(431, f"Request head exceeds the limit of {limits.max_header_bytes} bytes"),
+                APIError(431, f"Request head exceeds the limit of {limits.max_header_bytes} bytes")
             )
         headers: dict[str, str] = {}
         for name, value in event.headers:
@@ -300,26 +291,18 @@ class HTTPServer:
             query,
             headers,
             b"",
-            client,
+            self.client,
             event.http_version.decode("ascii"),
         )
-        request.body = await self._read_body(conn, reader, writer, request)
+        request.body = await self._read_body(request)
         return request
 
-    async def _read_body(
-        self,
-        conn: h11.Connection,
-        reader: asyncio.StreamReader,
-        writer: asyncio.StreamWriter,
-        request: Request,
-    ) -> bytes:
+    async def _read_body(self, request: Request) -> bytes:
+        conn = self.h11
         limits = self.limits
         length = request.headers.get("content-length")
         if length is not None and length.isdigit() and int(length) > limits.max_body_bytes:
             await self._send_error_and_close(
-                conn,
-                reader,
-                writer,
                 APIError(
                     413, f"Request body of {length} bytes exceeds the limit of {limits.max_body_bytes} bytes"
                 ),
@@ -332,16 +315,13 @@ class HTTPServer:
                 event = conn.next_event()
                 if event is h11.NEED_DATA:
                     if conn.client_is_waiting_for_100_continue:
-                        writer.write(conn.send(h11.InformationalResponse(status_code=100, headers=[])))
-                    await self._receive(conn, reader, limits.body_timeout)
+                        self.writer.write(conn.send(h11.InformationalResponse(status_code=100, headers=[])))
+                    await self._receive(limits.body_timeout)
                     continue
                 if isinstance(event, h11.Data):
                     size += len(event.data)
                     if size > limits.max_body_bytes:
                         await self._send_error_and_close(
-                            conn,
-                            reader,
-                            writer,
                             APIError(413, f"Request body exceeds the limit of {limits.max_body_bytes} bytes"),
                             request,
                         )
@@ -351,31 +331,21 @@ class HTTPServer:
                     break
                 raise _Close()  # ConnectionClosed mid-body
         except TimeoutError:
-            await self._send_error_and_close(
-                conn, reader, writer, APIError(408, "Timed out reading the request body"), request
-            )
+            await self._send_error_and_close(APIError(408, "Timed out reading the request body"), request)
         except h11.RemoteProtocolError as exc:
-            await self._send_error_and_close(
-                conn, reader, writer, APIError(400, f"Malformed HTTP request body: {exc}"), request
-            )
+            await self._send_error_and_close(APIError(400, f"Malformed HTTP request body: {exc}"), request)
         return b"".join(parts) if len(parts) != 1 else parts[0]
 
     # -- one request ---------------------------------------------------------------------------------
-    async def _dispatch(
-        self,
-        conn: h11.Connection,
-        reader: asyncio.StreamReader,
-        writer: asyncio.StreamWriter,
-        request: Request,
-    ) -> bool:
+    async def _dispatch(self, request: Request) -> bool:
         if request.method != "POST":
             # Cheap requests (health, models, metrics) are answered in line: no disconnect watch needed.
-            return await self._respond(conn, writer, request)
+            return await self._respond(request)
         # Work that may wait on the engine: watch the socket so that a client that goes away cancels
         # the handler (whose cleanup aborts the engine request).
-        respond = asyncio.ensure_future(self._respond(conn, writer, request))
+        respond = asyncio.ensure_future(self._respond(request))
         pipelined: list[bytes] = []
-        watch = asyncio.ensure_future(self._watch_disconnect(reader, pipelined))
+        watch = asyncio.ensure_future(self._watch_disconnect(pipelined))
         try:
             done, _ = await asyncio.wait((respond, watch), return_when=asyncio.FIRST_COMPLETED)
         except asyncio.CancelledError:
@@ -389,7 +359,7 @@ class HTTPServer:
             with contextlib.suppress(BaseException):
                 await watch
             for data in pipelined:
-                conn.receive_data(data)
+                self.h11.receive_data(data)
             return respond.result()
         # The client closed (or reset) its side: abandon the request.
         with contextlib.suppress(BaseException):
@@ -399,29 +369,32 @@ class HTTPServer:
             await respond
         return False
 
-    @staticmethod
-    async def _watch_disconnect(reader: asyncio.StreamReader, pipelined: list[bytes]) -> None:
+    async def _watch_disconnect(self, pipelined: list[bytes]) -> None:
         buffered = 0
         while buffered < _PIPELINE_BUFFER_LIMIT:
-            data = await reader.read(_READ_SIZE)
+            data = await self.reader.read(_READ_SIZE)
             if not data:
                 return
             pipelined.append(data)  # a pipelined next request: keep it for the next cycle
             buffered += len(data)
         await asyncio.Event().wait()  # enough buffered: stop reading (back-pressure) until cancelled
 
-    async def _respond(self, conn: h11.Connection, writer: asyncio.StreamWriter, request: Request) -> bool:
+    async def _respond(self, request: Request) -> bool:
+        server = self.server
         try:
-            response = await self.app(request)
+            response = await server.app(request)
         except APIError as err:
-            response = error_response(err, self.on_error_headers(request))
+            response = error_response(err, server.on_error_headers(request))
         except asyncio.CancelledError:
             raise
         except Exception:
             logger.exception("unhandled error in %s %s", request.method, request.path)
-            response = error_response(APIError(500, "Internal server error"), self.on_error_headers(request))
-        extra = [("connection", "close")] if self.draining else []
+            response = error_response(
+                APIError(500, "Internal server error"), server.on_error_headers(request)
+            )
+        extra = [("connection", "close")] if server.draining else []
         if isinstance(response, Response):
+            conn = self.h11
             headers = [
                 ("content-type", response.content_type),
                 ("content-length", str(len(response.body))),
@@ -436,19 +409,14 @@ class HTTPServer:
             if response.body and request.method != "HEAD":
                 data += conn.send(h11.Data(data=response.body))
             data += conn.send(h11.EndOfMessage())
-            writer.write(data)
-            if writer.transport.get_write_buffer_size() > _WRITE_HIGH_WATER:
-                await self._drain(writer)
+            self.writer.write(data)
+            if self.writer.transport.get_write_buffer_size() > _WRITE_HIGH_WATER:
+                await self._drain()
             return True
-        return await self._stream(conn, writer, response, extra)
+        return await self._stream(response, extra)
 
-    async def _stream(
-        self,
-        conn: h11.Connection,
-        writer: asyncio.StreamWriter,
-        response: StreamingResponse,
-        extra: list[tuple[str, str]],
-    ) -> bool:
+    async def _stream(self, response: StreamingResponse, extra: list[tuple[str, str]]) -> bool:
+        conn, writer = self.h11, self.writer
         headers = [
             ("content-type", response.content_type),
             ("cache-control", "no-cache"),
@@ -472,7 +440,7 @@ class HTTPServer:
                     b"%x\r\n%b\r\n" % (len(chunk), chunk) if chunked else conn.send(h11.Data(data=chunk))
                 )
                 if transport.get_write_buffer_size() > _WRITE_HIGH_WATER:
-                    await self._drain(writer)
+                    await self._drain()
             writer.write(conn.send(h11.EndOfMessage()))
         finally:
             # Runs the generator's cleanup (engine abort) now, also on disconnect or cancellation.
@@ -484,9 +452,9 @@ class HTTPServer:
                 response.on_close()
         return True
 
-    async def _drain(self, writer: asyncio.StreamWriter) -> None:
+    async def _drain(self) -> None:
         try:
             async with asyncio.timeout(self.limits.write_timeout):
-                await writer.drain()
+                await self.writer.drain()
         except TimeoutError:
             raise _Close() from None

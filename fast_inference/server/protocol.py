@@ -1,4 +1,5 @@
-"""OpenAI request validation (-> SamplingParams and prompts) and response/logprob builders."""
+"""OpenAI request parsing (JSON shapes -> SamplingParams and prompts; the model-dependent checks are the
+engine intake's) and the logprob/usage builders of the responses."""
 
 import math
 from dataclasses import dataclass
@@ -83,7 +84,6 @@ class GenerationRequest:
     prompts: list[list[int]]  # one or more prompts as token ids (completions may batch)
     prompt_texts: list[str | None]
     params: SamplingParams
-    max_tokens_given: bool
     stream: bool
     include_usage: bool
     echo: bool
@@ -134,7 +134,7 @@ def _reject_unsupported(body: dict) -> None:
 
 
 def _sampling(
-    body: dict, *, max_tokens: int | None, n: int, logprobs: int | None, vocab_size: int
+    body: dict, *, max_tokens: int | None, n: int, logprobs: int | None, prompt_logprobs: int | None = None
 ) -> SamplingParams:
     stop = body.get("stop")
     if stop is not None:
@@ -145,13 +145,9 @@ def _sampling(
     stop_token_ids = body.get("stop_token_ids")
     if stop_token_ids is not None and not (
         isinstance(stop_token_ids, list)
-        and all(
-            isinstance(t, int) and not isinstance(t, bool) and 0 <= t < vocab_size for t in stop_token_ids
-        )
+        and all(isinstance(t, int) and not isinstance(t, bool) for t in stop_token_ids)
     ):
-        raise invalid(
-            f"'stop_token_ids' must be an array of token ids in [0, {vocab_size})", "stop_token_ids"
-        )
+        raise invalid("'stop_token_ids' must be an array of token ids", "stop_token_ids")
     bias = body.get("logit_bias")
     logit_bias = None
     if bias is not None:
@@ -163,10 +159,6 @@ def _sampling(
                 token = int(key)
             except (TypeError, ValueError):
                 raise invalid(f"'logit_bias' key {key!r} is not a token id", "logit_bias") from None
-            if not 0 <= token < vocab_size:
-                raise invalid(
-                    f"'logit_bias' token id {token} is out of range [0, {vocab_size})", "logit_bias"
-                )
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not -100 <= value <= 100:
                 raise invalid(
                     f"'logit_bias' value for token {token} must be a number in [-100, 100]", "logit_bias"
@@ -193,6 +185,7 @@ def _sampling(
             min_tokens=min_tokens,
             ignore_eos=_bool(body, "ignore_eos", False),
             logprobs=logprobs,
+            prompt_logprobs=prompt_logprobs,
             logit_bias=logit_bias,
             skip_special_tokens=_bool(body, "skip_special_tokens", True),
             include_stop_str_in_output=_bool(body, "include_stop_str_in_output", False),
@@ -255,9 +248,7 @@ def chat_messages(body: dict) -> list[dict]:
     return out
 
 
-def parse_chat(
-    body: dict, served: list[str], tokenizer, max_model_len: int, vocab_size: int, chat_template: str | None
-) -> GenerationRequest:
+def parse_chat(body: dict, served: list[str], tokenizer, chat_template: str | None) -> GenerationRequest:
     model = check_model(body, served)
     _reject_unsupported(body)
     messages = chat_messages(body)
@@ -279,17 +270,9 @@ def parse_chat(
     except Exception as exc:
         raise invalid(f"The chat template could not be applied to 'messages': {exc}", "messages") from None
     ids = tokenizer.encode(text, add_special_tokens=False)
-    prompt_len_check(len(ids), max_tokens, max_model_len, "messages")
-    params = _sampling(
-        body,
-        max_tokens=max_tokens if max_tokens is not None else max_model_len - len(ids),
-        n=n,
-        logprobs=logprobs,
-        vocab_size=vocab_size,
-    )
-    return GenerationRequest(
-        model, [ids], [text], params, max_tokens is not None, stream, include_usage, False, logprobs, True
-    )
+    # No max_tokens: the engine gives the completion the room the prompt leaves.
+    params = _sampling(body, max_tokens=max_tokens, n=n, logprobs=logprobs)
+    return GenerationRequest(model, [ids], [text], params, stream, include_usage, False, logprobs, True)
 
 
 def _stream_options(body: dict) -> tuple[bool, bool]:
@@ -305,45 +288,25 @@ def _stream_options(body: dict) -> tuple[bool, bool]:
     return stream, include_usage
 
 
-def prompt_len_check(prompt_len: int, max_tokens: int | None, max_model_len: int, param: str) -> None:
-    if prompt_len == 0:
-        raise invalid("The prompt is empty", param)
-    if prompt_len >= max_model_len or (max_tokens is not None and prompt_len + max_tokens > max_model_len):
-        wanted = prompt_len + (max_tokens or 0)
-        raise APIError(
-            400,
-            f"This model's maximum context length is {max_model_len} tokens. However, you "
-            f"requested {wanted} tokens ({prompt_len} in the {param}, {max_tokens or 0} in the "
-            "completion). Please reduce the length of the prompt or the completion.",
-            param=param,
-            code="context_length_exceeded",
-        )
-
-
-def token_id_list(value: Any, vocab_size: int, param: str) -> list[int] | None:
-    """A list of token ids (validated), or None if `value` is not shaped like one."""
+def token_id_list(value: Any) -> list[int] | None:
+    """value if it is shaped like a list of token ids (the engine checks them against the vocabulary)."""
     if (
         not isinstance(value, list)
         or not value
         or not all(isinstance(t, int) and not isinstance(t, bool) for t in value)
     ):
         return None
-    for t in value:
-        if not 0 <= t < vocab_size:
-            raise invalid(f"'{param}' contains token id {t}, outside the vocabulary [0, {vocab_size})", param)
     return value
 
 
-def prompts_of(
-    value: Any, tokenizer, vocab_size: int, param: str
-) -> tuple[list[list[int]], list[str | None]]:
+def prompts_of(value: Any, tokenizer, param: str) -> tuple[list[list[int]], list[str | None]]:
     """str | list[str] | list[int] | list[list[int]] -> token-id prompts (+ their text, when given as text).
 
     Text gets the tokenizer's special tokens (e.g. BOS), as the engine's own tokenize() and vLLM do."""
     if isinstance(value, str):
         return [tokenizer.encode(value)], [value]
     if isinstance(value, list) and value:
-        ids = token_id_list(value, vocab_size, param)
+        ids = token_id_list(value)
         if ids is not None:
             return [ids], [None]
         if all(isinstance(v, str) for v in value):
@@ -351,7 +314,7 @@ def prompts_of(
         if all(isinstance(v, list) for v in value):
             lists = []
             for i, v in enumerate(value):
-                ids = token_id_list(v, vocab_size, f"{param}[{i}]")
+                ids = token_id_list(v)
                 if ids is None:
                     raise invalid(f"'{param}[{i}]' must be a non-empty array of token ids", param)
                 lists.append(ids)
@@ -363,14 +326,12 @@ def prompts_of(
     )
 
 
-def parse_completion(
-    body: dict, served: list[str], tokenizer, max_model_len: int, vocab_size: int
-) -> GenerationRequest:
+def parse_completion(body: dict, served: list[str], tokenizer) -> GenerationRequest:
     model = check_model(body, served)
     _reject_unsupported(body)
     if "prompt" not in body:
         raise invalid("'prompt' is required", "prompt")
-    prompts, texts = prompts_of(body["prompt"], tokenizer, vocab_size, "prompt")
+    prompts, texts = prompts_of(body["prompt"], tokenizer, "prompt")
     n = _int(body, "n", 1, 1, MAX_N)
     best_of = _int(body, "best_of", None, 1)
     if best_of is not None and best_of != n:
@@ -379,37 +340,15 @@ def parse_completion(
         raise unsupported("suffix", "'suffix' (insertion)")
     logprobs = _int(body, "logprobs", None, 0, MAX_LOGPROBS)
     echo = _bool(body, "echo", False)
-    if echo and logprobs is not None:
-        raise unsupported("echo", "'echo' together with 'logprobs' (prompt log-probabilities)")
     max_tokens = _int(body, "max_tokens", 16, 1)
     stream, include_usage = _stream_options(body)
-    longest = max(len(p) for p in prompts)
-    prompt_len_check(longest, max_tokens, max_model_len, "prompt")
-    params = _sampling(body, max_tokens=max_tokens, n=n, logprobs=logprobs, vocab_size=vocab_size)
-    return GenerationRequest(
-        model, prompts, texts, params, True, stream, include_usage, echo, logprobs, False
-    )
+    # echo + logprobs: the prompt's tokens come first in the logprobs, as OpenAI's completions had them.
+    prompt_logprobs = logprobs if echo else None
+    params = _sampling(body, max_tokens=max_tokens, n=n, logprobs=logprobs, prompt_logprobs=prompt_logprobs)
+    return GenerationRequest(model, prompts, texts, params, stream, include_usage, echo, logprobs, False)
 
 
 # -- logprobs --------------------------------------------------------------------------------------------
-class TokenText:
-    """Token id -> its text, cached (the same ids recur across requests)."""
-
-    def __init__(self, tokenizer) -> None:
-        self.tokenizer = tokenizer
-        self._cache: dict[int, str] = {}
-
-    def __call__(self, token_id: int, logprob: Logprob | None = None) -> str:
-        text = self._cache.get(token_id)
-        if text is None:
-            if logprob is not None and logprob.decoded_token is not None:
-                text = logprob.decoded_token
-            else:
-                text = self.tokenizer.decode([token_id])
-            self._cache[token_id] = text
-        return text
-
-
 def _ranked(entries: dict[int, Logprob], k: int) -> list[tuple[int, Logprob]]:
     items = sorted(
         entries.items(), key=lambda kv: (kv[1].rank if kv[1].rank is not None else 10**9, -kv[1].logprob)
@@ -421,52 +360,65 @@ def _finite(x: float) -> float:
     return x if math.isfinite(x) else -9999.0
 
 
-def chat_logprobs(
-    output: CompletionOutput, start: int, end: int, top: int, token_text: TokenText
-) -> list[dict]:
-    """Chat shape: [{token, logprob, bytes, top_logprobs: [{token, logprob, bytes}]}] for tokens [start, end)."""
+def chat_logprobs(output: CompletionOutput, top: int) -> list[dict]:
+    """Chat shape for the output's tokens: [{token, logprob, bytes, top_logprobs: [{token, logprob, bytes}]}]."""
     content = []
-    logprobs = output.logprobs or []
-    for i in range(start, min(end, len(logprobs))):
-        token_id = output.token_ids[i]
-        entries = logprobs[i]
-        chosen = entries.get(token_id)
-        text = token_text(token_id, chosen)
+    for token_id, entries in zip(output.token_ids, output.logprobs or []):
+        chosen = entries[token_id]  # the engine always lists the chosen token
+        text = chosen.decoded_token
         content.append(
             {
                 "token": text,
-                "logprob": _finite(chosen.logprob) if chosen is not None else -9999.0,
+                "logprob": _finite(chosen.logprob),
                 "bytes": list(text.encode("utf-8")),
                 "top_logprobs": [
                     {
-                        "token": (t := token_text(tid, lp)),
+                        "token": lp.decoded_token,
                         "logprob": _finite(lp.logprob),
-                        "bytes": list(t.encode("utf-8")),
+                        "bytes": list(lp.decoded_token.encode("utf-8")),
                     }
-                    for tid, lp in _ranked(entries, top)
+                    for _, lp in _ranked(entries, top)
                 ],
             }
         )
     return content
 
 
-def completion_logprobs(
-    output: CompletionOutput, start: int, end: int, top: int, token_text: TokenText, text_offset: int
-) -> dict:
-    """Completions shape: {tokens, token_logprobs, top_logprobs: [{token: logprob}], text_offset}."""
+def _completion_shape(token_ids, entries_list, top: int, text_offset: int) -> dict:
     tokens, token_logprobs, tops, offsets = [], [], [], []
-    logprobs = output.logprobs or []
-    for i in range(start, min(end, len(logprobs))):
-        token_id = output.token_ids[i]
-        entries = logprobs[i]
-        chosen = entries.get(token_id)
-        text = token_text(token_id, chosen)
-        tokens.append(text)
-        token_logprobs.append(_finite(chosen.logprob) if chosen is not None else -9999.0)
-        tops.append({token_text(tid, lp): _finite(lp.logprob) for tid, lp in _ranked(entries, top)})
+    for token_id, entries in zip(token_ids, entries_list):
+        if entries is None:  # the first prompt token: nothing predicts it
+            chosen_text, chosen_lp, top_map = None, None, None
+        else:
+            chosen = entries[token_id]
+            chosen_text, chosen_lp = chosen.decoded_token, _finite(chosen.logprob)
+            top_map = {lp.decoded_token: _finite(lp.logprob) for _, lp in _ranked(entries, top)}
+        tokens.append(chosen_text)
+        token_logprobs.append(chosen_lp)
+        tops.append(top_map)
         offsets.append(text_offset)
-        text_offset += len(text)
+        text_offset += len(chosen_text or "")
     return {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": tops, "text_offset": offsets}
+
+
+def completion_logprobs(output: CompletionOutput, top: int, text_offset: int) -> dict:
+    """Completions shape: {tokens, token_logprobs, top_logprobs: [{token: logprob}], text_offset}."""
+    return _completion_shape(output.token_ids, output.logprobs or [], top, text_offset)
+
+
+def prompt_completion_logprobs(final, top: int, token_text) -> dict:
+    """echo + logprobs: the prompt's tokens in the completions shape, the first one's logprob null."""
+    ids = final.prompt_token_ids
+    out = _completion_shape(ids, final.prompt_logprobs or [None] * len(ids), top, 0)
+    if out["tokens"]:
+        out["tokens"][0] = token_text(ids[0])  # no logprob entry carries its text
+        first = len(out["tokens"][0])
+        out["text_offset"] = [0] + [o + first for o in out["text_offset"][1:]]
+    return out
+
+
+def join_logprobs(first: dict, second: dict) -> dict:
+    return {key: first[key] + second[key] for key in first}
 
 
 def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> dict:

@@ -1,33 +1,28 @@
-"""The OpenAI-compatible routes: dispatch, auth, CORS, and the chat/completions/embeddings/tokenize handlers."""
+"""OpenAIApp: the route table, dispatch, auth, CORS and the small endpoints; generation (generation.py)
+and embeddings (embeddings.py) have their own modules, request parsing is protocol.py's."""
 
-import asyncio
-import base64
-import copy
 import hmac
 import json
 import logging
-import math
-import struct
 import time
-import uuid
-from collections.abc import AsyncIterator, Callable
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from urllib.parse import unquote
 
 from .. import __version__
-from ..engine.async_engine import AsyncEngine, EngineDeadError, RequestStream
-from ..engine.outputs import RequestOutput
-from . import protocol, sse
+from ..engine.async_engine import AsyncEngine, EngineDeadError
+from ..engine.intake import InvalidRequestError, check_token_ids
+from . import protocol
+from .embeddings import embeddings as embeddings_handler
 from .errors import APIError, invalid
+from .generation import generate
 from .http import Request, Response, StreamingResponse, error_response
 from .metrics import Metrics
+from .tokenizers import TokenizerPool
 
 logger = logging.getLogger("fast_inference.server")
 
 _OPEN_PATHS = frozenset({"/health", "/ping"})
-# Requests with larger bodies are tokenized (and chat-templated) off the event loop.
-_INLINE_TOKENIZE_BYTES = 16 * 1024
 _QUIET_PATHS = frozenset({"/health", "/ping", "/metrics"})  # probes and scrapes: logged at debug only
 
 
@@ -54,12 +49,9 @@ class OpenAIApp:
         self._api_key = config.api_key.encode() if config.api_key else None
         self._origins = set(config.allowed_origins)
         self._created = int(time.time())
-        self._fingerprint = f"fp_fast_inference_{__version__}"
-        self._tokenizer = None
-        self._token_text: protocol.TokenText | None = None
+        self.fingerprint = f"fp_fast_inference_{__version__}"
         self.inflight = 0  # engine requests this server has queued or running
-        self._pool: ThreadPoolExecutor | None = None  # the tokenizer thread, started on first need
-        self._pool_tokenizer = None
+        self.tokenizers = TokenizerPool(engine, self.require_ready)
         self.routes: dict[str, dict[str, Callable]] = {
             "/v1/chat/completions": {"POST": self.chat_completions},
             "/v1/completions": {"POST": self.completions},
@@ -202,38 +194,11 @@ class OpenAIApp:
         return Response(204, headers=headers)
 
     # -- helpers -------------------------------------------------------------------------------------
-    @property
-    def tokenizer(self):
-        if self._tokenizer is None:
-            self._require_ready()
-            # A private copy: Rust tokenizers are not safe to share with the engine thread's detokenizer.
-            try:
-                self._tokenizer = copy.deepcopy(self.engine.engine.tokenizer)
-            except Exception:
-                self._tokenizer = self.engine.engine.tokenizer
-            self._token_text = protocol.TokenText(self._tokenizer)
-        return self._tokenizer
-
-    async def _tokenizing(self, request: Request, fn: Callable):
-        """fn(tokenizer): in line for small requests; for large ones on the tokenizer thread, with that
-        thread's own tokenizer copy, so a long prompt never stalls the event loop and every other stream."""
-        tokenizer = self.tokenizer
-        if len(request.body) <= _INLINE_TOKENIZE_BYTES:
-            return fn(tokenizer)
-        if self._pool is None:
-            try:
-                self._pool_tokenizer = copy.deepcopy(tokenizer)
-            except Exception:  # cannot get a private copy: sharing one across threads is not safe
-                return fn(tokenizer)
-            self._pool = ThreadPoolExecutor(1, thread_name_prefix="fast-inference-tokenizer")
-        return await asyncio.get_running_loop().run_in_executor(self._pool, fn, self._pool_tokenizer)
 
     def close(self) -> None:
-        if self._pool is not None:
-            self._pool.shutdown(wait=True)
-            self._pool = None
+        self.tokenizers.close()
 
-    def _require_ready(self) -> None:
+    def require_ready(self) -> None:
         if self.engine.state == "loading":
             raise APIError(503, "The model is still loading; retry shortly", code="model_loading")
         if self.engine.state != "ready":
@@ -244,7 +209,7 @@ class OpenAIApp:
             )
 
     @staticmethod
-    def _json_body(request: Request) -> dict:
+    def json_body(request: Request) -> dict:
         try:
             body = json.loads(request.body)
         except (ValueError, UnicodeDecodeError) as exc:
@@ -255,10 +220,10 @@ class OpenAIApp:
 
     @property
     def _model_config(self):
-        return self.engine.engine.model_config
+        return self.engine.model_config
 
     @staticmethod
-    def _json(obj, status: int = 200) -> Response:
+    def json_response(obj, status: int = 200) -> Response:
         return Response(status, json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode())
 
     # -- simple endpoints ----------------------------------------------------------------------------
@@ -277,7 +242,7 @@ class OpenAIApp:
         return Response(200, b"pong", content_type="text/plain")
 
     async def version(self, request: Request) -> Response:
-        return self._json({"version": __version__})
+        return self.json_response({"version": __version__})
 
     def _model_card(self, name: str) -> dict:
         card = {
@@ -292,7 +257,7 @@ class OpenAIApp:
         return card
 
     async def list_models(self, request: Request) -> Response:
-        return self._json(
+        return self.json_response(
             {"object": "list", "data": [self._model_card(n) for n in self.config.served_model_names]}
         )
 
@@ -300,7 +265,7 @@ class OpenAIApp:
         name = unquote(request.path[len("/v1/models/") :])
         if name not in self.config.served_model_names:
             raise APIError(404, f"The model '{name}' does not exist", param="model", code="model_not_found")
-        return self._json(self._model_card(name))
+        return self.json_response(self._model_card(name))
 
     async def metrics_text(self, request: Request) -> Response:
         def gauges() -> dict:
@@ -322,9 +287,9 @@ class OpenAIApp:
         )
 
     async def tokenize(self, request: Request) -> Response:
-        body = self._json_body(request)
+        body = self.json_body(request)
         protocol.check_model(body, self.config.served_model_names)
-        tokenizer = self.tokenizer
+        tokenizer = self.tokenizers.tokenizer
         if "messages" in body:
             messages = protocol.chat_messages(body)
             add_generation_prompt = protocol._bool(body, "add_generation_prompt", True)
@@ -347,79 +312,27 @@ class OpenAIApp:
         result = {"count": len(ids), "max_model_len": self._model_config.max_model_len, "tokens": ids}
         if protocol._bool(body, "return_token_strs", False):
             result["token_strs"] = tokenizer.convert_ids_to_tokens(ids)
-        return self._json(result)
+        return self.json_response(result)
 
     async def detokenize(self, request: Request) -> Response:
-        body = self._json_body(request)
+        body = self.json_body(request)
         protocol.check_model(body, self.config.served_model_names)
         tokens = body.get("tokens")
         vocab = self._model_config.vocab_size
         if tokens == []:
-            return self._json({"prompt": ""})
-        if protocol.token_id_list(tokens, vocab, "tokens") is None:
-            raise invalid("'tokens' must be an array of token ids", "tokens")
-        return self._json({"prompt": self.tokenizer.decode(tokens)})
-
-    # -- embeddings ----------------------------------------------------------------------------------
-    async def embeddings(self, request: Request) -> Response:
-        body = self._json_body(request)
-        model = protocol.check_model(body, self.config.served_model_names)
-        self._require_ready()
-        if "input" not in body:
-            raise invalid("'input' is required", "input")
-        cfg = self._model_config
-        limit = cfg.max_model_len
-        truncate = _truncate_prompt_tokens(body, limit)
-        encoder = not getattr(self.engine.engine, "supports_generation", True)
-        prompts = await self._tokenizing(
-            request, lambda tokenizer: _embedding_prompts(body["input"], tokenizer, cfg, encoder, truncate)
-        )
-        encoding = body.get("encoding_format") or "float"
-        if encoding not in ("float", "base64"):
-            raise invalid("'encoding_format' must be 'float' or 'base64'", "encoding_format")
-        dimensions = _embedding_dimensions(body, cfg, model)
-        for i, ids in enumerate(prompts):
-            if not ids:
-                raise invalid(f"input[{i}] is empty", "input")
-            if len(ids) > limit:
-                raise APIError(
-                    400,
-                    f"input[{i}] has {len(ids)} tokens; this model's maximum context length is "
-                    f"{limit} tokens",
-                    param="input",
-                    code="context_length_exceeded",
-                )
-        self._admit(len(prompts))
+            return self.json_response({"prompt": ""})
         try:
-            vectors = await self.engine.embed(prompts)
-        except (ValueError, NotImplementedError) as exc:
-            raise invalid(str(exc), "input") from None
-        finally:
-            self.inflight -= len(prompts)
-        data = []
-        for i, vector in enumerate(vectors):
-            if dimensions is not None:  # Matryoshka: keep the leading dimensions, back to unit length
-                vector = vector[:dimensions]
-                norm = math.sqrt(sum(x * x for x in vector)) or 1.0
-                vector = [x / norm for x in vector]
-            if encoding == "base64":
-                value = base64.b64encode(struct.pack(f"<{len(vector)}f", *vector)).decode()
-            else:
-                value = vector
-            data.append({"object": "embedding", "index": i, "embedding": value})
-        tokens = sum(len(p) for p in prompts)
-        self.metrics.prompt_tokens += tokens
-        return self._json(
-            {
-                "object": "list",
-                "data": data,
-                "model": model,
-                "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
-            }
-        )
+            check_token_ids(tokens, vocab, "tokens")
+        except InvalidRequestError as exc:
+            raise invalid(str(exc), "tokens") from None
+        return self.json_response({"prompt": self.tokenizers.tokenizer.decode(tokens)})
+
+    # -- the handlers that live in their own modules -----------------------------------------------------
+    async def embeddings(self, request: Request) -> Response:
+        return await embeddings_handler(self, request)
 
     # -- generation ----------------------------------------------------------------------------------
-    def _admit(self, count: int) -> None:
+    def admit(self, count: int) -> None:
         if self.inflight + count > self.config.max_pending_requests:
             raise APIError(
                 429,
@@ -431,393 +344,7 @@ class OpenAIApp:
         self.inflight += count
 
     async def chat_completions(self, request: Request) -> Response | StreamingResponse:
-        return await self._generate(request, chat=True)
+        return await generate(self, request, chat=True)
 
     async def completions(self, request: Request) -> Response | StreamingResponse:
-        return await self._generate(request, chat=False)
-
-    async def _generate(self, request: Request, chat: bool) -> Response | StreamingResponse:
-        arrival = time.perf_counter()
-        body = self._json_body(request)
-        protocol.check_model(body, self.config.served_model_names)
-        self._require_ready()
-        if not getattr(self.engine.engine, "supports_generation", True):
-            raise invalid(
-                f"The model '{self.config.served_model_names[0]}' is an embedding model and does "
-                "not support generation; use /v1/embeddings",
-                "model",
-            )
-        cfg = self._model_config
-        names = self.config.served_model_names
-
-        def parse(tokenizer) -> protocol.GenerationRequest:
-            if chat:
-                return protocol.parse_chat(
-                    body, names, tokenizer, cfg.max_model_len, cfg.vocab_size, self.config.chat_template
-                )
-            return protocol.parse_completion(body, names, tokenizer, cfg.max_model_len, cfg.vocab_size)
-
-        gen = await self._tokenizing(request, parse)
-        request_id = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
-        self._admit(len(gen.prompts))
-        streams: list[RequestStream] = []
-        try:
-            if len(gen.prompts) == 1:
-                streams.append(await self.engine.add_request(request_id, gen.prompts[0], gen.params))
-            else:
-                results = await asyncio.gather(
-                    *(
-                        self.engine.add_request(f"{request_id}-{i}", ids, gen.params)
-                        for i, ids in enumerate(gen.prompts)
-                    ),
-                    return_exceptions=True,
-                )
-                streams = [r for r in results if isinstance(r, RequestStream)]
-                for r in results:
-                    if isinstance(r, BaseException):
-                        raise r
-        except BaseException as exc:
-            for stream in streams:
-                stream.abort()
-            self.inflight -= len(gen.prompts)
-            if isinstance(exc, ValueError):  # the engine refused the prompt (e.g. too long)
-                raise APIError(400, str(exc), param="messages" if chat else "prompt") from None
-            raise
-        job = _Job(self, gen, request_id, streams, arrival)
-        if gen.stream:
-            return StreamingResponse(200, job.stream(), on_close=job.close)
-        try:
-            response = self._json(await job.collect())
-            response.logged_by_job = True
-            return response
-        except asyncio.CancelledError:
-            job.status = 499  # the client went away: the engine request is aborted in close()
-            raise
-        except APIError as err:
-            job.status = err.status
-            raise
-        finally:
-            job.close()
-
-
-class _Job:
-    """One generation request's life after admission: reading outputs, metrics, logging, clean-up."""
-
-    def __init__(
-        self,
-        app: OpenAIApp,
-        gen: protocol.GenerationRequest,
-        request_id: str,
-        streams: list[RequestStream],
-        arrival: float,
-    ) -> None:
-        self.app = app
-        self.gen = gen
-        self.request_id = request_id
-        self.streams = streams
-        self.arrival = arrival
-        self.created = int(time.time())
-        self.first_token_time: float | None = None
-        self.last_token_time = arrival
-        self.completion_tokens = 0
-        self.status = 200
-        self.closed = False
-        self.finals: list[RequestOutput | None] = [None] * len(streams)
-        self.token_counts = [0] * (len(streams) * gen.params.n)
-
-    def _observe(self, prompt_index: int, output: RequestOutput) -> None:
-        """Token counts and TTFT/ITL from one cumulative output."""
-        n = self.gen.params.n
-        new = 0
-        for c in output.outputs:
-            k = prompt_index * n + c.index
-            count = len(c.token_ids)
-            new += count - self.token_counts[k]
-            self.token_counts[k] = count
-        if new <= 0:
-            return
-        now = time.perf_counter()
-        metrics = self.app.metrics
-        if self.first_token_time is None:
-            self.first_token_time = now
-            metrics.ttft.observe(now - self.arrival)
-            new -= 1
-        if new > 0:
-            metrics.itl.observe((now - self.last_token_time) / new, new)
-        self.last_token_time = now
-
-    async def _outputs(self) -> AsyncIterator[tuple[int, RequestOutput]]:
-        if len(self.streams) == 1:
-            async for output in self.streams[0]:
-                self._observe(0, output)
-                yield 0, output
-            return
-        # Several prompts: merge their streams in arrival order.
-        merged: asyncio.Queue = asyncio.Queue()
-
-        async def pump(i: int, stream: RequestStream) -> None:
-            try:
-                async for output in stream:
-                    merged.put_nowait((i, output, None))
-            except BaseException as exc:
-                merged.put_nowait((i, None, exc))
-                return
-            merged.put_nowait((i, None, None))
-
-        tasks = [asyncio.ensure_future(pump(i, s)) for i, s in enumerate(self.streams)]
-        try:
-            remaining = len(tasks)
-            while remaining:
-                i, output, exc = await merged.get()
-                if exc is not None:
-                    raise exc
-                if output is None:
-                    remaining -= 1
-                    continue
-                self._observe(i, output)
-                yield i, output
-        finally:
-            for task in tasks:
-                task.cancel()
-
-    async def collect(self) -> dict:
-        try:
-            async for i, output in self._outputs():
-                self.finals[i] = output
-        except EngineDeadError as exc:
-            self.status = 503
-            raise APIError(503, str(exc), code="engine_unavailable") from None
-        return self._response_body()
-
-    def _response_body(self) -> dict:
-        gen = self.gen
-        app = self.app
-        token_text = app._token_text
-        choices = []
-        prompt_tokens = cached = 0
-        for i, final in enumerate(self.finals):
-            if final is None:
-                raise APIError(500, "The engine finished a request without output")
-            prompt_tokens += len(gen.prompts[i])
-            cached += final.num_cached_tokens
-            for c in final.outputs:
-                index = i * gen.params.n + c.index
-                reason = protocol.finish_reason(c.finish_reason)
-                if gen.chat:
-                    logprobs = None
-                    if gen.logprobs is not None:
-                        logprobs = {
-                            "content": protocol.chat_logprobs(
-                                c, 0, len(c.token_ids), gen.logprobs, token_text
-                            ),
-                            "refusal": None,
-                        }
-                    choices.append(
-                        {
-                            "index": index,
-                            "message": {"role": "assistant", "content": c.text, "refusal": None},
-                            "logprobs": logprobs,
-                            "finish_reason": reason,
-                            "stop_reason": c.stop_reason,
-                        }
-                    )
-                else:
-                    prefix = self._echo_text(i) if gen.echo else ""
-                    logprobs = None
-                    if gen.logprobs is not None:
-                        logprobs = protocol.completion_logprobs(
-                            c, 0, len(c.token_ids), gen.logprobs, token_text, len(prefix)
-                        )
-                    choices.append(
-                        {
-                            "index": index,
-                            "text": prefix + c.text,
-                            "logprobs": logprobs,
-                            "finish_reason": reason,
-                            "stop_reason": c.stop_reason,
-                        }
-                    )
-        choices.sort(key=lambda c: c["index"])
-        self.completion_tokens = sum(self.token_counts)
-        return {
-            "id": self.request_id,
-            "object": "chat.completion" if gen.chat else "text_completion",
-            "created": self.created,
-            "model": gen.model,
-            "system_fingerprint": app._fingerprint,
-            "choices": choices,
-            "usage": protocol.usage(prompt_tokens, self.completion_tokens, cached),
-        }
-
-    def _echo_text(self, i: int) -> str:
-        text = self.gen.prompt_texts[i]
-        return text if text is not None else self.app.tokenizer.decode(self.gen.prompts[i])
-
-    async def stream(self) -> AsyncIterator[bytes]:
-        gen = self.gen
-        app = self.app
-        n = gen.params.n
-        total = len(self.streams) * n
-        enc = sse.ChunkEncoder(
-            chat=gen.chat,
-            request_id=self.request_id,
-            created=self.created,
-            model=gen.model,
-            fingerprint=app._fingerprint,
-        )
-        token_text = app._token_text
-        sent_chars = [0] * total
-        sent_tokens = [0] * total
-        done = [False] * total
-        try:
-            if gen.chat:
-                for k in range(total):
-                    yield enc.choice(k, "", role=True)
-            elif gen.echo:
-                for k in range(total):
-                    yield enc.choice(k, self._echo_text(k // n))
-            text_offsets = [0] * total
-            async for i, output in self._outputs():
-                self.finals[i] = output
-                for c in output.outputs:
-                    k = i * n + c.index
-                    if done[k]:
-                        continue
-                    new_text = c.text[sent_chars[k] :]
-                    count = len(c.token_ids)
-                    reason = protocol.finish_reason(c.finish_reason)
-                    if not new_text and count == sent_tokens[k] and reason is None:
-                        continue
-                    logprobs = None
-                    if gen.logprobs is not None and count > sent_tokens[k]:
-                        if gen.chat:
-                            logprobs = {
-                                "content": protocol.chat_logprobs(
-                                    c, sent_tokens[k], count, gen.logprobs, token_text
-                                ),
-                                "refusal": None,
-                            }
-                        else:
-                            logprobs = protocol.completion_logprobs(
-                                c, sent_tokens[k], count, gen.logprobs, token_text, text_offsets[k]
-                            )
-                            text_offsets[k] += sum(len(t) for t in logprobs["tokens"])
-                    sent_chars[k] = len(c.text)
-                    sent_tokens[k] = count
-                    if reason is None and logprobs is None:
-                        if new_text:
-                            yield enc.text(k, new_text)
-                        continue
-                    if reason is not None:
-                        done[k] = True
-                    yield enc.choice(
-                        k,
-                        new_text if (new_text or not gen.chat) else None,
-                        logprobs=logprobs,
-                        finish_reason=reason,
-                        stop_reason=c.stop_reason,
-                    )
-            if gen.include_usage:
-                prompt_tokens = sum(len(p) for p in gen.prompts)
-                cached = sum(f.num_cached_tokens for f in self.finals if f is not None)
-                yield enc.usage(protocol.usage(prompt_tokens, sum(self.token_counts), cached))
-        except asyncio.CancelledError:
-            self.status = 499  # client closed the connection
-            raise
-        except Exception as exc:
-            # Headers are gone already: report the fault in-band, then end the stream properly.
-            if isinstance(exc, APIError):
-                err = exc
-            elif isinstance(exc, EngineDeadError):
-                err = APIError(503, str(exc), code="engine_unavailable")
-            else:
-                logger.exception("stream %s failed", self.request_id)
-                err = APIError(500, "Internal server error during streaming")
-            self.status = err.status
-            yield sse.error_event(err.body())
-        finally:
-            self.close()
-        yield sse.DONE
-
-    def close(self) -> None:
-        """Abort what is still running (client gone, fault), account the request, and log it once."""
-        if self.closed:
-            return
-        self.closed = True
-        for stream in self.streams:
-            stream.abort()
-        app = self.app
-        app.inflight -= len(self.streams)
-        metrics = app.metrics
-        now = time.perf_counter()
-        prompt_tokens = sum(len(p) for p in self.gen.prompts)
-        completion_tokens = sum(self.token_counts)
-        metrics.prompt_tokens += prompt_tokens
-        metrics.generation_tokens += completion_tokens
-        for final in self.finals:
-            if final is not None:
-                for c in final.outputs:
-                    if c.finish_reason is not None:
-                        metrics.finish(c.finish_reason)
-        if self.status == 200:
-            metrics.e2e.observe(now - self.arrival)
-        ttft = f"{(self.first_token_time - self.arrival) * 1e3:.1f}ms" if self.first_token_time else "-"
-        logger.info(
-            "%s status=%d prompt_tokens=%d completion_tokens=%d ttft=%s latency=%.1fms%s",
-            self.request_id,
-            self.status,
-            prompt_tokens,
-            completion_tokens,
-            ttft,
-            (now - self.arrival) * 1e3,
-            " stream" if self.gen.stream else "",
-        )
-
-
-def _truncate_prompt_tokens(body: dict, limit: int) -> int | None:
-    """/v1/embeddings 'truncate_prompt_tokens' (vLLM's extension): keep the first k tokens; -1 = max_model_len."""
-    k = body.get("truncate_prompt_tokens")
-    if k is None:
-        return None
-    if isinstance(k, bool) or not isinstance(k, int) or not (k == -1 or 1 <= k <= limit):
-        raise invalid(
-            f"'truncate_prompt_tokens' must be -1 or an integer in [1, {limit}], got {k!r}",
-            "truncate_prompt_tokens",
-        )
-    return limit if k == -1 else k
-
-
-def _embedding_prompts(value, tokenizer, cfg, encoder: bool, truncate: int | None) -> list[list[int]]:
-    """/v1/embeddings 'input' -> token ids. Encoder models get their special tokens ([CLS] ... [SEP]) on text
-    inputs, and truncation keeps them (as sentence-transformers truncates at its max_seq_length)."""
-    texts = [value] if isinstance(value, str) else value
-    if encoder and isinstance(texts, list) and texts and all(isinstance(t, str) for t in texts):
-        from ..engine.encoder_engine import encode_texts
-
-        return encode_texts(tokenizer, texts, cfg.max_model_len, truncate)
-    prompts, _ = protocol.prompts_of(value, tokenizer, cfg.vocab_size, "input")
-    return prompts if truncate is None else [ids[:truncate] for ids in prompts]
-
-
-def _embedding_dimensions(body: dict, cfg, model: str) -> int | None:
-    """'dimensions': only for Matryoshka models (config.json is_matryoshka / matryoshka_dimensions), as OpenAI
-    and vLLM do: cutting the vector of a model not trained for it gives poor embeddings."""
-    dims = body.get("dimensions")
-    if dims is None:
-        return None
-    size = getattr(cfg, "embedding_size", cfg.hidden_size)
-    if isinstance(dims, bool) or not isinstance(dims, int) or not 1 <= dims <= size:
-        raise invalid(f"'dimensions' must be an integer in [1, {size}], got {dims!r}", "dimensions")
-    allowed = getattr(cfg, "matryoshka_dimensions", None)
-    if not getattr(cfg, "is_matryoshka", False):
-        raise invalid(
-            f"The model '{model}' does not support 'dimensions' (it is not a Matryoshka embedding "
-            "model); omit it to get the full vector",
-            "dimensions",
-            code="unsupported_parameter",
-        )
-    if allowed and dims not in allowed:
-        raise invalid(
-            f"The model '{model}' supports 'dimensions' in {sorted(allowed)}, got {dims}", "dimensions"
-        )
-    return dims
+        return await generate(self, request, chat=False)

@@ -59,10 +59,8 @@ class Server:
         self._log_ready()
 
     def _log_ready(self) -> None:
-        engine = self.engine.engine
-        cfg = engine.model_config
-        blocks = getattr(engine, "num_total_blocks", 0)
-        block_size = getattr(engine, "block_size", 0)
+        cfg = self.engine.model_config
+        blocks, block_size = self.engine.kv_cache_blocks
         what = (
             "the built-in demo model (tiny random-weight Llama, made locally)"
             if self.is_demo

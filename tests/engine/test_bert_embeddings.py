@@ -102,6 +102,15 @@ def test_bf16_is_close(reference):
     assert cosine(out, reference).min() >= 0.99
 
 
+def test_dtype_is_resolved_like_the_decoder_engines():
+    """models/config.py's resolver: float16 is refused on CPU (as for LLMEngine); 'auto' is float32 here."""
+    with pytest.raises(ValueError, match="dtype float16 is not supported on CPU"):
+        EncoderEngine(MINILM_DIR, dtype="float16")
+    with pytest.raises(ValueError, match="dtype must be one of"):
+        EncoderEngine(MINILM_DIR, dtype="int8")
+    assert EncoderEngine(MINILM_DIR).model_config.dtype == torch.float32
+
+
 def test_bad_inputs(engine):
     with pytest.raises(ValueError, match="token_id_lists"):
         engine.embed([])

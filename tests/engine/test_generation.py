@@ -118,3 +118,35 @@ def test_bfloat16_decode_paths_agree(llama_dir):
     a = streaming.generate(PROMPTS[1], params, use_tqdm=False)[0].outputs[0].token_ids
     b = packed_only.generate(PROMPTS[1], params, use_tqdm=False)[0].outputs[0].token_ids
     assert a == b
+
+
+def test_decoder_embeddings_match_transformers_in_packed_batches(llama_dir):
+    """LLMEngine.embed: the normalised last hidden state of transformers' forward, the same whether the
+    inputs share one forward or are packed into many (token budget 16), with every borrowed block back."""
+    import torch
+    from engine_utils import _hf_model
+
+    from fast_inference.engine.embed_batches import packed_batches
+
+    assert list(packed_batches([5, 9, 3, 20, 1], max_tokens=12, max_seqs=2)) == [
+        (0, 1),
+        (1, 3),
+        (3, 4),
+        (4, 5),
+    ]
+    wide = LLM(llama_dir, dtype="float32", kv_cache_memory="8MiB")
+    narrow = LLM(
+        llama_dir, dtype="float32", kv_cache_memory="8MiB", max_num_batched_tokens=16, max_num_seqs=2
+    )
+    tok = wide.get_tokenizer()
+    ids = [tok.encode(p) for p in PROMPTS]
+    model = _hf_model(str(llama_dir))
+    with torch.no_grad():
+        want = torch.stack(
+            [model(torch.tensor([x]), output_hidden_states=True).hidden_states[-1][0, -1] for x in ids]
+        )
+    want = torch.nn.functional.normalize(want.float(), dim=-1)
+    for llm in (wide, narrow):
+        got = llm.engine.embed(ids)
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=0)
+        assert_no_leak(llm.engine)
