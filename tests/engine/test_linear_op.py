@@ -16,8 +16,19 @@ def isa(request, monkeypatch):
 
 # (m, n, k): K tails of every length mod 16, M across the GEMV sizes (1..8) and the blocked GEMM (> 8),
 # N not a multiple of the GEMV row block nor of the GEMM slab.
-SHAPES = [(1, 3072, 576), (2, 100, 577), (3, 5, 40), (4, 1000, 1536), (5, 64, 64), (1, 7, 1), (7, 33, 15),
-          (8, 130, 129), (9, 70, 576), (32, 300, 200), (77, 1100, 64)]
+SHAPES = [
+    (1, 3072, 576),
+    (2, 100, 577),
+    (3, 5, 40),
+    (4, 1000, 1536),
+    (5, 64, 64),
+    (1, 7, 1),
+    (7, 33, 15),
+    (8, 130, 129),
+    (9, 70, 576),
+    (32, 300, 200),
+    (77, 1100, 64),
+]
 
 
 @pytest.mark.parametrize("m,n,k", SHAPES)
