@@ -198,12 +198,7 @@ class GenerationJob:
                 index = i * gen.params.n + c.index
                 reason = protocol.finish_reason(c.finish_reason)
                 if gen.chat:
-                    logprobs = None
-                    if gen.logprobs is not None:
-                        logprobs = {
-                            "content": protocol.chat_logprobs(c, gen.logprobs),
-                            "refusal": None,
-                        }
+                    logprobs = self._logprobs(c, 0)
                     choices.append(
                         {
                             "index": index,
@@ -215,14 +210,9 @@ class GenerationJob:
                     )
                 else:
                     prefix = self._echo_text(i) if gen.echo else ""
-                    logprobs = None
-                    if gen.logprobs is not None:
-                        logprobs = protocol.completion_logprobs(c, gen.logprobs, len(prefix))
-                        if gen.echo:
-                            logprobs = protocol.join_logprobs(
-                                protocol.prompt_completion_logprobs(final, gen.logprobs, self._token_text),
-                                logprobs,
-                            )
+                    logprobs = self._logprobs(c, len(prefix))
+                    if logprobs is not None and gen.echo:
+                        logprobs = protocol.join_logprobs(self._echo_logprobs(i), logprobs)
                     choices.append(
                         {
                             "index": index,
@@ -246,6 +236,19 @@ class GenerationJob:
 
     def _token_text(self, token_id: int) -> str:
         return self.app.tokenizers.tokenizer.decode([token_id])
+
+    def _logprobs(self, c: CompletionOutput, text_offset: int) -> dict | None:
+        """The logprobs field of one choice, for a whole body and for a stream chunk alike: chat's
+        content list, or completions' arrays with text offsets counted from text_offset."""
+        if self.gen.logprobs is None:
+            return None
+        if self.gen.chat:
+            return {"content": protocol.chat_logprobs(c, self.gen.logprobs), "refusal": None}
+        return protocol.completion_logprobs(c, self.gen.logprobs, text_offset)
+
+    def _echo_logprobs(self, i: int) -> dict:
+        """echo + logprobs: the logprobs of prompt i's tokens (the first None), from its prompt logprobs."""
+        return protocol.prompt_completion_logprobs(self.finals[i], self.gen.logprobs, self._token_text)
 
     def _echo_text(self, i: int) -> str:
         text = self.gen.prompt_texts[i]
@@ -278,9 +281,7 @@ class GenerationJob:
                     # The prompt's logprobs come with its first delta: echo it (and them) first.
                     echo_sent[i] = True
                     echo = self._echo_text(i)
-                    prompt_lps = protocol.prompt_completion_logprobs(
-                        self.finals[i], gen.logprobs, self._token_text
-                    )
+                    prompt_lps = self._echo_logprobs(i)
                     for k in range(i * n, (i + 1) * n):
                         text_offsets[k] = len(echo)
                         yield enc.choice(k, echo, logprobs=prompt_lps)
@@ -289,13 +290,9 @@ class GenerationJob:
                     if done[k]:
                         continue
                     reason = protocol.finish_reason(c.finish_reason)
-                    logprobs = None
-                    if gen.logprobs is not None and c.token_ids:
-                        if gen.chat:
-                            logprobs = {"content": protocol.chat_logprobs(c, gen.logprobs), "refusal": None}
-                        else:
-                            logprobs = protocol.completion_logprobs(c, gen.logprobs, text_offsets[k])
-                            text_offsets[k] += sum(len(t) for t in logprobs["tokens"])
+                    logprobs = self._logprobs(c, text_offsets[k]) if c.token_ids else None
+                    if logprobs is not None and not gen.chat:
+                        text_offsets[k] += sum(len(t) for t in logprobs["tokens"])
                     if reason is None and logprobs is None:
                         if c.text:
                             yield enc.text(k, c.text)
