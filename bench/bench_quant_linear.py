@@ -11,8 +11,8 @@ import subprocess
 
 import torch
 import torch.nn.functional as F
-
 from common import emit, environment, median_time, streaming_read_bandwidth
+
 from fast_inference import ops
 from fast_inference.ops import quant
 
