@@ -3,6 +3,8 @@
 A SmolLM-135M-shaped Llama (random weights, bfloat16 on CPU) is written to a temp dir. Prints JSON lines:
   throughput: 32 prompts x 128 tokens, 64 new tokens greedy (ignore_eos), output tokens/s of both engines
   decode_bs1: one sequence's decode step time vs (weight + KV bytes per step) / streaming read bandwidth
+  decode_split: where a decode step's wall time goes at batch 1 and 32 (torch.profiler, each top-level op's
+    inclusive time by category: linear/weights, attention + KV cache, other ops; the rest is Python/host)
 Run: PYTHONPATH=. python bench/bench_throughput.py [--threads 1] [--num-prompts 32 --prompt-len 128 --new-tokens 64]
 On an oversubscribed machine (load average >= cores) prefer --threads 1: a batch-1 decode step has ~150
 parallel regions, and each OpenMP join waits for a descheduled peer thread.
@@ -53,12 +55,70 @@ def build_smollm_like(out_dir: Path, dtype: torch.dtype):
     return model
 
 
+# Top-level op name fragments -> category; an op's inclusive time (its aten children included) goes to it.
+SPLIT_CATEGORIES = (
+    ("linear", ("linear", "addmm", "aten::mm", "matmul", "quantize", "aten::bmm")),
+    ("attention", ("attention", "reshape_and_cache", "scaled_dot_product")),
+)
+
+
+def op_category(name: str) -> str:
+    return next((cat for cat, parts in SPLIT_CATEGORIES if any(p in name for p in parts)), "other_ops")
+
+
+def decode_step_split(engine, prompts: list[list[int]], batch: int, steps: int) -> dict:
+    """Profile `steps` pure-decode steps of `batch` sequences; ms per step by category."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from fast_inference import SamplingParams
+
+    params = SamplingParams(temperature=0.0, ignore_eos=True, max_tokens=steps + 64)
+    ids = [f"split{batch}-{i}" for i in range(batch)]
+    for rid, prompt in zip(ids, prompts[:batch]):
+        engine.add_request(rid, prompt, params)
+    seen = dict.fromkeys(ids, 0)
+    while min(seen.values()) < 2:  # every sequence past its prefill: the steps below are decode only
+        for out in engine.step():
+            seen[out.request_id] += 1
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            engine.step()
+        wall_us = (time.perf_counter() - t0) * 1e6
+    per_category = {"linear": 0.0, "attention": 0.0, "other_ops": 0.0}
+    top_ops: dict[str, float] = {}
+    for event in prof.events():
+        if event.cpu_parent is None:
+            per_category[op_category(event.name)] += event.cpu_time_total
+            top_ops[event.name] = top_ops.get(event.name, 0.0) + event.cpu_time_total
+    for rid in ids:
+        engine.abort_request(rid)
+    engine.step()
+    in_ops = sum(per_category.values())
+    record = {"bench": "throughput", "event": "decode_split", "batch": batch, "steps": steps}
+    record["step_ms"] = round(wall_us / steps / 1e3, 3)
+    for cat, us in per_category.items():
+        record[f"{cat}_ms"] = round(us / steps / 1e3, 3)
+    record["python_host_ms"] = round(max(wall_us - in_ops, 0.0) / steps / 1e3, 3)
+    record["top_ops_ms"] = {
+        name: round(us / steps / 1e3, 3) for name, us in sorted(top_ops.items(), key=lambda kv: -kv[1])[:8]
+    }
+    record["top_level_op_calls_per_step"] = round(
+        sum(1 for e in prof.events() if e.cpu_parent is None) / steps, 1
+    )
+    return record
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--num-prompts", type=int, default=32)
     ap.add_argument("--prompt-len", type=int, default=128)
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--decode-steps", type=int, default=32)
+    ap.add_argument("--split-steps", type=int, default=8, help="profiled decode steps per split batch")
+    ap.add_argument(
+        "--split-batches", type=int, nargs="*", default=[1, 32], help="batch sizes of the step split"
+    )
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument(
         "--repeats", type=int, default=2, help="interleaved timed runs of each engine (best kept)"
@@ -194,6 +254,8 @@ def main() -> None:
                 "pct_of_bandwidth_bound": round(100 * bound_s / step_s, 1),
             }
         )
+        for batch in args.split_batches:
+            emit(decode_step_split(engine, prompt_lists, min(batch, len(prompt_lists)), args.split_steps))
 
 
 if __name__ == "__main__":
