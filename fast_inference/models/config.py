@@ -45,6 +45,17 @@ def cpu_has_native_bf16() -> bool:
     return False
 
 
+def resolve_max_model_len(max_model_len: int | None, max_pos: int, source: str) -> int:
+    """The context length to serve: the checkpoint's `source` limit (max_pos) unless a smaller one is asked for."""
+    if max_model_len is None:
+        return max_pos
+    if max_model_len < 1:
+        raise ValueError(f"max_model_len must be positive, got {max_model_len}")
+    if max_model_len > max_pos:
+        raise ValueError(f"max_model_len ({max_model_len}) exceeds the model's {source} ({max_pos})")
+    return max_model_len
+
+
 def resolve_dtype(
     requested: str | torch.dtype, checkpoint_dtype: torch.dtype | None, device: torch.device
 ) -> torch.dtype:
@@ -158,14 +169,7 @@ def load_model_config(
     ckpt_dtype_name = cfg.get("dtype") or cfg.get("torch_dtype")
     checkpoint_dtype = _DTYPES.get(str(ckpt_dtype_name).removeprefix("torch.")) if ckpt_dtype_name else None
     max_pos = int(cfg.get("max_position_embeddings", 2048))
-    if max_model_len is None:
-        max_model_len = max_pos
-    elif max_model_len < 1:
-        raise ValueError(f"max_model_len must be positive, got {max_model_len}")
-    elif max_model_len > max_pos:
-        raise ValueError(
-            f"max_model_len ({max_model_len}) exceeds the model's max_position_embeddings ({max_pos})"
-        )
+    max_model_len = resolve_max_model_len(max_model_len, max_pos, "max_position_embeddings")
 
     eos = _as_id_set(cfg.get("eos_token_id"))
     gen_defaults: dict = {}

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .config import ModelConfig, resolve_dtype
+from .config import ModelConfig, resolve_dtype, resolve_max_model_len
 from .quantized import QUANTIZED_TYPES, StoredWeight, row_bytes
 
 GGUF_MAGIC = b"GGUF"
@@ -208,14 +208,7 @@ def gguf_model_config(
             vocab = gf.tensors["token_embd.weight"].shape[0]
         rope_scaling = _rope_scaling(gf, name)
         max_pos = int(key("context_length", 2048))
-        if max_model_len is None:
-            max_model_len = max_pos
-        elif max_model_len < 1:
-            raise ValueError(f"max_model_len must be positive, got {max_model_len}")
-        elif max_model_len > max_pos:
-            raise ValueError(
-                f"max_model_len ({max_model_len}) exceeds the model's context_length ({max_pos})"
-            )
+        max_model_len = resolve_max_model_len(max_model_len, max_pos, "context_length")
         eos = {
             int(meta[k])
             for k in (
