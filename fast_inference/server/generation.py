@@ -36,7 +36,14 @@ async def generate(app: "OpenAIApp", request: Request, chat: bool) -> Response |
 
     def parse(tokenizer) -> protocol.GenerationRequest:
         if chat:
-            return protocol.parse_chat(body, names, tokenizer, app.config.chat_template)
+            return protocol.parse_chat(
+                body,
+                names,
+                tokenizer,
+                app.config.chat_template,
+                tool_call_parser=app.config.tool_call_parser,
+                reasoning_parser=app.config.reasoning_parser,
+            )
         return protocol.parse_completion(body, names, tokenizer)
 
     gen = await app.tokenizers.run(request, parse)
@@ -199,10 +206,15 @@ class GenerationJob:
                 reason = protocol.finish_reason(c.finish_reason)
                 if gen.chat:
                     logprobs = self._logprobs(c, 0)
+                    message = {"role": "assistant", "content": c.text, "refusal": None}
+                    if gen.output is not None:  # reasoning / tool calls split out of the text
+                        parser = gen.output.new_choice()
+                        message.update(parser.message(c.text))
+                        reason = parser.finish_reason(reason)
                     choices.append(
                         {
                             "index": index,
-                            "message": {"role": "assistant", "content": c.text, "refusal": None},
+                            "message": message,
                             "logprobs": logprobs,
                             "finish_reason": reason,
                             "stop_reason": c.stop_reason,
@@ -276,6 +288,7 @@ class GenerationJob:
                     yield enc.choice(k, self._echo_text(k // n))
             text_offsets = [0] * total
             echo_sent = [False] * len(self.streams)
+            parsers = [gen.output.new_choice() for _ in range(total)] if gen.output is not None else None
             async for i, delta in self._outputs():
                 if gen.echo and gen.logprobs is not None and not echo_sent[i]:
                     # The prompt's logprobs come with its first delta: echo it (and them) first.
@@ -293,6 +306,12 @@ class GenerationJob:
                     logprobs = self._logprobs(c, text_offsets[k]) if c.token_ids else None
                     if logprobs is not None and not gen.chat:
                         text_offsets[k] += sum(len(t) for t in logprobs["tokens"])
+                    if parsers is not None:
+                        if reason is not None:
+                            done[k] = True
+                        for chunk in self._parsed_chunks(enc, k, parsers[k], c, reason, logprobs):
+                            yield chunk
+                        continue
                     if reason is None and logprobs is None:
                         if c.text:
                             yield enc.text(k, c.text)
@@ -327,6 +346,37 @@ class GenerationJob:
         finally:
             self.close()
         yield sse.DONE
+
+    @staticmethod
+    def _parsed_chunks(enc, k: int, parser, c: CompletionOutput, reason: str | None, logprobs) -> list[bytes]:
+        """One delta of a parsed chat choice -> its chunks: content, reasoning_content and tool-call pieces
+        in order, the logprobs on the first chunk and the finish reason on the last."""
+        pieces = parser.feed(c.text)
+        if reason is not None:
+            pieces += parser.finish()
+            reason = parser.finish_reason(reason)
+        if not pieces and (logprobs is not None or reason is not None):
+            pieces = [{}]
+        chunks = []
+        for j, fields in enumerate(pieces):
+            last = j == len(pieces) - 1
+            finishing = last and reason is not None
+            if j == 0 and logprobs is not None or finishing:
+                chunks.append(
+                    enc.choice(
+                        k,
+                        None,
+                        logprobs=logprobs if j == 0 else None,
+                        finish_reason=reason if last else None,
+                        stop_reason=c.stop_reason if last else None,
+                        fields=fields,
+                    )
+                )
+            elif list(fields) == ["content"]:
+                chunks.append(enc.text(k, fields["content"]))
+            else:
+                chunks.append(enc.choice(k, None, fields=fields))
+        return chunks
 
     def close(self) -> None:
         """Abort what is still running (client gone, fault), account the request, and log it once."""

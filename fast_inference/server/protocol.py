@@ -5,9 +5,12 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+from ..engine import chat_template as chat_template_mod
 from ..engine.outputs import CompletionOutput, Logprob
 from ..engine.sampling_params import SamplingParams
 from ..ops.sampling import MAX_LOGPROBS
+from . import tools as tools_mod
+from .chat_output import ChatOutputSpec
 from .errors import APIError, invalid, unsupported
 
 MAX_N = 128
@@ -89,6 +92,7 @@ class GenerationRequest:
     echo: bool
     logprobs: int | None  # chat: top_logprobs when logprobs is true; completions: logprobs
     chat: bool
+    output: ChatOutputSpec | None = None  # chat choices parsed into reasoning / content / tool calls
 
 
 def check_model(body: dict, served: list[str]) -> str:
@@ -103,13 +107,6 @@ def check_model(body: dict, served: list[str]) -> str:
 
 
 def _reject_unsupported(body: dict) -> None:
-    for name in ("tools", "functions"):
-        if body.get(name):
-            raise unsupported(name, f"'{name}' (tool / function calling)")
-    for name in ("tool_choice", "function_call"):
-        value = body.get(name)
-        if value is not None and value not in ("none", "auto"):
-            raise unsupported(name, f"'{name}' (tool / function calling)")
     fmt = body.get("response_format")
     if fmt is not None:
         if not isinstance(fmt, dict) or not isinstance(fmt.get("type"), str):
@@ -225,6 +222,8 @@ def _text_content(content: Any, where: str) -> str:
 
 
 def chat_messages(body: dict) -> list[dict]:
+    """OpenAI messages -> the dicts chat templates read: role and text content, plus an assistant's
+    tool_calls and a tool result's tool_call_id / name (arguments stay JSON text until rendering)."""
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise invalid("'messages' must be a non-empty array", "messages")
@@ -236,22 +235,117 @@ def chat_messages(body: dict) -> list[dict]:
         role = message.get("role")
         if role not in _ROLES:
             raise invalid(f"{where}.role must be one of {sorted(_ROLES)}, got {role!r}", f"{where}.role")
-        if message.get("tool_calls") or message.get("function_call"):
-            raise unsupported(f"{where}.tool_calls", "Assistant tool calls in messages")
         if message.get("audio") is not None:
             raise unsupported(f"{where}.audio", "Audio in messages")
         if role == "developer":
             role = "system"  # developer is OpenAI's new name for system; templates know system
         elif role == "function":
             role = "tool"
-        out.append({"role": role, "content": _text_content(message.get("content"), where)})
+        converted = {"role": role, "content": _text_content(message.get("content"), where)}
+        calls = message.get("tool_calls")
+        if message.get("function_call") is not None:  # the deprecated single call
+            calls = [{"id": "call_0", "type": "function", "function": message["function_call"]}]
+        if calls:
+            if role != "assistant":
+                raise invalid(
+                    f"{where}.tool_calls is only allowed on assistant messages", f"{where}.tool_calls"
+                )
+            converted["tool_calls"] = _history_tool_calls(calls, f"{where}.tool_calls")
+        if role == "tool":
+            call_id = message.get("tool_call_id")
+            if call_id is None and message["role"] == "tool":
+                raise invalid(f"{where}.tool_call_id is required for tool messages", f"{where}.tool_call_id")
+            if call_id is not None:
+                if not isinstance(call_id, str):
+                    raise invalid(f"{where}.tool_call_id must be a string", f"{where}.tool_call_id")
+                converted["tool_call_id"] = call_id
+        name = message.get("name")
+        if name is not None:
+            if not isinstance(name, str):
+                raise invalid(f"{where}.name must be a string", f"{where}.name")
+            converted["name"] = name
+        reasoning = message.get("reasoning_content")
+        if role == "assistant" and isinstance(reasoning, str):
+            converted["reasoning_content"] = reasoning  # reasoning templates may show (or drop) it
+        out.append(converted)
     return out
 
 
-def parse_chat(body: dict, served: list[str], tokenizer, chat_template: str | None) -> GenerationRequest:
+def _history_tool_calls(calls, where: str) -> list[dict]:
+    if not isinstance(calls, list):
+        raise invalid(f"{where} must be an array", where)
+    out = []
+    for j, call in enumerate(calls):
+        function = call.get("function") if isinstance(call, dict) else None
+        if (
+            not isinstance(function, dict)
+            or not isinstance(function.get("name"), str)
+            or not isinstance(function.get("arguments"), str)
+            or call.get("type", "function") != "function"
+            or not isinstance(call.get("id", ""), str)
+        ):
+            raise invalid(
+                f"{where}[{j}] must be {{id, type: 'function', function: {{name, arguments: JSON text}}}}",
+                where,
+            )
+        out.append(
+            {
+                "id": call.get("id", f"call_{j}"),
+                "type": "function",
+                "function": {"name": function["name"], "arguments": function["arguments"]},
+            }
+        )
+    return out
+
+
+def _template_kwargs(body: dict) -> dict:
+    """chat_template_kwargs and the top-level enable_thinking (both as vLLM takes them)."""
+    kwargs = body.get("chat_template_kwargs")
+    if kwargs is None:
+        kwargs = {}
+    if not isinstance(kwargs, dict):
+        raise invalid("'chat_template_kwargs' must be an object", "chat_template_kwargs")
+    kwargs = dict(kwargs)
+    thinking = _get(body, "enable_thinking", (bool,))
+    if thinking is not None:
+        if kwargs.get("enable_thinking", thinking) != thinking:
+            raise invalid(
+                "'enable_thinking' disagrees with chat_template_kwargs.enable_thinking", "enable_thinking"
+            )
+        kwargs["enable_thinking"] = thinking
+    return kwargs
+
+
+def _render(tokenizer, messages, chat_template, tools, add_generation_prompt, kwargs) -> str:
+    try:
+        return chat_template_mod.render(
+            tokenizer,
+            messages,
+            chat_template=chat_template,
+            tools=tools,
+            add_generation_prompt=add_generation_prompt,
+            template_kwargs=kwargs,
+        )
+    except chat_template_mod.ChatTemplateError as exc:
+        raise invalid(str(exc), exc.param) from None
+    except Exception as exc:
+        raise invalid(f"The chat template could not be applied to 'messages': {exc}", "messages") from None
+
+
+def parse_chat(
+    body: dict,
+    served: list[str],
+    tokenizer,
+    chat_template: str | None,
+    *,
+    tool_call_parser: str | None = None,
+    reasoning_parser: str | None = None,
+) -> GenerationRequest:
+    """tool_call_parser: the server's --tool-call-parser (None: the one the template's markup names)."""
     model = check_model(body, served)
     _reject_unsupported(body)
     messages = chat_messages(body)
+    tool_request = tools_mod.parse_tools(body)
     n = _int(body, "n", 1, 1, MAX_N)
     want_logprobs = _bool(body, "logprobs", False)
     top_logprobs = _int(body, "top_logprobs", None, 0, MAX_LOGPROBS)
@@ -263,16 +357,51 @@ def parse_chat(body: dict, served: list[str], tokenizer, chat_template: str | No
         max_tokens = _int(body, "max_tokens", None, 1)
     stream, include_usage = _stream_options(body)
     add_generation_prompt = _bool(body, "add_generation_prompt", True)
-    try:
-        text = tokenizer.apply_chat_template(
-            messages, tokenize=False, add_generation_prompt=add_generation_prompt, chat_template=chat_template
-        )
-    except Exception as exc:
-        raise invalid(f"The chat template could not be applied to 'messages': {exc}", "messages") from None
+    render_tools = tool_request.render_tools if tool_request else None
+    text = _render(
+        tokenizer, messages, chat_template, render_tools, add_generation_prompt, _template_kwargs(body)
+    )
     ids = tokenizer.encode(text, add_special_tokens=False)
     # No max_tokens: the engine gives the completion the room the prompt leaves.
     params = _sampling(body, max_tokens=max_tokens, n=n, logprobs=logprobs)
-    return GenerationRequest(model, [ids], [text], params, stream, include_usage, False, logprobs, True)
+    output = None
+    if render_tools or reasoning_parser:
+        output = ChatOutputSpec(text, reasoning_parser, tool_request)
+        if render_tools:
+            _tool_constraints(output, params, tokenizer, chat_template, tool_call_parser)
+    gen = GenerationRequest(model, [ids], [text], params, stream, include_usage, False, logprobs, True)
+    gen.output = output
+    return gen
+
+
+def _tool_constraints(
+    output: ChatOutputSpec, params: SamplingParams, tokenizer, chat_template, parser
+) -> None:
+    """required / a named function: a JSON-schema grammar; auto: the markup parser the output needs."""
+    tool_request = output.tools
+    schema = tool_request.schema()
+    if schema is not None:
+        from ..engine.sampling_params import StructuredOutputsParams
+
+        if params.structured_outputs is not None:
+            raise invalid(
+                "'tool_choice' forcing a call cannot be combined with 'response_format'", "tool_choice"
+            )
+        params.structured_outputs = StructuredOutputsParams(json=schema)
+        return
+    if parser is None:
+        source = chat_template_mod.template_source(tokenizer, chat_template, tool_request.tools)
+        parser = chat_template_mod.template_features(source).tool_call_format
+    if parser is None:
+        raise invalid(
+            "tool_choice 'auto' needs a tool-call parser and none matches this model's chat template; "
+            "serve it with --tool-call-parser (hermes, llama3_json, mistral), or ask for tool_choice "
+            "'required' or a named function",
+            "tools",
+        )
+    output.tool_call_parser = parser
+    if parser == "mistral":
+        params.skip_special_tokens = False  # [TOOL_CALLS] is a special token: the parser must see it
 
 
 def _stream_options(body: dict) -> tuple[bool, bool]:

@@ -47,6 +47,7 @@ class ChunkEncoder:
         logprobs: dict | None = None,
         finish_reason: str | None = None,
         stop_reason=None,
+        fields: dict | None = None,
     ) -> bytes:
         """Any other chunk of one choice: the first (role) chunk, chunks with logprobs, the finishing chunk."""
         if self.chat:
@@ -55,6 +56,8 @@ class ChunkEncoder:
                 delta["role"] = "assistant"
             if text is not None:
                 delta["content"] = text
+            if fields:
+                delta.update(fields)  # reasoning_content, tool_calls, function_call (chat_output.py)
             choice = {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}
         else:
             choice = {
