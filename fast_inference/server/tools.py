@@ -8,6 +8,49 @@ from .errors import invalid, unsupported
 
 _NAME = re.compile(r"^[a-zA-Z0-9_-]{1,64}$")  # OpenAI's rule for function names
 
+# The shapes of the tool fields, for /openapi.json (the functions below are the check).
+TOOL_SCHEMA = {
+    "type": "object",
+    "required": ["type", "function"],
+    "properties": {
+        "type": {"enum": ["function"]},
+        "function": {
+            "type": "object",
+            "required": ["name"],
+            "properties": {
+                "name": {"type": "string", "pattern": _NAME.pattern},
+                "description": {"type": "string"},
+                "parameters": {"type": "object", "description": "A JSON Schema of the arguments"},
+                "strict": {"type": ["boolean", "null"]},
+            },
+        },
+    },
+}
+NAMED_SCHEMA = {"type": "object", "required": ["name"], "properties": {"name": {"type": "string"}}}
+TOOL_CHOICE_SCHEMA = {
+    "anyOf": [
+        {"enum": ["none", "auto", "required", None]},
+        {
+            "type": "object",
+            "required": ["type", "function"],
+            "properties": {"type": {"enum": ["function"]}, "function": NAMED_SCHEMA},
+        },
+    ]
+}
+HISTORY_TOOL_CALL_SCHEMA = {
+    "type": "object",
+    "required": ["function"],
+    "properties": {
+        "id": {"type": "string"},
+        "type": {"enum": ["function"]},
+        "function": {
+            "type": "object",
+            "required": ["name", "arguments"],
+            "properties": {"name": {"type": "string"}, "arguments": {"type": "string"}},
+        },
+    },
+}
+
 
 @dataclass(slots=True)
 class ToolRequest:
@@ -59,35 +102,64 @@ def _parameters(tool: dict) -> dict:
     return tool["function"].get("parameters") or {"type": "object", "properties": {}}
 
 
-def parse_tools(body: dict) -> ToolRequest | None:
-    """The request's tool fields, or None when it has none. The deprecated `functions` / `function_call`
-    arrive here as the tools and tool_choice they were replaced by."""
-    tools_value = body.get("tools")
-    choice_value = body.get("tool_choice")
-    if body.get("functions") is not None:
+def parse_tools(fields: dict) -> ToolRequest | None:
+    """The request's tool fields (tools, tool_choice, parallel_tool_calls, functions, function_call: a
+    body or protocol's read fields), or None when it has none. The deprecated `functions` /
+    `function_call` arrive here as the tools and tool_choice they were replaced by."""
+    tools_value = fields.get("tools")
+    choice_value = fields.get("tool_choice")
+    legacy = fields.get("functions") is not None
+    if legacy:
         if tools_value is not None:
             raise invalid("Pass either 'tools' or the deprecated 'functions', not both", "functions")
-        functions = body["functions"]
+        functions = fields["functions"]
         if not isinstance(functions, list):
             raise invalid("'functions' must be an array", "functions")
         tools_value = [{"type": "function", "function": f} for f in functions]
-    if body.get("function_call") is not None:
+    if fields.get("function_call") is not None:
         if choice_value is not None:
             raise invalid("Pass either 'tool_choice' or the deprecated 'function_call'", "function_call")
-        call = body["function_call"]
+        call = fields["function_call"]
         choice_value = {"type": "function", "function": call} if isinstance(call, dict) else call
     if tools_value is None and choice_value is None:
         return None
     tools = _tools(tools_value)
     names = [t["function"]["name"] for t in tools]
     choice, function = _tool_choice(choice_value, names)
-    parallel = body.get("parallel_tool_calls", True)
+    parallel = fields.get("parallel_tool_calls")
     if parallel is None:
         parallel = True
     if not isinstance(parallel, bool):
         raise invalid("'parallel_tool_calls' must be a boolean", "parallel_tool_calls")
-    legacy = body.get("functions") is not None
     return ToolRequest(tools, choice, function, parallel and not legacy, legacy)
+
+
+def history_tool_calls(calls, where: str) -> list[dict]:
+    """An assistant message's tool_calls in the history, checked: [{id, type, function: {name, arguments}}]."""
+    if not isinstance(calls, list):
+        raise invalid(f"{where} must be an array", where)
+    out = []
+    for j, call in enumerate(calls):
+        function = call.get("function") if isinstance(call, dict) else None
+        if (
+            not isinstance(function, dict)
+            or not isinstance(function.get("name"), str)
+            or not isinstance(function.get("arguments"), str)
+            or call.get("type", "function") != "function"
+            or not isinstance(call.get("id", ""), str)
+        ):
+            raise invalid(
+                f"{where}[{j}] must be {{id, type: 'function', function: {{name, arguments: JSON text}}}}",
+                where,
+            )
+        out.append(
+            {
+                "id": call.get("id", f"call_{j}"),
+                "type": "function",
+                "function": {"name": function["name"], "arguments": function["arguments"]},
+            }
+        )
+    return out
 
 
 def _tools(value) -> list[dict]:
