@@ -517,3 +517,16 @@ def test_output_spec_without_tools_is_plain():
     spec = ChatOutputSpec("prompt", None, parse_tools({"tools": TOOLS, "tool_choice": "none"}))
     parser = spec.new_choice()
     assert parser.message("<tool_call>x") == {"content": "<tool_call>x"}
+
+
+def test_llm_chat_renders_tools(long_model_dir, tokenizer):
+    from fast_inference import LLM, SamplingParams
+
+    llm = LLM(long_model_dir, dtype="float32", kv_cache_memory="4MiB", max_model_len=2048)
+    source = template("hermes")
+    out = llm.chat(HISTORY, SamplingParams(max_tokens=2), use_tqdm=False, tools=TOOLS, chat_template=source)
+    expected = render(tokenizer, HISTORY, chat_template=source, tools=TOOLS)
+    assert "get_time" in expected
+    assert out[0].prompt_token_ids == tokenizer.encode(expected, add_special_tokens=False)
+    with pytest.raises(ChatTemplateError, match="tools"):
+        llm.chat(USER, SamplingParams(max_tokens=2), use_tqdm=False, tools=TOOLS)  # the ChatML template
