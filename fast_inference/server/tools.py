@@ -35,6 +35,18 @@ TOOL_CHOICE_SCHEMA = {
             "required": ["type", "function"],
             "properties": {"type": {"enum": ["function"]}, "function": NAMED_SCHEMA},
         },
+        {
+            "type": "object",
+            "required": ["type", "allowed_tools"],
+            "properties": {
+                "type": {"enum": ["allowed_tools"]},
+                "allowed_tools": {
+                    "type": "object",
+                    "required": ["mode", "tools"],
+                    "properties": {"mode": {"enum": ["auto", "required"]}, "tools": {"type": "array"}},
+                },
+            },
+        },
     ]
 }
 HISTORY_TOOL_CALL_SCHEMA = {
@@ -59,6 +71,7 @@ class ToolRequest:
     function: str | None  # the named function when choice is "function"
     parallel: bool
     legacy: bool = False  # asked with the deprecated `functions`: answered as `function_call`
+    allowed: list[str] | None = None  # tool_choice allowed_tools: the names the model may call
 
     @property
     def render_tools(self) -> list[dict] | None:
@@ -87,6 +100,7 @@ class ToolRequest:
                 "additionalProperties": False,
             }
             for tool in self.tools
+            if self.allowed is None or tool["function"]["name"] in self.allowed
         ]
         schema = {"type": "array", "minItems": 1, "items": {"anyOf": branches}}
         if not self.parallel:
@@ -125,13 +139,13 @@ def parse_tools(fields: dict) -> ToolRequest | None:
         return None
     tools = _tools(tools_value)
     names = [t["function"]["name"] for t in tools]
-    choice, function = _tool_choice(choice_value, names)
+    choice, function, allowed = _tool_choice(choice_value, names)
     parallel = fields.get("parallel_tool_calls")
     if parallel is None:
         parallel = True
     if not isinstance(parallel, bool):
         raise invalid("'parallel_tool_calls' must be a boolean", "parallel_tool_calls")
-    return ToolRequest(tools, choice, function, parallel and not legacy, legacy)
+    return ToolRequest(tools, choice, function, parallel and not legacy, legacy, allowed)
 
 
 def history_tool_calls(calls, where: str) -> list[dict]:
@@ -206,31 +220,55 @@ def _tools(value) -> list[dict]:
     return tools
 
 
-def _tool_choice(value, names: list[str]) -> tuple[str, str | None]:
+def _tool_choice(value, names: list[str]) -> tuple[str, str | None, list[str] | None]:
+    """-> (choice, the named function, the allowed_tools names)."""
     if value is None:
-        return ("auto" if names else "none"), None
+        return ("auto" if names else "none"), None, None
     if value in ("none", "auto"):
-        return value, None
+        return value, None, None
     if value == "required":
         if not names:
             raise invalid("tool_choice 'required' needs 'tools'", "tool_choice")
-        return value, None
+        return value, None, None
     if isinstance(value, dict):
         kind = value.get("type")
         if kind == "allowed_tools":
-            raise unsupported("tool_choice", "tool_choice 'allowed_tools'")
+            return _allowed_tools(value.get("allowed_tools"), names)
         function = value.get("function")
         if kind == "function" and isinstance(function, dict) and isinstance(function.get("name"), str):
-            name = function["name"]
-            if name not in names:
-                offered = ", ".join(names) if names else "none"
-                raise invalid(
-                    f"'tool_choice' names the function {name!r}, which is not in 'tools' (offered: {offered})",
-                    "tool_choice",
-                )
-            return "function", name
+            return "function", _offered(function["name"], names), None
     raise invalid(
-        "'tool_choice' must be 'none', 'auto', 'required' or "
-        '{"type": "function", "function": {"name": ...}}',
+        "'tool_choice' must be 'none', 'auto', 'required', "
+        '{"type": "function", "function": {"name": ...}} or {"type": "allowed_tools", ...}',
         "tool_choice",
     )
+
+
+def _offered(name: str, names: list[str]) -> str:
+    if name not in names:
+        offered = ", ".join(names) if names else "none"
+        raise invalid(
+            f"'tool_choice' names the function {name!r}, which is not in 'tools' (offered: {offered})",
+            "tool_choice",
+        )
+    return name
+
+
+def _allowed_tools(value, names: list[str]) -> tuple[str, None, list[str]]:
+    """allowed_tools: every tool is still shown (the prompt stays the same), only these may be called."""
+    if not isinstance(value, dict) or value.get("mode") not in ("auto", "required"):
+        raise invalid("'tool_choice.allowed_tools' must have mode 'auto' or 'required'", "tool_choice")
+    listed = value.get("tools")
+    if not isinstance(listed, list) or not listed:
+        raise invalid("'tool_choice.allowed_tools.tools' must be a non-empty array", "tool_choice")
+    allowed = []
+    for tool in listed:
+        function = tool.get("function") if isinstance(tool, dict) else None
+        if not isinstance(function, dict) or not isinstance(function.get("name"), str):
+            raise invalid(
+                '\'tool_choice.allowed_tools.tools\' items must be {"type": "function", "function": '
+                '{"name": ...}}',
+                "tool_choice",
+            )
+        allowed.append(_offered(function["name"], names))
+    return value["mode"], None, allowed

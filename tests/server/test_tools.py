@@ -228,6 +228,22 @@ def test_schema_for_required_and_named():
     assert named.schema() == WEATHER["function"]["parameters"]
     assert parse_tools({"tools": TOOLS}).choice == "auto" and parse_tools({"tools": TOOLS}).schema() is None
     assert parse_tools({"tools": TOOLS, "tool_choice": "none"}).render_tools is None
+    allowed = parse_tools(
+        {
+            "tools": TOOLS,
+            "tool_choice": {
+                "type": "allowed_tools",
+                "allowed_tools": {
+                    "mode": "required",
+                    "tools": [{"type": "function", "function": {"name": "get_time"}}],
+                },
+            },
+        }
+    )
+    assert allowed.render_tools == TOOLS  # every tool is still shown; only get_time may be called
+    jsonschema.validate(good, allowed.schema())
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate([{"name": "get_weather", "parameters": {"city": "Paris"}}], allowed.schema())
 
 
 # -- templates ---------------------------------------------------------------------------------------------
@@ -366,6 +382,18 @@ def test_tools_on_template_without_tools_is_400(server, schemas):
     [
         ({"tool_choice": {"type": "function", "function": {"name": "nope"}}}, "tool_choice"),
         ({"tool_choice": "sometimes"}, "tool_choice"),
+        (
+            {
+                "tool_choice": {
+                    "type": "allowed_tools",
+                    "allowed_tools": {
+                        "mode": "auto",
+                        "tools": [{"type": "function", "function": {"name": "nope"}}],
+                    },
+                }
+            },
+            "tool_choice",
+        ),
         ({"tools": [{"type": "function", "function": {"name": "bad name!"}}]}, "tools"),
         ({"tools": [WEATHER, WEATHER]}, "tools"),
         ({"tools": [{"type": "function", "function": {"name": "f", "parameters": "x"}}]}, "tools"),
