@@ -227,6 +227,7 @@ class ToolCallParser:
         self._obj: _CallObject | None = None
         self._call: ToolCall | None = None
         self._ignored = False  # a call past max_calls: scanned, never sent
+        self._bare_arguments = False  # the call object is synthesized around bare arguments (Mistral v11)
 
     def _initial_state(self) -> str:
         return "content"
@@ -245,7 +246,7 @@ class ToolCallParser:
         section is content too: it is what the model wrote)."""
         events: list[Event] = []
         state = self._state
-        if state in ("object", "object_start", "section_open") and not self._section_sent:
+        if state in ("object", "object_start", "section_open", "call_name") and not self._section_sent:
             self._content(self._section_raw + self._pending, events)
         elif state in ("content", "start", "plain"):
             self._content(self._pending, events)
@@ -352,6 +353,8 @@ class ToolCallParser:
             obj = self._obj
             obj.push(ch)
             self._section_raw += ch
+            if self._bare_arguments and obj.args_end is not None and not obj.done:
+                obj.push("}")  # the arguments were the whole object the model wrote: close the call
             if obj.name is not None and self._call is None and not obj.error:
                 self._send_call(events)  # the first item goes out the moment the name is known
             if obj.error:
@@ -472,11 +475,52 @@ class HermesToolParser(ToolCallParser):
 
 
 class MistralToolParser(ToolCallParser):
-    """Mistral: `[TOOL_CALLS][{"name": ..., "arguments": {...}}, ...]` after optional text."""
+    """Mistral: `[TOOL_CALLS][{"name": ..., "arguments": {...}}, ...]` after optional text, or the v11+
+    tokenizers' `[TOOL_CALLS]name[ARGS]{...}` (optionally `name[CALL_ID]id[ARGS]`), one marker per call."""
 
     open_marker = "[TOOL_CALLS]"
     bracketed = True
     new_id = staticmethod(mistral_call_id)
+    args_marker = "[ARGS]"
+    call_id_marker = "[CALL_ID]"
+
+    def _char(self, ch: str, events: list[Event]) -> bool:
+        if self._state == "section_open" and ch not in _WS and ch != "[":
+            self._state = "call_name"  # the v11 form: a bare function name comes first
+            self._name = ""
+            return False
+        if self._state == "after_object" and self._bare_arguments:
+            self._bare_arguments = False
+            self._state = "content"  # a later call opens with its own [TOOL_CALLS]
+            return False
+        return super()._char(ch, events)
+
+    def _step(self, events: list[Event]) -> bool:
+        if self._state != "call_name":
+            return super()._step(events)
+        pending = self._pending
+        idx = pending.find(self.args_marker)
+        if idx < 0:
+            keep = partial_suffix(pending, self.args_marker)
+            head = pending[: len(pending) - keep]
+            self._name += head
+            self._section_raw += head
+            self._pending = pending[len(pending) - keep :]
+            if len(self._name) > 200 or any(c in self._name for c in _WS + '{}"'):
+                self._fail(events)  # prose after the marker, not a call
+                return True
+            return False
+        self._section_raw += pending[: idx + len(self.args_marker)]
+        self._pending = pending[idx + len(self.args_marker) :]
+        name = (self._name + pending[:idx]).split(self.call_id_marker)[0]
+        if not name or any(c in name for c in _WS + '{}"[]'):
+            self._fail(events)
+            return True
+        self._begin_object()
+        self._bare_arguments = True
+        for c in '{"name": ' + json.dumps(name) + ', "arguments": ':
+            self._obj.push(c)
+        return True
 
 
 class Llama3JsonToolParser(ToolCallParser):

@@ -124,6 +124,13 @@ CASES = [
         [("f", '{"x": 1}'), ("g", '{"y": 2}')],
     ),
     (
+        MistralToolParser,
+        'Hi [TOOL_CALLS]get_weather[ARGS]{"city": "Paris"}[TOOL_CALLS]get_time[CALL_ID]a1b2c3d4e[ARGS]{}',
+        "Hi",
+        [("get_weather", '{"city": "Paris"}'), ("get_time", "{}")],
+    ),
+    (MistralToolParser, "[TOOL_CALLS] is a marker, then prose", "[TOOL_CALLS] is a marker, then prose", []),
+    (
         Llama3JsonToolParser,
         '<|python_tag|>{"name": "f", "parameters": {"x": "a;b}"}}; {"name": "g", "parameters": {}}',
         None,
