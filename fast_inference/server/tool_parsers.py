@@ -358,6 +358,9 @@ class ToolCallParser:
             if obj.name is not None and self._call is None and not obj.error:
                 self._send_call(events)  # the first item goes out the moment the name is known
             if obj.error:
+                # Errors happen only outside the arguments value: what it holds goes out first, as it
+                # would have had the error come in a later chunk.
+                self._send_call(events)
                 self._fail(events)
             elif obj.done:
                 self._end_object(events)
@@ -441,7 +444,7 @@ class ToolCallParser:
     def _send_call(self, events: list[Event]) -> None:
         """Send what the current call object has that was not sent yet (its first item, argument pieces)."""
         obj = self._obj
-        if obj is None or obj.name is None or self._ignored or obj.error:
+        if obj is None or obj.name is None or self._ignored:
             return
         call = self._call
         arguments = obj.arguments()

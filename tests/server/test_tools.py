@@ -174,6 +174,42 @@ def test_parser_every_split(parser_cls, text, content, calls):
             assert assemble(parser_cls(), chunks) == expected, chunks
 
 
+FRAGMENTS = [
+    "<tool_call>", "</tool_call>", "[TOOL_CALLS]", "[ARGS]", "<|python_tag|>", '{"name": "f", "arguments": ',
+    '{"name": "g", "parameters": ', '{"a": [1, "}"]}', "{}", "}", "]", "[", ",", ";", '"', "\\", "text ", " ", "\n",
+    "<", "<tool", "f",
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "parser_cls", [HermesToolParser, MistralToolParser, Llama3JsonToolParser, RequiredToolParser]
+)
+def test_parser_random_texts_split_anywhere(parser_cls):
+    """Texts glued from markup fragments (well-formed or not): any chunking streams to the same result as
+    one chunk, and a whole-text parse that finds calls finds exactly the streamed ones."""
+    import random
+
+    rng = random.Random(1234)
+    for _ in range(1000):
+        text = "".join(rng.choice(FRAGMENTS) for _ in range(rng.randint(1, 12)))
+        expected = assemble(parser_cls(), [text])
+        for _ in range(4):
+            cuts = (
+                sorted(rng.sample(range(1, len(text)), min(len(text) - 1, rng.randint(1, 6))))
+                if len(text) > 1
+                else []
+            )
+            bounds = [0, *cuts, len(text)]
+            chunks = [text[a:b] for a, b in itertools.pairwise(bounds)]
+            assert assemble(parser_cls(), chunks) == expected, (text, chunks)
+        content, calls = parser_cls().parse(text)
+        if calls:
+            assert [(c["function"]["name"], c["function"]["arguments"]) for c in calls] == expected[1]
+            assert (content or "") == expected[0]
+        else:
+            assert content == text
+
+
 def test_parser_token_by_token_holds_back_markup():
     """A content stream never shows a prefix of the marker that turns out to open a call."""
     parser = HermesToolParser()
