@@ -9,6 +9,7 @@ or a first piece); later items carry index and function.arguments pieces only. A
 same parser fed once: stream and non-stream agree by construction."""
 
 import json
+import re
 import secrets
 import string
 from collections.abc import Callable
@@ -376,10 +377,7 @@ class ToolCallParser:
             self._state = "object_start"
             return True
         if state == "object_start":
-            if ch == "]" and self.bracketed and not self.calls_in_section:
-                self._end_section()
-                return True
-            if ch != "{":
+            if ch != "{":  # an empty array too: a section without calls is the text it is
                 self._fail(events)
                 return self._section_sent
             self._section_raw += ch
@@ -398,10 +396,6 @@ class ToolCallParser:
             return True
         self._state = self._after_calls_state()
         return False
-
-    @property
-    def calls_in_section(self) -> bool:
-        return self._section_sent or self._obj is not None
 
     def _after_calls_state(self) -> str:
         return "content"
@@ -486,6 +480,12 @@ class MistralToolParser(ToolCallParser):
     new_id = staticmethod(mistral_call_id)
     args_marker = "[ARGS]"
     call_id_marker = "[CALL_ID]"
+    _name = ""  # the v11 name (and call id) read so far
+
+    def finish(self) -> list[Event]:
+        if self._state == "call_name":  # the name's text is pending text: the unsent section is content
+            self._pending, self._name = self._name + self._pending, ""
+        return super().finish()
 
     def _char(self, ch: str, events: list[Event]) -> bool:
         if self._state == "section_open" and ch not in _WS and ch != "[":
@@ -501,29 +501,33 @@ class MistralToolParser(ToolCallParser):
     def _step(self, events: list[Event]) -> bool:
         if self._state != "call_name":
             return super()._step(events)
-        pending = self._pending
-        idx = pending.find(self.args_marker)
-        if idx < 0:
-            keep = partial_suffix(pending, self.args_marker)
-            head = pending[: len(pending) - keep]
-            self._name += head
-            self._section_raw += head
-            self._pending = pending[len(pending) - keep :]
-            if len(self._name) > 200 or any(c in self._name for c in _WS + '{}"'):
-                self._fail(events)  # prose after the marker, not a call
-                return True
-            return False
-        self._section_raw += pending[: idx + len(self.args_marker)]
-        self._pending = pending[idx + len(self.args_marker) :]
-        name = (self._name + pending[:idx]).split(self.call_id_marker)[0]
-        if not name or any(c in name for c in _WS + '{}"[]'):
-            self._fail(events)
+        text = self._name + self._pending
+        match = _MISTRAL_NAME.match(text)
+        end = match.end() if match else 0
+        rest = text[end:]
+        if match and rest.startswith(self.args_marker):
+            self._section_raw += text[: end + len(self.args_marker)]
+            self._pending = rest[len(self.args_marker) :]
+            self._name = ""
+            self._begin_object()
+            self._bare_arguments = True
+            for c in '{"name": ' + json.dumps(match.group(1)) + ', "arguments": ':
+                self._obj.push(c)
             return True
-        self._begin_object()
-        self._bare_arguments = True
-        for c in '{"name": ' + json.dumps(name) + ', "arguments": ':
-            self._obj.push(c)
+        if match is not None and (
+            self.args_marker.startswith(rest)
+            or ("[" not in match.group(0) and self.call_id_marker.startswith(rest))
+        ):
+            self._name, self._pending = text, ""  # a marker may still complete
+            return False
+        # Not a call: the text up to here is content, the rest is read again as content.
+        self._section_raw += text[:end]
+        self._name, self._pending = "", rest
+        self._fail(events)
         return True
+
+
+_MISTRAL_NAME = re.compile(r"([A-Za-z0-9_.\-]+)(?:\[CALL_ID\][A-Za-z0-9]+)?")
 
 
 class Llama3JsonToolParser(ToolCallParser):
