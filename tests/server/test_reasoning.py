@@ -62,6 +62,20 @@ def test_reasoning_parser_every_split(name, prompt, text, reasoning, content):
             assert feed_all(ReasoningParser(name, prompt), chunks) == (reasoning, content), chunks
 
 
+@pytest.mark.parametrize("name,prompt", [("qwen3", ""), ("qwen3", "<think>\n"), ("deepseek_r1", "")])
+def test_reasoning_parser_random_texts_split_anywhere(name, prompt):
+    import random
+
+    rng = random.Random(99)
+    fragments = ["<think>", "</think>", "<th", "</", "<", ">", " ", "\n", "word", "</think", "k>"]
+    for _ in range(1000):
+        text = "".join(rng.choice(fragments) for _ in range(rng.randint(1, 10)))
+        expected = ReasoningParser(name, prompt).parse(text)
+        cuts = sorted(rng.sample(range(1, len(text)), min(len(text) - 1, 4))) if len(text) > 1 else []
+        chunks = [text[a:b] for a, b in itertools.pairwise([0, *cuts, len(text)])]
+        assert feed_all(ReasoningParser(name, prompt), chunks) == expected, (text, chunks)
+
+
 def test_prompt_opens_thinking():
     assert prompt_opens_thinking("<|im_start|>assistant\n<think>\n")
     assert not prompt_opens_thinking("<|im_start|>assistant\n<think>\n\n</think>\n\n")
