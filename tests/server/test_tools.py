@@ -35,7 +35,11 @@ WEATHER = {
         "description": "Current weather",
         "parameters": {
             "type": "object",
-            "properties": {"city": {"type": "string"}, "days": {"type": "integer"}},
+            # bounded, so that random weights finish a call well within max_tokens
+            "properties": {
+                "city": {"type": "string", "maxLength": 10},
+                "days": {"type": "integer", "minimum": 1, "maximum": 7},
+            },
             "required": ["city"],
             "additionalProperties": False,
         },
