@@ -412,6 +412,15 @@ def stream_calls(thread, schemas, body: dict):
     return content, [calls[i] for i in sorted(calls)], finish
 
 
+def sdk_stream(client, body: dict):
+    """The official SDK's own stream accumulator (client.chat.completions.stream) over the same request:
+    it rebuilds the message from the deltas the way applications do."""
+    with client.chat.completions.stream(**body) as stream:
+        for _ in stream:
+            pass
+        return stream.current_completion_snapshot.choices[0]
+
+
 def test_tools_on_template_without_tools_is_400(server, schemas):
     client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
     with pytest.raises(openai.BadRequestError) as err:
@@ -492,6 +501,11 @@ def test_tool_choice_auto_on_random_model(servers, schemas, style):
             assert isinstance(message["content"], str)
         content, calls, finish = stream_calls(servers[style], schemas, body)
         assert (content or None, bool(calls)) == (message["content"] or None, bool(message.get("tool_calls")))
+        final = sdk_stream(client, body)
+        assert (final.message.content or None) == (content or None)
+        assert [c.function.arguments for c in final.message.tool_calls or []] == [
+            c["function"]["arguments"] for c in calls
+        ]
 
 
 def test_history_with_tool_calls_renders(servers, schemas):
@@ -532,6 +546,11 @@ def test_tool_choice_required(servers, schemas, style, parallel):
         ]  # same seed, same tokens: the stream reassembles to the same calls
         if style == "mistral":
             assert all(re.fullmatch(r"[A-Za-z0-9]{9}", c["id"]) for c in calls + streamed)
+        final = sdk_stream(client, body)
+        assert final.finish_reason == "tool_calls"
+        assert [(c.function.name, c.function.arguments) for c in final.message.tool_calls] == [
+            (c["function"]["name"], c["function"]["arguments"]) for c in calls
+        ]
 
 
 @pytest.mark.parametrize("style", ["hermes", "llama3_json"])
