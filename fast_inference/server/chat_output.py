@@ -5,7 +5,7 @@ runs first, the tool-call parser reads what it leaves as content."""
 from dataclasses import dataclass
 
 from .reasoning_parsers import ReasoningParser
-from .tool_parsers import NamedToolParser, RequiredToolParser, make_tool_parser
+from .tool_parsers import NamedToolParser, RequiredToolParser, call_id_factory, make_tool_parser
 from .tools import ToolRequest
 
 
@@ -16,7 +16,7 @@ class ChatOutputSpec:
     prompt: str  # the rendered prompt: a template that opens the thinking ends it with <think>
     reasoning_parser: str | None = None
     tools: ToolRequest | None = None
-    tool_call_parser: str | None = None  # the markup parser for tool_choice auto
+    tool_call_parser: str | None = None  # the markup parser for auto (its id style for forced calls)
 
     def new_choice(self) -> "ChoiceParser":
         return ChoiceParser(self)
@@ -39,10 +39,11 @@ class ChoiceParser:
         tools = self.spec.tools
         if tools is None or tools.choice == "none" or not tools.tools:
             return None
+        new_id = call_id_factory(self.spec.tool_call_parser)
         if tools.choice == "function":
-            return NamedToolParser(tools.function)
+            return NamedToolParser(tools.function, new_id)
         if tools.choice == "required":
-            return RequiredToolParser(tools.max_calls)
+            return RequiredToolParser(tools.max_calls, new_id)
         return make_tool_parser(self.spec.tool_call_parser, tools.max_calls)
 
     @property

@@ -935,6 +935,10 @@ def _tool_constraints(
 ) -> None:
     """required / a named function: a JSON-schema grammar; auto: the markup parser the output needs."""
     tool_request = output.tools
+    if parser is None:
+        source = chat_template_mod.template_source(tokenizer, chat_template, tool_request.tools)
+        parser = chat_template_mod.template_features(source).tool_call_format
+    output.tool_call_parser = parser
     schema = tool_request.schema()
     if schema is not None:
         if params.structured_outputs is not None:
@@ -944,16 +948,12 @@ def _tool_constraints(
         params.structured_outputs = StructuredOutputsParams(json=schema)
         return
     if parser is None:
-        source = chat_template_mod.template_source(tokenizer, chat_template, tool_request.tools)
-        parser = chat_template_mod.template_features(source).tool_call_format
-    if parser is None:
         raise invalid(
             "tool_choice 'auto' needs a tool-call parser and none matches this model's chat template; "
             "serve it with --tool-call-parser (hermes, llama3_json, mistral), or ask for tool_choice "
             "'required' or a named function",
             "tools",
         )
-    output.tool_call_parser = parser
     if parser == "mistral":
         params.skip_special_tokens = False  # [TOOL_CALLS] is a special token: the parser must see it
 

@@ -215,8 +215,10 @@ class ToolCallParser:
     separator = ""
     new_id: Callable[[], str] = staticmethod(openai_call_id)
 
-    def __init__(self, max_calls: int | None = None) -> None:
+    def __init__(self, max_calls: int | None = None, new_id: Callable[[], str] | None = None) -> None:
         self.max_calls = max_calls
+        if new_id is not None:
+            self.new_id = new_id
         self.calls: list[ToolCall] = []
         self.content_parts: list[str] = []
         self.broken = False  # a call began (its first delta went out) and then did not parse
@@ -579,8 +581,8 @@ class RequiredToolParser(ToolCallParser):
 class NamedToolParser:
     """tool_choice naming a function: the grammar makes the whole output that function's arguments."""
 
-    def __init__(self, name: str) -> None:
-        self.call = ToolCall(0, openai_call_id(), name)
+    def __init__(self, name: str, new_id: Callable[[], str] = openai_call_id) -> None:
+        self.call = ToolCall(0, new_id(), name)
         self.calls = [self.call]
         self.broken = False
         self._started = False
@@ -617,3 +619,8 @@ _PARSERS = {"hermes": HermesToolParser, "llama3_json": Llama3JsonToolParser, "mi
 
 def make_tool_parser(name: str, max_calls: int | None = None) -> ToolCallParser:
     return _PARSERS[name](max_calls)
+
+
+def call_id_factory(parser_name: str | None) -> Callable[[], str]:
+    """The ids a model family's templates accept back (grammar-forced calls use them too)."""
+    return mistral_call_id if parser_name == "mistral" else openai_call_id

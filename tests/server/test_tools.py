@@ -624,3 +624,16 @@ def test_llm_chat_renders_tools(long_model_dir, tokenizer):
     assert out[0].prompt_token_ids == tokenizer.encode(expected, add_special_tokens=False)
     with pytest.raises(ChatTemplateError, match="tools"):
         llm.chat(USER, SamplingParams(max_tokens=2), use_tqdm=False, tools=TOOLS)  # the ChatML template
+
+
+def test_cli_flags():
+    from fast_inference import cli
+
+    args = cli._parser().parse_args(
+        ["serve", "--tool-call-parser", "mistral", "--reasoning-parser", "deepseek_r1"]
+    )
+    assert (args.tool_call_parser, args.reasoning_parser) == ("mistral", "deepseek_r1")
+    args = cli._parser().parse_args(["serve"])
+    assert (args.tool_call_parser, args.reasoning_parser) == (None, None)  # the template picks the parser
+    with pytest.raises(SystemExit):
+        cli._parser().parse_args(["serve", "--tool-call-parser", "xml"])
