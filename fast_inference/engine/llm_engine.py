@@ -1,4 +1,5 @@
-"""LLMEngine: requests in, one schedule -> run -> update step at a time, RequestOutput deltas out (single-threaded)."""
+"""LLMEngine: requests in (checked by intake.py), one step at a time (schedule -> run -> update -> sample ->
+process -> finish), RequestOutput deltas out; single-threaded."""
 
 import logging
 import random
