@@ -212,7 +212,7 @@ class StructuredOutputs:
         scratch = torch.empty(1, self._bitmask.shape[1], dtype=torch.int32)
         grammar = CompiledGrammar(compiled, scratch, self._non_stop_words)
         self._cache[key] = grammar
-        if len(self._cache) > GRAMMAR_CACHE_SIZE:
+        while len(self._cache) > GRAMMAR_CACHE_SIZE:
             self._cache.popitem(last=False)
         return grammar
 
