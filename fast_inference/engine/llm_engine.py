@@ -23,6 +23,7 @@ from .sampler import Sampler
 from .sampling_params import SamplingParams
 from .scheduler import Scheduler
 from .sequence import SEED_MASK, Request, Sequence, child_seed
+from .structured_outputs import SequenceGrammar, StructuredOutputs
 
 logger = logging.getLogger("fast_inference.engine")
 
@@ -89,6 +90,9 @@ class LLMEngine:
             self.block_manager,
         )
         self.sampler = Sampler(device)
+        self.structured = StructuredOutputs(
+            self.tokenizer, cfg.vocab_size, cfg.eos_token_ids, device, args.max_num_seqs
+        )
         self.outputs = OutputProcessor(self.tokenizer, cfg)
         self.requests: dict[str, Request] = {}
         self._aborts: list[str] = []
@@ -158,6 +162,8 @@ class LLMEngine:
             kv_capacity=self.num_total_blocks * self.block_size,
             max_tokens_must_fit=max_tokens_must_fit,
         )
+        spec = params.structured_outputs
+        grammar = self.structured.compile(spec) if spec is not None else None  # refuses a bad one
         stop_ids = set(params.stop_token_ids or ())
         if not params.ignore_eos:
             stop_ids |= cfg.eos_token_ids
@@ -185,6 +191,7 @@ class LLMEngine:
             num_prompt_tokens=len(token_ids),
             seed=child_seed(req.seed, 0),
             max_tokens=max_tokens,
+            grammar=SequenceGrammar(grammar) if grammar is not None else None,
         )
         init_offsets(seq)
         req.seqs.append(seq)
@@ -213,16 +220,19 @@ class LLMEngine:
             return outputs
         sample_rows = batch.sample_token_rows()
         prompt_rows = self.outputs.prompt_logprob_rows(batch)
+        filling = self.structured.start_fill(batch)  # grammar bitmasks, on a thread while the model runs
         logits = self.runner.execute(
             batch.seqs, batch.num_new_tokens, sample_rows + [r[1] for r in prompt_rows]
         )
+        masks = self.structured.finish_fill(filling)
         samplers, rows = self.scheduler.update(batch)
         if prompt_rows:
             self.outputs.add_prompt_logprobs(prompt_rows, logits[len(sample_rows) :])
         if samplers:
             forked = len(rows) != len(sample_rows)
             picked = logits[torch.tensor(rows, device=logits.device)] if forked else logits[: len(rows)]
-            deltas, finished = self.outputs.process(samplers, self.sampler(picked, samplers))
+            bitmask = masks.select(samplers, rows) if masks is not None else None
+            deltas, finished = self.outputs.process(samplers, self.sampler(picked, samplers, bitmask))
             for seq in finished:
                 self.scheduler.finish(seq)
             outputs.extend(deltas)

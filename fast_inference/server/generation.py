@@ -68,6 +68,8 @@ async def generate(app: "OpenAIApp", request: Request, chat: bool) -> Response |
         app.inflight -= len(gen.prompts)
         if isinstance(exc, InvalidRequestError):  # the engine's intake refused it
             param = ("messages" if chat else "prompt") if exc.param == "prompt" else exc.param
+            if param == "structured_outputs" and gen.constrained_by:  # the field the client set
+                param = gen.constrained_by
             raise APIError(400, str(exc), param=param, code=exc.code) from None
         raise
     job = GenerationJob(app, gen, request_id, streams, arrival)

@@ -385,9 +385,9 @@ def test_health_ping_version_metrics(server):
         ({"messages": []}, 400, "messages"),
         ({"messages": [{"role": "wizard", "content": "x"}]}, 400, "messages[0].role"),
         ({"messages": CHAT, "tools": [{"type": "function", "function": {"name": "f"}}]}, 400, "tools"),
-        ({"messages": CHAT, "response_format": {"type": "json_object"}}, 400, "response_format"),
+        ({"messages": CHAT, "response_format": {"type": "xml"}}, 400, "response_format"),
         (
-            {"messages": CHAT, "response_format": {"type": "json_schema", "json_schema": {"name": "x"}}},
+            {"messages": CHAT, "response_format": {"type": "json_schema", "json_schema": {"schema": {}}}},
             400,
             "response_format",
         ),
