@@ -258,7 +258,7 @@ _MESSAGES = {"type": "array", "items": _MESSAGE, "minItems": 1}
 _INCLUDE_USAGE = Field(
     "include_usage", "boolean", "Send a last chunk with the request's usage.", (), default=False
 )
-_SAMPLING_ROUTES = (CHAT, COMPLETIONS, RESPONSES)
+_SAMPLING_ROUTES = (CHAT, COMPLETIONS)
 _TOOL_ROUTES = (CHAT, COMPLETIONS)
 
 FIELDS: tuple[Field, ...] = (
@@ -266,7 +266,7 @@ FIELDS: tuple[Field, ...] = (
         "model",
         None,
         "A served model name (GET /v1/models); the first one when omitted.",
-        (CHAT, COMPLETIONS, EMBEDDINGS, TOKENIZE, DETOKENIZE, RESPONSES),
+        (CHAT, COMPLETIONS, EMBEDDINGS, TOKENIZE, DETOKENIZE),
         reader=_model,
         schema={"type": ["string", "null"]},
     ),
@@ -350,7 +350,7 @@ FIELDS: tuple[Field, ...] = (
         "stream",
         "boolean",
         "Answer with server-sent events as the tokens come.",
-        (CHAT, COMPLETIONS, RESPONSES),
+        (CHAT, COMPLETIONS),
         default=False,
     ),
     Field(
