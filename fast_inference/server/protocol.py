@@ -1,13 +1,12 @@
-"""OpenAI request parsing: the one table of request fields (read by the parsers, rendered by /openapi.json),
-JSON shapes -> SamplingParams and prompts (the model-dependent checks are the engine intake's), and the
-logprob/usage builders of the responses."""
+"""OpenAI request parsing: the one table of request fields (read by the parsers, rendered by /openapi.json)
+and JSON shapes -> SamplingParams and prompts (the model-dependent checks are the engine intake's; the
+response shapes are response_builder.py's)."""
 
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from ..engine.outputs import CompletionOutput, Logprob
 from ..engine.sampling_params import SamplingParams
 from ..ops.sampling import MAX_LOGPROBS
 from .errors import APIError, invalid, unsupported
@@ -859,93 +858,3 @@ def parse_completion(body: dict, served: list[str], tokenizer) -> GenerationRequ
     prompt_logprobs = logprobs if echo else None
     params = _sampling(fields, max_tokens=max_tokens, n=n, logprobs=logprobs, prompt_logprobs=prompt_logprobs)
     return GenerationRequest(model, prompts, texts, params, stream, include_usage, echo, logprobs, False)
-
-
-# -- logprobs --------------------------------------------------------------------------------------------
-def _ranked(entries: dict[int, Logprob], k: int) -> list[tuple[int, Logprob]]:
-    items = sorted(
-        entries.items(), key=lambda kv: (kv[1].rank if kv[1].rank is not None else 10**9, -kv[1].logprob)
-    )
-    return items[:k]
-
-
-def _finite(x: float) -> float:
-    return x if math.isfinite(x) else -9999.0
-
-
-def chat_logprobs(output: CompletionOutput, top: int) -> list[dict]:
-    """Chat shape for the output's tokens: [{token, logprob, bytes, top_logprobs: [{token, logprob, bytes}]}]."""
-    content = []
-    for token_id, entries in zip(output.token_ids, output.logprobs or []):
-        chosen = entries[token_id]  # the engine always lists the chosen token
-        text = chosen.decoded_token
-        content.append(
-            {
-                "token": text,
-                "logprob": _finite(chosen.logprob),
-                "bytes": list(text.encode("utf-8")),
-                "top_logprobs": [
-                    {
-                        "token": lp.decoded_token,
-                        "logprob": _finite(lp.logprob),
-                        "bytes": list(lp.decoded_token.encode("utf-8")),
-                    }
-                    for _, lp in _ranked(entries, top)
-                ],
-            }
-        )
-    return content
-
-
-def _completion_shape(token_ids, entries_list, top: int, text_offset: int) -> dict:
-    tokens, token_logprobs, tops, offsets = [], [], [], []
-    for token_id, entries in zip(token_ids, entries_list):
-        if entries is None:  # the first prompt token: nothing predicts it
-            chosen_text, chosen_lp, top_map = None, None, None
-        else:
-            chosen = entries[token_id]
-            chosen_text, chosen_lp = chosen.decoded_token, _finite(chosen.logprob)
-            top_map = {lp.decoded_token: _finite(lp.logprob) for _, lp in _ranked(entries, top)}
-        tokens.append(chosen_text)
-        token_logprobs.append(chosen_lp)
-        tops.append(top_map)
-        offsets.append(text_offset)
-        text_offset += len(chosen_text or "")
-    return {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": tops, "text_offset": offsets}
-
-
-def completion_logprobs(output: CompletionOutput, top: int, text_offset: int) -> dict:
-    """Completions shape: {tokens, token_logprobs, top_logprobs: [{token: logprob}], text_offset}."""
-    return _completion_shape(output.token_ids, output.logprobs or [], top, text_offset)
-
-
-def prompt_completion_logprobs(final, top: int, token_text) -> dict:
-    """echo + logprobs: the prompt's tokens in the completions shape, the first one's logprob null."""
-    ids = final.prompt_token_ids
-    out = _completion_shape(ids, final.prompt_logprobs or [None] * len(ids), top, 0)
-    if out["tokens"]:
-        out["tokens"][0] = token_text(ids[0])  # no logprob entry carries its text
-        first = len(out["tokens"][0])
-        out["text_offset"] = [0] + [o + first for o in out["text_offset"][1:]]
-    return out
-
-
-def join_logprobs(first: dict, second: dict) -> dict:
-    return {key: first[key] + second[key] for key in first}
-
-
-def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> dict:
-    return {
-        "prompt_tokens": prompt_tokens,
-        "completion_tokens": completion_tokens,
-        "total_tokens": prompt_tokens + completion_tokens,
-        "prompt_tokens_details": {"cached_tokens": cached_tokens},
-    }
-
-
-def finish_reason(reason: str | None) -> str | None:
-    if reason in ("stop", "length", None):
-        return reason
-    if reason == "abort":
-        raise APIError(503, "The request was aborted by the server", code="request_aborted")
-    return "stop"
