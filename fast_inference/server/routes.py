@@ -12,12 +12,13 @@ from urllib.parse import unquote
 from .. import __version__
 from ..engine.async_engine import AsyncEngine, EngineDeadError
 from ..engine.intake import InvalidRequestError, check_token_ids
-from . import openapi, protocol
+from . import openapi, protocol, responses_api
 from .embeddings import embeddings as embeddings_handler
 from .errors import APIError, invalid
 from .generation import generate
 from .http import Request, Response, StreamingResponse, error_response
 from .metrics import Metrics
+from .response_store import ResponseStore
 from .tokenizers import TokenizerPool
 
 logger = logging.getLogger("fast_inference.server")
@@ -47,6 +48,8 @@ class ServerConfig:
     allowed_origins: list[str] = field(default_factory=list)
     max_pending_requests: int = 2048  # engine requests queued or running; more -> 429
     chat_template: str | None = None
+    responses_max_stored: int = 1024  # /v1/responses store bounds (least recently used out first)
+    responses_max_bytes: int = 64 << 20
 
 
 class OpenAIApp:
@@ -66,6 +69,7 @@ class OpenAIApp:
         self.inflight = 0  # engine requests this server has queued or running
         self.tokenizers = TokenizerPool(engine, self.require_ready)
         self._openapi: bytes | None = None  # built on the first GET /openapi.json
+        self.responses = ResponseStore(config.responses_max_stored, config.responses_max_bytes)
         self.open_paths = _OPEN_PATHS
         self.routes: dict[str, dict[str, Callable]] = {
             "/v1/chat/completions": {"POST": self.chat_completions},
@@ -80,12 +84,15 @@ class OpenAIApp:
             "/ping": {"GET": self.ping, "POST": self.ping, "HEAD": self.ping},
             "/version": {"GET": self.version},
             "/metrics": {"GET": self.metrics_text},
+            "/v1/responses": {"POST": self.create_response},
             "/openapi.json": {"GET": self.openapi_json},
             "/docs": {"GET": self.docs},
         }
         # Paths with one {id} segment, tried when no exact path matches: template -> methods.
         self.id_routes: dict[str, dict[str, Callable]] = {
             "/v1/models/{model}": {"GET": self.get_model},
+            responses_api.RESPONSE_PATH: {"GET": self.retrieve_response, "DELETE": self.delete_response},
+            responses_api.CANCEL_PATH: {"POST": self.cancel_response},
         }
         self._id_matchers = [(*_split_template(t), t, methods) for t, methods in self.id_routes.items()]
 
@@ -371,6 +378,27 @@ class OpenAIApp:
     async def embeddings(self, request: Request) -> Response:
         """Embed texts or token ids."""
         return await embeddings_handler(self, request)
+
+    async def create_response(self, request: Request) -> Response | StreamingResponse:
+        """Create a model response (Responses API): a response object, or with stream the response.* events.
+
+        store (default true) keeps it for GET, previous_response_id and cancel in a bounded in-memory
+        store. background is not supported; cancel stops a stored response while it is generating
+        (another request is streaming or waiting for it) and returns a finished one unchanged."""
+        return await responses_api.create_response(self, request)
+
+    async def retrieve_response(self, request: Request) -> Response:
+        """A stored response (in progress or finished)."""
+        return await responses_api.retrieve_response(self, request)
+
+    async def delete_response(self, request: Request) -> Response:
+        """Delete a stored response (one still generating is stopped first)."""
+        return await responses_api.delete_response(self, request)
+
+    async def cancel_response(self, request: Request) -> Response:
+        """Cancel a stored response that is still generating: it ends with status cancelled and the text
+        so far. A finished response is returned unchanged."""
+        return await responses_api.cancel_response(self, request)
 
     # -- generation ----------------------------------------------------------------------------------
     def admit(self, count: int) -> None:

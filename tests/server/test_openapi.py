@@ -54,7 +54,8 @@ def test_every_route_is_documented(server, doc):
             assert "200" in op["responses"]
     # The routes the issue names are among them.
     for path in ("/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/models", "/tokenize",
-                 "/detokenize", "/health", "/metrics", "/version", "/v1/models/{model}"):  # fmt: skip
+                 "/detokenize", "/health", "/metrics", "/version", "/v1/models/{model}", "/v1/responses",
+                 "/v1/responses/{response_id}", "/v1/responses/{response_id}/cancel"):  # fmt: skip
         assert path in doc["paths"]
 
 
