@@ -113,8 +113,101 @@ def _path_id(request: Request, template: str) -> str:
     return path_id(request, template)
 
 
+def _text_part(text: str) -> dict:
+    return {"type": "output_text", "text": text, "annotations": [], "logprobs": []}
+
+
+class OutputItems:
+    """A response's output items folded from its choice's deltas in chat's shape ({"content": text} and
+    {"tool_calls": [piece]}, a call's first piece carrying its id and name): one message item per run of
+    text, one function_call item per call. The same fold gives the stream's events (through `emit`) and
+    the final object's output, so the two cannot disagree. `emit` encodes an event when it is called, so
+    what an item becomes later does not reach the events sent before."""
+
+    def __init__(self, emit) -> None:
+        self.items: list[dict] = []
+        self._emit = emit  # (event type, fields) -> None
+        self._open: dict | None = None
+        self._calls: dict[int, dict] = {}  # the tool call's index in the choice -> its item
+
+    def add(self, delta: dict) -> None:
+        if delta.get("content"):
+            self._text(delta["content"])
+        for piece in delta.get("tool_calls") or ():
+            self._call(piece)
+
+    def finish(self, status: str) -> None:
+        """Close the open item with `status` (completed / incomplete); a response without items gets an
+        empty message, as one that said nothing."""
+        if not self.items:
+            self._start_message()
+        self._close(status)
+
+    def _start(self, item: dict) -> dict:
+        self._close("completed")
+        self.items.append(item)
+        self._open = item
+        self._emit(
+            "response.output_item.added",
+            output_index=len(self.items) - 1,
+            item=dict(item, content=[]) if item["type"] == "message" else item,
+        )
+        return item
+
+    def _start_message(self) -> dict:
+        item = {"id": "msg_" + uuid.uuid4().hex, "type": "message", "role": "assistant", "status": "in_progress",
+                "content": [_text_part("")]}  # fmt: skip
+        self._start(item)
+        self._emit("response.content_part.added", **self._where(item), content_index=0, part=_text_part(""))
+        return item
+
+    def _text(self, text: str) -> None:
+        item = self._open
+        if item is None or item["type"] != "message":
+            item = self._start_message()
+        item["content"][0]["text"] += text
+        self._emit(
+            "response.output_text.delta", **self._where(item), content_index=0, delta=text, logprobs=[]
+        )
+
+    def _call(self, piece: dict) -> None:
+        function = piece.get("function") or {}
+        item = self._calls.get(piece["index"])
+        if item is None:
+            item = {"id": "fc_" + uuid.uuid4().hex, "type": "function_call", "call_id": piece["id"],
+                    "name": function["name"], "arguments": "", "status": "in_progress"}  # fmt: skip
+            self._calls[piece["index"]] = self._start(item)
+        if function.get("arguments"):
+            item["arguments"] += function["arguments"]
+            self._emit(
+                "response.function_call_arguments.delta", **self._where(item), delta=function["arguments"]
+            )
+
+    def _where(self, item: dict) -> dict:
+        return {"item_id": item["id"], "output_index": self.items.index(item)}
+
+    def _close(self, status: str) -> None:
+        item, self._open = self._open, None
+        if item is None:
+            return
+        item["status"] = status
+        where = self._where(item)
+        if item["type"] == "message":
+            part = item["content"][0]
+            self._emit("response.output_text.done", **where, content_index=0, text=part["text"], logprobs=[])
+            self._emit("response.content_part.done", **where, content_index=0, part=part)
+        else:
+            self._emit(
+                "response.function_call_arguments.done",
+                **where,
+                name=item["name"],
+                arguments=item["arguments"],
+            )
+        self._emit("response.output_item.done", output_index=where["output_index"], item=item)
+
+
 class ResponseRun:
-    """One response being generated: folds the engine's outputs into the output items, answers with the
+    """One response being generated: folds the engine's outputs into its output items, answers with the
     object or the event stream, and keeps its store entry current (in progress, then final)."""
 
     def __init__(self, app: "OpenAIApp", job: GenerationJob, fields: dict, history: list[dict]) -> None:
@@ -123,9 +216,10 @@ class ResponseRun:
         self.fields = fields
         self.history = history
         self.id = job.request_id
-        self.message_id = "msg_" + uuid.uuid4().hex
         self.created_at = int(time.time())
         self.sequence_number = 0
+        self.pending: list[bytes] | None = None  # streaming: the encoded events not yet sent
+        self.output = OutputItems(self._event)
         self.cancelled = False
         self.final: dict | None = None
         if fields["store"]:
@@ -160,19 +254,6 @@ class ResponseRun:
             "metadata": fields["metadata"] or {},
         } | ({} if usage is None else {"usage": usage})  # the schema has no null usage: absent until known
 
-    def _message(self, text: str | None, status: str) -> dict:
-        return {
-            "id": self.message_id,
-            "type": "message",
-            "role": "assistant",
-            "status": status,
-            "content": [] if status == "in_progress" and text is None else [self._text_part(text or "")],
-        }
-
-    @staticmethod
-    def _text_part(text: str) -> dict:
-        return {"type": "output_text", "text": text, "annotations": [], "logprobs": []}
-
     def _usage(self) -> dict:
         job = self.job
         final = job.finals[0]
@@ -190,34 +271,43 @@ class ResponseRun:
             "total_tokens": input_tokens + output_tokens,
         }
 
+    def _feed(self, delta) -> None:
+        for c in delta.outputs:
+            if c.text:
+                self.output.add({"content": c.text})
+
     def _finish(self, error: APIError | None = None) -> dict:
-        """The final object from what the engine returned (once); stored with the conversation when asked."""
+        """The final object (once): the open item closed, the status from how the engine ended; stored
+        with the conversation (history + input + this output) when asked."""
         if self.final is not None:
             return self.final
         final = self.job.finals[0]
-        output = final.outputs[0] if final is not None and final.outputs else None
-        text = output.text if output is not None else ""
-        reason = output.finish_reason if output is not None else None
+        reason = final.outputs[0].finish_reason if final is not None and final.outputs else None
         extra: dict = {}
         if error is not None:
-            status, item_status = "failed", "incomplete"
+            status = "failed"
             extra["error"] = {"code": "server_error", "message": error.message}
         elif self.cancelled:
-            status, item_status = "cancelled", "incomplete"
+            status = "cancelled"
         elif reason == "length":
-            status, item_status = "incomplete", "incomplete"
+            status = "incomplete"
             extra["incomplete_details"] = {"reason": "max_output_tokens"}
         elif reason is None or reason == "abort":
-            status, item_status = "failed", "incomplete"
+            status = "failed"
             extra["error"] = {"code": "server_error", "message": "The request was aborted by the server"}
         else:
-            status, item_status = "completed", "completed"
-        items = [self._message(text, item_status)]
-        self.final = self.snapshot(status, items, self._usage(), **extra)
+            status = "completed"
+        self.output.finish("completed" if status == "completed" else "incomplete")
+        self.final = self.snapshot(status, self.output.items, self._usage(), **extra)
         if self.fields["store"]:
-            conversation = [*self.history, *self.fields["input"], {"role": "assistant", "content": text}]
+            # The output items are input items too: the next turn reads them like any input.
+            conversation = [*self.history, *self.fields["input"], *protocol.response_input(self.output.items)]
             if not self.app.responses.put(self.id, StoredResponse(self.final, conversation)):
                 logger.warning("%s is larger than the whole response store; not stored", self.id)
+        kind = {"completed": "response.completed", "failed": "response.failed"}.get(
+            status, "response.incomplete"
+        )
+        self._event(kind, response=self.final)
         return self.final
 
     # -- cancel and clean-up ---------------------------------------------------------------------------
@@ -240,40 +330,43 @@ class ResponseRun:
     # -- the two answers ---------------------------------------------------------------------------------
     async def collect(self) -> dict:
         try:
-            async for _ in self.job.outputs():
-                pass
+            async for _, delta in self.job.outputs():
+                if self.final is not None:
+                    break  # cancelled: the final object is settled
+                self._feed(delta)
         except EngineDeadError as exc:
             err = APIError(503, str(exc), code="engine_unavailable")
             self._finish(err)
             raise err from None
         return self._finish()
 
-    def _event(self, kind: str, **fields) -> bytes:
+    def _event(self, kind: str, **fields) -> None:
+        if self.pending is None:
+            return  # not streaming: only the final object is answered
         obj = {"type": kind, "sequence_number": self.sequence_number, **fields}
         self.sequence_number += 1
-        return f"event: {kind}\ndata: {_dumps(obj)}\n\n".encode()
+        self.pending.append(f"event: {kind}\ndata: {_dumps(obj)}\n\n".encode())
 
     async def events(self) -> AsyncIterator[bytes]:
-        """response.created, .in_progress, .output_item.added, .content_part.added, .output_text.delta...,
-        .output_text.done, .content_part.done, .output_item.done, then the end: response.completed;
-        response.incomplete for a length cut and for a cancelled response (status "cancelled"; the
-        stream has no event of its own for it); response.failed (no done events) for a fault."""
-        item = {"item_id": self.message_id, "output_index": 0, "content_index": 0}
+        """response.created, response.in_progress, then per output item: output_item.added,
+        content_part.added, output_text.delta..., output_text.done, content_part.done, output_item.done
+        (a call: output_item.added, function_call_arguments.delta..., .done, output_item.done), then
+        response.completed; response.incomplete for a length cut and for a cancelled response (status
+        "cancelled": the stream has no event of its own for it); response.failed for a fault."""
+        self.pending = []
         started = self.snapshot("in_progress", [])
+        self._event("response.created", response=started)
+        self._event("response.in_progress", response=started)
+        error = None
         try:
-            yield self._event("response.created", response=started)
-            yield self._event("response.in_progress", response=started)
-            yield self._event(
-                "response.output_item.added", output_index=0, item=self._message(None, "in_progress")
-            )
-            yield self._event("response.content_part.added", **item, part=self._text_part(""))
             async for _, delta in self.job.outputs():
                 if self.final is not None:
                     break  # cancelled: the final object already holds the text up to here
-                for c in delta.outputs:
-                    if c.text:
-                        yield self._event("response.output_text.delta", **item, delta=c.text, logprobs=[])
-            error = None
+                self._feed(delta)
+                if self.pending:
+                    # Swapped before the yield: a cancel() while the send waits adds to the new list.
+                    chunk, self.pending = b"".join(self.pending), []
+                    yield chunk
         except asyncio.CancelledError:
             self.job.status = 499  # client closed the connection
             raise
@@ -286,14 +379,6 @@ class ResponseRun:
                 logger.exception("stream %s failed", self.id)
                 error = APIError(500, "Internal server error during streaming")
             self.job.status = error.status
-        final = self._finish(error)
-        message = final["output"][0]
-        text = message["content"][0]["text"]
-        if final["status"] != "failed":
-            yield self._event("response.output_text.done", **item, text=text, logprobs=[])
-            yield self._event("response.content_part.done", **item, part=message["content"][0])
-            yield self._event("response.output_item.done", output_index=0, item=message)
-        kind = {"completed": "response.completed", "failed": "response.failed"}.get(
-            final["status"], "response.incomplete"
-        )
-        yield self._event(kind, response=final)
+        self._finish(error)
+        chunk, self.pending = b"".join(self.pending), []
+        yield chunk

@@ -11,7 +11,9 @@ import jsonschema
 import openai
 import pytest
 
+from fast_inference.server import protocol
 from fast_inference.server.response_store import ResponseStore, StoredResponse
+from fast_inference.server.responses_api import OutputItems
 
 from .conftest import MODEL_NAME, engine_factory, start_server
 from .rawhttp import RawConn, call, request
@@ -305,6 +307,74 @@ def test_bad_request_through_the_client(client):
     with pytest.raises(openai.BadRequestError) as info:
         client.responses.create(model=MODEL_NAME, input="x", temperature=5)
     assert info.value.body["param"] == "temperature"
+
+
+def test_output_items_fold_text_and_tool_calls(rschemas):
+    """The fold the stream and the final object share, fed chat-shaped deltas with a tool call the way a
+    tool-call parser sends them (first piece: index, id, type, name; then argument pieces)."""
+    events = []
+    items = OutputItems(
+        lambda kind, **fields: events.append({"type": kind, "sequence_number": len(events), **fields})
+    )
+    items.add({"content": "Let me check. "})
+    items.add({"content": "One moment."})
+    items.add(
+        {
+            "tool_calls": [
+                {
+                    "index": 0,
+                    "id": "call_a",
+                    "type": "function",
+                    "function": {"name": "get_weather", "arguments": ""},
+                }
+            ]
+        }
+    )
+    items.add({"tool_calls": [{"index": 0, "function": {"arguments": '{"city": '}}]})
+    items.add(
+        {
+            "tool_calls": [
+                {
+                    "index": 1,
+                    "id": "call_b",
+                    "type": "function",
+                    "function": {"name": "get_time", "arguments": "{}"},
+                }
+            ]
+        }
+    )
+    items.add({"tool_calls": [{"index": 0, "function": {"arguments": '"Paris"}'}}]})
+    items.finish("completed")
+    for event in events:
+        rschemas.validate_event(event)
+    message, first, second = items.items
+    assert message["content"][0]["text"] == "Let me check. One moment." and message["status"] == "completed"
+    assert (first["call_id"], first["name"], first["arguments"]) == (
+        "call_a",
+        "get_weather",
+        '{"city": "Paris"}',
+    )
+    assert (second["call_id"], second["arguments"], second["status"]) == ("call_b", "{}", "completed")
+    for item in items.items:
+        rschemas.validate("OutputItem", item)
+    kinds = [e["type"] for e in events]
+    assert (
+        kinds[:4]
+        == ["response.output_item.added", "response.content_part.added"] + ["response.output_text.delta"] * 2
+    )
+    # The arguments of a call arrive at its item, whichever item was opened last.
+    deltas = [e for e in events if e["type"] == "response.function_call_arguments.delta"]
+    assert [(d["output_index"], d["delta"]) for d in deltas] == [(1, '{"city": '), (2, "{}"), (1, '"Paris"}')]
+    done = {e["output_index"]: e for e in events if e["type"] == "response.output_item.done"}
+    assert done[1]["item"]["arguments"] == '{"city": "Paris"}' and set(done) == {0, 1, 2}
+    # As the next turn's input: the text and both calls in one assistant message.
+    assert protocol.response_input(items.items) == [
+        {"role": "assistant", "content": "Let me check. One moment."},
+        {"role": "assistant", "content": "", "tool_calls": [
+            {"id": "call_a", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}},
+            {"id": "call_b", "type": "function", "function": {"name": "get_time", "arguments": "{}"}},
+        ]},
+    ]  # fmt: skip
 
 
 def test_store_is_bounded_by_count_and_bytes():
