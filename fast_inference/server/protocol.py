@@ -686,10 +686,10 @@ FIELDS: tuple[Field, ...] = (
     Field(
         "background",
         "boolean",
-        "Not supported: the response is generated while the request waits (stream for progress).",
+        "Answer at once with the in-progress response and generate it on the server; poll GET "
+        "/v1/responses/{id} or cancel it. Needs store; not with stream.",
         (RESPONSES,),
         default=False,
-        reader=lambda v: _refuse("background", "Background responses")(v) if v else False,
     ),
     Field(
         "truncation",

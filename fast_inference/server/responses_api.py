@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 
 from ..engine.async_engine import EngineDeadError
 from . import protocol
-from .errors import APIError, invalid
+from .errors import APIError, invalid, unsupported
 from .generation import GenerationJob, require_generation, start_job
 from .http import Request, Response, StreamingResponse
 from .response_store import StoredResponse
@@ -53,6 +53,11 @@ async def create_response(app: "OpenAIApp", request: Request) -> Response | Stre
         if previous.body["status"] in ("in_progress", "queued"):
             raise invalid(f"Previous response '{previous_id}' is still in progress", "previous_response_id")
         history = previous.history
+    if fields["background"]:
+        if not fields["store"]:
+            raise invalid("'background' needs 'store' (the result is fetched with GET)", "background")
+        if fields["stream"]:
+            raise unsupported("background", "Streaming a background response")
     config = app.config
     gen = await app.tokenizers.run(
         request,
@@ -61,6 +66,11 @@ async def create_response(app: "OpenAIApp", request: Request) -> Response | Stre
     response_id = "resp_" + uuid.uuid4().hex
     job = await start_job(app, gen, response_id, arrival, "input")
     run = ResponseRun(app, job, fields, history)
+    if fields["background"]:
+        task = asyncio.ensure_future(run.in_background())
+        app.background_runs.add(task)  # held until done: the loop keeps only weak references to tasks
+        task.add_done_callback(app.background_runs.discard)
+        return app.json_response(run.snapshot("in_progress", []))
     if gen.stream:
         return StreamingResponse(200, run.events(), on_close=run.close)
     try:
@@ -233,7 +243,7 @@ class ResponseRun:
             "object": "response",
             "created_at": self.created_at,
             "status": status,
-            "background": False,
+            "background": fields["background"],
             "completed_at": int(time.time()) if status == "completed" else None,
             "error": extra.get("error"),
             "incomplete_details": extra.get("incomplete_details"),
@@ -327,7 +337,20 @@ class ResponseRun:
             self._finish()
         self.job.close()
 
-    # -- the two answers ---------------------------------------------------------------------------------
+    # -- the three answers -------------------------------------------------------------------------------
+    async def in_background(self) -> None:
+        """background: generate with no client waiting; the result is the stored entry."""
+        try:
+            await self.collect()
+        except APIError:
+            pass  # collect settled the failed object
+        except Exception:
+            logger.exception("background response %s failed", self.id)
+            self.job.status = 500
+            self._finish(APIError(500, "Internal server error"))
+        finally:
+            self.close()
+
     async def collect(self) -> dict:
         try:
             async for _, delta in self.job.outputs():

@@ -1,6 +1,7 @@
 """OpenAIApp: the route table, dispatch, auth, CORS and the small endpoints; generation (generation.py)
 and embeddings (embeddings.py) have their own modules, request parsing is protocol.py's."""
 
+import asyncio
 import hmac
 import json
 import logging
@@ -70,6 +71,7 @@ class OpenAIApp:
         self.tokenizers = TokenizerPool(engine, self.require_ready)
         self._openapi: bytes | None = None  # built on the first GET /openapi.json
         self.responses = ResponseStore(config.responses_max_stored, config.responses_max_bytes)
+        self.background_runs: set[asyncio.Task] = set()  # /v1/responses with background: true
         self.open_paths = _OPEN_PATHS
         self.routes: dict[str, dict[str, Callable]] = {
             "/v1/chat/completions": {"POST": self.chat_completions},
@@ -383,8 +385,9 @@ class OpenAIApp:
         """Create a model response (Responses API): a response object, or with stream the response.* events.
 
         store (default true) keeps it for GET, previous_response_id and cancel in a bounded in-memory
-        store. background is not supported; cancel stops a stored response while it is generating
-        (another request is streaming or waiting for it) and returns a finished one unchanged."""
+        store. background answers at once with the in-progress object and generates it on the server.
+        cancel stops a stored response while it is generating (in the background, or while another
+        request streams or waits for it) and returns a finished one unchanged."""
         return await responses_api.create_response(self, request)
 
     async def retrieve_response(self, request: Request) -> Response:

@@ -287,7 +287,8 @@ def test_cancel_of_a_finished_response_returns_it_unchanged(client, server, rsch
         ({"input": "x", "text": {"format": {"type": "yaml"}}}, 400, "text"),
         ({"input": "x", "tools": [{"type": "function", "name": "f"}]}, 400, "tools"),
         ({"input": "x", "tool_choice": "required"}, 400, "tool_choice"),
-        ({"input": "x", "background": True}, 400, "background"),
+        ({"input": "x", "background": True, "store": False}, 400, "background"),
+        ({"input": "x", "background": True, "stream": True}, 400, "background"),
         ({"input": "x", "truncation": "auto"}, 400, "truncation"),
         ({"input": "x", "metadata": {str(i): "v" for i in range(17)}}, 400, "metadata"),
         ({"input": "x", "previous_response_id": "resp_missing"}, 404, "previous_response_id"),
@@ -536,4 +537,46 @@ def test_cancel_while_generating(gated_server, rschemas):
     assert streamed == text_of(body)
     assert call(server.port, "GET", f"/v1/responses/{response_id}").json() == body
     # The engine request is gone: the server holds nothing in flight.
+    assert server.server.app.inflight == 0
+
+
+def test_background_response_is_cancelled(gated_server, rschemas):
+    server = gated_server
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=60)
+    try:
+        _GATE.allow(1)  # one step, then the engine waits: the response is certainly still generating
+        made = client.responses.create(
+            model=MODEL_NAME, input="Go on", background=True, max_output_tokens=200
+        )
+        assert made.status == "in_progress" and made.background is True
+        rschemas.validate("Response", made.model_dump(mode="json", exclude_unset=True))
+        assert client.responses.retrieve(made.id).status == "in_progress"
+        cancelled = client.responses.cancel(made.id)
+        assert cancelled.status == "cancelled" and cancelled.usage.output_tokens < 200
+    finally:
+        _GATE.allow(None)
+    stored = call(server.port, "GET", f"/v1/responses/{made.id}").json()
+    rschemas.validate("Response", stored)
+    assert (
+        stored["status"] == "cancelled" and stored["output"][0]["content"][0]["text"] == cancelled.output_text
+    )
+
+
+def test_background_response_completes(gated_server, rschemas):
+    server = gated_server
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=60)
+    made = client.responses.create(model=MODEL_NAME, input="Later", background=True, max_output_tokens=6)
+    assert made.status == "in_progress"
+    # Wait for the run itself (the app holds its task until it is done), then read the result.
+    idle = threading.Event()
+    for _ in range(6000):
+        if not server.server.app.background_runs:
+            break
+        idle.wait(0.01)
+    assert not server.server.app.background_runs, "the background run never ended"
+    got = call(server.port, "GET", f"/v1/responses/{made.id}").json()
+    rschemas.validate("Response", got)
+    assert got["status"] == "incomplete" and got["usage"]["output_tokens"] == 6 and got["background"] is True
+    foreground = create_raw(server, rschemas, input="Later", max_output_tokens=6, temperature=1.0)
+    assert foreground["usage"]["input_tokens"] == got["usage"]["input_tokens"]
     assert server.server.app.inflight == 0
