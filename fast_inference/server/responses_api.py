@@ -50,7 +50,7 @@ async def create_response(app: "OpenAIApp", request: Request) -> Response | Stre
                 param="previous_response_id",
                 code="previous_response_not_found",
             )
-        if previous.body["status"] in ("in_progress", "queued"):
+        if previous.body["status"] == "in_progress":
             raise invalid(f"Previous response '{previous_id}' is still in progress", "previous_response_id")
         history = previous.history
     if fields["background"]:
@@ -87,16 +87,14 @@ async def create_response(app: "OpenAIApp", request: Request) -> Response | Stre
         run.close()
 
 
-async def retrieve_response(app: "OpenAIApp", request: Request) -> Response:
-    response_id = _path_id(request, RESPONSE_PATH)
+async def retrieve_response(app: "OpenAIApp", response_id: str) -> Response:
     entry = app.responses.get(response_id)
     if entry is None:
         raise _not_found(response_id)
     return app.json_response(entry.body)
 
 
-async def delete_response(app: "OpenAIApp", request: Request) -> Response:
-    response_id = _path_id(request, RESPONSE_PATH)
+async def delete_response(app: "OpenAIApp", response_id: str) -> Response:
     entry = app.responses.get(response_id)
     if entry is None:
         raise _not_found(response_id)
@@ -106,8 +104,7 @@ async def delete_response(app: "OpenAIApp", request: Request) -> Response:
     return app.json_response({"id": response_id, "object": "response", "deleted": True})
 
 
-async def cancel_response(app: "OpenAIApp", request: Request) -> Response:
-    response_id = _path_id(request, CANCEL_PATH)
+async def cancel_response(app: "OpenAIApp", response_id: str) -> Response:
     entry = app.responses.get(response_id)
     if entry is None:
         raise _not_found(response_id)
@@ -115,12 +112,6 @@ async def cancel_response(app: "OpenAIApp", request: Request) -> Response:
         entry.cancel()  # stores the final (cancelled) object; the run answers its own client with it
         entry = app.responses.get(response_id) or entry
     return app.json_response(entry.body)
-
-
-def _path_id(request: Request, template: str) -> str:
-    from .routes import path_id  # routes imports this module
-
-    return path_id(request, template)
 
 
 def _text_part(text: str) -> dict:

@@ -392,16 +392,16 @@ class OpenAIApp:
 
     async def retrieve_response(self, request: Request) -> Response:
         """A stored response (in progress or finished)."""
-        return await responses_api.retrieve_response(self, request)
+        return await responses_api.retrieve_response(self, path_id(request, responses_api.RESPONSE_PATH))
 
     async def delete_response(self, request: Request) -> Response:
         """Delete a stored response (one still generating is stopped first)."""
-        return await responses_api.delete_response(self, request)
+        return await responses_api.delete_response(self, path_id(request, responses_api.RESPONSE_PATH))
 
     async def cancel_response(self, request: Request) -> Response:
         """Cancel a stored response that is still generating: it ends with status cancelled and the text
         so far. A finished response is returned unchanged."""
-        return await responses_api.cancel_response(self, request)
+        return await responses_api.cancel_response(self, path_id(request, responses_api.CANCEL_PATH))
 
     # -- generation ----------------------------------------------------------------------------------
     def admit(self, count: int) -> None:
