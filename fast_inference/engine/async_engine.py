@@ -86,6 +86,7 @@ class RequestStream:
         if not self.finished:
             self.finished = True
             self._engine.abort(self.request_id)
+            self._wake()  # a consumer waiting on it (another task cancelled it) ends instead of hanging
 
 
 class AsyncEngine:
