@@ -44,8 +44,9 @@ _IDLE_TIMEOUT = datetime.timedelta(days=365)
 _FORWARD, _HIDDEN, _STOP = 1, 2, 3
 _HEADER = 6  # length, kind, num_seqs, num_tokens, num_rows, table width
 # Words of the fixed-size message buffer: a step whose inputs fit is ONE broadcast of this many int32
-# (16 KiB: decode of ~500 sequences with short tables); a larger one follows with its exact size.
-MESSAGE_WORDS = 4096
+# (4 KiB: a decode step of 64 sequences with 8-block tables is ~800 words); a larger step (a long prefill,
+# a wide batch) sends a second broadcast of its exact size, which the first one's header announces.
+MESSAGE_WORDS = 1024
 
 
 class TensorParallelError(RuntimeError):
@@ -387,6 +388,11 @@ def start_tensor_parallel(args: EngineArgs, cfg: ModelConfig) -> ParallelModelRu
     load rank 0's share. Raises ValueError before any process starts when the model cannot be split."""
     plan = plan_from_args(args)
     check_tensor_parallel(cfg, plan.world_size)
+    if dist.is_initialized():
+        raise ValueError(
+            "this process already holds a torch.distributed group (another tensor-parallel engine?): one "
+            "tensor-parallel engine per process; close() the other first"
+        )
     if cfg.device.type == "cuda":
         _device_of(args, plan.ranks_per_node - 1)  # every local rank has a GPU
         cfg.device = _device_of(args, 0)
@@ -449,6 +455,9 @@ def worker_main(args: EngineArgs, plan: ParallelPlan, rank: int, local_rank: int
     except (RuntimeError, OSError) as exc:
         # Rank 0 went away (or a collective failed there first): nothing left to serve.
         logger.error("stopping: %s: %s", type(exc).__name__, (str(exc).splitlines() or [""])[0])
+        return 1
+    except Exception as exc:  # e.g. a checkpoint this rank cannot load; rank 0 reports its own copy
+        logger.error("failed: %s: %s", type(exc).__name__, exc)
         return 1
     try:
         dist.destroy_process_group()
