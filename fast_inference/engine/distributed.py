@@ -195,6 +195,7 @@ class ParallelModelRunner(ModelRunner):
         self.step_group = step_group
         self.workers: list[subprocess.Popen] = []  # rank 0: this node's worker processes
         self.broken: str | None = None
+        self.closed = False
         self._buffer = torch.zeros(MESSAGE_WORDS, dtype=torch.int32)
         super().__init__(
             cfg, block_size, kv_cache_memory, max_num_seqs, max_num_batched_tokens, enforce_eager, tp
@@ -219,7 +220,9 @@ class ParallelModelRunner(ModelRunner):
         return self._lead(step)
 
     @torch.inference_mode()
-    def last_hidden_states(self, token_id_lists: list[list[int]], block_tables: list[list[int]]) -> torch.Tensor:
+    def last_hidden_states(
+        self, token_id_lists: list[list[int]], block_tables: list[list[int]]
+    ) -> torch.Tensor:
         lens = [len(ids) for ids in token_id_lists]
         last = torch.tensor(lens, dtype=torch.int64).cumsum(0) - 1
         ids = [t for ids in token_id_lists for t in ids]
@@ -251,6 +254,7 @@ class ParallelModelRunner(ModelRunner):
         ]
         self.broken = "; ".join(dead) if dead else f"{type(exc).__name__}: {exc}"
         logger.error("tensor-parallel group failed: %s", self.broken)
+        self.closed = True
         self._stop_workers(send=False)
 
     # ---- every rank -----------------------------------------------------------------------------
@@ -291,7 +295,9 @@ class ParallelModelRunner(ModelRunner):
         self._g_slots[:size].copy_(torch.tensor(slots + [-1] * pad), non_blocking=True)
         lens = [p + 1 for p in step.starts] + [1] * pad
         self._g_lens[:size].copy_(torch.tensor(lens, dtype=torch.int32), non_blocking=True)
-        self._g_tables[:b, :width].copy_(torch.tensor(step.block_tables, dtype=torch.int32), non_blocking=True)
+        self._g_tables[:b, :width].copy_(
+            torch.tensor(step.block_tables, dtype=torch.int32), non_blocking=True
+        )
         self._g_tables[b:size].zero_()
         self.graphs[size].replay()
         return self._g_out[size][:b]
@@ -316,10 +322,13 @@ class ParallelModelRunner(ModelRunner):
     # ---- shutdown -------------------------------------------------------------------------------
     def close(self) -> None:
         """Rank 0: tell the workers to stop, wait for them (then terminate, then kill), leave the group."""
+        if self.closed:
+            return
+        self.closed = True
         self._stop_workers(send=self.broken is None)
 
     def _stop_workers(self, send: bool) -> None:
-        if send and self.workers:
+        if send and self.tp.rank == 0 and dist.is_initialized():  # other nodes' ranks listen too
             try:
                 self._send(pack_step(_Step(_STOP, [], [], [], [], [])))
             except (RuntimeError, OSError):
@@ -378,7 +387,9 @@ def _spawn_workers(args: EngineArgs, plan: ParallelPlan, local_ranks: range) -> 
         rank = plan.node_rank * plan.ranks_per_node + local
         payload = base64.b64encode(pickle.dumps((args, plan, rank, local, torch.get_num_threads())))
         procs.append(
-            subprocess.Popen([sys.executable, "-m", "fast_inference.engine.distributed", payload.decode()], env=env)
+            subprocess.Popen(
+                [sys.executable, "-m", "fast_inference.engine.distributed", payload.decode()], env=env
+            )
         )
     return procs
 
@@ -426,11 +437,13 @@ def start_tensor_parallel(args: EngineArgs, cfg: ModelConfig) -> ParallelModelRu
 
 def _close_at_exit(ref: "weakref.ref[ParallelModelRunner]") -> None:
     runner = ref()
-    if runner is not None and runner.workers:
+    if runner is not None and dist.is_initialized():
         runner.close()
 
 
-def _worker_process(args: EngineArgs, plan: ParallelPlan, rank: int, local_rank: int, num_threads: int) -> None:
+def _worker_process(
+    args: EngineArgs, plan: ParallelPlan, rank: int, local_rank: int, num_threads: int
+) -> None:
     code = worker_main(args, plan, rank, local_rank, num_threads)
     sys.stderr.flush()
     os._exit(code)  # no interpreter teardown: a broken group's destructors can block on dead peers
@@ -474,8 +487,13 @@ def run_worker_node(args: EngineArgs) -> int:
     check_tensor_parallel(cfg, plan.world_size)
     others = _spawn_workers(args, plan, range(1, plan.ranks_per_node))
     first = plan.node_rank * plan.ranks_per_node
-    logger.info("worker node %d: ranks %d..%d, rendezvous %s", plan.node_rank, first,
-                first + plan.ranks_per_node - 1, plan.init_method)
+    logger.info(
+        "worker node %d: ranks %d..%d, rendezvous %s",
+        plan.node_rank,
+        first,
+        first + plan.ranks_per_node - 1,
+        plan.init_method,
+    )
 
     def _on_term(signum, _frame):
         _reap(others, grace=0.0)

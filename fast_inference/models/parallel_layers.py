@@ -43,7 +43,10 @@ def check_tensor_parallel(cfg: ModelConfig, size: int) -> None:
         raise ValueError(f"{name} does not divide the model's intermediate_size {cfg.intermediate_size}")
     if cfg.quantization is not None:
         block = quant.BLOCK_LAYOUT[_load_time_qtype(cfg.quantization)][0]
-        for what, k in (("attention width", cfg.num_heads * cfg.head_dim), ("intermediate_size", cfg.intermediate_size)):
+        for what, k in (
+            ("attention width", cfg.num_heads * cfg.head_dim),
+            ("intermediate_size", cfg.intermediate_size),
+        ):
             if (k // size) % block:
                 raise ValueError(
                     f"{name} with quantization={cfg.quantization!r}: the row-parallel slice of the {what} "
@@ -244,4 +247,6 @@ def parallelize(model: nn.Module, cfg: ModelConfig, tp: TensorParallel) -> None:
     gather_to_all = cfg.device.type == "cuda"
     tied = model.head is model.embedding
     model.embedding = VocabParallelEmbedding(model.embedding, cfg.vocab_size, tp, gather_to_all)
-    model.head = model.embedding if tied else VocabParallelEmbedding(model.head, cfg.vocab_size, tp, gather_to_all)
+    model.head = (
+        model.embedding if tied else VocabParallelEmbedding(model.head, cfg.vocab_size, tp, gather_to_all)
+    )

@@ -28,7 +28,9 @@ def _rank_checkpoint(cfg: ModelConfig, tp: TensorParallel) -> dict[str, StoredWe
                 if qtype is not None and _LINEAR_WEIGHT.match(name):
                     weights[name] = StoredWeight(qtype, ops.quantize(tensor.float(), qtype), cols)
                 elif qtype is not None and name in ("model.embed_tokens.weight", "lm_head.weight"):
-                    weights[name] = StoredWeight(_TABLE_QTYPE, ops.quantize(tensor.float(), _TABLE_QTYPE), cols)
+                    weights[name] = StoredWeight(
+                        _TABLE_QTYPE, ops.quantize(tensor.float(), _TABLE_QTYPE), cols
+                    )
                 else:
                     weights[name] = StoredWeight(None, tensor, cols)
     return weights

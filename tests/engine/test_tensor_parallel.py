@@ -11,7 +11,13 @@ import pytest
 import torch
 
 from fast_inference import LLM, SamplingParams
-from fast_inference.engine.distributed import MESSAGE_WORDS, TensorParallelError, _Step, pack_step, unpack_step
+from fast_inference.engine.distributed import (
+    MESSAGE_WORDS,
+    TensorParallelError,
+    _Step,
+    pack_step,
+    unpack_step,
+)
 from fast_inference.models.config import load_model_config
 from fast_inference.models.demo import build_model_dir
 from fast_inference.models.parallel_layers import (
@@ -74,7 +80,9 @@ def assert_greedy_agrees(reference, other) -> None:
 def test_sizes_the_heads_do_not_allow_are_refused_before_any_process_starts(model_dirs):
     cfg = load_model_config(model_dirs["llama"], "float32", torch.device("cpu"), None)  # 4 heads, 2 KV heads
     before = child_pids()
-    with pytest.raises(ValueError, match="tensor_parallel_size=3 does not divide the model's 4 attention heads"):
+    with pytest.raises(
+        ValueError, match="tensor_parallel_size=3 does not divide the model's 4 attention heads"
+    ):
         LLM(str(model_dirs["llama"]), tensor_parallel_size=3, **ENGINE)
     assert child_pids() == before
     with pytest.raises(ValueError, match="6 KV heads or be a multiple of it"):
@@ -136,7 +144,10 @@ def test_killed_worker_is_detected_and_nothing_survives(model_dirs):
     # A 1500-token prefill: its step message is larger than the fixed buffer (the two-broadcast path).
     long_prompt = [(7 * i) % 600 + 3 for i in range(1500)]
     want = LLM(str(model_dirs["llama"]), **engine).generate([long_prompt], params, use_tqdm=False)
-    assert llm.generate([long_prompt], params, use_tqdm=False)[0].outputs[0].token_ids == want[0].outputs[0].token_ids
+    assert (
+        llm.generate([long_prompt], params, use_tqdm=False)[0].outputs[0].token_ids
+        == want[0].outputs[0].token_ids
+    )
     (worker,) = llm.engine.runner.workers
     os.kill(worker.pid, signal.SIGKILL)
     worker.wait(10)
@@ -179,7 +190,9 @@ def test_seeded_sampling_matches_single_process(engines):
     # Same seed, same logits up to ~1e-6: a draw flips only if it lands that close to a boundary of the
     # cumulative distribution (odds ~1e-6 per token), so the tokens are required to be identical.
     single, parallel = engines
-    params = SamplingParams(temperature=0.9, top_p=0.95, top_k=50, seed=1234, max_tokens=16, n=2, ignore_eos=True)
+    params = SamplingParams(
+        temperature=0.9, top_p=0.95, top_k=50, seed=1234, max_tokens=16, n=2, ignore_eos=True
+    )
     want = [[c.token_ids for c in o.outputs] for o in single.generate(PROMPTS, params, use_tqdm=False)]
     got = [[c.token_ids for c in o.outputs] for o in parallel.generate(PROMPTS, params, use_tqdm=False)]
     assert got == want
