@@ -28,7 +28,7 @@ import torch.distributed as dist
 import fast_inference
 from fast_inference.models.config import ModelConfig, load_model_config
 from fast_inference.models.parallel_layers import TensorParallel, check_tensor_parallel
-from fast_inference.ops.attention_metadata import AttentionMetadata, build_metadata
+from fast_inference.ops.attention_metadata import build_metadata
 
 from .config import EngineArgs, resolve_device
 from .model_runner import ModelRunner
