@@ -95,7 +95,10 @@ def _parser() -> argparse.ArgumentParser:
         "--master-addr", default="127.0.0.1", help="address of node 0, where the ranks meet (TCP rendezvous)"
     )
     parallel.add_argument(
-        "--master-port", type=int, default=0, help="rendezvous port on node 0 (0: any free one; one node only)"
+        "--master-port",
+        type=int,
+        default=0,
+        help="rendezvous port on node 0 (0: any free one; one node only)",
     )
     limits = serve.add_argument_group("limits")
     limits.add_argument("--max-connections", type=int, default=1024, help="open connections; more get 503")
@@ -161,8 +164,11 @@ def _serve_worker_node(args: argparse.Namespace, model: str, kv_cache_memory, lo
         quantization=args.quantization,
         **_parallel_args(args),
     )
-    log.info("node %d of %d: tensor-parallel worker ranks only (the API server runs on node 0)",
-             args.node_rank, args.nnodes)
+    log.info(
+        "node %d of %d: tensor-parallel worker ranks only (the API server runs on node 0)",
+        args.node_rank,
+        args.nnodes,
+    )
     try:
         return run_worker_node(engine_args)
     except ValueError as exc:

@@ -78,7 +78,12 @@ class LLMEngine:
             self.runner = start_tensor_parallel(args, cfg)
         else:
             self.runner = ModelRunner(
-                cfg, args.block_size, kv_bytes, args.max_num_seqs, max_batched, enforce_eager=args.enforce_eager
+                cfg,
+                args.block_size,
+                kv_bytes,
+                args.max_num_seqs,
+                max_batched,
+                enforce_eager=args.enforce_eager,
             )
         self.num_total_blocks = self.runner.num_blocks
         self.block_manager = BlockManager(self.num_total_blocks, args.block_size, args.enable_prefix_caching)

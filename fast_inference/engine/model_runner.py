@@ -53,11 +53,7 @@ class ModelRunner:
         self.model.prepack(batch_hint=32, keep_plain=keep_plain)
         # Bytes of key + value for one token across all layers.
         self.kv_bytes_per_token = (
-            2
-            * cfg.num_layers
-            * kv_heads
-            * cfg.head_dim
-            * torch.empty((), dtype=cfg.dtype).element_size()
+            2 * cfg.num_layers * kv_heads * cfg.head_dim * torch.empty((), dtype=cfg.dtype).element_size()
         )
         bytes_per_block = self.kv_bytes_per_token * block_size
         if kv_cache_memory is None:
