@@ -220,7 +220,8 @@ class LLMEngine:
 
     # ---- the step -------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
-        """One step, schedule -> run -> update; returns the deltas of the requests that changed."""
+        """One step: schedule -> run -> update (counts, prefix-cache blocks, forks) -> sample -> process
+        (tokens, text, stops, logprobs) -> finish (free what ended); returns the changed requests' deltas."""
         outputs = self._process_aborts() if self._aborts else []
         batch = self.scheduler.schedule()
         if batch.is_empty:

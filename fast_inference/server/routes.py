@@ -287,37 +287,33 @@ class OpenAIApp:
         )
 
     async def tokenize(self, request: Request) -> Response:
+        """Tokenize a prompt, or a conversation rendered by the chat template."""
         body = self.json_body(request)
         protocol.check_model(body, self.config.served_model_names)
+        fields = protocol.read_fields(body, protocol.TOKENIZE)
         tokenizer = self.tokenizers.tokenizer
-        if "messages" in body:
-            messages = protocol.chat_messages(body)
-            add_generation_prompt = protocol._bool(body, "add_generation_prompt", True)
-            try:
-                text = tokenizer.apply_chat_template(
-                    messages,
-                    tokenize=False,
-                    add_generation_prompt=add_generation_prompt,
-                    chat_template=self.config.chat_template,
-                )
-            except Exception as exc:
-                raise invalid(f"The chat template could not be applied: {exc}", "messages") from None
-            add_special = protocol._bool(body, "add_special_tokens", False)
+        add_special = fields["add_special_tokens"]
+        if fields["messages"] is not None:
+            text = protocol.render_chat(
+                tokenizer, fields["messages"], self.config.chat_template, fields["add_generation_prompt"]
+            )
+            add_special = False if add_special is None else add_special  # the template has them
         else:
-            text = body.get("prompt")
-            if not isinstance(text, str):
+            text = fields["prompt"]
+            if text is None:
                 raise invalid("'prompt' (a string) or 'messages' is required", "prompt")
-            add_special = protocol._bool(body, "add_special_tokens", True)
+            add_special = True if add_special is None else add_special
         ids = tokenizer.encode(text, add_special_tokens=add_special)
         result = {"count": len(ids), "max_model_len": self._model_config.max_model_len, "tokens": ids}
-        if protocol._bool(body, "return_token_strs", False):
+        if fields["return_token_strs"]:
             result["token_strs"] = tokenizer.convert_ids_to_tokens(ids)
         return self.json_response(result)
 
     async def detokenize(self, request: Request) -> Response:
+        """Decode token ids to text."""
         body = self.json_body(request)
         protocol.check_model(body, self.config.served_model_names)
-        tokens = body.get("tokens")
+        tokens = protocol.read_fields(body, protocol.DETOKENIZE)["tokens"]
         vocab = self._model_config.vocab_size
         if tokens == []:
             return self.json_response({"prompt": ""})
