@@ -231,6 +231,11 @@ class ParallelModelRunner(ModelRunner):
     def _lead(self, step: _Step) -> torch.Tensor | None:
         if self.broken is not None:
             raise TensorParallelError(f"the tensor-parallel group is down: {self.broken}")
+        if any(p.poll() is not None for p in self.workers):
+            # A local worker already exited: say so now rather than inside a collective (NCCL would only
+            # notice at its watchdog timeout). One waitpid per worker, ~1 us each.
+            self._fail(RuntimeError("a worker exited"))
+            raise TensorParallelError(f"tensor-parallel step failed: {self.broken}")
         try:
             self._send(pack_step(step))
             return self.run_step(step)
@@ -289,15 +294,14 @@ class ParallelModelRunner(ModelRunner):
         size = next(s for s in self._graph_sizes if s >= b)
         bs, pad = self.block_size, size - b
         slots = [t[p // bs] * bs + p % bs for t, p in zip(step.block_tables, step.starts)]
-        width = len(step.block_tables[0])
+        width = max(len(t) for t in step.block_tables)  # rank 0's tables are ragged, unpacked ones padded
+        tables = [t + [0] * (width - len(t)) for t in step.block_tables]
         self._g_ids[:size].copy_(torch.tensor(step.input_ids + [0] * pad), non_blocking=True)
         self._g_pos[:size].copy_(torch.tensor(step.starts + [0] * pad), non_blocking=True)
         self._g_slots[:size].copy_(torch.tensor(slots + [-1] * pad), non_blocking=True)
         lens = [p + 1 for p in step.starts] + [1] * pad
         self._g_lens[:size].copy_(torch.tensor(lens, dtype=torch.int32), non_blocking=True)
-        self._g_tables[:b, :width].copy_(
-            torch.tensor(step.block_tables, dtype=torch.int32), non_blocking=True
-        )
+        self._g_tables[:b, :width].copy_(torch.tensor(tables, dtype=torch.int32), non_blocking=True)
         self._g_tables[b:size].zero_()
         self.graphs[size].replay()
         return self._g_out[size][:b]
