@@ -28,6 +28,7 @@ import torch.distributed as dist
 import fast_inference
 from fast_inference.models.config import ModelConfig, load_model_config
 from fast_inference.models.parallel_layers import TensorParallel, check_tensor_parallel
+from fast_inference.models.parallel_loader import check_gguf_shards
 from fast_inference.ops.attention_metadata import build_metadata
 
 from .config import EngineArgs, resolve_device
@@ -403,6 +404,7 @@ def start_tensor_parallel(args: EngineArgs, cfg: ModelConfig) -> ParallelModelRu
     load rank 0's share. Raises ValueError before any process starts when the model cannot be split."""
     plan = plan_from_args(args)
     check_tensor_parallel(cfg, plan.world_size)
+    check_gguf_shards(cfg, plan.world_size)
     if dist.is_initialized():
         raise ValueError(
             "this process already holds a torch.distributed group (another tensor-parallel engine?): one "
@@ -489,6 +491,7 @@ def run_worker_node(args: EngineArgs) -> int:
     device = resolve_device(args.device)
     cfg = load_model_config(args.model, args.dtype, device, args.max_model_len, args.quantization)
     check_tensor_parallel(cfg, plan.world_size)
+    check_gguf_shards(cfg, plan.world_size)
     others = _spawn_workers(args, plan, range(1, plan.ranks_per_node))
     first = plan.node_rank * plan.ranks_per_node
     logger.info(

@@ -123,6 +123,17 @@ def shard_of(name: str, cfg: ModelConfig, tp: TensorParallel) -> tuple[str, int,
     return None
 
 
+def check_whole_blocks(name: str, qtype: int, start: int, stop: int, size: int) -> None:
+    """ValueError when the row-parallel slice [start:stop] of a tensor in `qtype` blocks would split a block."""
+    block = quant.BLOCK_LAYOUT[qtype][0]
+    if start % block or stop % block:
+        raise ValueError(
+            f"tensor_parallel_size={size}: {name!r} is stored in {quant.QTYPE_NAMES[qtype]} "
+            f"({block}-value blocks) and its row-parallel slice [{start}:{stop}] splits a block; "
+            "use a smaller tensor_parallel_size or a checkpoint in a 32-value format (Q8_0, Q4_0, Q4_1)"
+        )
+
+
 def slice_stored(name: str, stored: StoredWeight, cfg: ModelConfig, tp: TensorParallel) -> StoredWeight:
     """This rank's part of one checkpoint tensor, in its stored format (quantized rows stay whole blocks)."""
     shard = shard_of(name, cfg, tp)
@@ -133,13 +144,7 @@ def slice_stored(name: str, stored: StoredWeight, cfg: ModelConfig, tp: TensorPa
     if axis == "cols":
         if stored.qtype is None:
             return StoredWeight(None, data[:, start:stop].contiguous(), stop - start)
-        block = quant.BLOCK_LAYOUT[stored.qtype][0]
-        if start % block or stop % block:
-            raise ValueError(
-                f"tensor_parallel_size={tp.size}: {name!r} is stored in {quant.QTYPE_NAMES[stored.qtype]} "
-                f"({block}-value blocks) and its row-parallel slice [{start}:{stop}] splits a block; "
-                "use a smaller tensor_parallel_size or a checkpoint in a 32-value format (Q8_0, Q4_0, Q4_1)"
-            )
+        check_whole_blocks(name, stored.qtype, start, stop, tp.size)
         first, nbytes = quant.row_bytes(stored.qtype, start), quant.row_bytes(stored.qtype, stop - start)
         return StoredWeight(stored.qtype, data[:, first : first + nbytes].contiguous(), stop - start)
     rows = data[start:stop] if data.dim() > 1 else data[start:stop]

@@ -6,11 +6,34 @@ from safetensors import safe_open
 from fast_inference import ops
 
 from .config import ModelConfig
-from .gguf import gguf_weights, is_gguf_file
+from .gguf import GGUFFile, gguf_weights, hf_name, is_gguf_file
 from .llama import LlamaForCausalLM
 from .loader import _LINEAR_WEIGHT, _TABLE_QTYPE, _build_from_stored, safetensors_files
-from .parallel_layers import TensorParallel, parallelize, read_slice, shard_config, slice_stored
-from .quantized import LOAD_TIME_QUANTIZATIONS, StoredWeight
+from .parallel_layers import (
+    TensorParallel,
+    check_whole_blocks,
+    parallelize,
+    read_slice,
+    shard_config,
+    shard_of,
+    slice_stored,
+)
+from .quantized import LOAD_TIME_QUANTIZATIONS, QUANTIZED_TYPES, StoredWeight
+
+
+def check_gguf_shards(cfg: ModelConfig, size: int) -> None:
+    """ValueError (before any worker starts) when a GGUF tensor's row-parallel slice would split its quant
+    blocks: only the header's tensor table is read."""
+    if size == 1 or not is_gguf_file(cfg.model_path):
+        return
+    with GGUFFile(cfg.model_path) as gf:
+        for gname, info in gf.tensors.items():
+            name = hf_name(gname)
+            shard = shard_of(name, cfg, TensorParallel(0, size)) if name is not None else None
+            if shard is not None and shard[0] == "cols" and info.ggml_type in QUANTIZED_TYPES:
+                for rank in range(size):  # every rank's slice starts at a multiple of the first one's width
+                    _, start, stop = shard_of(name, cfg, TensorParallel(rank, size))
+                    check_whole_blocks(name, info.ggml_type, start, stop, size)
 
 
 def _rank_checkpoint(cfg: ModelConfig, tp: TensorParallel) -> dict[str, StoredWeight]:

@@ -117,6 +117,7 @@ def test_quantized_at_load_matches_single_process(model_dirs):
 
 
 def test_gguf_shards_whole_blocks_and_refuses_split_ones(tmp_path):
+    """Q8_0 rows split at 32-value boundaries equal one process; a K-quant split mid-block is refused."""
     from test_gguf import write_gguf
 
     hf = build_model_dir(tmp_path / "hf", hidden_size=64, intermediate_size=128, seed=5)
@@ -126,14 +127,15 @@ def test_gguf_shards_whole_blocks_and_refuses_split_ones(tmp_path):
     reference = LLM(str(q8), **ENGINE).generate(PROMPTS[:3], params, use_tqdm=False)
     with LLM(str(q8), tensor_parallel_size=2, **ENGINE) as parallel:
         assert_greedy_agrees(reference, parallel.generate(PROMPTS[:3], params, use_tqdm=False))
-    # Q4_K blocks hold 256 values: o_proj's 128-column slice of 256 would split them (found while loading).
+    # Q4_K blocks hold 256 values: o_proj's 128-column slice of 256 would split them (the file's tensor
+    # table says so before any process starts).
     wide = build_model_dir(tmp_path / "wide", hidden_size=256, intermediate_size=512, seed=5)
     k4 = tmp_path / "q4k.gguf"
     write_gguf(wide, k4, gguf.GGMLQuantizationType.Q4_K)
     before = child_pids()
     with pytest.raises(ValueError, match="Q4_K .* splits a block"):
         LLM(str(k4), tensor_parallel_size=2, **ENGINE)
-    assert child_pids() <= before
+    assert child_pids() == before
 
 
 def test_killed_worker_is_detected_and_nothing_survives(model_dirs):
