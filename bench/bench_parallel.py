@@ -8,6 +8,8 @@ Prints JSON lines, then the paper model as a table:
     B sequences, TP=1 and TP=2 (gloo, one process per rank): per step the collectives rank 0 made (count,
     payload bytes, time inside them, which includes waiting for the slower rank), the step's wall time, and
     the step minus the collectives (compute + host work)
+  rank_share_alone: the forward of the whole model and of one rank's TP=2 share run alone (one process,
+    one thread): the compute each TP=2 rank has to do per step, without the waiting
   nvlink_model: TP=2/4/8 of Llama-2-7B and Llama-2-70B shapes on H100 SXM (NVLink 900 GB/s bidirectional =
     450 GB/s each way per GPU, HBM 3.35 TB/s), bf16 decode: bytes per step (2 all-reduces per layer of
     B x hidden x 2 bytes, plus the vocab-parallel embedding's all-reduce and the logits all-gather), ring
@@ -204,6 +206,54 @@ def measured(args, model_dir: str) -> None:
         )
 
 
+def share_alone(model_dir: str, dtype: str, batches: list[int]) -> None:
+    """The forward (no head) of the whole model and of rank 0's TP=2 share alone, one thread, its
+    all-reduces over a one-rank gloo group (~15 us each): the compute a TP=2 step has to wait for."""
+    import socket
+
+    from fast_inference.models.config import load_model_config
+    from fast_inference.models.loader import load_model
+    from fast_inference.models.parallel_layers import TensorParallel
+    from fast_inference.ops.attention_metadata import build_metadata
+
+    torch.set_num_threads(1)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    cfg = load_model_config(model_dir, dtype, torch.device("cpu"), None)
+    times = {}
+    for label, tp in (("whole", None), ("share", TensorParallel(0, 2))):
+        model = load_model(cfg, tp)
+        model.prepack(32, True)
+        shape = (max(batches), 16, model.config.num_kv_heads, cfg.head_dim)
+        caches = [torch.zeros(shape, dtype=cfg.dtype) for _ in range(2 * cfg.num_layers)]
+        model.bind_kv_cache(caches[: cfg.num_layers], caches[cfg.num_layers :])
+        for b in batches:
+            pos, meta = build_metadata([[i] for i in range(b)], [5] * b, [1] * b, 16, torch.device("cpu"))
+            ids = torch.full((b,), 7)
+            with torch.inference_mode():
+                for _ in range(5):
+                    model(ids, pos, meta)
+                samples = []
+                for _ in range(30):
+                    t0 = time.perf_counter()
+                    model(ids, pos, meta)
+                    samples.append(time.perf_counter() - t0)
+            times[(label, b)] = statistics.median(samples)
+    dist.destroy_process_group()
+    for b in batches:
+        emit(
+            {
+                "bench": "rank_share_alone",
+                "batch": b,
+                "whole_model_forward_ms": round(times[("whole", b)] * 1e3, 3),
+                "tp2_share_forward_ms": round(times[("share", b)] * 1e3, 3),
+                "share_over_whole": round(times[("share", b)] / times[("whole", b)], 3),
+            }
+        )
+
+
 # ---- the NVLink paper model ---------------------------------------------------------------------------
 def weight_bytes(m: dict, dtype_bytes: int = 2) -> int:
     head_dim = m["hidden"] // m["heads"]
@@ -315,6 +365,7 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as tmp:
             model_dir = str(build_model_dir(Path(tmp) / "m", seed=1, **MEASURED_SHAPE))
             measured(args, model_dir)
+            share_alone(model_dir, args.dtype, batches)
     rows = nvlink_rows(args.latency_us * 1e-6, [int(b) for b in args.paper_batches.split(",")])
     for row in rows:
         emit(row)
