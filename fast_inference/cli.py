@@ -217,6 +217,13 @@ def serve(args: argparse.Namespace) -> int:
     except ValueError as exc:
         log.error("%s", exc)
         return 2
+    try:
+        from .engine.config import EngineArgs
+
+        EngineArgs(model=model, **_parallel_args(args)).validate()  # bad parallel flags: exit 2 at once
+    except ValueError as exc:
+        log.error("%s", exc)
+        return 2
     if args.node_rank > 0:
         return _serve_worker_node(args, model, kv_cache_memory, log)
     default_name = os.path.basename(os.path.normpath(model)).removesuffix(".gguf")

@@ -58,8 +58,17 @@ class EngineArgs:
             raise ValueError(f"block_size must be a power of two, got {self.block_size}")
         if self.kv_cache_memory is not None:
             parse_memory(self.kv_cache_memory)
-        if self.tensor_parallel_size < 1:
-            raise ValueError(f"tensor_parallel_size must be at least 1, got {self.tensor_parallel_size}")
+        tp, nnodes = self.tensor_parallel_size, self.nnodes
+        if tp < 1:
+            raise ValueError(f"tensor_parallel_size must be at least 1, got {tp}")
+        if nnodes < 1 or tp % nnodes:
+            raise ValueError(f"nnodes ({nnodes}) must be at least 1 and divide tensor_parallel_size ({tp})")
+        if not 0 <= self.node_rank < nnodes:
+            raise ValueError(f"node_rank must be in [0, nnodes), got {self.node_rank} with nnodes={nnodes}")
+        if not 0 <= self.master_port < 65536:
+            raise ValueError(f"master_port must be in 0..65535, got {self.master_port}")
+        if nnodes > 1 and self.master_port == 0:
+            raise ValueError("master_port must be given (the same on every node) when nnodes > 1")
 
 
 @dataclass(slots=True)

@@ -77,24 +77,13 @@ class ParallelPlan:
 
 
 def plan_from_args(args: EngineArgs) -> ParallelPlan:
-    """Check the TP / multi-node flags together (ValueError naming the flag) and pick the rendezvous port."""
-    tp, nnodes = args.tensor_parallel_size, args.nnodes
-    if tp < 1:
-        raise ValueError(f"tensor_parallel_size must be at least 1, got {tp}")
-    if nnodes < 1 or tp % nnodes:
-        raise ValueError(f"nnodes ({nnodes}) must be at least 1 and divide tensor_parallel_size ({tp})")
-    if not 0 <= args.node_rank < nnodes:
-        raise ValueError(f"node_rank must be in [0, nnodes), got {args.node_rank} with nnodes={nnodes}")
+    """The ranks' layout from flags EngineArgs.validate has checked; picks the rendezvous port if free to."""
     port = args.master_port
-    if port == 0:
-        if nnodes > 1:
-            raise ValueError("master_port must be given (the same on every node) when nnodes > 1")
-        with socket.socket() as s:  # one node: any free port on loopback
+    if port == 0:  # one node (validate refuses 0 with several): any free port on loopback
+        with socket.socket() as s:
             s.bind((args.master_addr, 0))
             port = s.getsockname()[1]
-    if not 0 < port < 65536:
-        raise ValueError(f"master_port must be in 1..65535, got {port}")
-    return ParallelPlan(tp, nnodes, args.node_rank, args.master_addr, port)
+    return ParallelPlan(args.tensor_parallel_size, args.nnodes, args.node_rank, args.master_addr, port)
 
 
 def _device_of(args: EngineArgs, local_rank: int) -> torch.device:
@@ -487,6 +476,7 @@ def worker_main(args: EngineArgs, plan: ParallelPlan, rank: int, local_rank: int
 
 def run_worker_node(args: EngineArgs) -> int:
     """A node other than 0 (`serve --node-rank K`): run its ranks as pure workers until rank 0 stops."""
+    args.validate()
     plan = plan_from_args(args)
     device = resolve_device(args.device)
     cfg = load_model_config(args.model, args.dtype, device, args.max_model_len, args.quantization)

@@ -2,6 +2,7 @@
 two "nodes" on loopback (`--nnodes 2`, two separate process trees meeting at --master-port), a node that
 dies mid-service (503 envelope, /health 503), and SIGTERM leaving no process behind."""
 
+import logging
 import os
 import signal
 import socket
@@ -14,7 +15,7 @@ import urllib.request
 import openai
 import pytest
 
-from fast_inference import LLM, SamplingParams
+from fast_inference import LLM, SamplingParams, cli
 from fast_inference.models.demo import build_model_dir
 
 from .test_cli import ROOT, CLIServer
@@ -153,3 +154,19 @@ def test_two_nodes_on_loopback(model, reference, env):
     assert code == 0, server.log
     assert node1_code == 0, node1.stderr.read()
     assert descendants(server.proc.pid) == set()
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--nnodes", "2"], "master_port must be given"),
+        (["--nnodes", "3", "--master-port", "29500"], "nnodes (3) must be at least 1 and divide"),
+        (["--nnodes", "2", "--node-rank", "2", "--master-port", "29500"], "node_rank must be in [0, nnodes)"),
+    ],
+)
+def test_bad_parallel_flags_exit_before_anything_starts(model, flags, message, caplog):
+    args = cli._parser().parse_args(["serve", "--model", model, "--tensor-parallel-size", "2", *flags])
+    with caplog.at_level(logging.ERROR):
+        assert cli.serve(args) == 2
+    assert message in caplog.text
+    assert descendants(os.getpid()) == set()
