@@ -37,7 +37,8 @@ from .model_runner import ModelRunner
 logger = logging.getLogger("fast_inference.engine")
 
 # Rendezvous and model collectives: how long a rank waits for the others (a node that is still starting,
-# a step's all-reduce). Step messages wait as long as the server idles.
+# a step's all-reduce behind a slow peer's long prefill chunk). A worker that dies before it joins is
+# therefore noticed by rank 0 only at this timeout. Step messages wait as long as the server idles.
 RENDEZVOUS_TIMEOUT = datetime.timedelta(minutes=10)
 _IDLE_TIMEOUT = datetime.timedelta(days=365)
 
@@ -425,7 +426,7 @@ def start_tensor_parallel(args: EngineArgs, cfg: ModelConfig) -> ParallelModelRu
         detail = f" (workers: {', '.join(dead)}; see their log)" if dead else ""
         raise TensorParallelError(f"tensor-parallel start-up failed: {exc}{detail}") from exc
     runner.workers = workers
-    # A forgotten close() still stops the workers cleanly before multiprocessing's own exit hook.
+    # A forgotten close() still stops the workers cleanly when the interpreter exits.
     atexit.register(_close_at_exit, weakref.ref(runner))
     return runner
 
