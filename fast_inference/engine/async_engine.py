@@ -133,6 +133,9 @@ class AsyncEngine:
         self._commands.put(("stop",))
         self._thread.join(timeout)
         self._thread = None
+        close = getattr(self.engine, "close", None)  # tensor-parallel workers, if any
+        if close is not None:
+            close()
 
     # -- the served model, for the server (read once the engine is ready; nothing else reaches inside) --
     @property
@@ -358,10 +361,15 @@ class AsyncEngine:
             logger.error("engine step failed: %s\n%s", exc, traceback.format_exc())
         ids = list(self._active)
         self._abort_all()
-        self._call(self._fail_ids, ids, EngineDeadError(f"engine step failed: {type(exc).__name__}"))
+        detail = f": {exc}" if getattr(exc, "fatal", False) else ""
+        self._call(self._fail_ids, ids, EngineDeadError(f"engine step failed: {type(exc).__name__}{detail}"))
+        if getattr(exc, "fatal", False):  # e.g. a tensor-parallel worker died: no later step can run
+            self._failures = _MAX_CONSECUTIVE_FAILURES
         if self._failures >= _MAX_CONSECUTIVE_FAILURES:
             self.error = (
-                f"{_MAX_CONSECUTIVE_FAILURES} consecutive engine steps failed, last: {type(exc).__name__}"
+                f"{type(exc).__name__}: {exc}"
+                if getattr(exc, "fatal", False)
+                else f"{_MAX_CONSECUTIVE_FAILURES} consecutive engine steps failed, last: {type(exc).__name__}"
             )
             self.state = "failed"  # /health answers 503 from now on; new requests are refused
             logger.error("engine marked failed: %s", self.error)

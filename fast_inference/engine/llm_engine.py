@@ -74,9 +74,19 @@ class LLMEngine:
         self.block_size = args.block_size
         max_batched = args.max_num_batched_tokens or 2048
         kv_bytes = parse_memory(args.kv_cache_memory) if args.kv_cache_memory is not None else None
-        self.runner = ModelRunner(
-            cfg, args.block_size, kv_bytes, args.max_num_seqs, max_batched, enforce_eager=args.enforce_eager
-        )
+        if args.tensor_parallel_size > 1:
+            from .distributed import start_tensor_parallel  # workers started, rank 0's share loaded
+
+            self.runner = start_tensor_parallel(args, cfg)
+        else:
+            self.runner = ModelRunner(
+                cfg,
+                args.block_size,
+                kv_bytes,
+                args.max_num_seqs,
+                max_batched,
+                enforce_eager=args.enforce_eager,
+            )
         self.num_total_blocks = self.runner.num_blocks
         self.block_manager = BlockManager(self.num_total_blocks, args.block_size, args.enable_prefix_caching)
         self.scheduler = Scheduler(
@@ -113,6 +123,12 @@ class LLMEngine:
     @classmethod
     def from_engine_args(cls, args: EngineArgs) -> "LLMEngine":
         return cls(args)
+
+    def close(self) -> None:
+        """Stop the tensor-parallel workers, if any (idempotent; a single-process engine holds nothing)."""
+        close = getattr(self.runner, "close", None)
+        if close is not None:
+            close()
 
     # ---- requests -------------------------------------------------------------------------------
     def default_sampling_params(self) -> SamplingParams:
