@@ -141,14 +141,14 @@ def _parser(environ=os.environ) -> argparse.ArgumentParser:
     scale = serve.add_argument_group("processes")
     scale.add_argument(
         "--data-parallel-size",
-        type=_positive_int,
+        type=positive_int,
         default=1,
         help="engine replicas, each a process with the whole model; requests go to the replica with the "
         "best prefix-cache affinity, the least loaded on a tie (on CUDA replica i uses cuda:i)",
     )
     scale.add_argument(
         "--api-server-count",
-        type=_positive_int,
+        type=positive_int,
         default=1,
         help="HTTP front-end processes sharing the port (SO_REUSEPORT), all over the same engine(s); "
         "more than 1, or --data-parallel-size above 1, runs the engines in their own processes",
@@ -178,7 +178,7 @@ def _parser(environ=os.environ) -> argparse.ArgumentParser:
     return parser
 
 
-def _positive_int(text: str) -> int:
+def positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
         raise ValueError(f"must be at least 1, got {value}")
