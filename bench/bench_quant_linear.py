@@ -13,11 +13,10 @@ one core against a one-thread streaming read, which a busy machine disturbs leas
 
 import argparse
 import subprocess
+import time
 
 import torch
 import torch.nn.functional as F
-import time
-
 from common import emit, environment
 
 from fast_inference import ops
@@ -32,7 +31,9 @@ NAMES = {name: qtype for qtype, name in quant.QTYPE_NAMES.items()}
 
 def cpu_model() -> str:
     out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-    return next((line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name")), "?")
+    return next(
+        (line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name")), "?"
+    )
 
 
 def random_qweight(qtype: int, n: int, k: int) -> torch.Tensor:
@@ -100,7 +101,9 @@ def streaming_read_best(nbytes: int = 1 << 30) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--formats", default="Q4_0,Q4_1,Q8_0,Q4_K,Q5_K,Q6_K")
     parser.add_argument("--m", default="1,4,32,512")
     parser.add_argument("--shapes", default="smollm2,1.5b")
@@ -111,8 +114,17 @@ def main() -> None:
     device = torch.device("cpu")
     limit = streaming_read_best()
     llc = last_level_cache_bytes()
-    emit({"bench": "quant_linear", **environment(device), "cpu_model": cpu_model(), "isa": ops.cpu_isa(),
-          "streaming_read_GBps": round(limit / 1e9, 1), "llc_MiB": llc >> 20, "note": "shared machine: noisy"})
+    emit(
+        {
+            "bench": "quant_linear",
+            **environment(device),
+            "cpu_model": cpu_model(),
+            "isa": ops.cpu_isa(),
+            "streaming_read_GBps": round(limit / 1e9, 1),
+            "llc_MiB": llc >> 20,
+            "note": "shared machine: noisy",
+        }
+    )
     for shape_set in args.shapes.split(","):
         for name, n, k in SHAPES[shape_set]:
             for fmt in args.formats.split(","):
@@ -126,16 +138,28 @@ def main() -> None:
                         max(args.iters, 2 * len(copies)),
                     )
                     base, _ = timings(
-                        rotating([lambda x=x, w=w, qt=qtype, k=k: F.linear(x, ops.dequantize(w, qt, k)) for w in copies]),
+                        rotating(
+                            [
+                                lambda x=x, w=w, qt=qtype, k=k: F.linear(x, ops.dequantize(w, qt, k))
+                                for w in copies
+                            ]
+                        ),
                         args.iters,
                     )
-                    emit({
-                        "shape": f"{shape_set}.{name}", "N": n, "K": k, "format": fmt, "M": m,
-                        "us": round(ours * 1e6, 1), "median_us": round(ours_median * 1e6, 1),
-                        "weight_GBps": round(qw.numel() / ours / 1e9, 2),
-                        "pct_of_stream": round(100 * qw.numel() / ours / limit, 1),
-                        "vs_dequant_matmul": round(base / ours, 2),
-                    })
+                    emit(
+                        {
+                            "shape": f"{shape_set}.{name}",
+                            "N": n,
+                            "K": k,
+                            "format": fmt,
+                            "M": m,
+                            "us": round(ours * 1e6, 1),
+                            "median_us": round(ours_median * 1e6, 1),
+                            "weight_GBps": round(qw.numel() / ours / 1e9, 2),
+                            "pct_of_stream": round(100 * qw.numel() / ours / limit, 1),
+                            "vs_dequant_matmul": round(base / ours, 2),
+                        }
+                    )
 
 
 if __name__ == "__main__":

@@ -19,7 +19,9 @@ def random_qweight(qtype: int, n: int, k: int, seed: int = 0) -> torch.Tensor:
     if qtype in quant.WRITABLE_QTYPES:
         return ref.quantize(torch.randn(n, k, generator=gen), qtype)
     _, nbytes = quant.BLOCK_LAYOUT[qtype]
-    blocks = torch.randint(0, 256, (n, quant.row_bytes(qtype, k) // nbytes, nbytes), dtype=torch.uint8, generator=gen)
+    blocks = torch.randint(
+        0, 256, (n, quant.row_bytes(qtype, k) // nbytes, nbytes), dtype=torch.uint8, generator=gen
+    )
     scale = torch.full(blocks.shape[:2], 0.01, dtype=torch.float16).unsqueeze(-1).view(torch.uint8)
     if qtype == quant.Q6_K:
         blocks[..., 208:210] = scale
@@ -38,7 +40,9 @@ def test_dequantize_matches_gguf_bit_for_bit(qtype, device):
     torch.testing.assert_close(ref.dequantize(qw, qtype, k), expected, rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("qtype", quant.WRITABLE_QTYPES, ids=[quant.QTYPE_NAMES[q] for q in quant.WRITABLE_QTYPES])
+@pytest.mark.parametrize(
+    "qtype", quant.WRITABLE_QTYPES, ids=[quant.QTYPE_NAMES[q] for q in quant.WRITABLE_QTYPES]
+)
 def test_quantize_matches_gguf_bit_for_bit(qtype, device):
     w = torch.randn(40, 256, generator=torch.Generator().manual_seed(1))
     w[3] = 0.0  # an all-zero block: scale 0
@@ -47,13 +51,17 @@ def test_quantize_matches_gguf_bit_for_bit(qtype, device):
     assert torch.equal(ref.quantize(w, qtype), expected)
 
 
-@pytest.mark.parametrize("qtype", quant.WRITABLE_QTYPES, ids=[quant.QTYPE_NAMES[q] for q in quant.WRITABLE_QTYPES])
+@pytest.mark.parametrize(
+    "qtype", quant.WRITABLE_QTYPES, ids=[quant.QTYPE_NAMES[q] for q in quant.WRITABLE_QTYPES]
+)
 def test_quantize_pads_odd_k_with_zeros(qtype):
     w = torch.randn(5, 45)
     qw = ops.quantize(w, qtype)
     assert qw.shape == (5, quant.row_bytes(qtype, 45))
     padded = ops.dequantize(qw, qtype, 64)
-    if qtype != quant.Q4_1:  # symmetric formats store zeros exactly; Q4_1's min offset moves them by < one step
+    if (
+        qtype != quant.Q4_1
+    ):  # symmetric formats store zeros exactly; Q4_1's min offset moves them by < one step
         assert torch.all(padded[:, 45:] == 0)
     torch.testing.assert_close(ops.dequantize(qw, qtype, 45), ref.dequantize(qw, qtype, 45), rtol=0, atol=0)
 
