@@ -182,7 +182,9 @@ class GGUFFile:
         else:
             rows, width = src.shape
             half = rows // permute_heads // 2
-            dest.view(permute_heads, 2, half, width).copy_(src.view(permute_heads, half, 2, width).transpose(1, 2))
+            dest.view(permute_heads, 2, half, width).copy_(
+                src.view(permute_heads, half, 2, width).transpose(1, 2)
+            )
         del src
 
 

@@ -47,7 +47,9 @@ def _concat_rows(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     )
     if not adjacent:
         return torch.cat((a, b))
-    return a.new_empty(0).set_(a.untyped_storage(), a.storage_offset(), (a.shape[0] + b.shape[0], *a.shape[1:]))
+    return a.new_empty(0).set_(
+        a.untyped_storage(), a.storage_offset(), (a.shape[0] + b.shape[0], *a.shape[1:])
+    )
 
 
 class QuantizedLinear(_DirectCall):
