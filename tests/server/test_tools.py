@@ -637,3 +637,25 @@ def test_cli_flags():
     assert (args.tool_call_parser, args.reasoning_parser) == (None, None)  # the template picks the parser
     with pytest.raises(SystemExit):
         cli._parser().parse_args(["serve", "--tool-call-parser", "xml"])
+
+
+def test_responses_function_call_items_render_as_tool_calls(servers):
+    """/v1/responses input with function_call / function_call_output items renders like the chat history
+    with an assistant tool call and a tool result (the Hermes-style template shows both)."""
+    thread = servers["hermes"]
+    items = [
+        *USER,
+        {
+            "type": "function_call",
+            "call_id": "abcDEF123",
+            "name": "get_weather",
+            "arguments": '{"city": "Paris"}',
+        },
+        {"type": "function_call_output", "call_id": "abcDEF123", "output": "sunny, 21 C"},
+    ]
+    r = call(
+        thread.port, "POST", "/v1/responses", {"model": MODEL_NAME, "input": items, "max_output_tokens": 2}
+    )
+    assert r.status == 200, r.body
+    tokenized = call(thread.port, "POST", "/tokenize", {"model": MODEL_NAME, "messages": HISTORY})
+    assert r.json()["usage"]["input_tokens"] == tokenized.json()["count"]
