@@ -13,7 +13,7 @@ import re
 import secrets
 import string
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 TOOL_CALL_PARSERS = ("hermes", "llama3_json", "mistral")
 ARGUMENT_KEYS = ("arguments", "parameters")  # Hermes/Mistral say "arguments", Llama 3 says "parameters"
@@ -162,6 +162,13 @@ class _CallObject:
         elif self.key in ARGUMENT_KEYS and self.args_start == self.value_start and self.args_end is None:
             self.args_end = end
 
+    def arguments_after(self, sent: int) -> str:
+        """arguments()[sent:] without rebuilding the text already sent (a long call stays linear)."""
+        if self.args_kind == "container":
+            end = self.args_end if self.args_end is not None else len(self.raw)
+            return "".join(self.raw[self.args_start + sent : end])
+        return self.arguments()[sent:]
+
     def arguments(self) -> str:
         """The arguments text known so far: a container's raw text as it grows; a string or other scalar
         once complete (a string holding JSON is unwrapped); "{}" for a finished call without arguments."""
@@ -191,8 +198,17 @@ class ToolCall:
     index: int
     id: str
     name: str
-    arguments: str = ""
+    arguments: str = ""  # whole once the call ends (while streaming, the pieces are in `parts`)
     complete: bool = False
+    parts: list[str] = field(default_factory=list)
+    sent: int = 0  # characters of arguments sent so far
+
+    def add(self, piece: str) -> None:
+        self.parts.append(piece)  # a list: a long call's arguments are not re-copied on every piece
+        self.sent += len(piece)
+
+    def close(self) -> None:
+        self.arguments = "".join(self.parts)
 
     def openai(self) -> dict:
         return {
@@ -257,6 +273,8 @@ class ToolCallParser:
             self.broken = True  # the output ended inside a call
         self._pending = ""
         self._send_call(events)
+        if self._call is not None:
+            self._call.close()
         if self._held_ws and not self.calls:
             self._emit_content(self._held_ws, events)
         self._held_ws = ""
@@ -355,7 +373,8 @@ class ToolCallParser:
         if state == "object":
             obj = self._obj
             obj.push(ch)
-            self._section_raw += ch
+            if not self._section_sent:  # kept only to give back as content: not needed once a call is out
+                self._section_raw += ch
             if self._bare_arguments and obj.args_end is not None and not obj.done:
                 obj.push("}")  # the arguments were the whole object the model wrote: close the call
             if obj.name is not None and self._call is None and not obj.error:
@@ -419,6 +438,7 @@ class ToolCallParser:
             return
         self._send_call(events)
         if self._call is not None:
+            self._call.close()
             self._call.complete = True
         self._state = "after_object"
 
@@ -426,6 +446,7 @@ class ToolCallParser:
         """The section is not a well-formed call: unsent, its text is content; sent, the call is broken
         and the rest of the section is skipped."""
         if self._call is not None and not self._call.complete:
+            self._call.close()
             self.broken = True
         if not self._section_sent:
             raw = self._section_raw
@@ -443,9 +464,13 @@ class ToolCallParser:
         if obj is None or obj.name is None or self._ignored:
             return
         call = self._call
-        arguments = obj.arguments()
+        if call is not None and call.complete:
+            return
         if call is None:
-            call = self._call = ToolCall(len(self.calls), self.new_id(), obj.name, arguments)
+            arguments = obj.arguments()
+            call = self._call = ToolCall(len(self.calls), self.new_id(), obj.name)
+            call.add(arguments)
+            call.close()
             self.calls.append(call)
             self._section_sent = True
             item = {
@@ -456,9 +481,9 @@ class ToolCallParser:
             }
             events.append(("tool_call", item))
             return
-        piece = arguments[len(call.arguments) :]
+        piece = obj.arguments_after(call.sent)
         if piece:
-            call.arguments = arguments
+            call.add(piece)
             events.append(("tool_call", {"index": call.index, "function": {"arguments": piece}}))
 
 
@@ -593,15 +618,16 @@ class NamedToolParser:
             if not text:
                 return []
             self._started = True
-            self.call.arguments = text
+            self.call.add(text)
             item = {"index": 0, "id": self.call.id, "type": "function"}
             return [("tool_call", {**item, "function": {"name": self.call.name, "arguments": text}})]
         if not text:
             return []
-        self.call.arguments += text
+        self.call.add(text)
         return [("tool_call", {"index": 0, "function": {"arguments": text}})]
 
     def finish(self) -> list[Event]:
+        self.call.close()
         self.call.complete = self._started and _is_json(self.call.arguments)
         self.broken = not self.call.complete
         return []
