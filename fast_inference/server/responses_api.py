@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 from ..engine.async_engine import EngineDeadError
 from . import protocol
 from .errors import APIError, invalid, unsupported
-from .generation import GenerationJob, require_generation, start_job
+from .generation import GenerationJob, require_generation, start_job, stream_error
 from .http import Request, Response, StreamingResponse
 from .response_store import StoredResponse
 
@@ -385,13 +385,7 @@ class ResponseRun:
             self.job.status = 499  # client closed the connection
             raise
         except Exception as exc:
-            if isinstance(exc, APIError):
-                error = exc
-            elif isinstance(exc, EngineDeadError):
-                error = APIError(503, str(exc), code="engine_unavailable")
-            else:
-                logger.exception("stream %s failed", self.id)
-                error = APIError(500, "Internal server error during streaming")
+            error = stream_error(exc, self.id)
             self.job.status = error.status
         self._finish(error)
         chunk, self.pending = b"".join(self.pending), []
