@@ -1,4 +1,5 @@
-"""LLMEngine: requests in, one schedule -> run -> update step at a time, RequestOutput deltas out (single-threaded)."""
+"""LLMEngine: requests in (checked by intake.py), one step at a time (schedule -> run -> update -> sample ->
+process -> finish), RequestOutput deltas out; single-threaded."""
 
 import logging
 import random
@@ -73,9 +74,19 @@ class LLMEngine:
         self.block_size = args.block_size
         max_batched = args.max_num_batched_tokens or 2048
         kv_bytes = parse_memory(args.kv_cache_memory) if args.kv_cache_memory is not None else None
-        self.runner = ModelRunner(
-            cfg, args.block_size, kv_bytes, args.max_num_seqs, max_batched, enforce_eager=args.enforce_eager
-        )
+        if args.tensor_parallel_size > 1:
+            from .distributed import start_tensor_parallel  # workers started, rank 0's share loaded
+
+            self.runner = start_tensor_parallel(args, cfg)
+        else:
+            self.runner = ModelRunner(
+                cfg,
+                args.block_size,
+                kv_bytes,
+                args.max_num_seqs,
+                max_batched,
+                enforce_eager=args.enforce_eager,
+            )
         self.num_total_blocks = self.runner.num_blocks
         self.block_manager = BlockManager(self.num_total_blocks, args.block_size, args.enable_prefix_caching)
         self.scheduler = Scheduler(
@@ -85,6 +96,7 @@ class LLMEngine:
                 max_model_len=cfg.max_model_len,
                 block_size=args.block_size,
                 enable_prefix_caching=args.enable_prefix_caching,
+                target_itl_ms=args.target_itl_ms,
             ),
             self.block_manager,
         )
@@ -112,6 +124,12 @@ class LLMEngine:
     @classmethod
     def from_engine_args(cls, args: EngineArgs) -> "LLMEngine":
         return cls(args)
+
+    def close(self) -> None:
+        """Stop the tensor-parallel workers, if any (idempotent; a single-process engine holds nothing)."""
+        close = getattr(self.runner, "close", None)
+        if close is not None:
+            close()
 
     # ---- requests -------------------------------------------------------------------------------
     def default_sampling_params(self) -> SamplingParams:
@@ -214,6 +232,7 @@ class LLMEngine:
         """One step: schedule -> run -> update (counts, prefix-cache blocks, forks) -> sample -> process
         (tokens, text, stops, logprobs) -> finish (free what ended); returns the changed requests' deltas."""
         outputs = self._process_aborts() if self._aborts else []
+        started = time.perf_counter()
         batch = self.scheduler.schedule()
         if batch.is_empty:
             return outputs
@@ -238,6 +257,7 @@ class LLMEngine:
             for delta in deltas:
                 if delta.finished:
                     self._retire(self.requests[delta.request_id])
+        self.scheduler.observe_step(batch, time.perf_counter() - started)  # the step cost model's input
         return outputs
 
     def _retire(self, req: Request) -> None:
