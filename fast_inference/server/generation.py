@@ -32,7 +32,14 @@ async def generate(app: "OpenAIApp", request: Request, chat: bool) -> Response |
 
     def parse(tokenizer) -> protocol.GenerationRequest:
         if chat:
-            return protocol.parse_chat(body, names, tokenizer, app.config.chat_template)
+            return protocol.parse_chat(
+                body,
+                names,
+                tokenizer,
+                app.config.chat_template,
+                tool_call_parser=app.config.tool_call_parser,
+                reasoning_parser=app.config.reasoning_parser,
+            )
         return protocol.parse_completion(body, names, tokenizer)
 
     gen = await app.tokenizers.run(request, parse)
@@ -143,6 +150,7 @@ class GenerationJob:
             model=gen.model,
             fingerprint=app.fingerprint,
             top_logprobs=gen.logprobs,
+            output=gen.output,
         )
 
     def _observe(self, prompt_index: int, output: RequestOutput) -> None:

@@ -50,6 +50,8 @@ class ServerConfig:
     allowed_origins: list[str] = field(default_factory=list)
     max_pending_requests: int = 2048  # engine requests queued or running; more -> 429
     chat_template: str | None = None
+    tool_call_parser: str | None = None  # hermes | llama3_json | mistral; None: the template's markup says
+    reasoning_parser: str | None = None  # qwen3 | deepseek_r1; None: reasoning stays in content
     responses_max_stored: int = 1024  # /v1/responses store bounds (least recently used out first)
     responses_max_bytes: int = 64 << 20
     api_server_index: int | None = None  # which of several API server processes (--api-server-count)
