@@ -174,6 +174,9 @@ class OutputItems:
     def _call(self, piece: dict) -> None:
         function = piece.get("function") or {}
         item = self._calls.get(piece["index"])
+        if item is not None and item is not self._open:
+            # The tool-call parsers finish a call before the next one starts; an item once done stays done.
+            raise ValueError(f"tool call {piece['index']} continued after another output item started")
         if item is None:
             item = {"id": "fc_" + uuid.uuid4().hex, "type": "function_call", "call_id": piece["id"],
                     "name": function["name"], "arguments": "", "status": "in_progress"}  # fmt: skip

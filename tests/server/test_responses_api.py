@@ -314,24 +314,22 @@ def test_output_items_fold_text_and_tool_calls(rschemas):
     """The fold the stream and the final object share, fed chat-shaped deltas with a tool call the way a
     tool-call parser sends them (first piece: index, id, type, name; then argument pieces)."""
     events = []
-    items = OutputItems(
-        lambda kind, **fields: events.append({"type": kind, "sequence_number": len(events), **fields})
-    )
+
+    def emit(kind, **fields):  # encoded when emitted, as the server does
+        events.append(json.loads(json.dumps({"type": kind, "sequence_number": len(events), **fields})))
+
+    items = OutputItems(emit)
     items.add({"content": "Let me check. "})
     items.add({"content": "One moment."})
-    items.add(
-        {
-            "tool_calls": [
-                {
-                    "index": 0,
-                    "id": "call_a",
-                    "type": "function",
-                    "function": {"name": "get_weather", "arguments": ""},
-                }
-            ]
-        }
-    )
+    first_piece = {
+        "index": 0,
+        "id": "call_a",
+        "type": "function",
+        "function": {"name": "get_weather", "arguments": ""},
+    }
+    items.add({"tool_calls": [first_piece]})
     items.add({"tool_calls": [{"index": 0, "function": {"arguments": '{"city": '}}]})
+    items.add({"tool_calls": [{"index": 0, "function": {"arguments": '"Paris"}'}}]})
     items.add(
         {
             "tool_calls": [
@@ -344,7 +342,8 @@ def test_output_items_fold_text_and_tool_calls(rschemas):
             ]
         }
     )
-    items.add({"tool_calls": [{"index": 0, "function": {"arguments": '"Paris"}'}}]})
+    with pytest.raises(ValueError):  # a call's pieces come before the next item starts
+        items.add({"tool_calls": [{"index": 0, "function": {"arguments": " "}}]})
     items.finish("completed")
     for event in events:
         rschemas.validate_event(event)
@@ -359,15 +358,21 @@ def test_output_items_fold_text_and_tool_calls(rschemas):
     for item in items.items:
         rschemas.validate("OutputItem", item)
     kinds = [e["type"] for e in events]
-    assert (
-        kinds[:4]
-        == ["response.output_item.added", "response.content_part.added"] + ["response.output_text.delta"] * 2
-    )
-    # The arguments of a call arrive at its item, whichever item was opened last.
-    deltas = [e for e in events if e["type"] == "response.function_call_arguments.delta"]
-    assert [(d["output_index"], d["delta"]) for d in deltas] == [(1, '{"city": '), (2, "{}"), (1, '"Paris"}')]
-    done = {e["output_index"]: e for e in events if e["type"] == "response.output_item.done"}
-    assert done[1]["item"]["arguments"] == '{"city": "Paris"}' and set(done) == {0, 1, 2}
+    assert kinds == [
+        "response.output_item.added", "response.content_part.added", "response.output_text.delta",
+        "response.output_text.delta", "response.output_text.done", "response.content_part.done",
+        "response.output_item.done", "response.output_item.added", "response.function_call_arguments.delta",
+        "response.function_call_arguments.delta", "response.function_call_arguments.done",
+        "response.output_item.done", "response.output_item.added", "response.function_call_arguments.delta",
+        "response.function_call_arguments.done", "response.output_item.done",
+    ]  # fmt: skip
+    done = [e for e in events if e["type"] == "response.output_item.done"]
+    assert [e["item"] for e in done] == items.items  # what each done event said is what the object holds
+    assert [e["output_index"] for e in events if e["type"] == "response.function_call_arguments.delta"] == [
+        1,
+        1,
+        2,
+    ]
     # As the next turn's input: the text and both calls in one assistant message.
     assert protocol.response_input(items.items) == [
         {"role": "assistant", "content": "Let me check. One moment."},
