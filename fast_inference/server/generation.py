@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 
 from ..engine.async_engine import EngineDeadError, RequestStream
 from ..engine.intake import InvalidRequestError
-from ..engine.outputs import CompletionOutput, RequestOutput
+from ..engine.outputs import RequestOutput
 from . import protocol, sse
 from .errors import APIError, invalid
 from .http import Request, Response, StreamingResponse
@@ -95,6 +95,8 @@ async def start_job(
         app.inflight -= len(gen.prompts)
         if isinstance(exc, InvalidRequestError):  # the engine's intake refused it
             param = prompt_param if exc.param == "prompt" else exc.param
+            if param == "structured_outputs" and gen.constrained_by:  # the field the client set
+                param = gen.constrained_by
             raise APIError(400, str(exc), param=param, code=exc.code) from None
         raise
     return GenerationJob(app, gen, request_id, streams, arrival)
@@ -141,17 +143,11 @@ class GenerationJob:
             self.token_counts[prompt_index * n + c.index] += len(c.token_ids)
             new += len(c.token_ids)
         final = self.finals[prompt_index]
-        if final is None:
-            # The stream's own copy: the delta object itself is folded into, the engine never reuses it.
-            self.finals[prompt_index] = RequestOutput(
-                output.request_id, output.prompt, output.prompt_token_ids,
-                [CompletionOutput(c.index, c.text, list(c.token_ids), c.cumulative_logprob,
-                                  list(c.logprobs) if c.logprobs is not None else None,
-                                  c.finish_reason, c.stop_reason) for c in output.outputs],
-                output.finished, output.metrics, output.num_cached_tokens, output.prompt_logprobs,
-            )  # fmt: skip
-        else:
-            final.add(output)
+        if final is None:  # a fold of its own: add() copies what it keeps, the delta stays the stream's
+            final = self.finals[prompt_index] = RequestOutput(
+                output.request_id, output.prompt, output.prompt_token_ids, [], False
+            )
+        final.add(output)
         if new <= 0:
             return
         now = time.perf_counter()

@@ -7,7 +7,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from ..engine.sampling_params import SamplingParams
+from ..engine.sampling_params import SamplingParams, StructuredOutputsParams
 from ..ops.sampling import MAX_LOGPROBS
 from .errors import APIError, invalid, unsupported
 
@@ -176,13 +176,47 @@ def _refuse_tool_choice(name: str) -> Callable[[Any], None]:
     return read
 
 
-def _response_format(fmt: Any) -> None:
+def _response_format(fmt: Any) -> StructuredOutputsParams | None:
+    """OpenAI's response_format -> the engine's constraint (None for plain text)."""
     if not isinstance(fmt, dict) or not isinstance(fmt.get("type"), str):
         raise invalid("'response_format' must be an object with a 'type'", "response_format")
-    if fmt["type"] != "text":
-        if fmt["type"] in ("json_object", "json_schema"):
-            raise unsupported("response_format", f"response_format type '{fmt['type']}' (structured output)")
-        raise invalid(f"Unknown response_format type '{fmt['type']}'", "response_format")
+    kind = fmt["type"]
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        return StructuredOutputsParams(json_object=True)
+    if kind != "json_schema":
+        raise invalid(f"Unknown response_format type '{kind}'", "response_format")
+    spec = fmt.get("json_schema")
+    if not isinstance(spec, dict):
+        raise invalid("'response_format.json_schema' must be an object", "response_format")
+    if not isinstance(spec.get("name"), str) or not spec["name"]:
+        raise invalid("'response_format.json_schema.name' must be a non-empty string", "response_format")
+    schema = spec.get("schema", {})  # no schema: any JSON value
+    if not isinstance(schema, dict):
+        raise invalid("'response_format.json_schema.schema' must be a JSON Schema object", "response_format")
+    if spec.get("strict") is not None and not isinstance(spec["strict"], bool):
+        raise invalid("'response_format.json_schema.strict' must be a boolean", "response_format")
+    return StructuredOutputsParams(json=schema)
+
+
+_STRUCTURED_KEYS = ("json", "json_object", "regex", "choice", "grammar")
+
+
+def _structured_outputs(value: Any) -> StructuredOutputsParams:
+    """vLLM's structured_outputs object: exactly one of json, json_object, regex, choice, grammar."""
+    if not isinstance(value, dict):
+        raise invalid("'structured_outputs' must be an object", "structured_outputs")
+    unknown = sorted(set(value) - set(_STRUCTURED_KEYS))
+    if unknown:
+        raise invalid(
+            f"'structured_outputs' has unknown keys {unknown}; it takes one of {list(_STRUCTURED_KEYS)}",
+            "structured_outputs",
+        )
+    try:
+        return StructuredOutputsParams(**{k: v for k, v in value.items() if v is not None})
+    except ValueError as exc:
+        raise invalid(str(exc), "structured_outputs") from None
 
 
 def _modalities(value: Any) -> None:
@@ -254,6 +288,42 @@ _MESSAGE = {
 }
 _MESSAGES = {"type": "array", "items": _MESSAGE, "minItems": 1}
 
+_RESPONSE_FORMAT = {
+    "anyOf": [
+        {"type": "object", "required": ["type"], "properties": {"type": {"enum": ["text", "json_object"]}}},
+        {
+            "type": "object",
+            "required": ["type", "json_schema"],
+            "properties": {
+                "type": {"enum": ["json_schema"]},
+                "json_schema": {
+                    "type": "object",
+                    "required": ["name"],
+                    "properties": {
+                        "name": {"type": "string"},
+                        "description": {"type": "string"},
+                        "schema": {"type": "object"},
+                        "strict": {"type": ["boolean", "null"]},
+                    },
+                },
+            },
+        },
+        {"type": "null"},
+    ]
+}
+_STRUCTURED_OUTPUTS = {
+    "type": ["object", "null"],
+    "minProperties": 1,
+    "maxProperties": 1,
+    "properties": {
+        "json": {"anyOf": [{"type": "object"}, {"type": "string"}]},
+        "json_object": {"type": "boolean"},
+        "regex": {"type": "string"},
+        "choice": {"type": "array", "items": {"type": "string"}, "minItems": 1},
+        "grammar": {"type": "string"},
+    },
+    "additionalProperties": False,
+}
 _INPUT_PART = {
     "type": "object",
     "required": ["type"],
@@ -568,10 +638,20 @@ FIELDS: tuple[Field, ...] = (
     Field(
         "response_format",
         None,
-        'Only {"type": "text"} is accepted.',
+        'Constrain the output: {"type": "json_object"} (any JSON object) or {"type": "json_schema", '
+        '"json_schema": {"name", "schema", "strict"}} (always enforced, strict or not); "text" is free.',
         _TOOL_ROUTES,
         reader=_response_format,
-        schema={"type": ["object", "null"], "properties": {"type": {"type": "string"}}},
+        schema=_RESPONSE_FORMAT,
+    ),
+    Field(
+        "structured_outputs",
+        None,
+        "Constrain the output (vLLM's names), exactly one of: json (a JSON Schema), json_object, regex, "
+        "choice (one of these strings), grammar (GBNF, llama.cpp's EBNF). Not with response_format.",
+        GENERATION,
+        reader=_structured_outputs,
+        schema=_STRUCTURED_OUTPUTS,
     ),
     Field(
         "audio",
@@ -788,6 +868,7 @@ class GenerationRequest:
     echo: bool
     logprobs: int | None  # chat: top_logprobs when logprobs is true; completions: logprobs
     chat: bool
+    constrained_by: str | None = None  # the field that set params.structured_outputs (for the 400s)
 
 
 _MODEL = next(f for f in FIELDS if f.name == "model")
@@ -806,6 +887,13 @@ def _sampling(
     fields: dict, *, max_tokens: int | None, n: int, logprobs: int | None, prompt_logprobs: int | None = None
 ) -> SamplingParams:
     min_tokens = fields["min_tokens"]
+    constraint = fields["structured_outputs"]
+    if fields["response_format"] is not None:
+        if constraint is not None:
+            raise invalid(
+                "Set either 'response_format' or 'structured_outputs', not both", "structured_outputs"
+            )
+        constraint = fields["response_format"]
     if max_tokens is not None and min_tokens > max_tokens:
         raise invalid(f"'min_tokens' ({min_tokens}) must not exceed max_tokens ({max_tokens})", "min_tokens")
     try:
@@ -829,10 +917,17 @@ def _sampling(
             logit_bias=fields["logit_bias"],
             skip_special_tokens=fields["skip_special_tokens"],
             include_stop_str_in_output=fields["include_stop_str_in_output"],
+            structured_outputs=constraint,
         )
     except ValueError as exc:  # SamplingParams' own checks name the field first
         message = str(exc)
         raise invalid(message, message.split(" ", 1)[0]) from None
+
+
+def _constrained_by(fields: dict) -> str | None:
+    if fields["response_format"] is not None:
+        return "response_format"
+    return "structured_outputs" if fields["structured_outputs"] is not None else None
 
 
 def _text_content(content: Any, where: str) -> str:
@@ -918,7 +1013,9 @@ def parse_chat(body: dict, served: list[str], tokenizer, chat_template: str | No
     ids = tokenizer.encode(text, add_special_tokens=False)
     # No max_tokens: the engine gives the completion the room the prompt leaves.
     params = _sampling(fields, max_tokens=max_tokens, n=fields["n"], logprobs=logprobs)
-    return GenerationRequest(model, [ids], [text], params, stream, include_usage, False, logprobs, True)
+    return GenerationRequest(
+        model, [ids], [text], params, stream, include_usage, False, logprobs, True, _constrained_by(fields)
+    )
 
 
 def _stream_options(fields: dict) -> tuple[bool, bool]:
@@ -983,7 +1080,9 @@ def parse_completion(body: dict, served: list[str], tokenizer) -> GenerationRequ
     # echo + logprobs: the prompt's tokens come first in the logprobs, as OpenAI's completions had them.
     prompt_logprobs = logprobs if echo else None
     params = _sampling(fields, max_tokens=max_tokens, n=n, logprobs=logprobs, prompt_logprobs=prompt_logprobs)
-    return GenerationRequest(model, prompts, texts, params, stream, include_usage, echo, logprobs, False)
+    return GenerationRequest(
+        model, prompts, texts, params, stream, include_usage, echo, logprobs, False, _constrained_by(fields)
+    )
 
 
 # -- /v1/responses ----------------------------------------------------------------------------------------

@@ -5,6 +5,7 @@ import asyncio
 import hmac
 import json
 import logging
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -51,6 +52,7 @@ class ServerConfig:
     chat_template: str | None = None
     responses_max_stored: int = 1024  # /v1/responses store bounds (least recently used out first)
     responses_max_bytes: int = 64 << 20
+    api_server_index: int | None = None  # which of several API server processes (--api-server-count)
 
 
 class OpenAIApp:
@@ -61,7 +63,7 @@ class OpenAIApp:
     ) -> None:
         self.engine = engine
         self.config = config
-        self.metrics = Metrics(config.served_model_names[0])
+        self.metrics = Metrics(config.served_model_names[0], config.api_server_index)
         self._connections = connections
         self._api_key = config.api_key.encode() if config.api_key else None
         self._origins = set(config.allowed_origins)
@@ -265,6 +267,20 @@ class OpenAIApp:
     # -- simple endpoints ----------------------------------------------------------------------------
     async def health(self, request: Request) -> Response:
         """Readiness: 200 once the model can serve, 503 while it loads or after a fault."""
+        replicas = self.engine.replica_states()
+        if replicas and self.engine.state == "ready":
+            # Engine replicas: 200 while any serves, with "degraded" and the state of each.
+            status = "ok" if all(r["state"] == "ready" for r in replicas) else "degraded"
+            return self.json_response(
+                {
+                    "status": status,
+                    "api_server": self.config.api_server_index,
+                    "pid": os.getpid(),
+                    "replicas": [
+                        {k: r[k] for k in ("replica", "state", "pid", "restarts", "error")} for r in replicas
+                    ],
+                }
+            )
         if self.engine.state == "ready":
             return Response(200, b"", content_type="text/plain")
         if self.engine.state == "loading":
@@ -325,9 +341,8 @@ class OpenAIApp:
                     values[dst] = stats[src]
             return values
 
-        return Response(
-            200, self.metrics.render(gauges).encode(), content_type="text/plain; version=0.0.4; charset=utf-8"
-        )
+        text = self.metrics.render(gauges, self.engine.replica_states())
+        return Response(200, text.encode(), content_type="text/plain; version=0.0.4; charset=utf-8")
 
     async def tokenize(self, request: Request) -> Response:
         """Tokenize a prompt, or a conversation rendered by the chat template."""
