@@ -27,9 +27,22 @@ CANCEL_PATH = "/v1/responses/{response_id}/cancel"
 _dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
 
 
-def _not_found(response_id: str) -> APIError:
+def _where_stored(app: "OpenAIApp") -> str:
+    """With several API server processes each keeps its own store: say so in the 404s."""
+    if app.config.api_server_index is None:
+        return ""
+    return (
+        f" on this API server process (#{app.config.api_server_index}; with --api-server-count > 1 each "
+        "process has its own response store)"
+    )
+
+
+def _not_found(app: "OpenAIApp", response_id: str) -> APIError:
     return APIError(
-        404, f"No response with id '{response_id}' is stored", param="response_id", code="not_found"
+        404,
+        f"No response with id '{response_id}' is stored{_where_stored(app)}",
+        param="response_id",
+        code="not_found",
     )
 
 
@@ -46,7 +59,8 @@ async def create_response(app: "OpenAIApp", request: Request) -> Response | Stre
         if previous is None:
             raise APIError(
                 404,
-                f"Previous response with id '{previous_id}' not found (never stored, deleted or evicted)",
+                f"Previous response with id '{previous_id}' not found (never stored, deleted or evicted)"
+                + _where_stored(app),
                 param="previous_response_id",
                 code="previous_response_not_found",
             )
@@ -90,14 +104,14 @@ async def create_response(app: "OpenAIApp", request: Request) -> Response | Stre
 async def retrieve_response(app: "OpenAIApp", response_id: str) -> Response:
     entry = app.responses.get(response_id)
     if entry is None:
-        raise _not_found(response_id)
+        raise _not_found(app, response_id)
     return app.json_response(entry.body)
 
 
 async def delete_response(app: "OpenAIApp", response_id: str) -> Response:
     entry = app.responses.get(response_id)
     if entry is None:
-        raise _not_found(response_id)
+        raise _not_found(app, response_id)
     if entry.cancel is not None:
         entry.cancel()  # deleting a response that is being generated stops it
     app.responses.delete(response_id)
@@ -107,7 +121,7 @@ async def delete_response(app: "OpenAIApp", response_id: str) -> Response:
 async def cancel_response(app: "OpenAIApp", response_id: str) -> Response:
     entry = app.responses.get(response_id)
     if entry is None:
-        raise _not_found(response_id)
+        raise _not_found(app, response_id)
     if entry.cancel is not None:
         entry.cancel()  # stores the final (cancelled) object; the run answers its own client with it
         entry = app.responses.get(response_id) or entry
