@@ -109,7 +109,20 @@ def _parser(environ=os.environ) -> argparse.ArgumentParser:
         "--max-model-len", type=int, default=None, help="context length (default: the model's)"
     )
     serve.add_argument("--max-num-seqs", type=int, default=256, help="most sequences in one batch")
-    serve.add_argument("--max-num-batched-tokens", type=int, default=None, help="token budget of one step")
+    serve.add_argument(
+        "--max-num-batched-tokens",
+        type=int,
+        default=None,
+        help="the most tokens one step computes (default 2048)",
+    )
+    serve.add_argument(
+        "--target-itl-ms",
+        type=float,
+        default=None,
+        help="latency target of a step that carries decodes: it takes prompt tokens (chunked prefill) only "
+        "while its modelled cost stays within max(this, twice its decodes' cost), the cost fitted to the "
+        "observed steps (default: EngineArgs.target_itl_ms, 100; a large value runs prompts whole)",
+    )
     serve.add_argument(
         "--kv-cache-memory",
         default=None,
@@ -322,6 +335,7 @@ def serve(args: argparse.Namespace) -> int:
             max_model_len=args.max_model_len,
             max_num_seqs=args.max_num_seqs,
             max_num_batched_tokens=args.max_num_batched_tokens,
+            **({} if args.target_itl_ms is None else {"target_itl_ms": args.target_itl_ms}),
             kv_cache_memory=kv_cache_memory,
             block_size=args.block_size,
             enable_prefix_caching=not args.no_enable_prefix_caching,
