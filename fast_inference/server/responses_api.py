@@ -133,9 +133,10 @@ def _text_part(text: str) -> dict:
 
 
 class OutputItems:
-    """A response's output items folded from its choice's deltas in chat's shape ({"content": text} and
-    {"tool_calls": [piece]}, a call's first piece carrying its id and name): one message item per run of
-    text, one function_call item per call. The same fold gives the stream's events (through `emit`) and
+    """A response's output items folded from its choice's deltas in chat's shape ({"content": text},
+    {"reasoning_content": text} and {"tool_calls": [piece]}, a call's first piece carrying its id and
+    name): one message item per run of text, one reasoning item per run of thinking, one function_call
+    item per call. The same fold gives the stream's events (through `emit`) and
     the final object's output, so the two cannot disagree. `emit` encodes an event when it is called, so
     what an item becomes later does not reach the events sent before."""
 
@@ -146,6 +147,8 @@ class OutputItems:
         self._calls: dict[int, dict] = {}  # the tool call's index in the choice -> its item
 
     def add(self, delta: dict) -> None:
+        if delta.get("reasoning_content"):
+            self._reasoning(delta["reasoning_content"])
         if delta.get("content"):
             self._text(delta["content"])
         for piece in delta.get("tool_calls") or ():
@@ -165,7 +168,7 @@ class OutputItems:
         self._emit(
             "response.output_item.added",
             output_index=len(self.items) - 1,
-            item=dict(item, content=[]) if item["type"] == "message" else item,
+            item=dict(item, content=[]) if "content" in item else item,
         )
         return item
 
@@ -184,6 +187,15 @@ class OutputItems:
         self._emit(
             "response.output_text.delta", **self._where(item), content_index=0, delta=text, logprobs=[]
         )
+
+    def _reasoning(self, text: str) -> None:
+        item = self._open
+        if item is None or item["type"] != "reasoning":
+            item = {"id": "rs_" + uuid.uuid4().hex, "type": "reasoning", "summary": [], "status": "in_progress",
+                    "content": [{"type": "reasoning_text", "text": ""}]}  # fmt: skip
+            self._start(item)
+        item["content"][0]["text"] += text
+        self._emit("response.reasoning_text.delta", **self._where(item), content_index=0, delta=text)
 
     def _call(self, piece: dict) -> None:
         function = piece.get("function") or {}
@@ -214,6 +226,9 @@ class OutputItems:
             part = item["content"][0]
             self._emit("response.output_text.done", **where, content_index=0, text=part["text"], logprobs=[])
             self._emit("response.content_part.done", **where, content_index=0, part=part)
+        elif item["type"] == "reasoning":
+            text = item["content"][0]["text"]
+            self._emit("response.reasoning_text.done", **where, content_index=0, text=text)
         else:
             self._emit(
                 "response.function_call_arguments.done",

@@ -362,7 +362,8 @@ def test_output_items_fold_text_and_tool_calls(rschemas):
         events.append(json.loads(json.dumps({"type": kind, "sequence_number": len(events), **fields})))
 
     items = OutputItems(emit)
-    items.add({"content": "Let me check. "})
+    items.add({"reasoning_content": "The user wants "})
+    items.add({"reasoning_content": "the weather.", "content": "Let me check. "})
     items.add({"content": "One moment."})
     first_piece = {
         "index": 0,
@@ -390,7 +391,11 @@ def test_output_items_fold_text_and_tool_calls(rschemas):
     items.finish("completed")
     for event in events:
         rschemas.validate_event(event)
-    message, first, second = items.items
+    reasoning, message, first, second = items.items
+    assert (
+        reasoning["content"][0]["text"] == "The user wants the weather."
+        and reasoning["status"] == "completed"
+    )
     assert message["content"][0]["text"] == "Let me check. One moment." and message["status"] == "completed"
     assert (first["call_id"], first["name"], first["arguments"]) == (
         "call_a",
@@ -402,6 +407,8 @@ def test_output_items_fold_text_and_tool_calls(rschemas):
         rschemas.validate("OutputItem", item)
     kinds = [e["type"] for e in events]
     assert kinds == [
+        "response.output_item.added", "response.reasoning_text.delta", "response.reasoning_text.delta",
+        "response.reasoning_text.done", "response.output_item.done",
         "response.output_item.added", "response.content_part.added", "response.output_text.delta",
         "response.output_text.delta", "response.output_text.done", "response.content_part.done",
         "response.output_item.done", "response.output_item.added", "response.function_call_arguments.delta",
@@ -411,12 +418,9 @@ def test_output_items_fold_text_and_tool_calls(rschemas):
     ]  # fmt: skip
     done = [e for e in events if e["type"] == "response.output_item.done"]
     assert [e["item"] for e in done] == items.items  # what each done event said is what the object holds
-    assert [e["output_index"] for e in events if e["type"] == "response.function_call_arguments.delta"] == [
-        1,
-        1,
-        2,
-    ]
-    # As the next turn's input: the text and both calls in one assistant message.
+    argument_deltas = [e for e in events if e["type"] == "response.function_call_arguments.delta"]
+    assert [e["output_index"] for e in argument_deltas] == [2, 2, 3]
+    # As the next turn's input: the text and both calls in one assistant message; the thinking is dropped.
     assert protocol.response_input(items.items) == [
         {"role": "assistant", "content": "Let me check. One moment."},
         {"role": "assistant", "content": "", "tool_calls": [
