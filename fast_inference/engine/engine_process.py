@@ -170,6 +170,10 @@ class EngineService(EngineLoop):
                         peer.requests.add(message[1])
                     self._commands.put(message)
                 elif kind == "abort":
+                    with self._lock:  # the front-end has forgotten it: no output of it is sent any more
+                        if self._owner.get(message[1]) is peer:
+                            del self._owner[message[1]]
+                        peer.requests.discard(message[1])
                     self._commands.put(message)
                 elif kind == "embed":
                     _, token, lists, truncate = message
