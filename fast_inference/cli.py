@@ -153,6 +153,26 @@ def _parser(environ=os.environ) -> argparse.ArgumentParser:
         help="HTTP front-end processes sharing the port (SO_REUSEPORT), all over the same engine(s); "
         "more than 1, or --data-parallel-size above 1, runs the engines in their own processes",
     )
+    parallel = serve.add_argument_group("tensor parallelism (torch.distributed: gloo on CPU, NCCL on CUDA)")
+    parallel.add_argument(
+        "--tensor-parallel-size", type=int, default=1, help="ranks the model is split over (all nodes)"
+    )
+    parallel.add_argument("--nnodes", type=int, default=1, help="machines the ranks span (equal shares)")
+    parallel.add_argument(
+        "--node-rank",
+        type=int,
+        default=0,
+        help="this machine's index; 0 runs the scheduler and the API server, the others are pure workers",
+    )
+    parallel.add_argument(
+        "--master-addr", default="127.0.0.1", help="address of node 0, where the ranks meet (TCP rendezvous)"
+    )
+    parallel.add_argument(
+        "--master-port",
+        type=int,
+        default=0,
+        help="rendezvous port on node 0 (0: any free one; one node only)",
+    )
     limits = serve.add_argument_group("limits")
     limits.add_argument("--max-connections", type=int, default=1024, help="open connections; more get 503")
     limits.add_argument(
@@ -192,6 +212,49 @@ def _read_chat_template(path: str) -> str:
             return f.read()
     except OSError as exc:
         raise ValueError(f"--chat-template {path!r} cannot be read: {exc.strerror or exc}") from None
+
+
+def _parallel_args(args: argparse.Namespace) -> dict:
+    return dict(
+        tensor_parallel_size=args.tensor_parallel_size,
+        nnodes=args.nnodes,
+        node_rank=args.node_rank,
+        master_addr=args.master_addr,
+        master_port=args.master_port,
+    )
+
+
+def _serve_worker_node(args: argparse.Namespace, model: str, kv_cache_memory, log) -> int:
+    """`serve --node-rank K` (K > 0): this machine's tensor-parallel ranks, no HTTP server."""
+    if args.num_threads is not None:
+        import torch
+
+        torch.set_num_threads(args.num_threads)
+    from .engine.config import EngineArgs
+    from .engine.distributed import run_worker_node
+
+    engine_args = EngineArgs(
+        model=model,
+        dtype=args.dtype,
+        device=args.device,
+        max_model_len=args.max_model_len,
+        max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=args.max_num_batched_tokens,
+        kv_cache_memory=kv_cache_memory,
+        block_size=args.block_size,
+        quantization=args.quantization,
+        **_parallel_args(args),
+    )
+    log.info(
+        "node %d of %d: tensor-parallel worker ranks only (the API server runs on node 0)",
+        args.node_rank,
+        args.nnodes,
+    )
+    try:
+        return run_worker_node(engine_args)
+    except ValueError as exc:
+        log.error("%s", exc)
+        return 2
 
 
 def serve(args: argparse.Namespace) -> int:
@@ -235,6 +298,15 @@ def serve(args: argparse.Namespace) -> int:
     except ValueError as exc:
         log.error("%s", exc)
         return 2
+    try:
+        from .engine.config import EngineArgs
+
+        EngineArgs(model=model, **_parallel_args(args)).validate()  # bad parallel flags: exit 2 at once
+    except ValueError as exc:
+        log.error("%s", exc)
+        return 2
+    if args.node_rank > 0:
+        return _serve_worker_node(args, model, kv_cache_memory, log)
     default_name = os.path.basename(os.path.normpath(model)).removesuffix(".gguf")
     names = args.served_model_name or [demo_name or default_name]
     api_key = args.api_key or None
@@ -257,6 +329,7 @@ def serve(args: argparse.Namespace) -> int:
             tokenizer=args.tokenizer,
             chat_template=chat_template,
             quantization=args.quantization,
+            **_parallel_args(args),
         ),
         num_threads=args.num_threads,
     )

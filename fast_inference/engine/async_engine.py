@@ -86,6 +86,7 @@ class RequestStream:
         if not self.finished:
             self.finished = True
             self._engine.abort(self.request_id)
+            self._wake()  # a consumer waiting on it (another task cancelled it) ends instead of hanging
 
 
 class EngineLoop:
@@ -262,10 +263,16 @@ class EngineLoop:
             logger.error("engine step failed: %s\n%s", exc, traceback.format_exc())
         ids = list(self._active)
         self._abort_all()
-        self._send_failed(ids, EngineDeadError(f"engine step failed: {type(exc).__name__}"))
+        fatal = getattr(exc, "fatal", False)  # e.g. a tensor-parallel worker died: no later step can run
+        detail = f": {exc}" if fatal else ""
+        self._send_failed(ids, EngineDeadError(f"engine step failed: {type(exc).__name__}{detail}"))
+        if fatal:
+            self._failures = _MAX_CONSECUTIVE_FAILURES
         if self._failures >= _MAX_CONSECUTIVE_FAILURES:
             self.error = (
-                f"{_MAX_CONSECUTIVE_FAILURES} consecutive engine steps failed, last: {type(exc).__name__}"
+                f"{type(exc).__name__}: {exc}"
+                if fatal
+                else f"{_MAX_CONSECUTIVE_FAILURES} consecutive engine steps failed, last: {type(exc).__name__}"
             )
             self.state = "failed"  # /health answers 503 from now on; new requests are refused
             logger.error("engine marked failed: %s", self.error)
@@ -317,6 +324,9 @@ class AsyncEngine(EngineLoop):
         self._commands.put(("stop",))
         self._thread.join(timeout)
         self._thread = None
+        close = getattr(self.engine, "close", None)  # tensor-parallel workers, if any
+        if close is not None:
+            close()
 
     # -- the served model, for the server (read once the engine is ready; nothing else reaches inside) --
     @property

@@ -348,6 +348,12 @@ def engine_process_main(
     if service.state in ("ready", "failed") and loop.is_alive():
         service._commands.put(("stop",))  # fails what is still in flight with "shutting down"
         loop.join(10.0)
+    close = getattr(service.engine, "close", None)  # tensor-parallel workers, if any
+    if close is not None:
+        try:
+            close()
+        except Exception:
+            logger.exception("closing the engine failed")
     listener.close()
     service.close_peers()
     try:

@@ -8,6 +8,7 @@ second. Tensor data is read straight from a memory map; quantized tensors stay i
 
 import mmap
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -357,8 +358,11 @@ def _unpermute_rows(data: torch.Tensor, num_heads: int) -> torch.Tensor:
     )
 
 
-def gguf_weights(cfg: ModelConfig) -> dict[str, StoredWeight]:
-    """Every tensor the engine uses, under its Hugging Face name, in the file's own format."""
+def gguf_weights(
+    cfg: ModelConfig, select: Callable[[str, StoredWeight], StoredWeight] | None = None
+) -> dict[str, StoredWeight]:
+    """Every tensor the engine uses, under its Hugging Face name, in the file's own format. select(name,
+    weight) keeps part of each tensor as it is read (a tensor-parallel rank's slice)."""
     weights: dict[str, StoredWeight] = {}
     with GGUFFile(cfg.model_path) as gf:
         arch_name, _ = _arch(gf)
@@ -370,5 +374,5 @@ def gguf_weights(cfg: ModelConfig) -> dict[str, StoredWeight]:
             if arch_name in _PERMUTED_QK and (".q_proj." in name or ".k_proj." in name):
                 heads = cfg.num_heads if ".q_proj." in name else cfg.num_kv_heads
                 stored = StoredWeight(stored.qtype, _unpermute_rows(stored.data, heads), stored.cols)
-            weights[name] = stored
+            weights[name] = stored if select is None else select(name, stored)
     return weights

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 
 from ..engine.async_engine import EngineDeadError, RequestStream
 from ..engine.intake import InvalidRequestError
-from ..engine.outputs import CompletionOutput, RequestOutput
+from ..engine.outputs import RequestOutput
 from . import protocol, sse
 from .errors import APIError, invalid
 from .http import Request, Response, StreamingResponse
@@ -27,13 +27,7 @@ async def generate(app: "OpenAIApp", request: Request, chat: bool) -> Response |
     arrival = time.perf_counter()
     body = app.json_body(request)
     protocol.check_model(body, app.config.served_model_names)
-    app.require_ready()
-    if not app.engine.supports_generation:
-        raise invalid(
-            f"The model '{app.config.served_model_names[0]}' is an embedding model and does "
-            "not support generation; use /v1/embeddings",
-            "model",
-        )
+    require_generation(app)
     names = app.config.served_model_names
 
     def parse(tokenizer) -> protocol.GenerationRequest:
@@ -43,6 +37,39 @@ async def generate(app: "OpenAIApp", request: Request, chat: bool) -> Response |
 
     gen = await app.tokenizers.run(request, parse)
     request_id = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
+    job = await start_job(app, gen, request_id, arrival, "messages" if chat else "prompt")
+    if gen.stream:
+        return StreamingResponse(200, job.stream(), on_close=job.close)
+    try:
+        response = app.json_response(await job.collect())
+        response.logged_by_job = True
+        return response
+    except asyncio.CancelledError:
+        job.status = 499  # the client went away: the engine request is aborted in close()
+        raise
+    except APIError as err:
+        job.status = err.status
+        raise
+    finally:
+        job.close()
+
+
+def require_generation(app: "OpenAIApp") -> None:
+    """503 while the engine is not ready, 400 for an embedding model."""
+    app.require_ready()
+    if not app.engine.supports_generation:
+        raise invalid(
+            f"The model '{app.config.served_model_names[0]}' is an embedding model and does "
+            "not support generation; use /v1/embeddings",
+            "model",
+        )
+
+
+async def start_job(
+    app: "OpenAIApp", gen: protocol.GenerationRequest, request_id: str, arrival: float, prompt_param: str
+) -> "GenerationJob":
+    """Admit gen and add its prompts to the engine; the job reads their outputs. An engine refusal of the
+    prompt is a 400 naming prompt_param, the request field the prompt came from."""
     app.admit(len(gen.prompts))
     streams: list[RequestStream] = []
     try:
@@ -67,24 +94,12 @@ async def generate(app: "OpenAIApp", request: Request, chat: bool) -> Response |
             stream.abort()
         app.inflight -= len(gen.prompts)
         if isinstance(exc, InvalidRequestError):  # the engine's intake refused it
-            param = ("messages" if chat else "prompt") if exc.param == "prompt" else exc.param
+            param = prompt_param if exc.param == "prompt" else exc.param
+            if param == "structured_outputs" and gen.constrained_by:  # the field the client set
+                param = gen.constrained_by
             raise APIError(400, str(exc), param=param, code=exc.code) from None
         raise
-    job = GenerationJob(app, gen, request_id, streams, arrival)
-    if gen.stream:
-        return StreamingResponse(200, job.stream(), on_close=job.close)
-    try:
-        response = app.json_response(await job.collect())
-        response.logged_by_job = True
-        return response
-    except asyncio.CancelledError:
-        job.status = 499  # the client went away: the engine request is aborted in close()
-        raise
-    except APIError as err:
-        job.status = err.status
-        raise
-    finally:
-        job.close()
+    return GenerationJob(app, gen, request_id, streams, arrival)
 
 
 class GenerationJob:
@@ -128,17 +143,11 @@ class GenerationJob:
             self.token_counts[prompt_index * n + c.index] += len(c.token_ids)
             new += len(c.token_ids)
         final = self.finals[prompt_index]
-        if final is None:
-            # The stream's own copy: the delta object itself is folded into, the engine never reuses it.
-            self.finals[prompt_index] = RequestOutput(
-                output.request_id, output.prompt, output.prompt_token_ids,
-                [CompletionOutput(c.index, c.text, list(c.token_ids), c.cumulative_logprob,
-                                  list(c.logprobs) if c.logprobs is not None else None,
-                                  c.finish_reason, c.stop_reason) for c in output.outputs],
-                output.finished, output.metrics, output.num_cached_tokens, output.prompt_logprobs,
-            )  # fmt: skip
-        else:
-            final.add(output)
+        if final is None:  # a fold of its own: add() copies what it keeps, the delta stays the stream's
+            final = self.finals[prompt_index] = RequestOutput(
+                output.request_id, output.prompt, output.prompt_token_ids, [], False
+            )
+        final.add(output)
         if new <= 0:
             return
         now = time.perf_counter()
@@ -151,7 +160,7 @@ class GenerationJob:
             metrics.itl.observe((now - self.last_token_time) / new, new)
         self.last_token_time = now
 
-    async def _outputs(self) -> AsyncIterator[tuple[int, RequestOutput]]:
+    async def outputs(self) -> AsyncIterator[tuple[int, RequestOutput]]:
         if len(self.streams) == 1:
             async for output in self.streams[0]:
                 self._observe(0, output)
@@ -187,7 +196,7 @@ class GenerationJob:
 
     async def collect(self) -> dict:
         try:
-            async for _ in self._outputs():
+            async for _ in self.outputs():
                 pass
         except EngineDeadError as exc:
             self.status = 503
@@ -239,7 +248,7 @@ class GenerationJob:
                 for state in states:
                     yield builder.chunk(builder.echo_piece(state, self._echo(state.index // n)[0], None))
             echo_sent = [False] * len(self.streams)
-            async for i, delta in self._outputs():
+            async for i, delta in self.outputs():
                 if gen.echo and gen.logprobs is not None and not echo_sent[i]:
                     # The prompt's logprobs come with its first delta: echo it (and them) first.
                     echo_sent[i] = True

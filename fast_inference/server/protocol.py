@@ -7,7 +7,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from ..engine.sampling_params import SamplingParams
+from ..engine.sampling_params import SamplingParams, StructuredOutputsParams
 from ..ops.sampling import MAX_LOGPROBS
 from .errors import APIError, invalid, unsupported
 
@@ -176,13 +176,47 @@ def _refuse_tool_choice(name: str) -> Callable[[Any], None]:
     return read
 
 
-def _response_format(fmt: Any) -> None:
+def _response_format(fmt: Any) -> StructuredOutputsParams | None:
+    """OpenAI's response_format -> the engine's constraint (None for plain text)."""
     if not isinstance(fmt, dict) or not isinstance(fmt.get("type"), str):
         raise invalid("'response_format' must be an object with a 'type'", "response_format")
-    if fmt["type"] != "text":
-        if fmt["type"] in ("json_object", "json_schema"):
-            raise unsupported("response_format", f"response_format type '{fmt['type']}' (structured output)")
-        raise invalid(f"Unknown response_format type '{fmt['type']}'", "response_format")
+    kind = fmt["type"]
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        return StructuredOutputsParams(json_object=True)
+    if kind != "json_schema":
+        raise invalid(f"Unknown response_format type '{kind}'", "response_format")
+    spec = fmt.get("json_schema")
+    if not isinstance(spec, dict):
+        raise invalid("'response_format.json_schema' must be an object", "response_format")
+    if not isinstance(spec.get("name"), str) or not spec["name"]:
+        raise invalid("'response_format.json_schema.name' must be a non-empty string", "response_format")
+    schema = spec.get("schema", {})  # no schema: any JSON value
+    if not isinstance(schema, dict):
+        raise invalid("'response_format.json_schema.schema' must be a JSON Schema object", "response_format")
+    if spec.get("strict") is not None and not isinstance(spec["strict"], bool):
+        raise invalid("'response_format.json_schema.strict' must be a boolean", "response_format")
+    return StructuredOutputsParams(json=schema)
+
+
+_STRUCTURED_KEYS = ("json", "json_object", "regex", "choice", "grammar")
+
+
+def _structured_outputs(value: Any) -> StructuredOutputsParams:
+    """vLLM's structured_outputs object: exactly one of json, json_object, regex, choice, grammar."""
+    if not isinstance(value, dict):
+        raise invalid("'structured_outputs' must be an object", "structured_outputs")
+    unknown = sorted(set(value) - set(_STRUCTURED_KEYS))
+    if unknown:
+        raise invalid(
+            f"'structured_outputs' has unknown keys {unknown}; it takes one of {list(_STRUCTURED_KEYS)}",
+            "structured_outputs",
+        )
+    try:
+        return StructuredOutputsParams(**{k: v for k, v in value.items() if v is not None})
+    except ValueError as exc:
+        raise invalid(str(exc), "structured_outputs") from None
 
 
 def _modalities(value: Any) -> None:
@@ -253,6 +287,69 @@ _MESSAGE = {
     },
 }
 _MESSAGES = {"type": "array", "items": _MESSAGE, "minItems": 1}
+
+_RESPONSE_FORMAT = {
+    "anyOf": [
+        {"type": "object", "required": ["type"], "properties": {"type": {"enum": ["text", "json_object"]}}},
+        {
+            "type": "object",
+            "required": ["type", "json_schema"],
+            "properties": {
+                "type": {"enum": ["json_schema"]},
+                "json_schema": {
+                    "type": "object",
+                    "required": ["name"],
+                    "properties": {
+                        "name": {"type": "string"},
+                        "description": {"type": "string"},
+                        "schema": {"type": "object"},
+                        "strict": {"type": ["boolean", "null"]},
+                    },
+                },
+            },
+        },
+        {"type": "null"},
+    ]
+}
+_STRUCTURED_OUTPUTS = {
+    "type": ["object", "null"],
+    "minProperties": 1,
+    "maxProperties": 1,
+    "properties": {
+        "json": {"anyOf": [{"type": "object"}, {"type": "string"}]},
+        "json_object": {"type": "boolean"},
+        "regex": {"type": "string"},
+        "choice": {"type": "array", "items": {"type": "string"}, "minItems": 1},
+        "grammar": {"type": "string"},
+    },
+    "additionalProperties": False,
+}
+_INPUT_PART = {
+    "type": "object",
+    "required": ["type"],
+    "properties": {"type": {"enum": ["input_text", "output_text", "refusal"]}, "text": {"type": "string"}},
+}
+_RESPONSE_INPUT = {
+    "anyOf": [
+        {"type": "string"},
+        {
+            "type": "array",
+            "items": {
+                "type": "object",
+                "properties": {
+                    "type": {"enum": ["message", "function_call", "function_call_output", "reasoning"]},
+                    "role": {"enum": ["user", "assistant", "system", "developer"]},
+                    "content": {"anyOf": [{"type": "string"}, {"type": "array", "items": _INPUT_PART}]},
+                    "call_id": {"type": "string"},
+                    "name": {"type": "string"},
+                    "arguments": {"type": "string"},
+                    "output": {"type": "string"},
+                },
+            },
+        },
+    ]
+}
+_TEXT_FORMATS = ["text", "json_schema", "json_object"]
 
 _INCLUDE_USAGE = Field(
     "include_usage", "boolean", "Send a last chunk with the request's usage.", (), default=False
@@ -541,10 +638,20 @@ FIELDS: tuple[Field, ...] = (
     Field(
         "response_format",
         None,
-        'Only {"type": "text"} is accepted.',
+        'Constrain the output: {"type": "json_object"} (any JSON object) or {"type": "json_schema", '
+        '"json_schema": {"name", "schema", "strict"}} (always enforced, strict or not); "text" is free.',
         _TOOL_ROUTES,
         reader=_response_format,
-        schema={"type": ["object", "null"], "properties": {"type": {"type": "string"}}},
+        schema=_RESPONSE_FORMAT,
+    ),
+    Field(
+        "structured_outputs",
+        None,
+        "Constrain the output (vLLM's names), exactly one of: json (a JSON Schema), json_object, regex, "
+        "choice (one of these strings), grammar (GBNF, llama.cpp's EBNF). Not with response_format.",
+        GENERATION,
+        reader=_structured_outputs,
+        schema=_STRUCTURED_OUTPUTS,
     ),
     Field(
         "audio",
@@ -577,6 +684,101 @@ FIELDS: tuple[Field, ...] = (
         _TOOL_ROUTES,
         reader=_refuse("web_search_options", "Web search"),
         schema={"type": "null"},
+    ),
+    # -- /v1/responses (temperature, top_p, stream and model are declared above)
+    Field(
+        "input",
+        None,
+        "The input: a string (one user message) or a list of items: messages (content a string or "
+        "input_text parts), function_call and function_call_output items.",
+        (RESPONSES,),
+        required=True,
+        schema=_RESPONSE_INPUT,
+        reader=lambda v: response_input(v),
+    ),
+    Field(
+        "instructions",
+        "string",
+        "A system message placed before the conversation (not carried over by previous_response_id).",
+        (RESPONSES,),
+    ),
+    Field(
+        "max_output_tokens",
+        "integer",
+        "Most tokens to generate; by default, what the context leaves.",
+        (RESPONSES,),
+        minimum=1,
+    ),
+    Field(
+        "text",
+        "object",
+        'The output format: {"format": {"type": "text"}} (default), or json_schema / json_object.',
+        (RESPONSES,),
+        reader=lambda v: response_text_format(v),
+        schema={
+            "properties": {"format": {"type": "object", "properties": {"type": {"enum": _TEXT_FORMATS}}}}
+        },
+    ),
+    Field(
+        "tools",
+        "array",
+        "Function tools the model may call; not supported yet: a non-empty list is refused.",
+        (RESPONSES,),
+        reader=_refuse_tools("tools"),
+    ),
+    Field(
+        "tool_choice",
+        None,
+        'Only "none" and "auto" are accepted.',
+        (RESPONSES,),
+        reader=_refuse_tool_choice("tool_choice"),
+        schema={"enum": ["none", "auto", None]},
+    ),
+    Field(
+        "parallel_tool_calls",
+        "boolean",
+        "Whether the model may call several tools in one turn (echoed).",
+        (RESPONSES,),
+        default=True,
+    ),
+    Field(
+        "store",
+        "boolean",
+        "Keep the response (bounded in-memory store, least recently used out first) for GET, "
+        "previous_response_id and cancel.",
+        (RESPONSES,),
+        default=True,
+    ),
+    Field(
+        "previous_response_id",
+        "string",
+        "A stored response whose conversation (its input and output) comes before this input.",
+        (RESPONSES,),
+    ),
+    Field(
+        "metadata",
+        "object",
+        "Up to 16 string key-value pairs kept with the response.",
+        (RESPONSES,),
+        reader=lambda v: _metadata(v),
+        schema={"additionalProperties": {"type": "string", "maxLength": 512}, "maxProperties": 16},
+    ),
+    Field(
+        "background",
+        "boolean",
+        "Answer at once with the in-progress response and generate it on the server; poll GET "
+        "/v1/responses/{id} or cancel it. Needs store; not with stream.",
+        (RESPONSES,),
+        default=False,
+    ),
+    Field(
+        "truncation",
+        "string",
+        'Only "disabled": an input longer than the context is a 400.',
+        (RESPONSES,),
+        default="disabled",
+        enum=("disabled", "auto"),
+        reader=lambda v: _refuse("truncation", "truncation 'auto'")(v) if v == "auto" else v,
     ),
     # -- embeddings
     Field(
@@ -666,6 +868,7 @@ class GenerationRequest:
     echo: bool
     logprobs: int | None  # chat: top_logprobs when logprobs is true; completions: logprobs
     chat: bool
+    constrained_by: str | None = None  # the field that set params.structured_outputs (for the 400s)
 
 
 _MODEL = next(f for f in FIELDS if f.name == "model")
@@ -684,6 +887,13 @@ def _sampling(
     fields: dict, *, max_tokens: int | None, n: int, logprobs: int | None, prompt_logprobs: int | None = None
 ) -> SamplingParams:
     min_tokens = fields["min_tokens"]
+    constraint = fields["structured_outputs"]
+    if fields["response_format"] is not None:
+        if constraint is not None:
+            raise invalid(
+                "Set either 'response_format' or 'structured_outputs', not both", "structured_outputs"
+            )
+        constraint = fields["response_format"]
     if max_tokens is not None and min_tokens > max_tokens:
         raise invalid(f"'min_tokens' ({min_tokens}) must not exceed max_tokens ({max_tokens})", "min_tokens")
     try:
@@ -707,10 +917,17 @@ def _sampling(
             logit_bias=fields["logit_bias"],
             skip_special_tokens=fields["skip_special_tokens"],
             include_stop_str_in_output=fields["include_stop_str_in_output"],
+            structured_outputs=constraint,
         )
     except ValueError as exc:  # SamplingParams' own checks name the field first
         message = str(exc)
         raise invalid(message, message.split(" ", 1)[0]) from None
+
+
+def _constrained_by(fields: dict) -> str | None:
+    if fields["response_format"] is not None:
+        return "response_format"
+    return "structured_outputs" if fields["structured_outputs"] is not None else None
 
 
 def _text_content(content: Any, where: str) -> str:
@@ -767,14 +984,18 @@ def chat_messages(messages: Any) -> list[dict]:
 
 
 def render_chat(
-    tokenizer, messages: list[dict], chat_template: str | None, add_generation_prompt: bool
+    tokenizer,
+    messages: list[dict],
+    chat_template: str | None,
+    add_generation_prompt: bool,
+    param: str = "messages",
 ) -> str:
     try:
         return tokenizer.apply_chat_template(
             messages, tokenize=False, add_generation_prompt=add_generation_prompt, chat_template=chat_template
         )
     except Exception as exc:
-        raise invalid(f"The chat template could not be applied to 'messages': {exc}", "messages") from None
+        raise invalid(f"The chat template could not be applied to '{param}': {exc}", param) from None
 
 
 def parse_chat(body: dict, served: list[str], tokenizer, chat_template: str | None) -> GenerationRequest:
@@ -792,7 +1013,9 @@ def parse_chat(body: dict, served: list[str], tokenizer, chat_template: str | No
     ids = tokenizer.encode(text, add_special_tokens=False)
     # No max_tokens: the engine gives the completion the room the prompt leaves.
     params = _sampling(fields, max_tokens=max_tokens, n=fields["n"], logprobs=logprobs)
-    return GenerationRequest(model, [ids], [text], params, stream, include_usage, False, logprobs, True)
+    return GenerationRequest(
+        model, [ids], [text], params, stream, include_usage, False, logprobs, True, _constrained_by(fields)
+    )
 
 
 def _stream_options(fields: dict) -> tuple[bool, bool]:
@@ -857,4 +1080,140 @@ def parse_completion(body: dict, served: list[str], tokenizer) -> GenerationRequ
     # echo + logprobs: the prompt's tokens come first in the logprobs, as OpenAI's completions had them.
     prompt_logprobs = logprobs if echo else None
     params = _sampling(fields, max_tokens=max_tokens, n=n, logprobs=logprobs, prompt_logprobs=prompt_logprobs)
-    return GenerationRequest(model, prompts, texts, params, stream, include_usage, echo, logprobs, False)
+    return GenerationRequest(
+        model, prompts, texts, params, stream, include_usage, echo, logprobs, False, _constrained_by(fields)
+    )
+
+
+# -- /v1/responses ----------------------------------------------------------------------------------------
+_INPUT_ROLES = {"user", "assistant", "system", "developer"}
+
+
+def _input_text(content: Any, where: str) -> str:
+    """A Responses message's content (a string or input_text / output_text / refusal parts) -> text."""
+    if isinstance(content, str):
+        return content
+    if not isinstance(content, list):
+        raise invalid(f"{where}.content must be a string or an array of content parts", where)
+    texts = []
+    for i, part in enumerate(content):
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind in ("input_text", "output_text"):
+            if not isinstance(part.get("text"), str):
+                raise invalid(f"{where}.content[{i}].text must be a string", where)
+            texts.append(part["text"])
+        elif kind == "refusal":
+            texts.append(part.get("refusal") or "")
+        elif kind in ("input_image", "input_file", "input_audio"):
+            raise unsupported(where, f"'{kind}' content parts")
+        else:
+            raise invalid(f"{where}.content[{i}] must be an input_text part, got type {kind!r}", where)
+    return "".join(texts)
+
+
+def _string_field(item: dict, key: str, where: str) -> str:
+    value = item.get(key)
+    if not isinstance(value, str):
+        raise invalid(f"{where}.{key} must be a string", where)
+    return value
+
+
+def response_input(value: Any) -> list[dict]:
+    """Responses `input` -> chat messages: messages as {role, content}, function_call items as an assistant
+    message's tool_calls (consecutive calls share one message), function_call_output items as tool
+    messages. Reasoning items are the model's own and are not rendered back."""
+    if isinstance(value, str):
+        return [{"role": "user", "content": value}]
+    if not isinstance(value, list) or not value:
+        raise invalid("'input' must be a string or a non-empty array of input items", "input")
+    messages: list[dict] = []
+    for i, item in enumerate(value):
+        where = f"input[{i}]"
+        if not isinstance(item, dict):
+            raise invalid(f"{where} must be an object", where)
+        kind = item.get("type", "message")
+        if kind == "message":
+            role = item.get("role")
+            if role not in _INPUT_ROLES:
+                raise invalid(
+                    f"{where}.role must be one of {sorted(_INPUT_ROLES)}, got {role!r}", f"{where}.role"
+                )
+            content = _input_text(item.get("content"), where)
+            messages.append({"role": "system" if role == "developer" else role, "content": content})
+        elif kind == "function_call":
+            call = {
+                "id": _string_field(item, "call_id", where),
+                "type": "function",
+                "function": {
+                    "name": _string_field(item, "name", where),
+                    "arguments": _string_field(item, "arguments", where),
+                },
+            }
+            last = messages[-1] if messages else None
+            if last is not None and last["role"] == "assistant" and "tool_calls" in last:
+                last["tool_calls"].append(call)
+            else:
+                messages.append({"role": "assistant", "content": "", "tool_calls": [call]})
+        elif kind == "function_call_output":
+            output = item.get("output")
+            text = output if isinstance(output, str) else _input_text(output, where)
+            messages.append(
+                {"role": "tool", "tool_call_id": _string_field(item, "call_id", where), "content": text}
+            )
+        elif kind == "reasoning":
+            continue
+        elif kind == "item_reference":
+            raise unsupported(where, "Item references (pass previous_response_id or the items themselves)")
+        else:
+            raise invalid(f"{where} has unknown type {kind!r}", where)
+    return messages
+
+
+def response_text_format(text: dict) -> dict:
+    """`text` -> the text config the response echoes, {"format": {...}}, with the format checked."""
+    fmt = text.get("format")
+    if fmt is None:
+        return {"format": {"type": "text"}}
+    if not isinstance(fmt, dict) or fmt.get("type") not in _TEXT_FORMATS:
+        raise invalid(f"'text.format' must be an object with 'type' one of {_TEXT_FORMATS}", "text")
+    if fmt["type"] == "json_schema":
+        if not isinstance(fmt.get("name"), str) or not isinstance(fmt.get("schema"), dict):
+            raise invalid("'text.format' json_schema needs a 'name' (string) and a 'schema' (object)", "text")
+        if fmt.get("strict") is not None and not isinstance(fmt["strict"], bool):
+            raise invalid("'text.format.strict' must be a boolean", "text")
+    if fmt["type"] != "text":
+        # The engine does not constrain decoding yet: refuse rather than answer unconstrained text.
+        raise unsupported("text", f"text.format type '{fmt['type']}' (structured output)")
+    return {"format": dict(fmt)}
+
+
+def _metadata(value: dict) -> dict:
+    if len(value) > 16 or not all(
+        isinstance(k, str) and len(k) <= 64 and isinstance(v, str) and len(v) <= 512 for k, v in value.items()
+    ):
+        raise invalid(
+            "'metadata' must have at most 16 string keys (<= 64 characters) with string values "
+            "(<= 512 characters)",
+            "metadata",
+        )
+    return value
+
+
+def parse_response(
+    fields: dict, history: list[dict], model: str, tokenizer, chat_template: str | None
+) -> GenerationRequest:
+    """A Responses request (its fields read with read_fields(body, RESPONSES)) after `history`, the
+    conversation of its previous response: render the chat, tokenize, sampling parameters."""
+    messages = list(history) + fields["input"]
+    if fields["instructions"] is not None:
+        messages.insert(0, {"role": "system", "content": fields["instructions"]})
+    text = render_chat(tokenizer, messages, chat_template, True, param="input")
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    try:
+        params = SamplingParams(
+            temperature=fields["temperature"], top_p=fields["top_p"], max_tokens=fields["max_output_tokens"]
+        )
+    except ValueError as exc:
+        message = str(exc)
+        raise invalid(message, message.split(" ", 1)[0]) from None
+    return GenerationRequest(model, [ids], [text], params, fields["stream"], False, False, None, True)

@@ -6,10 +6,11 @@ A stream sends one ChoicePiece per engine delta as a chunk; a JSON body folds th
 ChoiceState per choice (ChoiceState.add) and renders that. Both come from ResponseBuilder.piece, so the
 two forms cannot drift apart.
 
-Tool calls and reasoning: a new field on ChoicePiece (the step's part) and on ChoiceState (the folded
-whole, plus any parser state a stream needs), filled in ResponseBuilder.piece, rendered in
-ResponseBuilder.choice (message) and ResponseBuilder._chunk_choice (delta), and finish_reason's mapping:
-nothing outside this file builds a response shape.
+Tool calls and reasoning go in one place: a field on ChoicePiece (one delta's part) and on ChoiceState
+(the folded whole, plus any parser state a stream needs), filled in ResponseBuilder.piece, rendered in
+ResponseBuilder.choice (message) and ResponseBuilder._chunk_choice (delta), "tool_calls" in
+finish_reason's mapping, and delta_chunk's shortcut (plain content straight to bytes) bypassed while a
+choice's text may hold a tool call. Nothing outside this file builds a response shape.
 """
 
 import math
