@@ -109,7 +109,20 @@ def _parser(environ=os.environ) -> argparse.ArgumentParser:
         "--max-model-len", type=int, default=None, help="context length (default: the model's)"
     )
     serve.add_argument("--max-num-seqs", type=int, default=256, help="most sequences in one batch")
-    serve.add_argument("--max-num-batched-tokens", type=int, default=None, help="token budget of one step")
+    serve.add_argument(
+        "--max-num-batched-tokens",
+        type=int,
+        default=None,
+        help="the most tokens one step computes (default 2048)",
+    )
+    serve.add_argument(
+        "--target-itl-ms",
+        type=float,
+        default=None,
+        help="latency target of a step that carries decodes: it takes prompt tokens (chunked prefill) only "
+        "while its modelled cost stays within max(this, twice its decodes' cost), the cost fitted to the "
+        "observed steps (default: EngineArgs.target_itl_ms, 100; a large value runs prompts whole)",
+    )
     serve.add_argument(
         "--kv-cache-memory",
         default=None,
@@ -138,21 +151,6 @@ def _parser(environ=os.environ) -> argparse.ArgumentParser:
         help="CORS origins allowed to call the API ('*' for any); none: CORS off",
     )
     serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
-    scale = serve.add_argument_group("processes")
-    scale.add_argument(
-        "--data-parallel-size",
-        type=positive_int,
-        default=1,
-        help="engine replicas, each a process with the whole model; requests go to the replica with the "
-        "best prefix-cache affinity, the least loaded on a tie (on CUDA replica i uses cuda:i)",
-    )
-    scale.add_argument(
-        "--api-server-count",
-        type=positive_int,
-        default=1,
-        help="HTTP front-end processes sharing the port (SO_REUSEPORT), all over the same engine(s); "
-        "more than 1, or --data-parallel-size above 1, runs the engines in their own processes",
-    )
     parallel = serve.add_argument_group("tensor parallelism (torch.distributed: gloo on CPU, NCCL on CUDA)")
     parallel.add_argument(
         "--tensor-parallel-size", type=int, default=1, help="ranks the model is split over (all nodes)"
@@ -172,6 +170,21 @@ def _parser(environ=os.environ) -> argparse.ArgumentParser:
         type=int,
         default=0,
         help="rendezvous port on node 0 (0: any free one; one node only)",
+    )
+    scale = serve.add_argument_group("processes")
+    scale.add_argument(
+        "--data-parallel-size",
+        type=positive_int,
+        default=1,
+        help="engine replicas, each a process with the whole model; requests go to the replica with the "
+        "best prefix-cache affinity, the least loaded on a tie (on CUDA replica i uses cuda:i)",
+    )
+    scale.add_argument(
+        "--api-server-count",
+        type=positive_int,
+        default=1,
+        help="HTTP front-end processes sharing the port (SO_REUSEPORT), all over the same engine(s); "
+        "more than 1, or --data-parallel-size above 1, runs the engines in their own processes",
     )
     limits = serve.add_argument_group("limits")
     limits.add_argument("--max-connections", type=int, default=1024, help="open connections; more get 503")
@@ -322,6 +335,7 @@ def serve(args: argparse.Namespace) -> int:
             max_model_len=args.max_model_len,
             max_num_seqs=args.max_num_seqs,
             max_num_batched_tokens=args.max_num_batched_tokens,
+            **({} if args.target_itl_ms is None else {"target_itl_ms": args.target_itl_ms}),
             kv_cache_memory=kv_cache_memory,
             block_size=args.block_size,
             enable_prefix_caching=not args.no_enable_prefix_caching,
