@@ -170,6 +170,10 @@ class EngineService(EngineLoop):
                         peer.requests.add(message[1])
                     self._commands.put(message)
                 elif kind == "abort":
+                    with self._lock:  # the front-end has forgotten it: no output of it is sent any more
+                        if self._owner.get(message[1]) is peer:
+                            del self._owner[message[1]]
+                        peer.requests.discard(message[1])
                     self._commands.put(message)
                 elif kind == "embed":
                     _, token, lists, truncate = message
@@ -344,6 +348,12 @@ def engine_process_main(
     if service.state in ("ready", "failed") and loop.is_alive():
         service._commands.put(("stop",))  # fails what is still in flight with "shutting down"
         loop.join(10.0)
+    close = getattr(service.engine, "close", None)  # tensor-parallel workers, if any
+    if close is not None:
+        try:
+            close()
+        except Exception:
+            logger.exception("closing the engine failed")
     listener.close()
     service.close_peers()
     try:
