@@ -18,7 +18,10 @@ import tempfile
 import time
 from pathlib import Path
 
-import fast_inference  # noqa: F401  (before torch: the engine's OpenMP wait policy applies to both engines)
+# First: fast_inference sets its OpenMP wait policy before torch loads libgomp (it applies to both engines).
+import fast_inference  # noqa: F401
+
+# isort: split
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
