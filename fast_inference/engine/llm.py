@@ -36,6 +36,18 @@ class LLM:
     def get_tokenizer(self):
         return self.engine.tokenizer
 
+    def close(self) -> None:
+        """Release the engine's processes (tensor-parallel workers); the LLM cannot generate afterwards."""
+        close = getattr(self.engine, "close", None)
+        if close is not None:
+            close()
+
+    def __enter__(self) -> "LLM":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
     def _normalize_prompts(self, prompts) -> list[str | list[int]]:
         if isinstance(prompts, str):
             return [prompts]
