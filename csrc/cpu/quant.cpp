@@ -45,6 +45,9 @@ constexpr int64_t kMaxGemvRows = 8;
 constexpr int64_t kGemvGrain = 16;
 // A dequantized f32 weight slab of about this size stays in L2 while the GEMM walks it.
 constexpr int64_t kSlabBytes = 256 * 1024;
+// From this many activation rows the bf16 slab GEMM beats the f32 one (one thread, SmolLM2 shapes, Q4_1 / Q8_0:
+// 0.85-1.4x at M = 128, 1.7-2.7x at M = 512, but 0.8x at M = 32 where oneDNN's per-call cost dominates).
+constexpr int64_t kBf16GemmMinRows = 128;
 
 // Rows [r0, r1) of qweight -> f32 rows of width nb * block_elems at dst (row stride `width`).
 void dequantize_rows(int64_t qtype, const uint8_t* qweight, int64_t rbytes, int64_t r0, int64_t r1, float* dst,
@@ -168,8 +171,9 @@ at::Tensor quant_linear_cpu(const at::Tensor& x, const at::Tensor& qweight, int6
     if (M <= kMaxGemvRows && isa != Isa::kPortable) {
       quant_gemv(isa, x.to(at::kFloat).contiguous(), qweight, qtype, out);
     } else {
-      // bf16 activations keep a bf16 GEMM where the CPU has one natively; everything else multiplies in f32.
-      const bool bf16_gemm = x.scalar_type() == at::kBFloat16 && isa == Isa::kAvx512;
+      // bf16 activations keep a bf16 GEMM where the CPU has one natively and M is large enough for oneDNN's
+      // per-slab call to pay off; everything else multiplies in f32.
+      const bool bf16_gemm = x.scalar_type() == at::kBFloat16 && isa == Isa::kAvx512 && M >= kBf16GemmMinRows;
       quant_gemm_slabs(isa, x.to(bf16_gemm ? at::kBFloat16 : at::kFloat).contiguous(), qweight, qtype, out);
     }
   }
