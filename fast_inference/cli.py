@@ -193,7 +193,8 @@ def _parser(environ=os.environ) -> argparse.ArgumentParser:
         type=positive_int,
         default=1,
         help="engine replicas, each a process with the whole model; requests go to the replica with the "
-        "best prefix-cache affinity, the least loaded on a tie (on CUDA replica i uses cuda:i)",
+        "best prefix-cache affinity, the least loaded on a tie (on CUDA each sees its own GPUs, one per "
+        "tensor-parallel rank)",
     )
     scale.add_argument(
         "--api-server-count",

@@ -109,6 +109,16 @@ async def start_job(
     return GenerationJob(app, gen, request_id, streams, arrival)
 
 
+def stream_error(exc: Exception, request_id: str) -> APIError:
+    """The error a stream reports in-band for a fault after its headers went out (unknown ones logged)."""
+    if isinstance(exc, APIError):
+        return exc
+    if isinstance(exc, EngineDeadError):
+        return APIError(503, str(exc), code="engine_unavailable")
+    logger.exception("stream %s failed", request_id)
+    return APIError(500, "Internal server error during streaming")
+
+
 class GenerationJob:
     """One generation request's life after admission: reading outputs, metrics, logging, clean-up."""
 
@@ -278,13 +288,7 @@ class GenerationJob:
             raise
         except Exception as exc:
             # Headers are gone already: report the fault in-band, then end the stream properly.
-            if isinstance(exc, APIError):
-                err = exc
-            elif isinstance(exc, EngineDeadError):
-                err = APIError(503, str(exc), code="engine_unavailable")
-            else:
-                logger.exception("stream %s failed", self.request_id)
-                err = APIError(500, "Internal server error during streaming")
+            err = stream_error(exc, self.request_id)
             self.status = err.status
             yield sse.event(err.body())
         finally:

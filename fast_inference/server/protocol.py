@@ -769,7 +769,8 @@ FIELDS: tuple[Field, ...] = (
     Field(
         "text",
         "object",
-        'The output format: {"format": {"type": "text"}} (default), or json_schema / json_object.',
+        'The output format: {"format": {"type": "text"}} (default); {"type": "json_schema", "name", '
+        '"schema", "strict"} or {"type": "json_object"} constrain decoding to JSON (always enforced).',
         (RESPONSES,),
         reader=lambda v: response_text_format(v),
         schema={
@@ -1346,10 +1347,17 @@ def response_text_format(text: dict) -> dict:
             raise invalid("'text.format' json_schema needs a 'name' (string) and a 'schema' (object)", "text")
         if fmt.get("strict") is not None and not isinstance(fmt["strict"], bool):
             raise invalid("'text.format.strict' must be a boolean", "text")
-    if fmt["type"] != "text":
-        # The engine does not constrain decoding yet: refuse rather than answer unconstrained text.
-        raise unsupported("text", f"text.format type '{fmt['type']}' (structured output)")
     return {"format": dict(fmt)}
+
+
+def _text_constraint(text: dict) -> StructuredOutputsParams | None:
+    """The engine's constraint for a read `text` config: json_schema and json_object, as on chat."""
+    fmt = text["format"]
+    if fmt["type"] == "json_schema":
+        return StructuredOutputsParams(json=fmt["schema"])
+    if fmt["type"] == "json_object":
+        return StructuredOutputsParams(json_object=True)
+    return None
 
 
 def _metadata(value: dict) -> dict:
@@ -1374,11 +1382,26 @@ def parse_response(
         messages.insert(0, {"role": "system", "content": fields["instructions"]})
     text = render_chat(tokenizer, messages, chat_template, True, param="input")
     ids = tokenizer.encode(text, add_special_tokens=False)
+    constraint = _text_constraint(fields["text"]) if fields["text"] is not None else None
     try:
         params = SamplingParams(
-            temperature=fields["temperature"], top_p=fields["top_p"], max_tokens=fields["max_output_tokens"]
+            temperature=fields["temperature"],
+            top_p=fields["top_p"],
+            max_tokens=fields["max_output_tokens"],
+            structured_outputs=constraint,
         )
     except ValueError as exc:
         message = str(exc)
         raise invalid(message, message.split(" ", 1)[0]) from None
-    return GenerationRequest(model, [ids], [text], params, fields["stream"], False, False, None, True)
+    return GenerationRequest(
+        model,
+        [ids],
+        [text],
+        params,
+        fields["stream"],
+        False,
+        False,
+        None,
+        True,
+        "text" if constraint else None,
+    )

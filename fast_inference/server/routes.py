@@ -268,7 +268,8 @@ class OpenAIApp:
 
     # -- simple endpoints ----------------------------------------------------------------------------
     async def health(self, request: Request) -> Response:
-        """Readiness: 200 once the model can serve, 503 while it loads or after a fault."""
+        """Readiness: 200 once the model can serve, 503 while it loads or after a fault. With engine
+        replicas: JSON, 200 while any replica serves ("degraded" when some do not)."""
         replicas = self.engine.replica_states()
         if replicas and self.engine.state == "ready":
             # Engine replicas: 200 while any serves, with "degraded" and the state of each.
