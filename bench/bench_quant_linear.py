@@ -109,6 +109,7 @@ def main() -> None:
     parser.add_argument("--shapes", default="smollm2,1.5b")
     parser.add_argument("--iters", type=int, default=20)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="activations")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     device = torch.device("cpu")
@@ -132,15 +133,17 @@ def main() -> None:
                 qw = random_qweight(qtype, n, k)
                 copies = [qw] + [qw.clone() for _ in range(-(-2 * llc // qw.numel()) - 1)]
                 for m in (int(v) for v in args.m.split(",")):
-                    x = torch.randn(m, k)
+                    x = torch.randn(m, k).to(getattr(torch, args.dtype))
                     ours, ours_median = timings(
                         rotating([lambda x=x, w=w, qt=qtype: ops.quant_linear(x, w, qt) for w in copies]),
-                        max(args.iters, 2 * len(copies)),
+                        max(args.iters, 2 * len(copies))
+                        if m <= 8
+                        else args.iters,  # big M: compute-bound, few
                     )
                     base, _ = timings(
                         rotating(
                             [
-                                lambda x=x, w=w, qt=qtype, k=k: F.linear(x, ops.dequantize(w, qt, k))
+                                lambda x=x, w=w, qt=qtype, k=k: F.linear(x, ops.dequantize(w, qt, k, x.dtype))
                                 for w in copies
                             ]
                         ),
@@ -149,6 +152,7 @@ def main() -> None:
                     emit(
                         {
                             "shape": f"{shape_set}.{name}",
+                            "dtype": args.dtype,
                             "N": n,
                             "K": k,
                             "format": fmt,

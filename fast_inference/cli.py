@@ -7,6 +7,8 @@ import os
 import shlex
 import sys
 
+from .server.reasoning_parsers import REASONING_PARSERS
+from .server.tool_parsers import TOOL_CALL_PARSERS
 from .sizes import MEMORY_UNITS_HELP, parse_memory
 
 ENV_PREFIX = "FAST_INFERENCE_"
@@ -145,6 +147,20 @@ def _parser(environ=os.environ) -> argparse.ArgumentParser:
         help="file holding a Jinja chat template; none: the tokenizer's own",
     )
     serve.add_argument(
+        "--tool-call-parser",
+        choices=TOOL_CALL_PARSERS,
+        default=None,
+        help="how tool calls are read from the output for tool_choice auto; none: the format the chat "
+        "template's markup names (<tool_call>: hermes, [TOOL_CALLS]: mistral, <|python_tag|> or "
+        '"parameters": llama3_json)',
+    )
+    serve.add_argument(
+        "--reasoning-parser",
+        choices=REASONING_PARSERS,
+        default=None,
+        help="split <think>...</think> into reasoning_content; none: reasoning stays in content",
+    )
+    serve.add_argument(
         "--allowed-origins",
         nargs="*",
         default=[],
@@ -177,7 +193,8 @@ def _parser(environ=os.environ) -> argparse.ArgumentParser:
         type=positive_int,
         default=1,
         help="engine replicas, each a process with the whole model; requests go to the replica with the "
-        "best prefix-cache affinity, the least loaded on a tie (on CUDA replica i uses cuda:i)",
+        "best prefix-cache affinity, the least loaded on a tie (on CUDA each sees its own GPUs, one per "
+        "tensor-parallel rank)",
     )
     scale.add_argument(
         "--api-server-count",
@@ -355,6 +372,8 @@ def serve(args: argparse.Namespace) -> int:
         allowed_origins=list(args.allowed_origins or []),
         max_pending_requests=args.max_pending_requests,
         chat_template=chat_template,
+        tool_call_parser=args.tool_call_parser,
+        reasoning_parser=args.reasoning_parser,
     )
     limits = Limits(
         max_body_bytes=args.max_body_bytes,

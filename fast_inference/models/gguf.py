@@ -422,8 +422,10 @@ def gguf_weights(
 ) -> dict[str, StoredWeight]:
     """Every tensor the engine uses, under its Hugging Face name, in the file's own format: quantized ones as
     views into one huge-page arena (see the module docstring), dense ones (norms, F32/F16/BF16) as copies.
-    select(name, weight) keeps part of each tensor (a tensor-parallel rank's slice; the arena still holds
-    the whole file's quantized tensors then)."""
+    select(name, weight) keeps part of each tensor as it is read (a tensor-parallel rank's slice); then each
+    tensor is a copy of its own, so a rank keeps only its slices (no arena: a view would pin all of it)."""
+    if select is not None:
+        return _selected_weights(cfg, select)
     weights: dict[str, StoredWeight] = {}
     with GGUFFile(cfg.model_path) as gf:
         arch_name, _ = _arch(gf)
@@ -465,6 +467,23 @@ def gguf_weights(
                 heads = cfg.num_heads if ".q_proj." in name else cfg.num_kv_heads
             gf.copy_into(used[name], dest, heads)
             weights[name] = StoredWeight(info.ggml_type, dest, cols)
-    if select is not None:
-        weights = {name: select(name, stored) for name, stored in weights.items()}
+    return weights
+
+
+def _selected_weights(
+    cfg: ModelConfig, select: Callable[[str, StoredWeight], StoredWeight]
+) -> dict[str, StoredWeight]:
+    """gguf_weights with a select: each tensor copied out of the map, un-permuted, then sliced by select."""
+    weights: dict[str, StoredWeight] = {}
+    with GGUFFile(cfg.model_path) as gf:
+        arch_name, _ = _arch(gf)
+        for gname in gf.tensors:
+            name = hf_name(gname)
+            if name is None:
+                continue
+            stored = gf.tensor(gname)
+            if arch_name in _PERMUTED_QK and (".q_proj." in name or ".k_proj." in name):
+                heads = cfg.num_heads if ".q_proj." in name else cfg.num_kv_heads
+                stored = StoredWeight(stored.qtype, _unpermute_rows(stored.data, heads), stored.cols)
+            weights[name] = select(name, stored)
     return weights
