@@ -355,6 +355,28 @@ _RESPONSE_INPUT = {
     ]
 }
 _TEXT_FORMATS = ["text", "json_schema", "json_object"]
+_RESPONSE_TOOL = {
+    "type": "object",
+    "required": ["type", "name"],
+    "properties": {
+        "type": {"enum": ["function"]},
+        "name": {"type": "string"},
+        "description": {"type": ["string", "null"]},
+        "parameters": {"type": ["object", "null"]},
+        "strict": {"type": ["boolean", "null"]},
+    },
+}
+_RESPONSE_TOOL_CHOICE = {
+    "anyOf": [
+        {"enum": ["none", "auto", "required", None]},
+        {"type": "object", "required": ["type", "name"], "properties": {"type": {"enum": ["function"]}}},
+        {
+            "type": "object",
+            "required": ["type", "mode", "tools"],
+            "properties": {"type": {"enum": ["allowed_tools"]}, "mode": {"enum": ["auto", "required"]}},
+        },
+    ]
+}
 
 _INCLUDE_USAGE = Field(
     "include_usage", "boolean", "Send a last chunk with the request's usage.", (), default=False
@@ -502,8 +524,9 @@ FIELDS: tuple[Field, ...] = (
     Field(
         "seed",
         "integer",
-        "Seed of this request's sampling: the same seed and request give the same output.",
-        GENERATION,
+        "Seed of this request's sampling: the same seed and request give the same output "
+        "(/v1/responses: an extension, as vLLM's).",
+        (CHAT, COMPLETIONS, RESPONSES),
         minimum=-(2**63),
         maximum=2**63 - 1,
     ),  # int64, as OpenAI
@@ -780,22 +803,25 @@ FIELDS: tuple[Field, ...] = (
     Field(
         "tools",
         "array",
-        "Function tools the model may call; not supported yet: a non-empty list is refused.",
+        "Function tools ({type: function, name, description, parameters, strict}) the model may call: shown "
+        "to it by the chat template; its calls become function_call output items. Other tool types are "
+        "refused.",
         (RESPONSES,),
-        reader=_refuse_tools("tools"),
+        reader=lambda v: response_tools(v),
+        schema={"items": _RESPONSE_TOOL},
     ),
     Field(
         "tool_choice",
         None,
-        'Only "none" and "auto" are accepted.',
+        'none, auto (default with tools), required, {"type": "function", "name"} or {"type": '
+        '"allowed_tools", "mode", "tools"}; required and a named function are enforced by a grammar.',
         (RESPONSES,),
-        reader=_refuse_tool_choice("tool_choice"),
-        schema={"enum": ["none", "auto", None]},
+        schema=_RESPONSE_TOOL_CHOICE,
     ),
     Field(
         "parallel_tool_calls",
         "boolean",
-        "Whether the model may call several tools in one turn (echoed).",
+        "Whether the model may call several tools in one turn.",
         (RESPONSES,),
         default=True,
     ),
@@ -1360,6 +1386,38 @@ def _text_constraint(text: dict) -> StructuredOutputsParams | None:
     return None
 
 
+def response_tools(value: list) -> list[dict]:
+    """Responses tools, checked to be function tools (tools.parse_tools checks the rest in chat's shape)."""
+    for i, tool in enumerate(value):
+        kind = tool.get("type") if isinstance(tool, dict) else None
+        if kind != "function":
+            raise unsupported("tools", f"tools[{i}] of type {kind!r} (only function tools run here)")
+    return value
+
+
+def _chat_tools(fields: dict) -> dict:
+    """The Responses tool fields in chat's shape, for tools.parse_tools: a tool's function keys move
+    under "function", a named or allowed tool choice names its functions the chat way."""
+    tools = fields["tools"]
+    if tools is not None:
+        tools = [
+            {"type": "function", "function": {k: v for k, v in tool.items() if k != "type" and v is not None}}
+            for tool in tools
+        ]
+    choice = fields["tool_choice"]
+    if isinstance(choice, dict) and choice.get("type") == "function":
+        choice = {"type": "function", "function": {"name": choice.get("name")}}
+    elif isinstance(choice, dict) and choice.get("type") == "allowed_tools":
+        listed = choice.get("tools")
+        if isinstance(listed, list):
+            listed = [
+                {"type": "function", "function": {"name": t.get("name")}} if isinstance(t, dict) else t
+                for t in listed
+            ]
+        choice = {"type": "allowed_tools", "allowed_tools": {"mode": choice.get("mode"), "tools": listed}}
+    return {"tools": tools, "tool_choice": choice, "parallel_tool_calls": fields["parallel_tool_calls"]}
+
+
 def _metadata(value: dict) -> dict:
     if len(value) > 16 or not all(
         isinstance(k, str) and len(k) <= 64 and isinstance(v, str) and len(v) <= 512 for k, v in value.items()
@@ -1373,14 +1431,24 @@ def _metadata(value: dict) -> dict:
 
 
 def parse_response(
-    fields: dict, history: list[dict], model: str, tokenizer, chat_template: str | None
+    fields: dict,
+    history: list[dict],
+    model: str,
+    tokenizer,
+    chat_template: str | None,
+    *,
+    tool_call_parser: str | None = None,
+    reasoning_parser: str | None = None,
 ) -> GenerationRequest:
     """A Responses request (its fields read with read_fields(body, RESPONSES)) after `history`, the
-    conversation of its previous response: render the chat, tokenize, sampling parameters."""
+    conversation of its previous response: render the chat (with the tools), tokenize, sampling
+    parameters, and the output spec that splits the text into reasoning, message and calls, as chat's."""
     messages = list(history) + fields["input"]
     if fields["instructions"] is not None:
         messages.insert(0, {"role": "system", "content": fields["instructions"]})
-    text = render_chat(tokenizer, messages, chat_template, True, param="input")
+    tool_request = tools_mod.parse_tools(_chat_tools(fields))
+    render_tools = tool_request.render_tools if tool_request else None
+    text = render_chat(tokenizer, messages, chat_template, True, param="input", tools=render_tools)
     ids = tokenizer.encode(text, add_special_tokens=False)
     constraint = _text_constraint(fields["text"]) if fields["text"] is not None else None
     try:
@@ -1388,12 +1456,13 @@ def parse_response(
             temperature=fields["temperature"],
             top_p=fields["top_p"],
             max_tokens=fields["max_output_tokens"],
+            seed=fields["seed"],
             structured_outputs=constraint,
         )
     except ValueError as exc:
         message = str(exc)
         raise invalid(message, message.split(" ", 1)[0]) from None
-    return GenerationRequest(
+    gen = GenerationRequest(
         model,
         [ids],
         [text],
@@ -1405,3 +1474,10 @@ def parse_response(
         True,
         "text" if constraint else None,
     )
+    if render_tools or reasoning_parser:
+        gen.output = ChatOutputSpec(text, reasoning_parser, tool_request)
+        if render_tools:
+            _tool_constraints(gen.output, params, tokenizer, chat_template, tool_call_parser)
+            if tool_request.schema() is not None:
+                gen.constrained_by = "tools"  # a bad `parameters` schema is the tools' fault
+    return gen

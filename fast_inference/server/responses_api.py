@@ -75,7 +75,15 @@ async def create_response(app: "OpenAIApp", request: Request) -> Response | Stre
     config = app.config
     gen = await app.tokenizers.run(
         request,
-        lambda tokenizer: protocol.parse_response(fields, history, model, tokenizer, config.chat_template),
+        lambda tokenizer: protocol.parse_response(
+            fields,
+            history,
+            model,
+            tokenizer,
+            config.chat_template,
+            tool_call_parser=config.tool_call_parser,
+            reasoning_parser=config.reasoning_parser,
+        ),
     )
     response_id = "resp_" + uuid.uuid4().hex
     job = await start_job(app, gen, response_id, arrival, "input")
@@ -253,6 +261,8 @@ class ResponseRun:
         self.sequence_number = 0
         self.pending: list[bytes] | None = None  # streaming: the encoded events not yet sent
         self.output = OutputItems(self._event)
+        # Tools or a reasoning parser: chat's choice parser splits the text into thinking, text and calls.
+        self.parser = job.gen.output.new_choice() if job.gen.output is not None else None
         self.cancelled = False
         self.final: dict | None = None
         if fields["store"]:
@@ -281,7 +291,10 @@ class ResponseRun:
             "temperature": fields["temperature"],
             "text": fields["text"] or {"format": {"type": "text"}},
             "tool_choice": fields["tool_choice"] or "auto",
-            "tools": [],
+            "tools": [
+                {"description": None, "parameters": None, "strict": None, **tool}
+                for tool in fields["tools"] or []
+            ],
             "top_p": fields["top_p"],
             "truncation": fields["truncation"],
             "metadata": fields["metadata"] or {},
@@ -306,8 +319,13 @@ class ResponseRun:
 
     def _feed(self, delta) -> None:
         for c in delta.outputs:
-            if c.text:
+            if not c.text:
+                continue
+            if self.parser is None:
                 self.output.add({"content": c.text})
+            else:
+                for piece in self.parser.feed(c.text):
+                    self.output.add(piece)
 
     def _finish(self, error: APIError | None = None) -> dict:
         """The final object (once): the open item closed, the status from how the engine ended; stored
@@ -330,6 +348,9 @@ class ResponseRun:
             extra["error"] = {"code": "server_error", "message": "The request was aborted by the server"}
         else:
             status = "completed"
+        if self.parser is not None:
+            for piece in self.parser.finish():  # what the parser held back (a partial marker, a call)
+                self.output.add(piece)
         self.output.finish("completed" if status == "completed" else "incomplete")
         self.final = self.snapshot(status, self.output.items, self._usage(), **extra)
         if self.fields["store"]:

@@ -303,8 +303,6 @@ def test_cancel_of_a_finished_response_returns_it_unchanged(client, server, rsch
         ),
         ({"input": "x", "text": {"format": {"type": "json_schema", "schema": {}}}}, 400, "text"),
         ({"input": "x", "text": {"format": {"type": "yaml"}}}, 400, "text"),
-        ({"input": "x", "tools": [{"type": "function", "name": "f"}]}, 400, "tools"),
-        ({"input": "x", "tool_choice": "required"}, 400, "tool_choice"),
         ({"input": "x", "background": True, "store": False}, 400, "background"),
         ({"input": "x", "background": True, "stream": True}, 400, "background"),
         ({"input": "x", "truncation": "auto"}, 400, "truncation"),
@@ -642,3 +640,136 @@ def test_background_response_completes(gated_server, rschemas):
     foreground = create_raw(server, rschemas, input="Later", max_output_tokens=6, temperature=1.0)
     assert foreground["usage"]["input_tokens"] == got["usage"]["input_tokens"]
     assert server.server.app.inflight == 0
+
+
+# -- function tools: chat's template rendering, grammar for required / named, parsers for the output ---------
+R_WEATHER = {
+    "type": "function",
+    "name": "get_weather",
+    "description": "Current weather",
+    "parameters": {
+        "type": "object",
+        # bounded, so that random weights finish a call well within the budget
+        "properties": {"city": {"type": "string", "maxLength": 10}, "days": {"type": "integer", "minimum": 1, "maximum": 7}},
+        "required": ["city"],
+        "additionalProperties": False,
+    },
+}  # fmt: skip
+R_TIME = {
+    "type": "function",
+    "name": "get_time",
+    "parameters": {
+        "type": "object",
+        "properties": {"zone": {"type": "string", "enum": ["UTC", "CET"]}},
+        "required": ["zone"],
+        "additionalProperties": False,
+    },
+}
+R_TOOLS = [R_WEATHER, R_TIME]
+TEMPLATES = Path(__file__).resolve().parent / "chat_templates"
+
+
+@pytest.fixture(scope="module")
+def tool_server(tmp_path_factory):
+    """The tiny model with room for tool prompts, served with the Hermes-style test template (its
+    <tool_call> markup picks the parser)."""
+    from fast_inference.models.demo import build_model_dir
+
+    model = build_model_dir(tmp_path_factory.mktemp("tiny_tools"), hidden_size=64, num_layers=2, num_heads=4,
+                            num_kv_heads=2, intermediate_size=128, max_position_embeddings=2048, seed=7)  # fmt: skip
+    thread = start_server(
+        model,
+        factory=engine_factory(model, max_model_len=2048),
+        chat_template=(TEMPLATES / "hermes.jinja").read_text(),
+    )
+    yield thread
+    thread.stop()
+
+
+def _calls(response: dict) -> list[dict]:
+    return [item for item in response["output"] if item["type"] == "function_call"]
+
+
+def _check_call(item: dict) -> dict:
+    parameters = {t["name"]: t["parameters"] for t in R_TOOLS}[item["name"]]
+    arguments = json.loads(item["arguments"])
+    jsonschema.validate(arguments, parameters)
+    assert item["call_id"] and item["id"].startswith("fc_") and item["status"] == "completed"
+    return arguments
+
+
+@pytest.mark.parametrize("parallel", [True, False])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_tool_choice_required_gives_function_calls(tool_server, rschemas, parallel, seed):
+    # Sampled with a seed: greedy decoding of a random model spends the budget on JSON's free whitespace.
+    body = {"input": "Weather in Paris?", "tools": R_TOOLS, "tool_choice": "required",
+            "parallel_tool_calls": parallel, "max_output_tokens": 300, "seed": seed}  # fmt: skip
+    r = create_raw(tool_server, rschemas, **body)
+    assert r["status"] == "completed" and r["tool_choice"] == "required"
+    assert [t["name"] for t in r["tools"]] == ["get_weather", "get_time"]
+    calls = _calls(r)
+    assert len(calls) >= 1 and (parallel or len(calls) == 1)
+    for item in calls:
+        _check_call(item)
+    # The stream: each call an item, its arguments in deltas that add up to the object's.
+    events = stream_raw(tool_server.port, rschemas, **body)
+    assert events[-1]["type"] == "response.completed"
+    streamed: dict[int, str] = {}
+    for e in events:
+        if e["type"] == "response.output_item.added" and e["item"]["type"] == "function_call":
+            assert e["item"]["arguments"] == "" and e["item"]["status"] == "in_progress"
+            streamed[e["output_index"]] = ""
+        elif e["type"] == "response.function_call_arguments.delta":
+            streamed[e["output_index"]] += e["delta"]
+        elif e["type"] == "response.function_call_arguments.done":
+            assert e["arguments"] == streamed[e["output_index"]]
+    assert [(c["name"], c["arguments"]) for c in _calls(events[-1]["response"])] == [
+        (c["name"], c["arguments"]) for c in calls
+    ]  # the same seed: the same calls
+    assert list(streamed.values()) == [c["arguments"] for c in calls]
+
+
+def test_named_tool_choice_and_the_round_trip(tool_server, rschemas):
+    client = openai.OpenAI(base_url=tool_server.url + "/v1", api_key="unused", max_retries=0, timeout=120)
+    r = client.responses.create(model=MODEL_NAME, input="What time is it?", tools=R_TOOLS,
+                                tool_choice={"type": "function", "name": "get_time"}, max_output_tokens=200,
+                                extra_body={"seed": 0})  # fmt: skip
+    rschemas.validate("Response", r.model_dump(mode="json", exclude_unset=True))
+    (call_,) = [item for item in r.output if item.type == "function_call"]
+    assert call_.name == "get_time" and json.loads(call_.arguments)["zone"] in ("UTC", "CET")
+    # The next turn: the stored call and our result render as the assistant tool call and a tool message.
+    result = {"type": "function_call_output", "call_id": call_.call_id, "output": "12:00"}
+    follow = client.responses.create(model=MODEL_NAME, input=[result], previous_response_id=r.id, tools=R_TOOLS,
+                                     tool_choice="none", max_output_tokens=4)  # fmt: skip
+    history = [
+        {"role": "user", "content": "What time is it?"},
+        {"role": "assistant", "content": "", "tool_calls": [
+            {"id": call_.call_id, "type": "function", "function": {"name": "get_time", "arguments": call_.arguments}}]},
+        {"role": "tool", "tool_call_id": call_.call_id, "content": "12:00"},
+    ]  # fmt: skip
+    # tool_choice none: the template is not shown the tools, so the prompt is the history alone.
+    assert follow.usage.input_tokens == tokenize_messages(tool_server, history)
+    assert not [item for item in follow.output if item.type == "function_call"]
+
+
+@pytest.mark.parametrize(
+    "body, param",
+    [
+        ({"tools": [{"type": "web_search"}]}, "tools"),
+        ({"tools": [{"type": "function", "name": "bad name!"}]}, "tools"),
+        ({"tools": R_TOOLS, "tool_choice": {"type": "function", "name": "nope"}}, "tool_choice"),
+        ({"tools": R_TOOLS, "tool_choice": "sometimes"}, "tool_choice"),
+        ({"tool_choice": "required"}, "tool_choice"),
+        ({"tools": [{**R_TIME, "parameters": {"type": "wizard"}}], "tool_choice": "required"}, "tools"),
+    ],
+)
+def test_tool_request_errors(tool_server, rschemas, body, param):
+    r = call(tool_server.port, "POST", "/v1/responses", {"input": "hi", "max_output_tokens": 4, **body})
+    assert r.status == 400 and r.json()["error"]["param"] == param, r.body
+    rschemas.validate("ErrorResponse", r.json())
+
+
+def test_tools_on_a_template_that_cannot_show_them(server):
+    """The shared server's plain ChatML template never reads tools: a clear 400, not ignored tools."""
+    r = call(server.port, "POST", "/v1/responses", {"input": "hi", "tools": R_TOOLS})
+    assert r.status == 400 and r.json()["error"]["param"] == "tools", r.body
