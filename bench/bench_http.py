@@ -2,9 +2,10 @@
 
     python bench/bench_http.py [--seconds 3] [--skip-fastapi]
 
-1. sse_chunk: CPU time per streamed token chunk. `format_write` times the server's own hot path (ChunkEncoder
-   + chunk framing + transport write) on the event-loop thread; baselines: the naive path (build the
-   chunk dict, json.dumps it, h11 framing, write) and the floor (pre-framed bytes into the transport).
+1. sse_chunk: CPU time per streamed token chunk. `format_write` times the server's own hot path (an engine
+   delta through ResponseBuilder.delta_chunk + chunk framing + transport write) on the event-loop thread;
+   baselines: the naive path (build the chunk dict, json.dumps it, h11 framing, write) and the floor
+   (pre-framed bytes into the transport).
    `server_loop` is the whole event-loop CPU per chunk of a live server streaming 20k tokens from an
    instant synthetic engine over TCP loopback (wake-up, delivery, deltas, format, write; the kernel's
    loopback send runs in the server thread and is included), with 1 and with 64 concurrent streams.
@@ -312,7 +313,8 @@ def bench_sse_format_write(n: int = 50000) -> None:
     import h11
 
     from bench.common import emit
-    from fast_inference.server import sse
+    from fast_inference.engine.outputs import CompletionOutput
+    from fast_inference.server.response_builder import ChoiceState, ResponseBuilder
 
     async def run(mode: str) -> float:
         rsock, wsock = socket.socketpair()
@@ -337,7 +339,7 @@ def bench_sse_format_write(n: int = 50000) -> None:
         writer.write(
             conn.send(h11.Response(status_code=200, headers=[("content-type", "text/event-stream")]))
         )
-        enc = sse.ChunkEncoder(
+        builder = ResponseBuilder(
             chat=True,
             request_id="chatcmpl-0123456789abcdef0123456789abcdef",
             created=int(time.time()),
@@ -352,7 +354,9 @@ def bench_sse_format_write(n: int = 50000) -> None:
             "system_fingerprint": "fp_x",
         }
         words = [" the", " quick", " brown", " fox", " jumps", " over", " lazy", " dog", "\n", ' "q"']
-        framed = [b"%x\r\n%s\r\n" % (len(c), c) for c in (enc.text(0, w) for w in words)]
+        deltas = [CompletionOutput(0, w, [i]) for i, w in enumerate(words)]  # the engine's per-token deltas
+        state = ChoiceState(0)
+        framed = [b"%x\r\n%s\r\n" % (len(c), c) for c in (builder.delta_chunk(state, d) for d in deltas)]
         t0 = time.thread_time()
         for i in range(n):
             token = words[i % 10]
@@ -380,7 +384,7 @@ def bench_sse_format_write(n: int = 50000) -> None:
                     + b"\n\n"
                 )
             else:
-                chunk = enc.text(0, token)
+                chunk = builder.delta_chunk(state, deltas[i % 10])
             if mode == "naive":
                 writer.write(conn.send(h11.Data(data=chunk)))
             else:  # the server's framing of its chunked SSE responses (http.HTTPServer._stream)

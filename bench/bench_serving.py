@@ -409,9 +409,9 @@ def main() -> None:
         "--no-enable-prefix-caching",
         "--log-level",
         "info",  # info: the port and readiness are read from the log
+        "--model",  # always: without it the CLI would pick its own default (SmolLM2), not the baseline's model
+        model,
     ]
-    if args.model or args.baseline == "llama-server":
-        server_args += ["--model", model]
     server = ServerProcess(server_args)
     engine = None
     ours: dict[int, dict] = {}

@@ -48,6 +48,10 @@ TORCH_LIBRARY(fast_inference, m) {
   // logits [B, V] raw (before temperature / filtering); token_ids int64 [B];
   // returns (token_logprobs f32 [B], top_ids int64 [B, num_top], top_logprobs f32 [B, num_top])
   m.def("compute_logprobs(Tensor logits, Tensor token_ids, int num_top) -> (Tensor, Tensor, Tensor)");
+  // In place on logits [B, V]: logits[b, v] = -inf where bit v % 32 of bitmask[b, v / 32] is 0
+  // (grammar-constrained decoding). bitmask int32 [B, ceil(V / 32)]; indices int32 [K]: the rows to
+  // mask (None: all rows)
+  m.def("apply_token_bitmask(Tensor(a!) logits, Tensor bitmask, Tensor? indices=None) -> ()");
 
   // ---- quantized weights (ggml block formats, csrc/quant_formats.h; qtype = ggml type id) --------
   // weight: float [N, K] -> uint8 [N, row_bytes]: rows of ceil(K / block) blocks, K zero-padded (Q4_0, Q4_1, Q8_0)

@@ -13,7 +13,14 @@ __version__ = "0.1.0"
 if "torch" not in sys.modules:
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-__all__ = ["LLM", "SamplingParams", "RequestOutput", "CompletionOutput", "__version__"]
+__all__ = [
+    "LLM",
+    "SamplingParams",
+    "StructuredOutputsParams",
+    "RequestOutput",
+    "CompletionOutput",
+    "__version__",
+]
 
 
 def __getattr__(name: str):
@@ -22,10 +29,10 @@ def __getattr__(name: str):
         from .engine.llm import LLM
 
         return LLM
-    if name in ("SamplingParams",):
-        from .engine.sampling_params import SamplingParams
+    if name in ("SamplingParams", "StructuredOutputsParams"):
+        from .engine import sampling_params
 
-        return SamplingParams
+        return getattr(sampling_params, name)
     if name in ("RequestOutput", "CompletionOutput"):
         from .engine import outputs
 

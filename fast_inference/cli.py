@@ -1,14 +1,71 @@
-"""`fast-inference serve`: command-line flags -> EngineArgs + server config, then run the server."""
+"""`fast-inference serve`: command-line flags (each also settable as FAST_INFERENCE_<FLAG>) -> EngineArgs +
+server config, then run the server (in this process, or as engine replica and API server processes)."""
 
 import argparse
 import logging
 import os
+import shlex
 import sys
 
+from .server.reasoning_parsers import REASONING_PARSERS
+from .server.tool_parsers import TOOL_CALL_PARSERS
 from .sizes import MEMORY_UNITS_HELP, parse_memory
 
+ENV_PREFIX = "FAST_INFERENCE_"
+_SECRET_FLAGS = frozenset({"api_key"})  # their values (from the environment too) never appear in --help
+_TRUE = frozenset({"1", "true", "yes", "on"})
+_FALSE = frozenset({"0", "false", "no", "off", ""})
 
-def _parser() -> argparse.ArgumentParser:
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    def _get_help_string(self, action: argparse.Action) -> str:
+        if action.dest in _SECRET_FLAGS:
+            return action.help or ""
+        return super()._get_help_string(action)
+
+
+def env_name(action: argparse.Action) -> str:
+    """--max-model-len -> FAST_INFERENCE_MAX_MODEL_LEN."""
+    return ENV_PREFIX + action.option_strings[-1].lstrip("-").replace("-", "_").upper()
+
+
+def _env_value(parser: argparse.ArgumentParser, action: argparse.Action, name: str, text: str):
+    """The flag's value from its environment variable, converted and checked as argparse would."""
+    if isinstance(action, argparse._StoreTrueAction | argparse._StoreFalseAction):
+        word = text.strip().lower()
+        if word not in _TRUE | _FALSE:
+            parser.error(f"{name}={text!r}: expected one of 1/0, true/false, yes/no, on/off")
+        return (word in _TRUE) == isinstance(action, argparse._StoreTrueAction)
+    words = shlex.split(text) if action.nargs in ("+", "*") else [text]
+    values = []
+    for word in words:
+        try:
+            value = action.type(word) if action.type is not None else word
+        except (TypeError, ValueError):
+            parser.error(f"{name}={text!r}: invalid {getattr(action.type, '__name__', 'value')} value")
+        if action.choices is not None and value not in action.choices:
+            parser.error(f"{name}={text!r}: choose from {', '.join(map(str, action.choices))}")
+        values.append(value)
+    if action.nargs in ("+", "*"):
+        if action.nargs == "+" and not values:
+            parser.error(f"{name} is empty: give at least one value")
+        return values
+    return values[0]
+
+
+def _env_defaults(parser: argparse.ArgumentParser, environ=os.environ) -> None:
+    """Every option of `parser` can also come from FAST_INFERENCE_<FLAG>: the variable becomes the
+    default, so a flag on the command line wins. Also adds the variable's name to each flag's help."""
+    for action in parser._actions:
+        if not action.option_strings or isinstance(action, argparse._HelpAction):
+            continue
+        name = env_name(action)
+        action.help = f"{action.help or ''} [env: {name}]".strip()
+        if name in environ:
+            parser.set_defaults(**{action.dest: _env_value(parser, action, name, environ[name])})
+
+
+def _parser(environ=os.environ) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="fast-inference", description="fast_inference: LLM inference engine"
     )
@@ -16,7 +73,10 @@ def _parser() -> argparse.ArgumentParser:
     serve = sub.add_parser(
         "serve",
         help="run the OpenAI-compatible HTTP server",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        description="Run the OpenAI-compatible HTTP server. Every flag can also be set by the environment "
+        "variable FAST_INFERENCE_<FLAG> (--max-model-len: FAST_INFERENCE_MAX_MODEL_LEN; switches take "
+        "1/0, true/false, yes/no, on/off; lists are space-separated); a flag given on the command line wins.",
+        formatter_class=_HelpFormatter,
     )
     serve.add_argument("model_tag", nargs="?", default=None, help="model directory (same as --model)")
     serve.add_argument(
@@ -42,7 +102,7 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--api-key",
         default=None,
-        help="require 'Authorization: Bearer KEY' (default: $FAST_INFERENCE_API_KEY)",
+        help="require 'Authorization: Bearer KEY'",
     )
     serve.add_argument("--tokenizer", default=None, help="tokenizer directory (default: the model's)")
     serve.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"])
@@ -87,12 +147,62 @@ def _parser() -> argparse.ArgumentParser:
         help="file holding a Jinja chat template; none: the tokenizer's own",
     )
     serve.add_argument(
+        "--tool-call-parser",
+        choices=TOOL_CALL_PARSERS,
+        default=None,
+        help="how tool calls are read from the output for tool_choice auto; none: the format the chat "
+        "template's markup names (<tool_call>: hermes, [TOOL_CALLS]: mistral, <|python_tag|> or "
+        '"parameters": llama3_json)',
+    )
+    serve.add_argument(
+        "--reasoning-parser",
+        choices=REASONING_PARSERS,
+        default=None,
+        help="split <think>...</think> into reasoning_content; none: reasoning stays in content",
+    )
+    serve.add_argument(
         "--allowed-origins",
         nargs="*",
         default=[],
         help="CORS origins allowed to call the API ('*' for any); none: CORS off",
     )
     serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    parallel = serve.add_argument_group("tensor parallelism (torch.distributed: gloo on CPU, NCCL on CUDA)")
+    parallel.add_argument(
+        "--tensor-parallel-size", type=int, default=1, help="ranks the model is split over (all nodes)"
+    )
+    parallel.add_argument("--nnodes", type=int, default=1, help="machines the ranks span (equal shares)")
+    parallel.add_argument(
+        "--node-rank",
+        type=int,
+        default=0,
+        help="this machine's index; 0 runs the scheduler and the API server, the others are pure workers",
+    )
+    parallel.add_argument(
+        "--master-addr", default="127.0.0.1", help="address of node 0, where the ranks meet (TCP rendezvous)"
+    )
+    parallel.add_argument(
+        "--master-port",
+        type=int,
+        default=0,
+        help="rendezvous port on node 0 (0: any free one; one node only)",
+    )
+    scale = serve.add_argument_group("processes")
+    scale.add_argument(
+        "--data-parallel-size",
+        type=positive_int,
+        default=1,
+        help="engine replicas, each a process with the whole model; requests go to the replica with the "
+        "best prefix-cache affinity, the least loaded on a tie (on CUDA each sees its own GPUs, one per "
+        "tensor-parallel rank)",
+    )
+    scale.add_argument(
+        "--api-server-count",
+        type=positive_int,
+        default=1,
+        help="HTTP front-end processes sharing the port (SO_REUSEPORT), all over the same engine(s); "
+        "more than 1, or --data-parallel-size above 1, runs the engines in their own processes",
+    )
     limits = serve.add_argument_group("limits")
     limits.add_argument("--max-connections", type=int, default=1024, help="open connections; more get 503")
     limits.add_argument(
@@ -114,7 +224,15 @@ def _parser() -> argparse.ArgumentParser:
         default=30.0,
         help="seconds in-flight requests get to finish on SIGINT/SIGTERM",
     )
+    _env_defaults(serve, environ)
     return parser
+
+
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise ValueError(f"must be at least 1, got {value}")
+    return value
 
 
 def _read_chat_template(path: str) -> str:
@@ -126,6 +244,49 @@ def _read_chat_template(path: str) -> str:
         raise ValueError(f"--chat-template {path!r} cannot be read: {exc.strerror or exc}") from None
 
 
+def _parallel_args(args: argparse.Namespace) -> dict:
+    return dict(
+        tensor_parallel_size=args.tensor_parallel_size,
+        nnodes=args.nnodes,
+        node_rank=args.node_rank,
+        master_addr=args.master_addr,
+        master_port=args.master_port,
+    )
+
+
+def _serve_worker_node(args: argparse.Namespace, model: str, kv_cache_memory, log) -> int:
+    """`serve --node-rank K` (K > 0): this machine's tensor-parallel ranks, no HTTP server."""
+    if args.num_threads is not None:
+        import torch
+
+        torch.set_num_threads(args.num_threads)
+    from .engine.config import EngineArgs
+    from .engine.distributed import run_worker_node
+
+    engine_args = EngineArgs(
+        model=model,
+        dtype=args.dtype,
+        device=args.device,
+        max_model_len=args.max_model_len,
+        max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=args.max_num_batched_tokens,
+        kv_cache_memory=kv_cache_memory,
+        block_size=args.block_size,
+        quantization=args.quantization,
+        **_parallel_args(args),
+    )
+    log.info(
+        "node %d of %d: tensor-parallel worker ranks only (the API server runs on node 0)",
+        args.node_rank,
+        args.nnodes,
+    )
+    try:
+        return run_worker_node(engine_args)
+    except ValueError as exc:
+        log.error("%s", exc)
+        return 2
+
+
 def serve(args: argparse.Namespace) -> int:
     logging.basicConfig(
         level=getattr(logging, args.log_level.upper()),
@@ -135,7 +296,7 @@ def serve(args: argparse.Namespace) -> int:
     log = logging.getLogger("fast_inference.server")
     from .server.http import Limits
     from .server.routes import ServerConfig
-    from .server.serve import Server, run
+    from .server.serve import Server, run, serve_replicas
 
     model = args.model or args.model_tag
     is_demo = False
@@ -167,39 +328,42 @@ def serve(args: argparse.Namespace) -> int:
     except ValueError as exc:
         log.error("%s", exc)
         return 2
+    try:
+        from .engine.config import EngineArgs
+
+        EngineArgs(model=model, **_parallel_args(args)).validate()  # bad parallel flags: exit 2 at once
+    except ValueError as exc:
+        log.error("%s", exc)
+        return 2
+    if args.node_rank > 0:
+        return _serve_worker_node(args, model, kv_cache_memory, log)
     default_name = os.path.basename(os.path.normpath(model)).removesuffix(".gguf")
     names = args.served_model_name or [demo_name or default_name]
-    api_key = args.api_key or os.environ.get("FAST_INFERENCE_API_KEY") or None
+    api_key = args.api_key or None
 
-    def engine_factory():
-        if args.num_threads is not None:
-            import torch
+    from .engine.config import EngineArgs
+    from .engine.engine_process import EngineSpec
 
-            torch.set_num_threads(args.num_threads)
-        from .engine.config import EngineArgs
-        from .engine.encoder_engine import EncoderEngine, is_encoder_model
-        from .engine.llm_engine import LLMEngine
-
-        # A BERT-family encoder directory is served for /v1/embeddings only.
-        engine_cls = EncoderEngine if is_encoder_model(model) else LLMEngine
-        return engine_cls.from_engine_args(
-            EngineArgs(
-                model=model,
-                dtype=args.dtype,
-                device=args.device,
-                max_model_len=args.max_model_len,
-                max_num_seqs=args.max_num_seqs,
-                max_num_batched_tokens=args.max_num_batched_tokens,
-                **({} if args.target_itl_ms is None else {"target_itl_ms": args.target_itl_ms}),
-                kv_cache_memory=kv_cache_memory,
-                block_size=args.block_size,
-                enable_prefix_caching=not args.no_enable_prefix_caching,
-                seed=args.seed,
-                tokenizer=args.tokenizer,
-                chat_template=chat_template,
-                quantization=args.quantization,
-            )
-        )
+    engine_spec = EngineSpec(
+        EngineArgs(
+            model=model,
+            dtype=args.dtype,
+            device=args.device,
+            max_model_len=args.max_model_len,
+            max_num_seqs=args.max_num_seqs,
+            max_num_batched_tokens=args.max_num_batched_tokens,
+            **({} if args.target_itl_ms is None else {"target_itl_ms": args.target_itl_ms}),
+            kv_cache_memory=kv_cache_memory,
+            block_size=args.block_size,
+            enable_prefix_caching=not args.no_enable_prefix_caching,
+            seed=args.seed,
+            tokenizer=args.tokenizer,
+            chat_template=chat_template,
+            quantization=args.quantization,
+            **_parallel_args(args),
+        ),
+        num_threads=args.num_threads,
+    )
 
     config = ServerConfig(
         served_model_names=names,
@@ -208,6 +372,8 @@ def serve(args: argparse.Namespace) -> int:
         allowed_origins=list(args.allowed_origins or []),
         max_pending_requests=args.max_pending_requests,
         chat_template=chat_template,
+        tool_call_parser=args.tool_call_parser,
+        reasoning_parser=args.reasoning_parser,
     )
     limits = Limits(
         max_body_bytes=args.max_body_bytes,
@@ -215,17 +381,32 @@ def serve(args: argparse.Namespace) -> int:
         idle_timeout=args.keep_alive_timeout,
         max_connections=args.max_connections,
     )
-    server = Server(
-        engine_factory,
-        config,
-        host=args.host,
-        port=args.port,
-        limits=limits,
-        drain_timeout=args.shutdown_timeout,
-        is_demo=is_demo,
-    )
     try:
-        run(server)
+        if args.data_parallel_size > 1 or args.api_server_count > 1:
+            serve_replicas(
+                engine_spec,
+                config,
+                data_parallel_size=args.data_parallel_size,
+                api_server_count=args.api_server_count,
+                host=args.host,
+                port=args.port,
+                limits=limits,
+                drain_timeout=args.shutdown_timeout,
+                is_demo=is_demo,
+                log_level=args.log_level,
+            )
+        else:
+            run(
+                Server(
+                    engine_spec,
+                    config,
+                    host=args.host,
+                    port=args.port,
+                    limits=limits,
+                    drain_timeout=args.shutdown_timeout,
+                    is_demo=is_demo,
+                )
+            )
     except OSError as exc:
         log.error("could not listen on %s:%d: %s", args.host, args.port, exc)
         return 1

@@ -1,11 +1,12 @@
 // fast_inference::quantize / dequantize / quant_linear on CPU: ggml block-format weights used in place.
 //
 //   quant_linear, M <= 8 (decode): a GEMV that streams each weight row once for all M rows
-//     (quant_gemv_kernel.h, compiled for AVX2 and AVX-512): Q4_0 / Q4_1 / Q8_0 as int8 dot products against
-//     activations quantized to 32-value blocks; K-quants dequantized row by row in cache, dotted in f32.
-//   quant_linear, M > 8 (prefill, big batches): slabs of weight rows dequantized to f32 into a per-thread
-//     buffer that stays in cache, multiplied by torch's f32 GEMM, so the weight is read once and the math runs
-//     at GEMM speed.
+//     (quant_gemv_kernel.h, compiled for AVX2 and AVX-512): every format (K-quants too) as int8 dot products
+//     against activations quantized once per call to 32-value int8 blocks.
+//   quant_linear, M > 8 (prefill, big batches): slabs of weight rows dequantized to f32 by the same kernels'
+//     vectorized decoders into a per-thread buffer that stays in cache, multiplied by torch's f32 GEMM, so the
+//     weight is read once and the math runs at GEMM speed (bf16 activations: bf16 slabs and oneDNN's bf16 GEMM
+//     on AVX-512 BF16 CPUs, f32 elsewhere).
 //   No AVX2: every path goes through the dequantized slabs.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -23,13 +24,13 @@ namespace fast_inference::cpu {
 
 #define FI_DECLARE_QUANT_GEMV(ns)                                                                              \
   namespace ns {                                                                                               \
-  void quantize_activations(const float* x, int64_t x_stride, int64_t M, int64_t K, int64_t nb, int8_t* xq,   \
-                            float* xscale, float* xsum);                                                       \
-  void dot_rows_q8(int64_t qtype, const int8_t* xq, const float* xscale, const float* xsum, int64_t M,          \
-                   int64_t nb, const uint8_t* w, int64_t row_bytes, int64_t n0, int64_t n1, float* out,        \
-                   int64_t N);                                                                                 \
-  void dot_rows_dequant(int64_t qtype, const float* x, int64_t x_stride, int64_t M, int64_t K, const uint8_t* w, \
-                        int64_t row_bytes, int64_t n0, int64_t n1, float* out, int64_t N, float* row_buf);      \
+  void quantize_activations(const float* x, int64_t x_stride, int64_t M, int64_t K, int64_t Kp, int8_t* q,    \
+                            float* scale, float* zsum);                                                        \
+  void gemv_rows_q8(int64_t qtype, const int8_t* xq, const float* xscale, const float* xzsum, int64_t Kp,      \
+                    int64_t M, const uint8_t* w, int64_t row_bytes, int64_t nb, int64_t n0, int64_t n1,        \
+                    float* out, int64_t N);                                                                    \
+  void dequantize_rows(int64_t qtype, const uint8_t* w, int64_t row_bytes, int64_t nb, int64_t r0, int64_t r1, \
+                       float* dst, int64_t width);                                                             \
   }
 FI_DECLARE_QUANT_GEMV(avx2)
 FI_DECLARE_QUANT_GEMV(avx512)
@@ -44,6 +45,9 @@ constexpr int64_t kMaxGemvRows = 8;
 constexpr int64_t kGemvGrain = 16;
 // A dequantized f32 weight slab of about this size stays in L2 while the GEMM walks it.
 constexpr int64_t kSlabBytes = 256 * 1024;
+// From this many activation rows the bf16 slab GEMM beats the f32 one (one thread, SmolLM2 shapes, Q4_1 / Q8_0:
+// 0.85-1.4x at M = 128, 1.7-2.7x at M = 512, but 0.8x at M = 32 where oneDNN's per-call cost dominates).
+constexpr int64_t kBf16GemmMinRows = 128;
 
 // Rows [r0, r1) of qweight -> f32 rows of width nb * block_elems at dst (row stride `width`).
 void dequantize_rows(int64_t qtype, const uint8_t* qweight, int64_t rbytes, int64_t r0, int64_t r1, float* dst,
@@ -88,34 +92,31 @@ at::Tensor quantize_cpu(const at::Tensor& weight, int64_t qtype) {
   return out;
 }
 
-// x: f32 [M, K] contiguous -> out f32 [M, N] through the GEMV of `isa`
+// x: f32 [M, K] contiguous -> out f32 [M, N] through the GEMV of `isa`: x quantized once (shared by every
+// thread), then rows of the weight split across threads, each row streamed once for all M activation rows.
 void quant_gemv(Isa isa, const at::Tensor& x, const at::Tensor& qweight, int64_t qtype, at::Tensor& out) {
   const int64_t M = x.size(0), K = x.size(1), N = qweight.size(0), rbytes = qweight.size(1);
+  const int64_t nb = blocks_per_row(qtype, K), Kp = (K + 255) / 256 * 256;
   const float* xp = x.data_ptr<float>();
   const uint8_t* w = qweight.data_ptr<uint8_t>();
   float* o = out.data_ptr<float>();
-  if (qtype == kQ4_0 || qtype == kQ4_1 || qtype == kQ8_0) {
-    const int64_t nb = blocks_per_row(qtype, K);
-    std::vector<int8_t> xq(M * nb * 32);
-    std::vector<float> xscale(M * nb), xsum(M * nb);
-    auto quantize_x = isa == Isa::kAvx512 ? avx512::quantize_activations : avx2::quantize_activations;
-    auto dot = isa == Isa::kAvx512 ? avx512::dot_rows_q8 : avx2::dot_rows_q8;
-    quantize_x(xp, K, M, K, nb, xq.data(), xscale.data(), xsum.data());
-    at::parallel_for(0, N, kGemvGrain, [&](int64_t n0, int64_t n1) {
-      dot(qtype, xq.data(), xscale.data(), xsum.data(), M, nb, w, rbytes, n0, n1, o, N);
-    });
-    return;
-  }
-  auto dot = isa == Isa::kAvx512 ? avx512::dot_rows_dequant : avx2::dot_rows_dequant;
-  const int64_t width = blocks_per_row(qtype, K) * block_elems(qtype);
-  at::parallel_for(0, N, kGemvGrain, [&](int64_t n0, int64_t n1) {
-    std::vector<float> row_buf(width);
-    dot(qtype, xp, K, M, K, w, rbytes, n0, n1, o, N, row_buf.data());
+  std::vector<int8_t> xq(M * Kp);
+  std::vector<float> xscale(M * Kp / 4), xzsum(M * Kp / 4);
+  const bool wide = isa == Isa::kAvx512;
+  (wide ? avx512::quantize_activations : avx2::quantize_activations)(xp, K, M, K, Kp, xq.data(), xscale.data(),
+                                                                      xzsum.data());
+  auto gemv = wide ? avx512::gemv_rows_q8 : avx2::gemv_rows_q8;
+  // Grain: at least kGemvGrain rows and ~64 KiB of weight per task, so small projections stay on few threads.
+  const int64_t grain = std::max<int64_t>(kGemvGrain, (64 << 10) / std::max<int64_t>(rbytes, 1));
+  at::parallel_for(0, N, grain, [&](int64_t n0, int64_t n1) {
+    gemv(qtype, xq.data(), xscale.data(), xzsum.data(), Kp, M, w, rbytes, nb, n0, n1, o, N);
   });
 }
 
-// x: f32 [M, K] contiguous -> out f32 [M, N]: dequantized slabs of rows times x by torch's f32 GEMM
-void quant_gemm_slabs(const at::Tensor& x, const at::Tensor& qweight, int64_t qtype, at::Tensor& out) {
+// x: [M, K] contiguous, f32 or bf16 (the GEMM's dtype) -> out f32 [M, N]: dequantized slabs of rows times x by
+// torch's GEMM. bf16 x (only on the AVX-512 BF16 path) multiplies bf16 slabs: oneDNN's bf16 GEMM (AMX /
+// AVX512-BF16) runs several times f32's rate, which is what prefill of a quantized model is bound by.
+void quant_gemm_slabs(Isa isa, const at::Tensor& x, const at::Tensor& qweight, int64_t qtype, at::Tensor& out) {
   const int64_t M = x.size(0), K = x.size(1), N = qweight.size(0);
   const int64_t width = blocks_per_row(qtype, K) * block_elems(qtype);
   const int64_t threads = at::get_num_threads();
@@ -125,16 +126,36 @@ void quant_gemm_slabs(const at::Tensor& x, const at::Tensor& qweight, int64_t qt
   const int64_t num_slabs = (N + slab - 1) / slab;
   const uint8_t* w = qweight.data_ptr<uint8_t>();
   float* o = out.data_ptr<float>();
+  const bool bf16 = x.scalar_type() == at::kBFloat16;
   at::parallel_for(0, num_slabs, 1, [&](int64_t s0, int64_t s1) {
-    std::vector<float> w_slab(slab * width), y_slab(M * slab);
     const at::TensorOptions f32 = at::TensorOptions().dtype(at::kFloat);
+    std::vector<float> w_slab(slab * width), y_slab(M * slab);
+    at::Tensor w_bf16 = bf16 ? at::empty({slab, width}, f32.dtype(at::kBFloat16)) : at::Tensor();
+    at::Tensor y_bf16 = bf16 ? at::empty({M, slab}, f32.dtype(at::kBFloat16)) : at::Tensor();
     for (int64_t s = s0; s < s1; ++s) {
       const int64_t n0 = s * slab, rows = std::min(slab, N - n0);
-      dequantize_rows(qtype, w, qweight.size(1), n0, n0 + rows, w_slab.data(), width);
-      at::Tensor y = at::from_blob(y_slab.data(), {M, rows}, f32);
+      if (isa == Isa::kPortable) {
+        dequantize_rows(qtype, w, qweight.size(1), n0, n0 + rows, w_slab.data(), width);
+      } else {
+        (isa == Isa::kAvx512 ? avx512::dequantize_rows : avx2::dequantize_rows)(
+            qtype, w, qweight.size(1), blocks_per_row(qtype, K), n0, n0 + rows, w_slab.data(), width);
+      }
+      const at::Tensor w_f32 = at::from_blob(w_slab.data(), {rows, width}, f32);
       // Inside a parallel region the GEMM runs on this thread alone.
-      at::mm_out(y, x, at::from_blob(w_slab.data(), {rows, width}, f32).narrow(1, 0, K).t());
-      for (int64_t m = 0; m < M; ++m) std::copy_n(y_slab.data() + m * rows, rows, o + m * N + n0);
+      if (bf16) {
+        at::Tensor wt = w_bf16.narrow(0, 0, rows);
+        wt.copy_(w_f32);
+        at::Tensor y = y_bf16.narrow(1, 0, rows);
+        at::mm_out(y, x, wt.narrow(1, 0, K).t());
+        for (int64_t m = 0; m < M; ++m) {
+          const c10::BFloat16* ym = y_bf16.data_ptr<c10::BFloat16>() + m * slab;
+          for (int64_t r = 0; r < rows; ++r) o[m * N + n0 + r] = static_cast<float>(ym[r]);
+        }
+      } else {
+        at::Tensor y = at::from_blob(y_slab.data(), {M, rows}, f32);
+        at::mm_out(y, x, w_f32.narrow(1, 0, K).t());
+        for (int64_t m = 0; m < M; ++m) std::copy_n(y_slab.data() + m * rows, rows, o + m * N + n0);
+      }
     }
   });
 }
@@ -144,14 +165,16 @@ at::Tensor quant_linear_cpu(const at::Tensor& x, const at::Tensor& qweight, int6
                             const std::optional<at::Tensor>& bias) {
   check_quant_linear(x, qweight, qtype, bias);
   const int64_t M = x.size(0), N = qweight.size(0);
-  const at::Tensor xf = x.to(at::kFloat).contiguous();
   at::Tensor out = at::empty({M, N}, x.options().dtype(at::kFloat));
   if (M > 0) {
     const Isa isa = selected_isa();
     if (M <= kMaxGemvRows && isa != Isa::kPortable) {
-      quant_gemv(isa, xf, qweight, qtype, out);
+      quant_gemv(isa, x.to(at::kFloat).contiguous(), qweight, qtype, out);
     } else {
-      quant_gemm_slabs(xf, qweight, qtype, out);
+      // bf16 activations keep a bf16 GEMM where the CPU has one natively and M is large enough for oneDNN's
+      // per-slab call to pay off; everything else multiplies in f32.
+      const bool bf16_gemm = x.scalar_type() == at::kBFloat16 && isa == Isa::kAvx512 && M >= kBf16GemmMinRows;
+      quant_gemm_slabs(isa, x.to(bf16_gemm ? at::kBFloat16 : at::kFloat).contiguous(), qweight, qtype, out);
     }
   }
   if (bias.has_value()) out.add_(bias->to(at::kFloat));

@@ -44,6 +44,12 @@ class EngineArgs:
     chat_template: str | None = None  # the Jinja template text (not a path); None: the tokenizer's
     enforce_eager: bool = False  # CUDA: do not capture decode steps into CUDA graphs
     quantization: str | None = None  # "q8_0" / "q4_0": quantize an HF checkpoint's weights at load
+    # Tensor parallelism (engine/distributed.py): ranks in all, nodes they span, this node, rendezvous.
+    tensor_parallel_size: int = 1
+    nnodes: int = 1
+    node_rank: int = 0
+    master_addr: str = "127.0.0.1"
+    master_port: int = 0  # 0: any free port (one node only)
 
     def validate(self) -> None:
         if not isinstance(self.model, str | bytes) and not hasattr(self.model, "__fspath__"):
@@ -60,6 +66,17 @@ class EngineArgs:
             raise ValueError(f"block_size must be a power of two, got {self.block_size}")
         if self.kv_cache_memory is not None:
             parse_memory(self.kv_cache_memory)
+        tp, nnodes = self.tensor_parallel_size, self.nnodes
+        if tp < 1:
+            raise ValueError(f"tensor_parallel_size must be at least 1, got {tp}")
+        if nnodes < 1 or tp % nnodes:
+            raise ValueError(f"nnodes ({nnodes}) must be at least 1 and divide tensor_parallel_size ({tp})")
+        if not 0 <= self.node_rank < nnodes:
+            raise ValueError(f"node_rank must be in [0, nnodes), got {self.node_rank} with nnodes={nnodes}")
+        if not 0 <= self.master_port < 65536:
+            raise ValueError(f"master_port must be in 0..65535, got {self.master_port}")
+        if nnodes > 1 and self.master_port == 0:
+            raise ValueError("master_port must be given (the same on every node) when nnodes > 1")
 
 
 @dataclass(slots=True)

@@ -1,4 +1,5 @@
-"""LLMEngine: requests in, one schedule -> run -> update step at a time, RequestOutput deltas out (single-threaded)."""
+"""LLMEngine: requests in (checked by intake.py), one step at a time (schedule -> run -> update -> sample ->
+process -> finish), RequestOutput deltas out; single-threaded."""
 
 import logging
 import random
@@ -22,6 +23,7 @@ from .sampler import Sampler
 from .sampling_params import SamplingParams
 from .scheduler import Scheduler
 from .sequence import SEED_MASK, Request, Sequence, child_seed
+from .structured_outputs import SequenceGrammar, StructuredOutputs
 
 logger = logging.getLogger("fast_inference.engine")
 
@@ -72,9 +74,19 @@ class LLMEngine:
         self.block_size = args.block_size
         max_batched = args.max_num_batched_tokens or 2048
         kv_bytes = parse_memory(args.kv_cache_memory) if args.kv_cache_memory is not None else None
-        self.runner = ModelRunner(
-            cfg, args.block_size, kv_bytes, args.max_num_seqs, max_batched, enforce_eager=args.enforce_eager
-        )
+        if args.tensor_parallel_size > 1:
+            from .distributed import start_tensor_parallel  # workers started, rank 0's share loaded
+
+            self.runner = start_tensor_parallel(args, cfg)
+        else:
+            self.runner = ModelRunner(
+                cfg,
+                args.block_size,
+                kv_bytes,
+                args.max_num_seqs,
+                max_batched,
+                enforce_eager=args.enforce_eager,
+            )
         self.num_total_blocks = self.runner.num_blocks
         self.block_manager = BlockManager(self.num_total_blocks, args.block_size, args.enable_prefix_caching)
         self.scheduler = Scheduler(
@@ -89,6 +101,9 @@ class LLMEngine:
             self.block_manager,
         )
         self.sampler = Sampler(device)
+        self.structured = StructuredOutputs(
+            self.tokenizer, cfg.vocab_size, cfg.eos_token_ids, device, args.max_num_seqs
+        )
         self.outputs = OutputProcessor(self.tokenizer, cfg)
         self.requests: dict[str, Request] = {}
         self._aborts: list[str] = []
@@ -109,6 +124,12 @@ class LLMEngine:
     @classmethod
     def from_engine_args(cls, args: EngineArgs) -> "LLMEngine":
         return cls(args)
+
+    def close(self) -> None:
+        """Stop the tensor-parallel workers, if any (idempotent; a single-process engine holds nothing)."""
+        close = getattr(self.runner, "close", None)
+        if close is not None:
+            close()
 
     # ---- requests -------------------------------------------------------------------------------
     def default_sampling_params(self) -> SamplingParams:
@@ -158,6 +179,8 @@ class LLMEngine:
             kv_capacity=self.num_total_blocks * self.block_size,
             max_tokens_must_fit=max_tokens_must_fit,
         )
+        spec = params.structured_outputs
+        grammar = self.structured.compile(spec) if spec is not None else None  # refuses a bad one
         stop_ids = set(params.stop_token_ids or ())
         if not params.ignore_eos:
             stop_ids |= cfg.eos_token_ids
@@ -185,6 +208,7 @@ class LLMEngine:
             num_prompt_tokens=len(token_ids),
             seed=child_seed(req.seed, 0),
             max_tokens=max_tokens,
+            grammar=SequenceGrammar(grammar) if grammar is not None else None,
         )
         init_offsets(seq)
         req.seqs.append(seq)
@@ -205,7 +229,8 @@ class LLMEngine:
 
     # ---- the step -------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
-        """One step, schedule -> run -> update; returns the deltas of the requests that changed."""
+        """One step: schedule -> run -> update (counts, prefix-cache blocks, forks) -> sample -> process
+        (tokens, text, stops, logprobs) -> finish (free what ended); returns the changed requests' deltas."""
         outputs = self._process_aborts() if self._aborts else []
         started = time.perf_counter()
         batch = self.scheduler.schedule()
@@ -213,16 +238,19 @@ class LLMEngine:
             return outputs
         sample_rows = batch.sample_token_rows()
         prompt_rows = self.outputs.prompt_logprob_rows(batch)
+        filling = self.structured.start_fill(batch)  # grammar bitmasks, on a thread while the model runs
         logits = self.runner.execute(
             batch.seqs, batch.num_new_tokens, sample_rows + [r[1] for r in prompt_rows]
         )
+        masks = self.structured.finish_fill(filling)
         samplers, rows = self.scheduler.update(batch)
         if prompt_rows:
             self.outputs.add_prompt_logprobs(prompt_rows, logits[len(sample_rows) :])
         if samplers:
             forked = len(rows) != len(sample_rows)
             picked = logits[torch.tensor(rows, device=logits.device)] if forked else logits[: len(rows)]
-            deltas, finished = self.outputs.process(samplers, self.sampler(picked, samplers))
+            bitmask = masks.select(samplers, rows) if masks is not None else None
+            deltas, finished = self.outputs.process(samplers, self.sampler(picked, samplers, bitmask))
             for seq in finished:
                 self.scheduler.finish(seq)
             outputs.extend(deltas)

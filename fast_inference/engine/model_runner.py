@@ -38,22 +38,22 @@ class ModelRunner:
         max_num_seqs: int,
         max_num_batched_tokens: int,
         enforce_eager: bool = False,
+        tensor_parallel=None,
     ):
+        """tensor_parallel: this rank's models.parallel_layers.TensorParallel (engine/distributed.py's
+        runner passes it); the model, and so the KV cache, are then this rank's share."""
         self.cfg = cfg
         self.device = cfg.device
         self.block_size = block_size
         self.max_num_seqs = max_num_seqs
-        self.model = load_model(cfg)
+        self.model = load_model(cfg, tensor_parallel)
+        kv_heads = self.model.config.num_kv_heads  # this rank's KV heads under tensor parallelism
         # Two weight layouts on CPU bf16 (batch-1 streaming + oneDNN prepacked) when memory allows.
         keep_plain = self.model.weight_bytes <= available_memory(self.device) // 8
         self.model.prepack(batch_hint=32, keep_plain=keep_plain)
         # Bytes of key + value for one token across all layers.
         self.kv_bytes_per_token = (
-            2
-            * cfg.num_layers
-            * cfg.num_kv_heads
-            * cfg.head_dim
-            * torch.empty((), dtype=cfg.dtype).element_size()
+            2 * cfg.num_layers * kv_heads * cfg.head_dim * torch.empty((), dtype=cfg.dtype).element_size()
         )
         bytes_per_block = self.kv_bytes_per_token * block_size
         if kv_cache_memory is None:
@@ -64,7 +64,7 @@ class ModelRunner:
                 f"kv_cache_memory ({kv_cache_memory} bytes) holds {self.num_blocks} blocks of "
                 f"{bytes_per_block} bytes; need at least one block"
             )
-        shape = (self.num_blocks, block_size, cfg.num_kv_heads, cfg.head_dim)
+        shape = (self.num_blocks, block_size, kv_heads, cfg.head_dim)
         # Zeroed: touched once now (resident memory stays flat afterwards) and never NaN in padding reads.
         self.key_caches = [
             torch.zeros(shape, dtype=cfg.dtype, device=self.device) for _ in range(cfg.num_layers)

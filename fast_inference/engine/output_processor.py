@@ -1,7 +1,8 @@
 """OutputProcessor: sampled tokens -> RequestOutput deltas. It owns incremental detokenization, the stop
-rules (EOS, stop token ids, stop strings, max_tokens, max_model_len) and logprob entries, whose token
-text is decoded here once per token id (cached) and nowhere else."""
+rules (EOS, stop token ids, stop strings, a completed grammar, max_tokens, max_model_len) and logprob
+entries, whose token text is decoded here once per token id (cached) and nowhere else."""
 
+import logging
 import time
 
 import torch
@@ -11,6 +12,8 @@ from .outputs import CompletionOutput, Logprob, RequestOutput
 from .sampler import SamplerOutput, token_logprobs
 from .scheduler import SchedulerOutput
 from .sequence import Request, Sequence
+
+logger = logging.getLogger("fast_inference.engine")
 
 
 class TokenText:
@@ -131,6 +134,8 @@ class OutputProcessor:
         req = seq.request
         params = req.params
         seq.token_ids.append(token)
+        if seq.grammar is not None and not seq.grammar.accept(token):
+            logger.warning("request %s: the grammar refused sampled token %d", req.request_id, token)
         if lp is not None:
             chosen, rank, top_ids, top_lps = lp
             seq.new_logprobs.append(self.logprob_entry(token, chosen, rank, top_ids, top_lps))
@@ -156,6 +161,9 @@ class OutputProcessor:
             found = self._add_text(seq, decode_new_text(self.tokenizer, seq, skip), stops, checks)
             if found is not None:
                 finish, stop_reason = "stop", found
+            elif seq.grammar is not None and seq.grammar.only_stop_allowed():
+                finish = "stop"  # the grammar is complete (a finished JSON value): nothing else may follow
+                stop_reason = self._add_text(seq, flush_text(self.tokenizer, seq, skip), stops, checks)
             elif generated >= seq.max_tokens or seq.num_tokens >= self.model_config.max_model_len:
                 finish = "length"
                 found = self._add_text(seq, flush_text(self.tokenizer, seq, skip), stops, checks)

@@ -1,4 +1,5 @@
-"""Sampler: turns a step's logits into tokens through the sampling ops (penalties, bias, sample, logprobs)."""
+"""Sampler: turns a step's logits into tokens through the sampling ops (grammar mask, penalties, bias, sample,
+logprobs)."""
 
 from dataclasses import dataclass
 
@@ -26,8 +27,14 @@ class Sampler:
     def __init__(self, device: torch.device):
         self.device = device
 
-    def __call__(self, logits: torch.Tensor, seqs: list[Sequence]) -> SamplerOutput:
-        """logits: float32 [B, V], row b belongs to seqs[b] (raw model output; modified in place)."""
+    def __call__(
+        self,
+        logits: torch.Tensor,
+        seqs: list[Sequence],
+        token_bitmask: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> SamplerOutput:
+        """logits: float32 [B, V], row b belongs to seqs[b] (raw model output; modified in place).
+        token_bitmask: structured outputs' (int32 [B, ceil(V / 32)] bitmask, int32 rows it constrains)."""
         dev = self.device
         temps, top_ks, top_ps, min_ps, seeds, offsets = [], [], [], [], [], []
         any_penalty = any_bias = False
@@ -48,7 +55,11 @@ class Sampler:
                 any_bias = True
             if p.logprobs is not None:
                 want_logprobs = max(want_logprobs, p.logprobs + 1)
-        raw = logits.clone() if want_logprobs and (any_penalty or any_bias) else logits
+        # Logprobs report the model's distribution: taken from the logits before any of this processing.
+        raw = logits.clone() if want_logprobs and (any_penalty or any_bias or token_bitmask) else logits
+        if token_bitmask is not None:
+            # First, so penalties and bias act on the tokens the grammar allows (-inf stays -inf).
+            ops.apply_token_bitmask(logits, *token_bitmask)
         if any_penalty:
             prompt_lists = [seq.token_ids[: seq.num_prompt_tokens] for seq in seqs]
             output_lists = [seq.token_ids[seq.num_prompt_tokens :] for seq in seqs]

@@ -6,6 +6,61 @@ from ..ops.sampling import MAX_LOGPROBS
 
 
 @dataclass(slots=True)
+class StructuredOutputsParams:
+    """A constraint on what a request may generate; exactly one field is set.
+
+    json: a JSON schema, as an object or its JSON text; the output is one JSON value valid against it.
+    json_object: any JSON object.
+    regex: the whole output matches this regular expression.
+    choice: the output is exactly one of these strings.
+    grammar: a grammar in GBNF (llama.cpp's EBNF dialect: `root ::= ...`, string literals, character
+        classes, `|`, `*`, `+`, `?`, parentheses); the output is one sentence of its `root` rule.
+    """
+
+    json: dict | str | None = None
+    json_object: bool = False
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+
+    def __post_init__(self) -> None:
+        set_fields = [
+            name
+            for name, value in (
+                ("json", self.json),
+                ("json_object", self.json_object or None),
+                ("regex", self.regex),
+                ("choice", self.choice),
+                ("grammar", self.grammar),
+            )
+            if value is not None
+        ]
+        if len(set_fields) != 1:
+            raise ValueError(
+                "structured_outputs must set exactly one of json, json_object, regex, choice, grammar; "
+                f"got {', '.join(set_fields) if set_fields else 'none'}"
+            )
+        if self.json is not None and not isinstance(self.json, dict | str):
+            raise ValueError(
+                f"structured_outputs.json must be a JSON schema object or its text, got {self.json!r}"
+            )
+        if not isinstance(self.json_object, bool):
+            raise ValueError(f"structured_outputs.json_object must be a boolean, got {self.json_object!r}")
+        if self.regex is not None and not isinstance(self.regex, str):
+            raise ValueError(f"structured_outputs.regex must be a string, got {self.regex!r}")
+        if self.choice is not None and (
+            not isinstance(self.choice, list)
+            or not self.choice
+            or not all(isinstance(c, str) for c in self.choice)
+        ):
+            raise ValueError(
+                f"structured_outputs.choice must be a non-empty list of strings, got {self.choice!r}"
+            )
+        if self.grammar is not None and not isinstance(self.grammar, str):
+            raise ValueError(f"structured_outputs.grammar must be a string, got {self.grammar!r}")
+
+
+@dataclass(slots=True)
 class SamplingParams:
     n: int = 1
     temperature: float = 1.0
@@ -26,6 +81,7 @@ class SamplingParams:
     logit_bias: dict[int, float] | None = None
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    structured_outputs: StructuredOutputsParams | None = None
     _stop_list: list[str] = field(default_factory=list, repr=False)
 
     def __post_init__(self) -> None:
@@ -75,6 +131,13 @@ class SamplingParams:
                     raise ValueError(
                         f"logit_bias values must be in [-100, 100], got {bias} for token {token}"
                     )
+
+        if self.structured_outputs is not None and not isinstance(
+            self.structured_outputs, StructuredOutputsParams
+        ):
+            raise ValueError(
+                f"structured_outputs must be a StructuredOutputsParams, got {type(self.structured_outputs).__name__}"
+            )
 
     @property
     def stop_strings(self) -> list[str]:

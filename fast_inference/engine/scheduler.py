@@ -1,6 +1,7 @@
 """Scheduler: continuous batching with decode-first chunked prefill under a step-latency budget (a step cost
 model fitted to observed step times), prefix-cache admission and preemption by recompute; after each forward,
-update() does the bookkeeping (computed tokens, prefix-cache blocks, n > 1 forks)."""
+update() does the bookkeeping (computed tokens, prefix-cache blocks, n > 1 forks) and finish() frees the
+sequences the sampled tokens ended."""
 
 import time
 from collections import deque
@@ -224,7 +225,11 @@ class Scheduler:
         return samplers, rows
 
     def finish(self, seq: Sequence) -> None:
-        """Take a finished or aborted sequence out of the queues and give its blocks back."""
+        """Take a finished or aborted sequence out of the queues and give its blocks back.
+
+        Not part of update(): update() runs before sampling (a fork samples in the step that forks it,
+        from its parent's logits row), and whether a sequence has finished is known only once the output
+        processor has applied the stop rules to the token it sampled."""
         if seq.status is SequenceStatus.RUNNING:
             self.running.remove(seq)
         elif seq.status is SequenceStatus.WAITING:

@@ -3,9 +3,13 @@
 import enum
 import itertools
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from .outputs import Logprob, RequestMetrics
 from .sampling_params import SamplingParams
+
+if TYPE_CHECKING:
+    from .structured_outputs import SequenceGrammar
 
 SEED_MASK = (1 << 63) - 1
 _seq_ids = itertools.count()
@@ -47,6 +51,7 @@ class Sequence:
     cumulative_logprob: float = 0.0
     finish_reason: str | None = None
     stop_reason: int | str | None = None
+    grammar: "SequenceGrammar | None" = None  # structured outputs: the matcher of the output so far
 
     def fork(self, index: int) -> "Sequence":
         """Output `index` of an n > 1 request, made when this (output 0) has just computed the prompt."""
@@ -60,6 +65,7 @@ class Sequence:
             status=SequenceStatus.RUNNING,
             prefix_offset=self.prefix_offset,
             read_offset=self.read_offset,
+            grammar=self.grammar.fork(self.output_token_ids) if self.grammar is not None else None,
         )
 
     @property

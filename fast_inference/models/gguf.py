@@ -4,10 +4,18 @@ The header is parsed here (with the `gguf` package's type tables) rather than by
 builds a numpy view per string, which takes 15-40 s on a 49k-token vocabulary; this parse takes well under a
 second. Tensor data is read straight from a memory map; quantized tensors stay in their ggml block layout
 (uint8 [rows, row_bytes]) and are never dequantized here.
+
+Memory: the quantized tensors are copied once, straight from the map, into one huge-page arena (the decode
+kernels stream them every step; see hugepages.py), in the order the engine fuses them (q, k, v back to back,
+then gate, up) so a fused projection is a view over its parts instead of a concatenated copy; the q/k row
+un-permutation is done by that same copy. The map is closed after loading, so the process keeps about one file's
+worth of weights.
 """
 
 import mmap
 import struct
+import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,6 +23,7 @@ import numpy as np
 import torch
 
 from .config import ModelConfig, resolve_dtype, resolve_max_model_len
+from .hugepages import huge_page_buffer
 from .quantized import QUANTIZED_TYPES, StoredWeight, row_bytes
 
 GGUF_MAGIC = b"GGUF"
@@ -130,26 +139,54 @@ class GGUFFile:
         return self._scalar(_SCALAR_FORMATS[vtype])
 
     # ---- tensor data -------------------------------------------------------------------------
-    def tensor(self, name: str) -> StoredWeight:
-        """A tensor's data copied out of the map: dense [rows, cols] in its file dtype, or ggml blocks uint8
-        [rows, row_bytes] for the quantized types."""
-        info = self.tensors[name]
+    def _check_type(self, info: TensorInfo) -> None:
         if info.ggml_type not in SUPPORTED_TENSOR_TYPES:
             raise ValueError(
-                f"tensor {name!r} in {self.path!r} has ggml type {_type_name(info.ggml_type)}; supported: "
+                f"tensor {info.name!r} in {self.path!r} has ggml type {_type_name(info.ggml_type)}; supported: "
                 f"{', '.join(SUPPORTED_TENSOR_TYPES.values())}"
             )
+
+    def _view(self, info: TensorInfo) -> torch.Tensor:
+        """The tensor's bytes in the map as a read-only uint8 [rows, row_bytes] (no copy). Delete it before
+        close(): a live view keeps the map open."""
         cols = info.shape[-1]
         rows = int(np.prod(info.shape[:-1])) if len(info.shape) > 1 else 1
         if info.ggml_type in _DENSE_DTYPES:
-            dtype = _DENSE_DTYPES[info.ggml_type]
-            nbytes = rows * cols * torch.empty((), dtype=dtype).element_size()
-            raw = np.frombuffer(self._map, dtype=np.uint8, count=nbytes, offset=info.offset)
-            data = torch.from_numpy(raw.copy()).view(dtype).view(*info.shape)
+            width = cols * torch.empty((), dtype=_DENSE_DTYPES[info.ggml_type]).element_size()
+        else:
+            width = row_bytes(info.ggml_type, cols)
+        with warnings.catch_warnings():  # read only: the map is never written through it
+            warnings.simplefilter("ignore", UserWarning)
+            raw = torch.frombuffer(self._map, dtype=torch.uint8, count=rows * width, offset=info.offset)
+        return raw.view(rows, width)
+
+    def tensor(self, name: str) -> StoredWeight:
+        """A tensor's data copied out of the map: dense [rows, cols] (or [cols]) in its file dtype, or ggml blocks
+        uint8 [rows, row_bytes] for the quantized types."""
+        info = self.tensors[name]
+        self._check_type(info)
+        view = self._view(info)
+        cols = info.shape[-1]
+        if info.ggml_type in _DENSE_DTYPES:
+            data = view.clone().view(_DENSE_DTYPES[info.ggml_type]).view(*info.shape)
             return StoredWeight(None, data, cols)
-        width = row_bytes(info.ggml_type, cols)
-        raw = np.frombuffer(self._map, dtype=np.uint8, count=rows * width, offset=info.offset)
-        return StoredWeight(info.ggml_type, torch.from_numpy(raw.copy()).view(rows, width), cols)
+        return StoredWeight(info.ggml_type, view.clone(), cols)
+
+    def copy_into(self, name: str, dest: torch.Tensor, permute_heads: int | None = None) -> None:
+        """Copy a quantized tensor's blocks into dest (uint8 [rows, row_bytes]); permute_heads: undo
+        convert_hf_to_gguf's q/k row permutation in the same copy (as _unpermute_rows does for dense ones)."""
+        info = self.tensors[name]
+        self._check_type(info)
+        src = self._view(info)
+        if permute_heads is None:
+            dest.copy_(src)
+        else:
+            rows, width = src.shape
+            half = rows // permute_heads // 2
+            dest.view(permute_heads, 2, half, width).copy_(
+                src.view(permute_heads, half, 2, width).transpose(1, 2)
+            )
+        del src
 
 
 def _type_name(ggml_type: int) -> str:
@@ -357,8 +394,86 @@ def _unpermute_rows(data: torch.Tensor, num_heads: int) -> torch.Tensor:
     )
 
 
-def gguf_weights(cfg: ModelConfig) -> dict[str, StoredWeight]:
-    """Every tensor the engine uses, under its Hugging Face name, in the file's own format."""
+# The order of a layer's projections in the arena: each fused projection's parts back to back, in the order
+# the loader concatenates them (loader._FUSED_PARTS), so the fused weight is a view.
+_ARENA_ORDER = (
+    "self_attn.q_proj.weight",
+    "self_attn.k_proj.weight",
+    "self_attn.v_proj.weight",
+    "self_attn.o_proj.weight",
+    "mlp.gate_proj.weight",
+    "mlp.up_proj.weight",
+    "mlp.down_proj.weight",
+)
+_FUSED_WITH_PREVIOUS = {"self_attn.k_proj.weight", "self_attn.v_proj.weight", "mlp.up_proj.weight"}
+
+
+def _arena_key(name: str) -> tuple[int, int]:
+    if name == "model.embed_tokens.weight":
+        return (-1, 0)
+    if name == "lm_head.weight":
+        return (1 << 30, 0)
+    _, _, layer, rest = name.split(".", 3)
+    return (int(layer), _ARENA_ORDER.index(rest) if rest in _ARENA_ORDER else len(_ARENA_ORDER))
+
+
+def gguf_weights(
+    cfg: ModelConfig, select: Callable[[str, StoredWeight], StoredWeight] | None = None
+) -> dict[str, StoredWeight]:
+    """Every tensor the engine uses, under its Hugging Face name, in the file's own format: quantized ones as
+    views into one huge-page arena (see the module docstring), dense ones (norms, F32/F16/BF16) as copies.
+    select(name, weight) keeps part of each tensor as it is read (a tensor-parallel rank's slice); then each
+    tensor is a copy of its own, so a rank keeps only its slices (no arena: a view would pin all of it)."""
+    if select is not None:
+        return _selected_weights(cfg, select)
+    weights: dict[str, StoredWeight] = {}
+    with GGUFFile(cfg.model_path) as gf:
+        arch_name, _ = _arch(gf)
+        used = {hf_name(g): g for g in gf.tensors if hf_name(g) is not None}
+        for name, gname in used.items():
+            gf._check_type(gf.tensors[gname])
+            if gf.tensors[gname].ggml_type in _DENSE_DTYPES:
+                stored = gf.tensor(gname)
+                if arch_name in _PERMUTED_QK and (".q_proj." in name or ".k_proj." in name):
+                    heads = cfg.num_heads if ".q_proj." in name else cfg.num_kv_heads
+                    stored = StoredWeight(None, _unpermute_rows(stored.data, heads), stored.cols)
+                weights[name] = stored
+        quantized = sorted((n for n in used if n not in weights), key=_arena_key)
+        # Offsets: 64-byte aligned, except a fused part that continues its predecessor in the same format.
+        offsets, total, previous = {}, 0, None
+        for name in quantized:
+            info = gf.tensors[used[name]]
+            key = _arena_key(name)
+            fused = (
+                previous is not None
+                and name.split(".", 3)[-1] in _FUSED_WITH_PREVIOUS
+                and previous[0] == (key[0], key[1] - 1)  # its predecessor in the same layer
+                and previous[1] == (info.ggml_type, info.shape[-1])
+            )
+            if not fused:
+                total = -(-total // 64) * 64
+            offsets[name] = total
+            rows = int(np.prod(info.shape[:-1]))
+            total += rows * row_bytes(info.ggml_type, info.shape[-1])
+            previous = (key, (info.ggml_type, info.shape[-1]))
+        arena = huge_page_buffer(total)
+        for name in quantized:
+            info = gf.tensors[used[name]]
+            cols, rows = info.shape[-1], int(np.prod(info.shape[:-1]))
+            width = row_bytes(info.ggml_type, cols)
+            dest = arena[offsets[name] : offsets[name] + rows * width].view(rows, width)
+            heads = None
+            if arch_name in _PERMUTED_QK and (".q_proj." in name or ".k_proj." in name):
+                heads = cfg.num_heads if ".q_proj." in name else cfg.num_kv_heads
+            gf.copy_into(used[name], dest, heads)
+            weights[name] = StoredWeight(info.ggml_type, dest, cols)
+    return weights
+
+
+def _selected_weights(
+    cfg: ModelConfig, select: Callable[[str, StoredWeight], StoredWeight]
+) -> dict[str, StoredWeight]:
+    """gguf_weights with a select: each tensor copied out of the map, un-permuted, then sliced by select."""
     weights: dict[str, StoredWeight] = {}
     with GGUFFile(cfg.model_path) as gf:
         arch_name, _ = _arch(gf)
@@ -370,5 +485,5 @@ def gguf_weights(cfg: ModelConfig) -> dict[str, StoredWeight]:
             if arch_name in _PERMUTED_QK and (".q_proj." in name or ".k_proj." in name):
                 heads = cfg.num_heads if ".q_proj." in name else cfg.num_kv_heads
                 stored = StoredWeight(stored.qtype, _unpermute_rows(stored.data, heads), stored.cols)
-            weights[name] = stored
+            weights[name] = select(name, stored)
     return weights

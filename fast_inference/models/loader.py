@@ -78,13 +78,18 @@ def _target(model: LlamaForCausalLM, name: str) -> tuple[torch.Tensor, int, int]
     return table.get(rest)
 
 
-def load_model(cfg: ModelConfig) -> LlamaForCausalLM:
-    """Instantiate the architecture in cfg.dtype on cfg.device and fill every weight from the checkpoint."""
+def load_model(cfg: ModelConfig, tensor_parallel=None) -> LlamaForCausalLM:
+    """Instantiate the architecture in cfg.dtype on cfg.device and fill every weight from the checkpoint.
+    tensor_parallel (a parallel_layers.TensorParallel of size > 1): this rank's share of the model only."""
     model_class = MODEL_CLASSES.get(cfg.architecture)
     if model_class is None:
         raise ValueError(
             f"unsupported architecture {cfg.architecture!r}; supported: {', '.join(MODEL_CLASSES)}"
         )
+    if tensor_parallel is not None and tensor_parallel.size > 1:
+        from .parallel_loader import load_sharded_model
+
+        return load_sharded_model(model_class, cfg, tensor_parallel)
     if is_gguf_file(cfg.model_path):
         return _build_from_stored(model_class, cfg, gguf_weights(cfg))
     if cfg.quantization is not None:

@@ -34,6 +34,24 @@ class StoredWeight:
         return self.data.shape[0] if self.data.dim() > 1 else 1
 
 
+def _concat_rows(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """[a; b] along rows: a view when b's bytes directly follow a's in one storage (the GGUF loader lays fused
+    parts out that way), else a copy."""
+    adjacent = (
+        a.is_contiguous()
+        and b.is_contiguous()
+        and a.dtype == b.dtype
+        and a.shape[1:] == b.shape[1:]
+        and a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
+        and a.data_ptr() + a.numel() * a.element_size() == b.data_ptr()
+    )
+    if not adjacent:
+        return torch.cat((a, b))
+    return a.new_empty(0).set_(
+        a.untyped_storage(), a.storage_offset(), (a.shape[0] + b.shape[0], *a.shape[1:])
+    )
+
+
 class QuantizedLinear(_DirectCall):
     """y = x W^T (+ b) with W's row groups (fused q/k/v, gate/up) each in its own format.
 
@@ -48,7 +66,7 @@ class QuantizedLinear(_DirectCall):
         for part in parts:
             if merged and merged[-1].qtype == part.qtype:
                 last = merged[-1]
-                merged[-1] = StoredWeight(last.qtype, torch.cat((last.data, part.data)), last.cols)
+                merged[-1] = StoredWeight(last.qtype, _concat_rows(last.data, part.data), last.cols)
             else:
                 merged.append(part)
         self.parts = [

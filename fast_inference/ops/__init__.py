@@ -13,12 +13,13 @@ from .cache import copy_blocks, reshape_and_cache, swap_blocks
 from .dense import cpu_bf16_native, linear
 from .norm import add_rms_norm, rms_norm, rotary_embedding, silu_and_mul
 from .quant import dequantize, quant_linear, quantize
-from .sampling import apply_logit_bias, apply_penalties, compute_logprobs, sample
+from .sampling import apply_logit_bias, apply_penalties, apply_token_bitmask, compute_logprobs, sample
 
 __all__ = [
     "add_rms_norm",
     "apply_logit_bias",
     "apply_penalties",
+    "apply_token_bitmask",
     "compute_logprobs",
     "copy_blocks",
     "cpu_bf16_native",

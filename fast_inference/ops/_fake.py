@@ -49,6 +49,11 @@ def _apply_logit_bias_fake(logits, token_ids, biases, cu_lens):
     return None
 
 
+@torch.library.register_fake("fast_inference::apply_token_bitmask")
+def _apply_token_bitmask_fake(logits, bitmask, indices=None):
+    return None
+
+
 @torch.library.register_fake("fast_inference::compute_logprobs")
 def _compute_logprobs_fake(logits, token_ids, num_top):
     batch = logits.shape[0]

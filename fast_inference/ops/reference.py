@@ -321,6 +321,19 @@ def apply_logit_bias(
             logits[b, tok] = (logits[b, tok].float() + biases[i].float()).to(logits.dtype)
 
 
+def apply_token_bitmask(
+    logits: _torch.Tensor, bitmask: _torch.Tensor, indices: _torch.Tensor | None = None
+) -> None:
+    """In place: logits[b, v] = -inf where bit v % 32 of bitmask[b, v // 32] is 0, for b in indices
+    (all rows when None)."""
+    vocab = logits.shape[1]
+    shifts = _torch.arange(32, dtype=_torch.int32, device=bitmask.device)
+    allowed = ((bitmask.unsqueeze(-1) >> shifts) & 1).bool().flatten(1)[:, :vocab]  # [B, V]
+    rows = range(logits.shape[0]) if indices is None else [int(r) for r in indices]
+    for b in rows:
+        logits[b].masked_fill_(~allowed[b], float("-inf"))
+
+
 def compute_logprobs(
     logits: _torch.Tensor, token_ids: _torch.Tensor, num_top: int
 ) -> tuple[_torch.Tensor, _torch.Tensor, _torch.Tensor]:

@@ -1,4 +1,5 @@
-"""Python wrappers for the sampling kernels: fused filtered sampling, penalties, logit bias, logprobs.
+"""Python wrappers for the sampling kernels: fused filtered sampling, penalties, logit bias, token bitmask,
+logprobs.
 
 Every check lives in the C++ ops (csrc/checks/sampling_checks.h), the same for CPU and CUDA tensors:
 wrong shapes, dtypes or devices raise RuntimeError, bad values (NaN logits, parameters out of range,
@@ -74,6 +75,19 @@ def apply_logit_bias(
     """Add per-row sparse biases in list order (duplicates add up); a bias of -inf masks the token,
     which is how min_tokens hides EOS and stop tokens until the minimum length is reached."""
     torch.ops.fast_inference.apply_logit_bias(logits, token_ids, biases, cu_lens)
+
+
+def apply_token_bitmask(
+    logits: torch.Tensor,  # float [B, V] (float32, float16 or bfloat16; stride(1) == 1), modified in place
+    bitmask: torch.Tensor,  # int32 [B, ceil(V / 32)]: bit v % 32 of word v // 32 set = token v allowed
+    indices: torch.Tensor | None = None,  # int32 [K]: the rows to mask; None: every row
+) -> None:
+    """Grammar-constrained decoding: set logits[b, v] = -inf for every token v the row's bitmask
+    disallows, for the rows in indices (bitmask row b always belongs to logits row b; the other rows
+    are left alone). Bits past V in the last word are ignored. The layout is the one xgrammar fills.
+    On CUDA nothing synchronizes with the host: out-of-range indices are skipped there, while the CPU
+    op refuses them (ValueError naming indices)."""
+    torch.ops.fast_inference.apply_token_bitmask(logits, bitmask, indices)
 
 
 def compute_logprobs(

@@ -1,1 +1,2 @@
-"""The OpenAI-compatible server: http (asyncio + h11 transport), protocol, routes, sse, metrics, errors, serve."""
+"""The OpenAI-compatible server: http (asyncio + h11), routes, generation, embeddings, protocol (requests),
+response_builder (responses), sse, tokenizers, metrics, errors, serve."""

@@ -19,19 +19,16 @@ async def embeddings(app: "OpenAIApp", request: Request) -> Response:
     body = app.json_body(request)
     model = protocol.check_model(body, app.config.served_model_names)
     app.require_ready()
-    if "input" not in body:
-        raise invalid("'input' is required", "input")
+    fields = protocol.read_fields(body, protocol.EMBEDDINGS)
     cfg = app.engine.model_config
     prompts = await app.tokenizers.run(
-        request, lambda tokenizer: protocol.prompts_of(body["input"], tokenizer, "input")[0]
+        request, lambda tokenizer: protocol.prompts_of(fields["input"], tokenizer, "input")[0]
     )
-    encoding = body.get("encoding_format") or "float"
-    if encoding not in ("float", "base64"):
-        raise invalid("'encoding_format' must be 'float' or 'base64'", "encoding_format")
-    dimensions = _embedding_dimensions(body, cfg, model)
+    encoding = fields["encoding_format"]
+    dimensions = _embedding_dimensions(fields["dimensions"], cfg, model)
     app.admit(len(prompts))
     try:
-        vectors = await app.engine.embed(prompts, body.get("truncate_prompt_tokens"))
+        vectors = await app.engine.embed(prompts, fields["truncate_prompt_tokens"])
     except InvalidRequestError as exc:  # the engine's intake refused it
         param = "truncate_prompt_tokens" if exc.param == "truncate_prompt_tokens" else "input"
         raise APIError(400, str(exc), param=param, code=exc.code) from None
@@ -49,7 +46,7 @@ async def embeddings(app: "OpenAIApp", request: Request) -> Response:
             value = vector
         data.append({"object": "embedding", "index": i, "embedding": value})
     # The engine accepted the truncation, so this cannot raise; inputs are cut to its length.
-    cut = resolve_truncation(body.get("truncate_prompt_tokens"), cfg.max_model_len)
+    cut = resolve_truncation(fields["truncate_prompt_tokens"], cfg.max_model_len)
     tokens = sum(len(p) if cut is None else min(len(p), cut) for p in prompts)
     app.metrics.prompt_tokens += tokens
     return app.json_response(
@@ -62,10 +59,9 @@ async def embeddings(app: "OpenAIApp", request: Request) -> Response:
     )
 
 
-def _embedding_dimensions(body: dict, cfg, model: str) -> int | None:
+def _embedding_dimensions(dims, cfg, model: str) -> int | None:
     """'dimensions': only for Matryoshka models (config.json is_matryoshka / matryoshka_dimensions), as OpenAI
     and vLLM do: cutting the vector of a model not trained for it gives poor embeddings."""
-    dims = body.get("dimensions")
     if dims is None:
         return None
     size = getattr(cfg, "embedding_size", cfg.hidden_size)

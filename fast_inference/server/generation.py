@@ -1,5 +1,6 @@
 """/v1/chat/completions and /v1/completions: parse, admit, add to the engine, then one GenerationJob per
-request reads the engine's deltas and answers (a JSON body, or SSE chunks as the deltas come)."""
+request reads the engine's deltas and answers (a JSON body, or SSE chunks as the deltas come) in the
+shapes response_builder.py builds."""
 
 import asyncio
 import logging
@@ -10,10 +11,11 @@ from typing import TYPE_CHECKING
 
 from ..engine.async_engine import EngineDeadError, RequestStream
 from ..engine.intake import InvalidRequestError
-from ..engine.outputs import CompletionOutput, RequestOutput
+from ..engine.outputs import RequestOutput
 from . import protocol, sse
 from .errors import APIError, invalid
 from .http import Request, Response, StreamingResponse
+from .response_builder import ChoiceState, ResponseBuilder, usage
 
 if TYPE_CHECKING:
     from .routes import OpenAIApp
@@ -25,6 +27,42 @@ async def generate(app: "OpenAIApp", request: Request, chat: bool) -> Response |
     arrival = time.perf_counter()
     body = app.json_body(request)
     protocol.check_model(body, app.config.served_model_names)
+    require_generation(app)
+    names = app.config.served_model_names
+
+    def parse(tokenizer) -> protocol.GenerationRequest:
+        if chat:
+            return protocol.parse_chat(
+                body,
+                names,
+                tokenizer,
+                app.config.chat_template,
+                tool_call_parser=app.config.tool_call_parser,
+                reasoning_parser=app.config.reasoning_parser,
+            )
+        return protocol.parse_completion(body, names, tokenizer)
+
+    gen = await app.tokenizers.run(request, parse)
+    request_id = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
+    job = await start_job(app, gen, request_id, arrival, "messages" if chat else "prompt")
+    if gen.stream:
+        return StreamingResponse(200, job.stream(), on_close=job.close)
+    try:
+        response = app.json_response(await job.collect())
+        response.logged_by_job = True
+        return response
+    except asyncio.CancelledError:
+        job.status = 499  # the client went away: the engine request is aborted in close()
+        raise
+    except APIError as err:
+        job.status = err.status
+        raise
+    finally:
+        job.close()
+
+
+def require_generation(app: "OpenAIApp") -> None:
+    """503 while the engine is not ready, 400 for an embedding model."""
     app.require_ready()
     if not app.engine.supports_generation:
         raise invalid(
@@ -32,15 +70,13 @@ async def generate(app: "OpenAIApp", request: Request, chat: bool) -> Response |
             "not support generation; use /v1/embeddings",
             "model",
         )
-    names = app.config.served_model_names
 
-    def parse(tokenizer) -> protocol.GenerationRequest:
-        if chat:
-            return protocol.parse_chat(body, names, tokenizer, app.config.chat_template)
-        return protocol.parse_completion(body, names, tokenizer)
 
-    gen = await app.tokenizers.run(request, parse)
-    request_id = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
+async def start_job(
+    app: "OpenAIApp", gen: protocol.GenerationRequest, request_id: str, arrival: float, prompt_param: str
+) -> "GenerationJob":
+    """Admit gen and add its prompts to the engine; the job reads their outputs. An engine refusal of the
+    prompt is a 400 naming prompt_param, the request field the prompt came from."""
     app.admit(len(gen.prompts))
     streams: list[RequestStream] = []
     try:
@@ -65,24 +101,22 @@ async def generate(app: "OpenAIApp", request: Request, chat: bool) -> Response |
             stream.abort()
         app.inflight -= len(gen.prompts)
         if isinstance(exc, InvalidRequestError):  # the engine's intake refused it
-            param = ("messages" if chat else "prompt") if exc.param == "prompt" else exc.param
+            param = prompt_param if exc.param == "prompt" else exc.param
+            if param == "structured_outputs" and gen.constrained_by:  # the field the client set
+                param = gen.constrained_by
             raise APIError(400, str(exc), param=param, code=exc.code) from None
         raise
-    job = GenerationJob(app, gen, request_id, streams, arrival)
-    if gen.stream:
-        return StreamingResponse(200, job.stream(), on_close=job.close)
-    try:
-        response = app.json_response(await job.collect())
-        response.logged_by_job = True
-        return response
-    except asyncio.CancelledError:
-        job.status = 499  # the client went away: the engine request is aborted in close()
-        raise
-    except APIError as err:
-        job.status = err.status
-        raise
-    finally:
-        job.close()
+    return GenerationJob(app, gen, request_id, streams, arrival)
+
+
+def stream_error(exc: Exception, request_id: str) -> APIError:
+    """The error a stream reports in-band for a fault after its headers went out (unknown ones logged)."""
+    if isinstance(exc, APIError):
+        return exc
+    if isinstance(exc, EngineDeadError):
+        return APIError(503, str(exc), code="engine_unavailable")
+    logger.exception("stream %s failed", request_id)
+    return APIError(500, "Internal server error during streaming")
 
 
 class GenerationJob:
@@ -109,6 +143,15 @@ class GenerationJob:
         self.closed = False
         self.finals: list[RequestOutput | None] = [None] * len(streams)
         self.token_counts = [0] * (len(streams) * gen.params.n)
+        self.builder = ResponseBuilder(
+            chat=gen.chat,
+            request_id=request_id,
+            created=self.created,
+            model=gen.model,
+            fingerprint=app.fingerprint,
+            top_logprobs=gen.logprobs,
+            output=gen.output,
+        )
 
     def _observe(self, prompt_index: int, output: RequestOutput) -> None:
         """Token counts and TTFT/ITL from one delta; the deltas are folded into self.finals."""
@@ -118,17 +161,11 @@ class GenerationJob:
             self.token_counts[prompt_index * n + c.index] += len(c.token_ids)
             new += len(c.token_ids)
         final = self.finals[prompt_index]
-        if final is None:
-            # The stream's own copy: the delta object itself is folded into, the engine never reuses it.
-            self.finals[prompt_index] = RequestOutput(
-                output.request_id, output.prompt, output.prompt_token_ids,
-                [CompletionOutput(c.index, c.text, list(c.token_ids), c.cumulative_logprob,
-                                  list(c.logprobs) if c.logprobs is not None else None,
-                                  c.finish_reason, c.stop_reason) for c in output.outputs],
-                output.finished, output.metrics, output.num_cached_tokens, output.prompt_logprobs,
-            )  # fmt: skip
-        else:
-            final.add(output)
+        if final is None:  # a fold of its own: add() copies what it keeps, the delta stays the stream's
+            final = self.finals[prompt_index] = RequestOutput(
+                output.request_id, output.prompt, output.prompt_token_ids, [], False
+            )
+        final.add(output)
         if new <= 0:
             return
         now = time.perf_counter()
@@ -141,7 +178,7 @@ class GenerationJob:
             metrics.itl.observe((now - self.last_token_time) / new, new)
         self.last_token_time = now
 
-    async def _outputs(self) -> AsyncIterator[tuple[int, RequestOutput]]:
+    async def outputs(self) -> AsyncIterator[tuple[int, RequestOutput]]:
         if len(self.streams) == 1:
             async for output in self.streams[0]:
                 self._observe(0, output)
@@ -177,7 +214,7 @@ class GenerationJob:
 
     async def collect(self) -> dict:
         try:
-            async for _ in self._outputs():
+            async for _ in self.outputs():
                 pass
         except EngineDeadError as exc:
             self.status = 503
@@ -185,145 +222,75 @@ class GenerationJob:
         return self._response_body()
 
     def _response_body(self) -> dict:
+        """The JSON body: each choice is the fold of the pieces a stream would have sent for it."""
         gen = self.gen
-        app = self.app
-        choices = []
+        builder = self.builder
+        states = []
         prompt_tokens = cached = 0
         for i, final in enumerate(self.finals):
             if final is None:
                 raise APIError(500, "The engine finished a request without output")
             prompt_tokens += len(gen.prompts[i])
             cached += final.num_cached_tokens
+            if gen.echo:
+                echo_text, echo_logprobs = self._echo(i)
             for c in final.outputs:
-                index = i * gen.params.n + c.index
-                reason = protocol.finish_reason(c.finish_reason)
-                if gen.chat:
-                    logprobs = self._logprobs(c, 0)
-                    choices.append(
-                        {
-                            "index": index,
-                            "message": {"role": "assistant", "content": c.text, "refusal": None},
-                            "logprobs": logprobs,
-                            "finish_reason": reason,
-                            "stop_reason": c.stop_reason,
-                        }
-                    )
-                else:
-                    prefix = self._echo_text(i) if gen.echo else ""
-                    logprobs = self._logprobs(c, len(prefix))
-                    if logprobs is not None and gen.echo:
-                        logprobs = protocol.join_logprobs(self._echo_logprobs(i), logprobs)
-                    choices.append(
-                        {
-                            "index": index,
-                            "text": prefix + c.text,
-                            "logprobs": logprobs,
-                            "finish_reason": reason,
-                            "stop_reason": c.stop_reason,
-                        }
-                    )
-        choices.sort(key=lambda c: c["index"])
+                state = ChoiceState(i * gen.params.n + c.index)
+                if gen.echo:
+                    state.add(builder.echo_piece(state, echo_text, echo_logprobs))
+                state.add(builder.piece(state, c))
+                states.append(state)
         self.completion_tokens = sum(self.token_counts)
-        return {
-            "id": self.request_id,
-            "object": "chat.completion" if gen.chat else "text_completion",
-            "created": self.created,
-            "model": gen.model,
-            "system_fingerprint": app.fingerprint,
-            "choices": choices,
-            "usage": protocol.usage(prompt_tokens, self.completion_tokens, cached),
-        }
+        return builder.body(states, usage(prompt_tokens, self.completion_tokens, cached))
 
-    def _token_text(self, token_id: int) -> str:
-        return self.app.tokenizers.tokenizer.decode([token_id])
-
-    def _logprobs(self, c: CompletionOutput, text_offset: int) -> dict | None:
-        """The logprobs field of one choice, for a whole body and for a stream chunk alike: chat's
-        content list, or completions' arrays with text offsets counted from text_offset."""
-        if self.gen.logprobs is None:
-            return None
-        if self.gen.chat:
-            return {"content": protocol.chat_logprobs(c, self.gen.logprobs), "refusal": None}
-        return protocol.completion_logprobs(c, self.gen.logprobs, text_offset)
-
-    def _echo_logprobs(self, i: int) -> dict:
-        """echo + logprobs: the logprobs of prompt i's tokens (the first None), from its prompt logprobs."""
-        return protocol.prompt_completion_logprobs(self.finals[i], self.gen.logprobs, self._token_text)
-
-    def _echo_text(self, i: int) -> str:
+    def _echo(self, i: int) -> tuple[str, dict | None]:
+        """echo: prompt i's text, and with logprobs its tokens' logprobs (from the engine's prompt logprobs)."""
         text = self.gen.prompt_texts[i]
-        return text if text is not None else self.app.tokenizers.tokenizer.decode(self.gen.prompts[i])
+        if text is None:
+            text = self.app.tokenizers.tokenizer.decode(self.gen.prompts[i])
+        if self.gen.logprobs is None:
+            return text, None
+        decode = self.app.tokenizers.tokenizer.decode
+        return text, self.builder.prompt_logprobs(self.finals[i], lambda token_id: decode([token_id]))
 
     async def stream(self) -> AsyncIterator[bytes]:
         gen = self.gen
-        app = self.app
+        builder = self.builder
         n = gen.params.n
-        total = len(self.streams) * n
-        enc = sse.ChunkEncoder(
-            chat=gen.chat,
-            request_id=self.request_id,
-            created=self.created,
-            model=gen.model,
-            fingerprint=app.fingerprint,
-        )
-        done = [False] * total
+        states = [ChoiceState(k) for k in range(len(self.streams) * n)]
         try:
             if gen.chat:
-                for k in range(total):
-                    yield enc.choice(k, "", role=True)
+                for state in states:
+                    yield builder.chunk(builder.role_piece(state))
             elif gen.echo and gen.logprobs is None:
-                for k in range(total):
-                    yield enc.choice(k, self._echo_text(k // n))
-            text_offsets = [0] * total
+                for state in states:
+                    yield builder.chunk(builder.echo_piece(state, self._echo(state.index // n)[0], None))
             echo_sent = [False] * len(self.streams)
-            async for i, delta in self._outputs():
+            async for i, delta in self.outputs():
                 if gen.echo and gen.logprobs is not None and not echo_sent[i]:
                     # The prompt's logprobs come with its first delta: echo it (and them) first.
                     echo_sent[i] = True
-                    echo = self._echo_text(i)
-                    prompt_lps = self._echo_logprobs(i)
-                    for k in range(i * n, (i + 1) * n):
-                        text_offsets[k] = len(echo)
-                        yield enc.choice(k, echo, logprobs=prompt_lps)
+                    echo_text, echo_logprobs = self._echo(i)
+                    for state in states[i * n : (i + 1) * n]:
+                        yield builder.chunk(builder.echo_piece(state, echo_text, echo_logprobs))
                 for c in delta.outputs:
-                    k = i * n + c.index
-                    if done[k]:
-                        continue
-                    reason = protocol.finish_reason(c.finish_reason)
-                    logprobs = self._logprobs(c, text_offsets[k]) if c.token_ids else None
-                    if logprobs is not None and not gen.chat:
-                        text_offsets[k] += sum(len(t) for t in logprobs["tokens"])
-                    if reason is None and logprobs is None:
-                        if c.text:
-                            yield enc.text(k, c.text)
-                        continue
-                    if reason is not None:
-                        done[k] = True
-                    yield enc.choice(
-                        k,
-                        c.text if (c.text or not gen.chat) else None,
-                        logprobs=logprobs,
-                        finish_reason=reason,
-                        stop_reason=c.stop_reason,
-                    )
+                    state = states[i * n + c.index]
+                    if not state.finished:
+                        chunk = builder.delta_chunk(state, c)
+                        if chunk is not None:
+                            yield chunk
             if gen.include_usage:
                 prompt_tokens = sum(len(p) for p in gen.prompts)
                 cached = sum(f.num_cached_tokens for f in self.finals if f is not None)
-                yield enc.usage(protocol.usage(prompt_tokens, sum(self.token_counts), cached))
+                yield builder.usage_chunk(usage(prompt_tokens, sum(self.token_counts), cached))
         except asyncio.CancelledError:
             self.status = 499  # client closed the connection
             raise
         except Exception as exc:
             # Headers are gone already: report the fault in-band, then end the stream properly.
-            if isinstance(exc, APIError):
-                err = exc
-            elif isinstance(exc, EngineDeadError):
-                err = APIError(503, str(exc), code="engine_unavailable")
-            else:
-                logger.exception("stream %s failed", self.request_id)
-                err = APIError(500, "Internal server error during streaming")
+            err = stream_error(exc, self.request_id)
             self.status = err.status
-            yield sse.error_event(err.body())
+            yield sse.event(err.body())
         finally:
             self.close()
         yield sse.DONE

@@ -100,12 +100,19 @@ class HTTPServer:
     def num_connections(self) -> int:
         return len(self._connections)
 
-    async def start(self, host: str, port: int, sock=None) -> int:
+    async def start(self, host: str, port: int, sock=None, reuse_port: bool = False) -> int:
+        """reuse_port: SO_REUSEPORT, so that several API server processes listen on one port and the
+        kernel spreads the connections over them."""
         if sock is not None:
             self._server = await asyncio.start_server(self._on_connection, sock=sock, backlog=2048)
         else:
             self._server = await asyncio.start_server(
-                self._on_connection, host, port, backlog=2048, reuse_address=True
+                self._on_connection,
+                host,
+                port,
+                backlog=2048,
+                reuse_address=True,
+                reuse_port=reuse_port or None,
             )
         self.port = self._server.sockets[0].getsockname()[1]
         return self.port

@@ -83,8 +83,11 @@ class Histogram:
 class Metrics:
     """Everything /metrics exposes. Updated on the event loop thread only, so no locks."""
 
-    def __init__(self, model_name: str) -> None:
-        self.labels = f'model_name="{_escape(model_name)}"'
+    def __init__(self, model_name: str, api_server: int | None = None) -> None:
+        # With several API server processes each counts its own traffic: the label says whose it is.
+        self.labels = f'model_name="{_escape(model_name)}"' + (
+            f',api_server="{api_server}"' if api_server is not None else ""
+        )
         self.requests: dict[tuple[str, int], int] = {}  # (endpoint, status) -> count
         self.prompt_tokens = 0
         self.generation_tokens = 0
@@ -100,7 +103,9 @@ class Metrics:
     def finish(self, reason: str) -> None:
         self.finished[reason] = self.finished.get(reason, 0) + 1
 
-    def render(self, gauges: Callable[[], dict]) -> str:
+    def render(self, gauges: Callable[[], dict], replicas: list[dict] | None = None) -> str:
+        """`replicas`: DataParallelEngine.replica_states(); the engine gauges are then one series per
+        replica (label replica="i"), and each replica's liveness, restarts and engine counters come too."""
         p = _PREFIX
         lab = self.labels
         out: list[str] = []
@@ -126,6 +131,13 @@ class Metrics:
         head("e2e_request_latency_seconds", "histogram", "Time from request arrival to its last token.")
         out.extend(self.e2e.render(f"{p}_e2e_request_latency_seconds", lab))
         values = gauges()
+        per_replica = {
+            "num_requests_running": "num_running",
+            "num_requests_waiting": "num_waiting",
+            "kv_cache_usage_perc": "kv_cache_usage",
+            "prefix_cache_hit_rate": "prefix_cache_hit_rate",
+            "num_kv_cache_blocks": "num_total_blocks",
+        }
         for name, help_text in (
             ("num_requests_running", "Requests in the running batch."),
             ("num_requests_waiting", "Requests waiting to be scheduled."),
@@ -134,9 +146,33 @@ class Metrics:
             ("num_kv_cache_blocks", "Total KV-cache blocks."),
             ("num_open_connections", "Open HTTP connections."),
         ):
-            if name in values:
+            if replicas and name in per_replica:
+                series = [
+                    (r["replica"], r["stats"][per_replica[name]])
+                    for r in replicas
+                    if per_replica[name] in r["stats"]
+                ]
+                if series:
+                    head(name, "gauge", help_text)
+                    for replica, value in series:
+                        out.append(f'{p}_{name}{{{lab},replica="{replica}"}} {float(value)!r}')
+            elif name in values:
                 head(name, "gauge", help_text)
                 out.append(f"{p}_{name}{{{lab}}} {float(values[name])!r}")
+        for name, kind, help_text, value in (
+            ("replica_up", "gauge", "1 while the engine replica serves, else 0.", lambda r: int(r["state"] == "ready")),
+            ("replica_restarts_total", "counter", "Times the engine replica's process was restarted.", lambda r: r["restarts"]),
+            ("replica_routed_requests_total", "counter", "Requests this API server sent to the replica.", lambda r: r["routed_requests"]),
+            ("replica_engine_steps_total", "counter", "Engine steps the replica ran (its current process).", lambda r: r["stats"].get("num_steps")),
+            ("replica_generation_tokens_total", "counter", "Tokens the replica generated (its current process).", lambda r: r["stats"].get("generation_tokens_total")),
+            ("replica_requests_finished_total", "counter", "Requests the replica finished (its current process).", lambda r: r["stats"].get("num_requests_finished")),
+        ):  # fmt: skip
+            series = [(r["replica"], value(r)) for r in replicas or ()]
+            series = [(replica, v) for replica, v in series if v is not None]
+            if series:
+                head(name, kind, help_text)
+                for replica, v in series:
+                    out.append(f'{p}_{name}{{{lab},replica="{replica}"}} {v}')
         return "\n".join(out) + "\n"
 
 

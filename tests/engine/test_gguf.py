@@ -152,24 +152,29 @@ def _greedy(model, prompts=PROMPTS, **kw):
     return [o.outputs[0].token_ids for o in llm.generate(prompts, GREEDY, use_tqdm=False)]
 
 
-def _assert_greedy_agrees(model, reference, tie=0.05, **kw):
-    """Greedy outputs of `model` equal `reference`'s up to a near tie.
+def _assert_greedy_agrees(model, reference, tie=0.1, **kw):
+    """Greedy outputs of `model` equal `reference`'s up to a near tie of the reference.
 
-    Q4_0 / Q4_1 / Q8_0 decode multiplies activations quantized to int8 blocks (as llama.cpp does), so on a tiny
-    random model two candidates within a few hundredths of a nat can swap. Criterion: the outputs agree until the
-    first difference; there the reference's token is in the model's top 5 within `tie` nats of the model's pick.
+    Quantized decode (every ggml format) multiplies activations quantized to int8 blocks (as llama.cpp does):
+    ~0.5% error per projection, which on a tiny random model (logits spread over tens of nats) moves a logit by
+    up to about a nat. Criterion: the outputs agree until the first difference; there the exact-math reference
+    itself was near a tie (its logprobs of its pick and of the model's pick within `tie` nats) and the
+    reference's token is in the model's top 5.
     """
-    expected = _greedy(reference)
-    llm = LLM(str(model), dtype="float32", kv_cache_memory="16MiB", **kw)
     params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True, logprobs=5)
+    ref_llm = LLM(str(reference), dtype="float32", kv_cache_memory="16MiB")
+    expected = [o.outputs[0] for o in ref_llm.generate(PROMPTS, params, use_tqdm=False)]
+    llm = LLM(str(model), dtype="float32", kv_cache_memory="16MiB", **kw)
     for out, want in zip(llm.generate(PROMPTS, params, use_tqdm=False), expected, strict=True):
         got = out.outputs[0].token_ids
-        if got == want:
+        if got == want.token_ids:
             continue
-        i = next(j for j, (a, b) in enumerate(zip(got, want, strict=True)) if a != b)
-        top = out.outputs[0].logprobs[i]
-        assert want[i] in top, (got, want)
-        assert top[got[i]].logprob - top[want[i]].logprob < tie, (got, want, i)
+        i = next(j for j, (a, b) in enumerate(zip(got, want.token_ids, strict=True)) if a != b)
+        assert want.token_ids[i] in out.outputs[0].logprobs[i], (got, want.token_ids)
+        ref_top = want.logprobs[i]
+        assert got[i] in ref_top, (got, want.token_ids, i)
+        margin = ref_top[want.token_ids[i]].logprob - ref_top[got[i]].logprob
+        assert margin < tie, (got, want.token_ids, i, margin)
 
 
 @pytest.mark.parametrize(
@@ -203,7 +208,7 @@ def test_gguf_matches_dequantized_hf(tmp_path, architecture, qtype):
     file = tmp_path / "model.gguf"
     weights = write_gguf(hf, file, qtype, _ARCH[architecture])
     reference = _hf_copy(hf, tmp_path / "dequantized", weights)
-    if qtype in (GT.Q4_0, GT.Q4_1, GT.Q8_0):
+    if qtype not in (GT.F32, GT.F16, GT.BF16):
         _assert_greedy_agrees(file, reference)
     else:  # f32 math on the same values: exactly equal
         assert _greedy(file) == _greedy(reference)

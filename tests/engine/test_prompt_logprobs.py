@@ -57,9 +57,15 @@ def test_prompt_logprobs_match_a_full_forward(llama_dir, chunk):
 
 
 def test_prompt_logprobs_with_prefix_cache_hits_and_n(llama_dir):
-    """A prompt already in the prefix cache still gets every position's logprob (its hits are not used),
-    and the n forks of one request share the one list."""
-    llm = LLM(llama_dir, dtype="float32", kv_cache_memory="8MiB", enable_prefix_caching=True)
+    """A prompt already in the prefix cache still gets every position's logprob (its hits are not used,
+    its prefill is chunked), and the n forks of one request share the one list."""
+    llm = LLM(
+        llama_dir,
+        dtype="float32",
+        kv_cache_memory="8MiB",
+        enable_prefix_caching=True,
+        max_num_batched_tokens=5,
+    )
     tok = llm.get_tokenizer()
     prompt = PROMPTS[1] * 2
     ids = tok.encode(prompt)

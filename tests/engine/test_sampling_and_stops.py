@@ -1,8 +1,7 @@
 """Request-level behaviour: n > 1, stop strings / token ids, min/max tokens, seeds, logprobs, streaming, abort."""
 
 import pytest
-import torch
-from engine_utils import PROMPTS, _hf_model, assert_no_leak, hf_greedy
+from engine_utils import PROMPTS, assert_no_leak, hf_greedy
 
 from fast_inference import LLM, SamplingParams
 from fast_inference.engine.config import EngineArgs
@@ -289,42 +288,3 @@ def test_n_with_stop_strings_and_logprobs(llm):
         assert len(comp.logprobs) == len(comp.token_ids)
         assert comp.finish_reason in ("stop", "length")
     assert_no_leak(llm.engine)
-
-
-def _hf_prompt_logprobs(path, ids: list[int]) -> torch.Tensor:
-    """log_softmax of transformers' logits over the whole prompt in one forward: float32 [len(ids), V]."""
-    with torch.no_grad():
-        logits = _hf_model(str(path))(torch.tensor([ids])).logits[0].float()
-    return torch.log_softmax(logits, dim=-1)
-
-
-@pytest.mark.parametrize("chunk", [None, 5])  # one prefill, or chunked prefill of 5 tokens a step
-def test_prompt_logprobs_match_a_full_forward(llama_dir, chunk):
-    engine = LLMEngine(
-        EngineArgs(
-            model=str(llama_dir), dtype="float32", kv_cache_memory="8MiB", max_num_batched_tokens=chunk
-        )
-    )
-    prompt = PROMPTS[1] * 2
-    ids = engine.tokenizer.encode(prompt)
-    engine.add_request("warm", ids, _greedy(max_tokens=1))  # puts the prompt's blocks in the prefix cache
-    while engine.has_unfinished_requests():
-        engine.step()
-    engine.add_request("r", ids, _greedy(max_tokens=2, prompt_logprobs=3))
-    deltas = []
-    while engine.has_unfinished_requests():
-        deltas.extend(engine.step())
-    with_lp = [d for d in deltas if d.prompt_logprobs is not None]
-    assert len(with_lp) == 1  # sent once
-    got = with_lp[0].prompt_logprobs
-    ref = _hf_prompt_logprobs(llama_dir, ids)
-    assert len(got) == len(ids) and got[0] is None
-    for pos in range(1, len(ids)):
-        entry, want = got[pos], ref[pos - 1]
-        token = ids[pos]
-        assert entry[token].logprob == pytest.approx(float(want[token]), abs=1e-4)
-        assert entry[token].rank == int((want > want[token]).sum()) + 1
-        top = sorted((lp.rank, t) for t, lp in entry.items() if lp.rank <= 3)
-        assert [t for _, t in top][:3] == want.topk(3).indices.tolist()
-        assert all(isinstance(lp.decoded_token, str) for lp in entry.values())
-    assert_no_leak(engine)

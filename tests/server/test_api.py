@@ -48,6 +48,15 @@ def stream_chat(server, schemas, **body):
     return events[:-1]
 
 
+def stream_completion(server, schemas, **body):
+    status, events = sse_events(server.port, "/v1/completions", {"model": MODEL_NAME, "stream": True, **body})
+    assert status == 200, events
+    assert events[-1] == "DONE" and "DONE" not in events[:-1]
+    for chunk in events[:-1]:
+        schemas.validate_completion_chunk(chunk)
+    return events[:-1]
+
+
 def test_chat_sync_client(client, server, schemas):
     r = client.chat.completions.create(model=MODEL_NAME, messages=CHAT, max_tokens=12, temperature=0)
     assert r.object == "chat.completion" and r.model == MODEL_NAME and r.id.startswith("chatcmpl-")
@@ -221,30 +230,24 @@ def test_chat_stream_logprobs(server, schemas):
 
 def test_completion_stream(server, schemas):
     full = completion_raw(server, schemas, prompt=["Hello", "Numbers:"], max_tokens=12, temperature=0)
-    status, events = sse_events(
-        server.port,
-        "/v1/completions",
-        {
-            "model": MODEL_NAME,
-            "prompt": ["Hello", "Numbers:"],
-            "max_tokens": 12,
-            "temperature": 0,
-            "stream": True,
-            "stream_options": {"include_usage": True},
-        },
+    events = stream_completion(
+        server,
+        schemas,
+        prompt=["Hello", "Numbers:"],
+        max_tokens=12,
+        temperature=0,
+        stream_options={"include_usage": True},
     )
-    assert status == 200 and events[-1] == "DONE"
     text = {0: "", 1: ""}
     finishes = []
-    for chunk in events[:-1]:
-        schemas.validate_completion_chunk(chunk)
+    for chunk in events:
         for choice in chunk["choices"]:
             text[choice["index"]] += choice["text"]
             if choice["finish_reason"]:
                 finishes.append(choice["index"])
     assert sorted(finishes) == [0, 1]
     assert [text[0], text[1]] == [c["text"] for c in full["choices"]]
-    assert events[-2]["usage"] == full["usage"]
+    assert events[-1]["usage"] == full["usage"]
 
 
 def test_openai_client_streaming(client):
@@ -382,9 +385,9 @@ def test_health_ping_version_metrics(server):
         ({"messages": []}, 400, "messages"),
         ({"messages": [{"role": "wizard", "content": "x"}]}, 400, "messages[0].role"),
         ({"messages": CHAT, "tools": [{"type": "function", "function": {"name": "f"}}]}, 400, "tools"),
-        ({"messages": CHAT, "response_format": {"type": "json_object"}}, 400, "response_format"),
+        ({"messages": CHAT, "response_format": {"type": "xml"}}, 400, "response_format"),
         (
-            {"messages": CHAT, "response_format": {"type": "json_schema", "json_schema": {"name": "x"}}},
+            {"messages": CHAT, "response_format": {"type": "json_schema", "json_schema": {"schema": {}}}},
             400,
             "response_format",
         ),
@@ -522,37 +525,13 @@ def test_large_request_tokenized_off_loop(server, schemas):
 
 def test_completion_stream_echo_and_logprobs(server, schemas):
     full = completion_raw(server, schemas, prompt="The quick", max_tokens=5, temperature=0, echo=True)
-    status, events = sse_events(
-        server.port,
-        "/v1/completions",
-        {
-            "model": MODEL_NAME,
-            "prompt": "The quick",
-            "max_tokens": 5,
-            "temperature": 0,
-            "echo": True,
-            "stream": True,
-        },
-    )
-    assert status == 200 and events[-1] == "DONE"
-    for chunk in events[:-1]:
-        schemas.validate_completion_chunk(chunk)
-    assert "".join(c["choices"][0]["text"] for c in events[:-1]) == full["choices"][0]["text"]
+    events = stream_completion(server, schemas, prompt="The quick", max_tokens=5, temperature=0, echo=True)
+    assert "".join(c["choices"][0]["text"] for c in events) == full["choices"][0]["text"]
     assert events[0]["choices"][0]["text"] == "The quick"  # the echoed prompt comes first
-    status, events = sse_events(
-        server.port,
-        "/v1/completions",
-        {
-            "model": MODEL_NAME,
-            "prompt": "The quick",
-            "max_tokens": 5,
-            "temperature": 0,
-            "logprobs": 2,
-            "ignore_eos": True,
-            "stream": True,
-        },
+    events = stream_completion(
+        server, schemas, prompt="The quick", max_tokens=5, temperature=0, logprobs=2, ignore_eos=True
     )
-    tokens = [t for e in events[:-1] for c in e["choices"] if c["logprobs"] for t in c["logprobs"]["tokens"]]
+    tokens = [t for e in events for c in e["choices"] if c["logprobs"] for t in c["logprobs"]["tokens"]]
     assert len(tokens) == 5
 
 
