@@ -14,6 +14,8 @@ lengths, no prefix-cache hits); generation is greedy with ignore_eos, so every r
                 thread count and prompts, measured by the same client; the servers run one at a time (ours
                 first, then llama-server), each warmed up with a pass of the first level. llama.cpp is only
                 a benchmark baseline, never a dependency of fast_inference.
+                --dense-gguf f32|bf16 first writes a dense copy of that GGUF (every tensor dequantized, so both
+                servers read the same weight values in the same dtype) and serves it from both.
 """
 
 import argparse
@@ -131,6 +133,44 @@ class LlamaServerProcess:
                 self.lines.append(line)
 
     stop = ServerProcess.stop
+
+
+def write_dense_gguf(src: str, dtype: str) -> str:
+    """A copy of GGUF `src` with every tensor dequantized to f32 and stored as `dtype` (F32 or BF16; 1-D
+    tensors stay F32, as llama.cpp's converter writes them), all metadata kept; cached in the temp dir."""
+    import tempfile
+
+    import gguf
+    import numpy as np
+
+    out = Path(tempfile.gettempdir()) / "fast_inference-bench" / f"{Path(src).stem}.{dtype}.gguf"
+    if out.is_file():
+        return str(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    reader = gguf.GGUFReader(src)
+    arch = reader.fields["general.architecture"].contents()
+    partial = out.with_suffix(".partial")
+    writer = gguf.GGUFWriter(str(partial), arch)
+    file_type = {"f32": gguf.LlamaFileType.ALL_F32, "bf16": gguf.LlamaFileType.MOSTLY_BF16}[dtype]
+    for field in reader.fields.values():
+        if field.name == "general.architecture" or field.name.startswith("GGUF."):
+            continue  # written by GGUFWriter itself
+        value = int(file_type) if field.name == "general.file_type" else field.contents()
+        sub_type = field.types[-1] if field.types[0] == gguf.GGUFValueType.ARRAY else None
+        writer.add_key_value(field.name, value, field.types[0], sub_type=sub_type)
+    for tensor in reader.tensors:
+        values = gguf.quants.dequantize(tensor.data, tensor.tensor_type).astype(np.float32)
+        if dtype == "bf16" and values.ndim > 1:
+            raw = gguf.quants.quantize(values, gguf.GGMLQuantizationType.BF16)
+            writer.add_tensor(tensor.name, raw, raw_dtype=gguf.GGMLQuantizationType.BF16)  # byte shape
+        else:
+            writer.add_tensor(tensor.name, values)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    partial.rename(out)
+    return str(out)
 
 
 def thread_cpu(pid: int) -> dict[int, float]:
@@ -294,6 +334,12 @@ def main() -> None:
         help="llama-server binary for --baseline llama-server (default: $LLAMA_SERVER)",
     )
     parser.add_argument(
+        "--dense-gguf",
+        choices=["none", "f32", "bf16"],
+        default="none",
+        help="serve a dense copy of the GGUF (every tensor dequantized, stored as f32 or bf16) from both servers",
+    )
+    parser.add_argument(
         "--llama-server-args",
         default="--no-repack",
         help="extra llama-server arguments (default --no-repack: its AMX repacked Q4_1 kernels die with "
@@ -313,6 +359,10 @@ def main() -> None:
         if not args.llama_server or not os.access(args.llama_server, os.X_OK):
             parser.error(f"--llama-server {args.llama_server!r} is not an executable (or set LLAMA_SERVER)")
     model = model or str(ensure_demo_model())
+    if args.dense_gguf != "none":
+        if not model.lower().endswith(".gguf"):
+            parser.error("--dense-gguf needs a .gguf model")
+        model = write_dense_gguf(model, args.dense_gguf)
     torch.set_num_threads(args.num_threads)
     if model.lower().endswith(".gguf"):
         from fast_inference.models.gguf import gguf_tokenizer

@@ -1,6 +1,7 @@
 """End-to-end throughput: fast_inference vs transformers generate, and batch-1 decode vs the bandwidth bound.
 
-A SmolLM-135M-shaped Llama (random weights, bfloat16 on CPU) is written to a temp dir. Prints JSON lines:
+A SmolLM-135M-shaped Llama (random weights, --dtype: default auto, the engine's pick on this CPU, and transformers
+runs the same dtype) is written to a temp dir. Prints JSON lines (the env line names the CPU model and kernel ISA):
   throughput: 32 prompts x 128 tokens, 64 new tokens greedy (ignore_eos), output tokens/s of both engines
   decode_bs1: one sequence's decode step time vs (weight + KV bytes per step) / streaming read bandwidth
   decode_split: where a decode step's wall time goes at batch 1 and 32 (torch.profiler, each top-level op's
@@ -17,6 +18,10 @@ import tempfile
 import time
 from pathlib import Path
 
+# First: fast_inference sets its OpenMP wait policy before torch loads libgomp (it applies to both engines).
+import fast_inference  # noqa: F401
+
+# isort: split
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -109,6 +114,14 @@ def decode_step_split(engine, prompts: list[list[int]], batch: int, steps: int) 
     return record
 
 
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "?")
+    except OSError:
+        return "?"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--num-prompts", type=int, default=32)
@@ -119,7 +132,7 @@ def main() -> None:
     ap.add_argument(
         "--split-batches", type=int, nargs="*", default=[1, 32], help="batch sizes of the step split"
     )
-    ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--dtype", default="auto", help="auto (the engine's pick on this CPU), bfloat16, float32")
     ap.add_argument(
         "--repeats", type=int, default=2, help="interleaved timed runs of each engine (best kept)"
     )
@@ -134,12 +147,14 @@ def main() -> None:
     if args.threads is not None:
         torch.set_num_threads(args.threads)
 
-    from fast_inference import LLM, SamplingParams
-    from fast_inference.models.config import parse_dtype
+    from fast_inference import LLM, SamplingParams, ops
+    from fast_inference.models.config import resolve_dtype
 
-    dtype = parse_dtype(args.dtype)
     device = torch.device("cpu")
+    # "auto": what the engine picks on this CPU; transformers runs the same dtype.
+    dtype = resolve_dtype(args.dtype, None, device)
     env = environment(device)
+    env.update(cpu_model=cpu_model(), cpu_isa=ops.cpu_isa(), dtype=args.dtype, resolved_dtype=str(dtype)[6:])
     bandwidth = streaming_read_bandwidth(device)
     emit(
         {

@@ -7,6 +7,8 @@ import os
 import shlex
 import sys
 
+from .server.reasoning_parsers import REASONING_PARSERS
+from .server.tool_parsers import TOOL_CALL_PARSERS
 from .sizes import MEMORY_UNITS_HELP, parse_memory
 
 ENV_PREFIX = "FAST_INFERENCE_"
@@ -109,7 +111,20 @@ def _parser(environ=os.environ) -> argparse.ArgumentParser:
         "--max-model-len", type=int, default=None, help="context length (default: the model's)"
     )
     serve.add_argument("--max-num-seqs", type=int, default=256, help="most sequences in one batch")
-    serve.add_argument("--max-num-batched-tokens", type=int, default=None, help="token budget of one step")
+    serve.add_argument(
+        "--max-num-batched-tokens",
+        type=int,
+        default=None,
+        help="the most tokens one step computes (default 2048)",
+    )
+    serve.add_argument(
+        "--target-itl-ms",
+        type=float,
+        default=None,
+        help="latency target of a step that carries decodes: it takes prompt tokens (chunked prefill) only "
+        "while its modelled cost stays within max(this, twice its decodes' cost), the cost fitted to the "
+        "observed steps (default: EngineArgs.target_itl_ms, 100; a large value runs prompts whole)",
+    )
     serve.add_argument(
         "--kv-cache-memory",
         default=None,
@@ -130,6 +145,20 @@ def _parser(environ=os.environ) -> argparse.ArgumentParser:
         metavar="FILE",
         default=None,
         help="file holding a Jinja chat template; none: the tokenizer's own",
+    )
+    serve.add_argument(
+        "--tool-call-parser",
+        choices=TOOL_CALL_PARSERS,
+        default=None,
+        help="how tool calls are read from the output for tool_choice auto; none: the format the chat "
+        "template's markup names (<tool_call>: hermes, [TOOL_CALLS]: mistral, <|python_tag|> or "
+        '"parameters": llama3_json)',
+    )
+    serve.add_argument(
+        "--reasoning-parser",
+        choices=REASONING_PARSERS,
+        default=None,
+        help="split <think>...</think> into reasoning_content; none: reasoning stays in content",
     )
     serve.add_argument(
         "--allowed-origins",
@@ -164,7 +193,8 @@ def _parser(environ=os.environ) -> argparse.ArgumentParser:
         type=positive_int,
         default=1,
         help="engine replicas, each a process with the whole model; requests go to the replica with the "
-        "best prefix-cache affinity, the least loaded on a tie (on CUDA replica i uses cuda:i)",
+        "best prefix-cache affinity, the least loaded on a tie (on CUDA each sees its own GPUs, one per "
+        "tensor-parallel rank)",
     )
     scale.add_argument(
         "--api-server-count",
@@ -322,6 +352,7 @@ def serve(args: argparse.Namespace) -> int:
             max_model_len=args.max_model_len,
             max_num_seqs=args.max_num_seqs,
             max_num_batched_tokens=args.max_num_batched_tokens,
+            **({} if args.target_itl_ms is None else {"target_itl_ms": args.target_itl_ms}),
             kv_cache_memory=kv_cache_memory,
             block_size=args.block_size,
             enable_prefix_caching=not args.no_enable_prefix_caching,
@@ -341,6 +372,8 @@ def serve(args: argparse.Namespace) -> int:
         allowed_origins=list(args.allowed_origins or []),
         max_pending_requests=args.max_pending_requests,
         chat_template=chat_template,
+        tool_call_parser=args.tool_call_parser,
+        reasoning_parser=args.reasoning_parser,
     )
     limits = Limits(
         max_body_bytes=args.max_body_bytes,

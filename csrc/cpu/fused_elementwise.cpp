@@ -1,11 +1,16 @@
 // fast_inference::rotary_embedding and silu_and_mul on CPU: the decoder's small elementwise chains as one
 // op each (a batch-1 decode step is dominated by per-op dispatch, not by this arithmetic). Each rounding
 // point of the torch op chain is kept, so bf16/fp16 results equal the chain's exactly (up to exp for silu).
+// float32 and bfloat16 run the AVX2 / AVX-512 row kernels (elementwise_kernels.h); float16 and CPUs without
+// AVX2 the portable loops below.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <cmath>
+
+#include "cpu/cpu_features.h"
+#include "cpu/elementwise.h"
 
 namespace fast_inference::cpu {
 namespace {
@@ -31,12 +36,22 @@ void rotary_embedding_cpu(at::Tensor& x, const at::Tensor& cos, const at::Tensor
   }
   TORCH_CHECK(x.device().is_cpu(), "x must be a CPU tensor");
   const int64_t half = D / 2;
+  const int64_t grain = std::max<int64_t>(1, 65536 / D);
+  const Isa isa = selected_isa();
+  const at::ScalarType dtype = x.scalar_type();
+  if (isa != Isa::kPortable && (dtype == at::kFloat || dtype == at::kBFloat16)) {
+    const auto rows = isa == Isa::kAvx512 ? &avx512::rope_rows : &avx2::rope_rows;
+    at::parallel_for(0, T * H, grain, [&](int64_t i0, int64_t i1) {
+      rows(dtype, x.data_ptr(), x.stride(0), x.stride(1), cos.data_ptr(), sin.data_ptr(), H, D, i0, i1);
+    });
+    return;
+  }
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "rotary_embedding", [&] {
     scalar_t* xp = x.data_ptr<scalar_t>();
     const scalar_t* cp = cos.data_ptr<scalar_t>();
     const scalar_t* sp = sin.data_ptr<scalar_t>();
     const int64_t st = x.stride(0), sh = x.stride(1);
-    at::parallel_for(0, T * H, std::max<int64_t>(1, 65536 / D), [&](int64_t b, int64_t e) {
+    at::parallel_for(0, T * H, grain, [&](int64_t b, int64_t e) {
       for (int64_t i = b; i < e; ++i) {
         const int64_t t = i / H, h = i % H;
         scalar_t* v = xp + t * st + h * sh;
@@ -63,11 +78,22 @@ at::Tensor silu_and_mul_cpu(const at::Tensor& x) {
   TORCH_CHECK(x.device().is_cpu(), "x must be a CPU tensor");
   const int64_t T = x.size(0), I = x.size(1) / 2;
   at::Tensor out = at::empty({T, I}, x.options());
+  // About 32K elements per thread: a decode batch's few rows run inline (no parallel region).
+  const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(I, 1));
+  const Isa isa = selected_isa();
+  const at::ScalarType dtype = x.scalar_type();
+  if (isa != Isa::kPortable && (dtype == at::kFloat || dtype == at::kBFloat16)) {
+    const auto rows = isa == Isa::kAvx512 ? &avx512::silu_and_mul_rows : &avx2::silu_and_mul_rows;
+    at::parallel_for(0, T, grain, [&](int64_t r0, int64_t r1) {
+      rows(dtype, x.data_ptr(), x.stride(0), out.data_ptr(), I, r0, r1);
+    });
+    return out;
+  }
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "silu_and_mul", [&] {
     const scalar_t* xp = x.data_ptr<scalar_t>();
     scalar_t* op = out.data_ptr<scalar_t>();
     const int64_t st = x.stride(0);
-    at::parallel_for(0, T, std::max<int64_t>(1, 65536 / std::max<int64_t>(I, 1)), [&](int64_t b, int64_t e) {
+    at::parallel_for(0, T, grain, [&](int64_t b, int64_t e) {
       for (int64_t t = b; t < e; ++t) {
         const scalar_t* g = xp + t * st;
         const scalar_t* u = g + I;

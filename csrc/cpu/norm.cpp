@@ -1,10 +1,15 @@
 // fast_inference::rms_norm and add_rms_norm on CPU: one pass per row instead of torch's ~8 ops (a decode
 // step calls the norm 61 times on a single row, so the op count, not the arithmetic, is what costs).
+// float32 and bfloat16 run the AVX2 / AVX-512 row kernels (elementwise_kernels.h); float16 and CPUs without
+// AVX2 the portable loop below.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <cmath>
+
+#include "cpu/cpu_features.h"
+#include "cpu/elementwise.h"
 
 namespace fast_inference::cpu {
 namespace {
@@ -53,6 +58,17 @@ at::Tensor run(const at::Tensor& x, at::Tensor* residual, const at::Tensor& weig
   at::Tensor out = at::empty({T, H}, x.options());
   // Rows split across threads only when there are many (a single decode row runs inline).
   const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(H, 1));
+  const Isa isa = selected_isa();
+  const at::ScalarType dtype = x.scalar_type();
+  if (isa != Isa::kPortable && (dtype == at::kFloat || dtype == at::kBFloat16)) {
+    const auto rows = isa == Isa::kAvx512 ? &avx512::rms_norm_rows : &avx2::rms_norm_rows;
+    const void* xp = x.data_ptr();
+    void* rp = residual != nullptr ? residual->data_ptr() : nullptr;
+    at::parallel_for(0, T, grain, [&](int64_t r0, int64_t r1) {
+      rows(dtype, xp, x.stride(0), rp, weight.data_ptr(), out.data_ptr(), H, static_cast<float>(eps), r0, r1);
+    });
+    return out;
+  }
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "rms_norm", [&] {
     const scalar_t* xp = x.data_ptr<scalar_t>();
     scalar_t* rp = residual != nullptr ? residual->data_ptr<scalar_t>() : nullptr;

@@ -22,6 +22,9 @@ def resolve_device(device: str | torch.device) -> torch.device:
     return dev
 
 
+DEFAULT_TARGET_ITL_MS = 100.0
+
+
 @dataclass
 class EngineArgs:
     model: str
@@ -29,7 +32,10 @@ class EngineArgs:
     device: str = "auto"
     max_model_len: int | None = None
     max_num_seqs: int = 256
-    max_num_batched_tokens: int | None = None  # None: max(2048, ...) with chunked prefill
+    max_num_batched_tokens: int | None = None  # the most tokens one step computes; None: 2048
+    # A step that carries decodes takes prompt tokens only while its modelled cost stays within
+    # max(target_itl_ms, 2 x its decodes' cost) (Scheduler): long prompts are chunked, decodes never wait.
+    target_itl_ms: float = DEFAULT_TARGET_ITL_MS
     kv_cache_memory: str | int | None = None  # None: a fraction of the device's free memory
     block_size: int = 16
     enable_prefix_caching: bool = True
@@ -54,6 +60,8 @@ class EngineArgs:
             raise ValueError(f"max_num_seqs must be at least 1, got {self.max_num_seqs}")
         if self.max_num_batched_tokens is not None and self.max_num_batched_tokens < 1:
             raise ValueError(f"max_num_batched_tokens must be at least 1, got {self.max_num_batched_tokens}")
+        if not self.target_itl_ms >= 0:
+            raise ValueError(f"target_itl_ms must be >= 0, got {self.target_itl_ms}")
         if self.block_size < 1 or self.block_size & (self.block_size - 1):
             raise ValueError(f"block_size must be a power of two, got {self.block_size}")
         if self.kv_cache_memory is not None:
@@ -78,3 +86,4 @@ class SchedulerConfig:
     max_model_len: int
     block_size: int
     enable_prefix_caching: bool
+    target_itl_ms: float = DEFAULT_TARGET_ITL_MS

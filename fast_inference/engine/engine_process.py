@@ -70,14 +70,17 @@ def error_from_wire(wire: tuple) -> BaseException:
 
 @dataclass
 class EngineSpec:
-    """What an engine process builds: EngineArgs plus the process-wide torch thread count. Picklable, so
-    the spawn start method can send it; calling it builds the engine (LLMEngine, or EncoderEngine for a
-    BERT-family directory)."""
+    """What an engine process builds: EngineArgs plus the process-wide torch thread count and, for a
+    data-parallel replica on a CUDA machine, the GPUs it may see. Picklable, so the spawn start method
+    can send it; calling it builds the engine (LLMEngine, or EncoderEngine for a BERT-family directory)."""
 
     engine_args: EngineArgs
     num_threads: int | None = None
+    cuda_visible_devices: str | None = None  # set before CUDA starts in the replica (and its TP workers)
 
     def __call__(self):
+        if self.cuda_visible_devices is not None:
+            os.environ["CUDA_VISIBLE_DEVICES"] = self.cuda_visible_devices
         if self.num_threads is not None:
             import torch
 
@@ -89,16 +92,38 @@ class EngineSpec:
         return engine_cls.from_engine_args(self.engine_args)
 
     def for_replica(self, replica: int, num_replicas: int) -> "EngineSpec":
-        """Data-parallel replicas on a CUDA machine take one GPU each (replica i -> cuda:i mod count)."""
-        device = self.engine_args.device
-        if num_replicas == 1 or device not in ("auto", "cuda"):
+        """Data-parallel replicas on a CUDA machine each see their own GPUs: one per tensor-parallel rank,
+        replica i the i-th group of them (cuda:0 inside the replica is its first)."""
+        if num_replicas == 1 or self.engine_args.device not in ("auto", "cuda"):
             return self
         import torch
 
         if not torch.cuda.is_available():
             return self
-        args = replace(self.engine_args, device=f"cuda:{replica % torch.cuda.device_count()}")
-        return replace(self, engine_args=args)
+        gpus = replica_gpus(
+            replica,
+            self.engine_args.tensor_parallel_size // self.engine_args.nnodes,  # this node's ranks
+            torch.cuda.device_count(),
+            os.environ.get("CUDA_VISIBLE_DEVICES"),
+        )
+        return replace(self, cuda_visible_devices=gpus)
+
+
+def replica_gpus(replica: int, gpus_per_replica: int, device_count: int, visible: str | None) -> str:
+    """CUDA_VISIBLE_DEVICES for one replica: GPUs [replica * per, (replica + 1) * per) of the ones this
+    process sees (wrapping around when there are fewer than replicas x per, so replicas then share),
+    named as the parent's CUDA_VISIBLE_DEVICES names them."""
+    names = (
+        [v.strip() for v in visible.split(",") if v.strip()]
+        if visible
+        else [str(i) for i in range(device_count)]
+    )
+    names = names[:device_count]
+    if gpus_per_replica > len(names):
+        raise ValueError(
+            f"a replica needs {gpus_per_replica} GPUs (--tensor-parallel-size) but {len(names)} are visible"
+        )
+    return ",".join(names[(replica * gpus_per_replica + k) % len(names)] for k in range(gpus_per_replica))
 
 
 # ---- inside the engine process -------------------------------------------------------------------------
@@ -170,6 +195,10 @@ class EngineService(EngineLoop):
                         peer.requests.add(message[1])
                     self._commands.put(message)
                 elif kind == "abort":
+                    with self._lock:  # the front-end has forgotten it: no output of it is sent any more
+                        if self._owner.get(message[1]) is peer:
+                            del self._owner[message[1]]
+                        peer.requests.discard(message[1])
                     self._commands.put(message)
                 elif kind == "embed":
                     _, token, lists, truncate = message
@@ -344,6 +373,12 @@ def engine_process_main(
     if service.state in ("ready", "failed") and loop.is_alive():
         service._commands.put(("stop",))  # fails what is still in flight with "shutting down"
         loop.join(10.0)
+    close = getattr(service.engine, "close", None)  # tensor-parallel workers, if any
+    if close is not None:
+        try:
+            close()
+        except Exception:
+            logger.exception("closing the engine failed")
     listener.close()
     service.close_peers()
     try:

@@ -4,6 +4,7 @@ from collections.abc import Sequence as SequenceABC
 
 import torch
 
+from .chat_template import render
 from .config import EngineArgs
 from .encoder_engine import EncoderEngine, is_encoder_model
 from .llm_engine import LLMEngine
@@ -94,8 +95,12 @@ class LLM:
         use_tqdm: bool = True,
         chat_template: str | None = None,
         add_generation_prompt: bool = True,
+        tools: list[dict] | None = None,
+        chat_template_kwargs: dict | None = None,
     ) -> list[RequestOutput]:
-        """messages: one conversation (a list of {"role", "content"} dicts) or a list of them."""
+        """messages: one conversation (a list of {"role", "content"} dicts, assistant `tool_calls` and `tool`
+        results included) or a list of them. tools: OpenAI function tools shown by the template;
+        chat_template_kwargs: its extra variables (e.g. enable_thinking). The text is not parsed for calls."""
         if not self.engine.supports_generation:
             raise ValueError("this model serves embeddings only; use LLM.embed")
         if not isinstance(messages, list) or not messages:
@@ -106,8 +111,14 @@ class LLM:
             raise ValueError("the tokenizer has no chat template; pass chat_template=")
         prompts: list[str | list[int]] = []
         for conv in conversations:
-            ids = tok.apply_chat_template(
-                conv, chat_template=chat_template, tokenize=True, add_generation_prompt=add_generation_prompt
+            ids = render(
+                tok,
+                conv,
+                chat_template=chat_template,
+                tools=tools,
+                add_generation_prompt=add_generation_prompt,
+                template_kwargs=chat_template_kwargs,
+                tokenize=True,
             )
             if isinstance(ids, dict) or hasattr(ids, "input_ids"):
                 ids = ids["input_ids"]

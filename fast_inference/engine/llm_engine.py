@@ -96,6 +96,7 @@ class LLMEngine:
                 max_model_len=cfg.max_model_len,
                 block_size=args.block_size,
                 enable_prefix_caching=args.enable_prefix_caching,
+                target_itl_ms=args.target_itl_ms,
             ),
             self.block_manager,
         )
@@ -231,6 +232,7 @@ class LLMEngine:
         """One step: schedule -> run -> update (counts, prefix-cache blocks, forks) -> sample -> process
         (tokens, text, stops, logprobs) -> finish (free what ended); returns the changed requests' deltas."""
         outputs = self._process_aborts() if self._aborts else []
+        started = time.perf_counter()
         batch = self.scheduler.schedule()
         if batch.is_empty:
             return outputs
@@ -255,6 +257,7 @@ class LLMEngine:
             for delta in deltas:
                 if delta.finished:
                     self._retire(self.requests[delta.request_id])
+        self.scheduler.observe_step(batch, time.perf_counter() - started)  # the step cost model's input
         return outputs
 
     def _retire(self, req: Request) -> None:

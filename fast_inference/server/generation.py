@@ -32,7 +32,14 @@ async def generate(app: "OpenAIApp", request: Request, chat: bool) -> Response |
 
     def parse(tokenizer) -> protocol.GenerationRequest:
         if chat:
-            return protocol.parse_chat(body, names, tokenizer, app.config.chat_template)
+            return protocol.parse_chat(
+                body,
+                names,
+                tokenizer,
+                app.config.chat_template,
+                tool_call_parser=app.config.tool_call_parser,
+                reasoning_parser=app.config.reasoning_parser,
+            )
         return protocol.parse_completion(body, names, tokenizer)
 
     gen = await app.tokenizers.run(request, parse)
@@ -102,6 +109,16 @@ async def start_job(
     return GenerationJob(app, gen, request_id, streams, arrival)
 
 
+def stream_error(exc: Exception, request_id: str) -> APIError:
+    """The error a stream reports in-band for a fault after its headers went out (unknown ones logged)."""
+    if isinstance(exc, APIError):
+        return exc
+    if isinstance(exc, EngineDeadError):
+        return APIError(503, str(exc), code="engine_unavailable")
+    logger.exception("stream %s failed", request_id)
+    return APIError(500, "Internal server error during streaming")
+
+
 class GenerationJob:
     """One generation request's life after admission: reading outputs, metrics, logging, clean-up."""
 
@@ -133,6 +150,7 @@ class GenerationJob:
             model=gen.model,
             fingerprint=app.fingerprint,
             top_logprobs=gen.logprobs,
+            output=gen.output,
         )
 
     def _observe(self, prompt_index: int, output: RequestOutput) -> None:
@@ -270,13 +288,7 @@ class GenerationJob:
             raise
         except Exception as exc:
             # Headers are gone already: report the fault in-band, then end the stream properly.
-            if isinstance(exc, APIError):
-                err = exc
-            elif isinstance(exc, EngineDeadError):
-                err = APIError(503, str(exc), code="engine_unavailable")
-            else:
-                logger.exception("stream %s failed", self.request_id)
-                err = APIError(500, "Internal server error during streaming")
+            err = stream_error(exc, self.request_id)
             self.status = err.status
             yield sse.event(err.body())
         finally:

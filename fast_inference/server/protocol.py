@@ -7,8 +7,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from ..engine import chat_template as chat_template_mod
 from ..engine.sampling_params import SamplingParams, StructuredOutputsParams
 from ..ops.sampling import MAX_LOGPROBS
+from . import tools as tools_mod
+from .chat_output import ChatOutputSpec
 from .errors import APIError, invalid, unsupported
 
 MAX_N = 128
@@ -284,6 +287,8 @@ _MESSAGE = {
             "anyOf": [{"type": "string"}, {"type": "array", "items": _CONTENT_PART}, {"type": "null"}]
         },
         "name": {"type": "string"},
+        "tool_calls": {"type": "array", "items": tools_mod.HISTORY_TOOL_CALL_SCHEMA},
+        "tool_call_id": {"type": "string"},
     },
 }
 _MESSAGES = {"type": "array", "items": _MESSAGE, "minItems": 1}
@@ -605,33 +610,85 @@ FIELDS: tuple[Field, ...] = (
         reader=_suffix,
         schema={},
     ),
+    # -- tool calling and reasoning (tools.py validates the tool fields together)
     Field(
         "tools",
         "array",
-        "Not supported yet: a non-empty list is refused.",
-        _TOOL_ROUTES,
+        "Function tools, shown to the model by its chat template (a template that never reads `tools` "
+        "is answered 400).",
+        (CHAT,),
+        schema={"type": ["array", "null"], "items": tools_mod.TOOL_SCHEMA},
+    ),
+    Field(
+        "tool_choice",
+        None,
+        '"none" (no calls; tools not shown), "auto" (the tool-call parser reads the output), "required" '
+        '(one or more calls) or {"type": "function", "function": {"name": ...}}; required and named '
+        "functions are enforced by a JSON-schema grammar.",
+        (CHAT,),
+        schema=tools_mod.TOOL_CHOICE_SCHEMA,
+    ),
+    Field(
+        "parallel_tool_calls",
+        "boolean",
+        "false: at most one call.",
+        (CHAT,),
+        default=True,
+    ),
+    Field(
+        "functions",
+        "array",
+        "Deprecated form of tools (answered as message.function_call).",
+        (CHAT,),
+        schema={"type": ["array", "null"], "items": tools_mod.TOOL_SCHEMA["properties"]["function"]},
+    ),
+    Field(
+        "function_call",
+        None,
+        'Deprecated form of tool_choice: "none", "auto" or {"name": ...}.',
+        (CHAT,),
+        schema={"anyOf": [{"enum": ["none", "auto", None]}, tools_mod.NAMED_SCHEMA]},
+    ),
+    Field(
+        "chat_template_kwargs",
+        "object",
+        "Extra variables for the chat template (e.g. enable_thinking).",
+        (CHAT,),
+    ),
+    Field(
+        "enable_thinking",
+        "boolean",
+        "Passed to the chat template (reasoning models that take it); the same as "
+        "chat_template_kwargs.enable_thinking.",
+        (CHAT,),
+    ),
+    Field(
+        "tools",
+        "array",
+        "Not supported on completions: a non-empty list is refused.",
+        (COMPLETIONS,),
         reader=_refuse_tools("tools"),
     ),
     Field(
         "functions",
         "array",
-        "Not supported (deprecated tools): a non-empty list is refused.",
-        _TOOL_ROUTES,
+        "Not supported on completions: a non-empty list is refused.",
+        (COMPLETIONS,),
         reader=_refuse_tools("functions"),
     ),
     Field(
         "tool_choice",
         None,
-        'Only "none" and "auto" are accepted.',
-        _TOOL_ROUTES,
+        'Completions: only "none" and "auto" are accepted.',
+        (COMPLETIONS,),
         reader=_refuse_tool_choice("tool_choice"),
         schema={"enum": ["none", "auto", None]},
     ),
     Field(
         "function_call",
         None,
-        'Only "none" and "auto" are accepted (deprecated).',
-        _TOOL_ROUTES,
+        'Completions: only "none" and "auto" are accepted.',
+        (COMPLETIONS,),
         reader=_refuse_tool_choice("function_call"),
         schema={"enum": ["none", "auto", None]},
     ),
@@ -712,7 +769,8 @@ FIELDS: tuple[Field, ...] = (
     Field(
         "text",
         "object",
-        'The output format: {"format": {"type": "text"}} (default), or json_schema / json_object.',
+        'The output format: {"format": {"type": "text"}} (default); {"type": "json_schema", "name", '
+        '"schema", "strict"} or {"type": "json_object"} constrain decoding to JSON (always enforced).',
         (RESPONSES,),
         reader=lambda v: response_text_format(v),
         schema={
@@ -869,6 +927,7 @@ class GenerationRequest:
     logprobs: int | None  # chat: top_logprobs when logprobs is true; completions: logprobs
     chat: bool
     constrained_by: str | None = None  # the field that set params.structured_outputs (for the 400s)
+    output: ChatOutputSpec | None = None  # chat choices parsed into reasoning / content / tool calls
 
 
 _MODEL = next(f for f in FIELDS if f.name == "model")
@@ -960,7 +1019,8 @@ def _text_content(content: Any, where: str) -> str:
 
 
 def chat_messages(messages: Any) -> list[dict]:
-    """The 'messages' array -> [{role, content}] as the chat template takes them."""
+    """The 'messages' array -> the dicts chat templates read: role and text content, plus an assistant's
+    tool_calls and a tool result's tool_call_id / name (arguments stay JSON text until rendering)."""
     if not isinstance(messages, list) or not messages:
         raise invalid("'messages' must be a non-empty array", "messages")
     out = []
@@ -971,15 +1031,39 @@ def chat_messages(messages: Any) -> list[dict]:
         role = message.get("role")
         if role not in _ROLES:
             raise invalid(f"{where}.role must be one of {sorted(_ROLES)}, got {role!r}", f"{where}.role")
-        if message.get("tool_calls") or message.get("function_call"):
-            raise unsupported(f"{where}.tool_calls", "Assistant tool calls in messages")
         if message.get("audio") is not None:
             raise unsupported(f"{where}.audio", "Audio in messages")
         if role == "developer":
             role = "system"  # developer is OpenAI's new name for system; templates know system
         elif role == "function":
             role = "tool"
-        out.append({"role": role, "content": _text_content(message.get("content"), where)})
+        converted = {"role": role, "content": _text_content(message.get("content"), where)}
+        calls = message.get("tool_calls")
+        if message.get("function_call") is not None:  # the deprecated single call
+            calls = [{"id": "call_0", "type": "function", "function": message["function_call"]}]
+        if calls:
+            if role != "assistant":
+                raise invalid(
+                    f"{where}.tool_calls is only allowed on assistant messages", f"{where}.tool_calls"
+                )
+            converted["tool_calls"] = tools_mod.history_tool_calls(calls, f"{where}.tool_calls")
+        if role == "tool":
+            call_id = message.get("tool_call_id")
+            if call_id is None and message["role"] == "tool":
+                raise invalid(f"{where}.tool_call_id is required for tool messages", f"{where}.tool_call_id")
+            if call_id is not None:
+                if not isinstance(call_id, str):
+                    raise invalid(f"{where}.tool_call_id must be a string", f"{where}.tool_call_id")
+                converted["tool_call_id"] = call_id
+        name = message.get("name")
+        if name is not None:
+            if not isinstance(name, str):
+                raise invalid(f"{where}.name must be a string", f"{where}.name")
+            converted["name"] = name
+        reasoning = message.get("reasoning_content")
+        if role == "assistant" and isinstance(reasoning, str):
+            converted["reasoning_content"] = reasoning  # reasoning templates may show (or drop) it
+        out.append(converted)
     return out
 
 
@@ -989,16 +1073,49 @@ def render_chat(
     chat_template: str | None,
     add_generation_prompt: bool,
     param: str = "messages",
+    *,
+    tools: list[dict] | None = None,
+    template_kwargs: dict | None = None,
 ) -> str:
     try:
-        return tokenizer.apply_chat_template(
-            messages, tokenize=False, add_generation_prompt=add_generation_prompt, chat_template=chat_template
+        return chat_template_mod.render(
+            tokenizer,
+            messages,
+            chat_template=chat_template,
+            tools=tools,
+            add_generation_prompt=add_generation_prompt,
+            template_kwargs=template_kwargs,
         )
+    except chat_template_mod.ChatTemplateError as exc:
+        raise invalid(str(exc), param if exc.param == "messages" else exc.param) from None
     except Exception as exc:
         raise invalid(f"The chat template could not be applied to '{param}': {exc}", param) from None
 
 
-def parse_chat(body: dict, served: list[str], tokenizer, chat_template: str | None) -> GenerationRequest:
+def _template_kwargs(fields: dict) -> dict:
+    """chat_template_kwargs and the top-level enable_thinking (both as vLLM takes them)."""
+    kwargs = dict(fields["chat_template_kwargs"] or {})
+    thinking = fields["enable_thinking"]
+    if thinking is not None:
+        if kwargs.get("enable_thinking", thinking) != thinking:
+            raise invalid(
+                "'enable_thinking' disagrees with chat_template_kwargs.enable_thinking", "enable_thinking"
+            )
+        kwargs["enable_thinking"] = thinking
+    return kwargs
+
+
+def parse_chat(
+    body: dict,
+    served: list[str],
+    tokenizer,
+    chat_template: str | None,
+    *,
+    tool_call_parser: str | None = None,
+    reasoning_parser: str | None = None,
+) -> GenerationRequest:
+    """tool_call_parser: the server's --tool-call-parser (None: the one the template's markup names);
+    reasoning_parser: --reasoning-parser (None: reasoning stays in content)."""
     model = check_model(body, served)
     fields = read_fields(body, CHAT)
     top_logprobs = fields["top_logprobs"]
@@ -1009,13 +1126,62 @@ def parse_chat(body: dict, served: list[str], tokenizer, chat_template: str | No
     if max_tokens is None:
         max_tokens = fields["max_tokens"]
     stream, include_usage = _stream_options(fields)
-    text = render_chat(tokenizer, fields["messages"], chat_template, fields["add_generation_prompt"])
+    tool_request = tools_mod.parse_tools(fields)
+    render_tools = tool_request.render_tools if tool_request else None
+    text = render_chat(
+        tokenizer,
+        fields["messages"],
+        chat_template,
+        fields["add_generation_prompt"],
+        tools=render_tools,
+        template_kwargs=_template_kwargs(fields),
+    )
     ids = tokenizer.encode(text, add_special_tokens=False)
     # No max_tokens: the engine gives the completion the room the prompt leaves.
     params = _sampling(fields, max_tokens=max_tokens, n=fields["n"], logprobs=logprobs)
-    return GenerationRequest(
+    output = None
+    if render_tools or reasoning_parser:
+        output = ChatOutputSpec(text, reasoning_parser, tool_request)
+        if render_tools:
+            _tool_constraints(output, params, tokenizer, chat_template, tool_call_parser)
+    gen = GenerationRequest(
         model, [ids], [text], params, stream, include_usage, False, logprobs, True, _constrained_by(fields)
     )
+    if output is not None:
+        gen.output = output
+        if output.tools is not None and output.tools.schema() is not None:
+            gen.constrained_by = "tools"  # a bad `parameters` schema is the tools' fault
+    return gen
+
+
+def _tool_constraints(
+    output: ChatOutputSpec, params: SamplingParams, tokenizer, chat_template, parser: str | None
+) -> None:
+    """required / a named function: a JSON-schema grammar; auto: the markup parser the output needs."""
+    tool_request = output.tools
+    if parser is None:
+        source = chat_template_mod.template_source(tokenizer, chat_template, tool_request.tools)
+        parser = chat_template_mod.template_features(source).tool_call_format
+    output.tool_call_parser = parser
+    schema = tool_request.schema()
+    if schema is not None:
+        if params.structured_outputs is not None:
+            raise invalid(
+                "'tool_choice' forcing a call cannot be combined with 'response_format' or "
+                "'structured_outputs'",
+                "tool_choice",
+            )
+        params.structured_outputs = StructuredOutputsParams(json=schema)
+        return
+    if parser is None:
+        raise invalid(
+            "tool_choice 'auto' needs a tool-call parser and none matches this model's chat template; "
+            "serve it with --tool-call-parser (hermes, llama3_json, mistral), or ask for tool_choice "
+            "'required' or a named function",
+            "tools",
+        )
+    if parser == "mistral":
+        params.skip_special_tokens = False  # [TOOL_CALLS] is a special token: the parser must see it
 
 
 def _stream_options(fields: dict) -> tuple[bool, bool]:
@@ -1181,10 +1347,17 @@ def response_text_format(text: dict) -> dict:
             raise invalid("'text.format' json_schema needs a 'name' (string) and a 'schema' (object)", "text")
         if fmt.get("strict") is not None and not isinstance(fmt["strict"], bool):
             raise invalid("'text.format.strict' must be a boolean", "text")
-    if fmt["type"] != "text":
-        # The engine does not constrain decoding yet: refuse rather than answer unconstrained text.
-        raise unsupported("text", f"text.format type '{fmt['type']}' (structured output)")
     return {"format": dict(fmt)}
+
+
+def _text_constraint(text: dict) -> StructuredOutputsParams | None:
+    """The engine's constraint for a read `text` config: json_schema and json_object, as on chat."""
+    fmt = text["format"]
+    if fmt["type"] == "json_schema":
+        return StructuredOutputsParams(json=fmt["schema"])
+    if fmt["type"] == "json_object":
+        return StructuredOutputsParams(json_object=True)
+    return None
 
 
 def _metadata(value: dict) -> dict:
@@ -1209,11 +1382,26 @@ def parse_response(
         messages.insert(0, {"role": "system", "content": fields["instructions"]})
     text = render_chat(tokenizer, messages, chat_template, True, param="input")
     ids = tokenizer.encode(text, add_special_tokens=False)
+    constraint = _text_constraint(fields["text"]) if fields["text"] is not None else None
     try:
         params = SamplingParams(
-            temperature=fields["temperature"], top_p=fields["top_p"], max_tokens=fields["max_output_tokens"]
+            temperature=fields["temperature"],
+            top_p=fields["top_p"],
+            max_tokens=fields["max_output_tokens"],
+            structured_outputs=constraint,
         )
     except ValueError as exc:
         message = str(exc)
         raise invalid(message, message.split(" ", 1)[0]) from None
-    return GenerationRequest(model, [ids], [text], params, fields["stream"], False, False, None, True)
+    return GenerationRequest(
+        model,
+        [ids],
+        [text],
+        params,
+        fields["stream"],
+        False,
+        False,
+        None,
+        True,
+        "text" if constraint else None,
+    )

@@ -6,11 +6,10 @@ A stream sends one ChoicePiece per engine delta as a chunk; a JSON body folds th
 ChoiceState per choice (ChoiceState.add) and renders that. Both come from ResponseBuilder.piece, so the
 two forms cannot drift apart.
 
-Tool calls and reasoning go in one place: a field on ChoicePiece (one delta's part) and on ChoiceState
-(the folded whole, plus any parser state a stream needs), filled in ResponseBuilder.piece, rendered in
-ResponseBuilder.choice (message) and ResponseBuilder._chunk_choice (delta), "tool_calls" in
-finish_reason's mapping, and delta_chunk's shortcut (plain content straight to bytes) bypassed while a
-choice's text may hold a tool call. Nothing outside this file builds a response shape.
+Tool calls and reasoning (chat_output.py parses them): a streamed choice keeps its parser on its
+ChoiceState and sends the parsed deltas (ResponseBuilder._parsed_chunks); the JSON body parses the folded
+text whole (ResponseBuilder.choice); the parser maps finish_reason to "tool_calls". Nothing outside this
+file builds a response shape.
 """
 
 import math
@@ -18,6 +17,7 @@ from dataclasses import dataclass
 
 from ..engine.outputs import CompletionOutput, Logprob, RequestOutput
 from . import sse
+from .chat_output import ChatOutputSpec, ChoiceParser
 from .errors import APIError
 
 _escape = sse.escape
@@ -51,6 +51,7 @@ class ChoiceState:
     logprobs: dict | None = None
     finish_reason: str | None = None
     stop_reason: int | str | None = None
+    parser: ChoiceParser | None = None  # a streamed chat choice's reasoning / tool-call parser
 
     def add(self, piece: ChoicePiece) -> None:
         """Fold a piece in (the JSON body's choice is the fold of the pieces a stream sends)."""
@@ -90,7 +91,7 @@ def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) ->
 class ResponseBuilder:
     """The response shapes of one chat or completions request: pieces, the JSON body, the SSE chunks."""
 
-    __slots__ = ("chat", "top_logprobs", "_head", "_body_head", "_prefix", "_key", "_suffix")
+    __slots__ = ("chat", "top_logprobs", "output", "_head", "_body_head", "_prefix", "_key", "_suffix")
 
     def __init__(
         self,
@@ -101,9 +102,11 @@ class ResponseBuilder:
         model: str,
         fingerprint: str,
         top_logprobs: int | None = None,  # None: no logprobs asked for; else the top candidates per token
+        output: ChatOutputSpec | None = None,  # chat: reasoning / tool calls parsed out of the text
     ) -> None:
         self.chat = chat
         self.top_logprobs = top_logprobs
+        self.output = output
         self._head = {
             "id": request_id,
             "object": "chat.completion.chunk" if chat else "text_completion",
@@ -164,11 +167,17 @@ class ResponseBuilder:
         if logprobs is None and self.top_logprobs is not None:  # asked for, but no tokens
             logprobs = {"content": [], "refusal": None} if self.chat else _completion_logprobs([], [], 0, 0)
         if self.chat:
+            message = {"role": "assistant", "content": state.content, "refusal": None}
+            reason = state.finish_reason
+            if self.output is not None:  # the whole text parsed at once: calls that do not parse are content
+                parser = self.output.new_choice()
+                message.update(parser.message(state.content))
+                reason = parser.finish_reason(reason)
             return {
                 "index": state.index,
-                "message": {"role": "assistant", "content": state.content, "refusal": None},
+                "message": message,
                 "logprobs": logprobs,
-                "finish_reason": state.finish_reason,
+                "finish_reason": reason,
                 "stop_reason": state.stop_reason,
             }
         return {
@@ -189,6 +198,8 @@ class ResponseBuilder:
 
         The same bytes as chunk(piece(state, output)); a plain content delta (the per-token case) skips
         the piece and goes straight to text_chunk."""
+        if self.output is not None:
+            return self._parsed_chunks(state, output)
         if output.finish_reason is None and (self.top_logprobs is None or not output.token_ids):
             return self.text_chunk(state.index, output.text) if output.text else None
         piece = self.piece(state, output)
@@ -197,6 +208,37 @@ class ResponseBuilder:
         elif piece.empty:
             return None
         return self.chunk(piece)
+
+    def _parsed_chunks(self, state: ChoiceState, output: CompletionOutput) -> bytes | None:
+        """A parsed chat choice's delta: its content, reasoning_content and tool-call pieces in order, one
+        chunk each (the logprobs on the first, the finish reason on the last), as one write."""
+        piece = self.piece(state, output)
+        if state.parser is None:
+            state.parser = self.output.new_choice()
+        parser = state.parser
+        deltas = parser.feed(output.text or "")
+        reason = piece.finish_reason
+        if reason is not None:
+            deltas += parser.finish()
+            reason = parser.finish_reason(reason)
+            state.finished = True
+        if not deltas:
+            if piece.logprobs is None and reason is None:
+                return None
+            deltas = [{}]
+        chunks = []
+        last = len(deltas) - 1
+        for j, delta in enumerate(deltas):
+            logprobs = piece.logprobs if j == 0 else None
+            finishing = reason if j == last else None
+            if logprobs is None and finishing is None and list(delta) == ["content"]:
+                chunks.append(self.text_chunk(piece.index, delta["content"]))
+                continue
+            choice = {"index": piece.index, "delta": delta, "logprobs": logprobs, "finish_reason": finishing}
+            if finishing is not None and piece.stop_reason is not None:
+                choice["stop_reason"] = piece.stop_reason
+            chunks.append(sse.event({**self._head, "choices": [choice]}))
+        return b"".join(chunks)
 
     def chunk(self, piece: ChoicePiece) -> bytes:
         if piece.logprobs is None and piece.finish_reason is None and not piece.role and piece.content:

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 from ..engine.async_engine import EngineDeadError
 from . import protocol
 from .errors import APIError, invalid, unsupported
-from .generation import GenerationJob, require_generation, start_job
+from .generation import GenerationJob, require_generation, start_job, stream_error
 from .http import Request, Response, StreamingResponse
 from .response_store import StoredResponse
 
@@ -27,9 +27,22 @@ CANCEL_PATH = "/v1/responses/{response_id}/cancel"
 _dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
 
 
-def _not_found(response_id: str) -> APIError:
+def _where_stored(app: "OpenAIApp") -> str:
+    """With several API server processes each keeps its own store: say so in the 404s."""
+    if app.config.api_server_index is None:
+        return ""
+    return (
+        f" on this API server process (#{app.config.api_server_index}; with --api-server-count > 1 each "
+        "process has its own response store)"
+    )
+
+
+def _not_found(app: "OpenAIApp", response_id: str) -> APIError:
     return APIError(
-        404, f"No response with id '{response_id}' is stored", param="response_id", code="not_found"
+        404,
+        f"No response with id '{response_id}' is stored{_where_stored(app)}",
+        param="response_id",
+        code="not_found",
     )
 
 
@@ -46,7 +59,8 @@ async def create_response(app: "OpenAIApp", request: Request) -> Response | Stre
         if previous is None:
             raise APIError(
                 404,
-                f"Previous response with id '{previous_id}' not found (never stored, deleted or evicted)",
+                f"Previous response with id '{previous_id}' not found (never stored, deleted or evicted)"
+                + _where_stored(app),
                 param="previous_response_id",
                 code="previous_response_not_found",
             )
@@ -90,14 +104,14 @@ async def create_response(app: "OpenAIApp", request: Request) -> Response | Stre
 async def retrieve_response(app: "OpenAIApp", response_id: str) -> Response:
     entry = app.responses.get(response_id)
     if entry is None:
-        raise _not_found(response_id)
+        raise _not_found(app, response_id)
     return app.json_response(entry.body)
 
 
 async def delete_response(app: "OpenAIApp", response_id: str) -> Response:
     entry = app.responses.get(response_id)
     if entry is None:
-        raise _not_found(response_id)
+        raise _not_found(app, response_id)
     if entry.cancel is not None:
         entry.cancel()  # deleting a response that is being generated stops it
     app.responses.delete(response_id)
@@ -107,7 +121,7 @@ async def delete_response(app: "OpenAIApp", response_id: str) -> Response:
 async def cancel_response(app: "OpenAIApp", response_id: str) -> Response:
     entry = app.responses.get(response_id)
     if entry is None:
-        raise _not_found(response_id)
+        raise _not_found(app, response_id)
     if entry.cancel is not None:
         entry.cancel()  # stores the final (cancelled) object; the run answers its own client with it
         entry = app.responses.get(response_id) or entry
@@ -119,9 +133,10 @@ def _text_part(text: str) -> dict:
 
 
 class OutputItems:
-    """A response's output items folded from its choice's deltas in chat's shape ({"content": text} and
-    {"tool_calls": [piece]}, a call's first piece carrying its id and name): one message item per run of
-    text, one function_call item per call. The same fold gives the stream's events (through `emit`) and
+    """A response's output items folded from its choice's deltas in chat's shape ({"content": text},
+    {"reasoning_content": text} and {"tool_calls": [piece]}, a call's first piece carrying its id and
+    name): one message item per run of text, one reasoning item per run of thinking, one function_call
+    item per call. The same fold gives the stream's events (through `emit`) and
     the final object's output, so the two cannot disagree. `emit` encodes an event when it is called, so
     what an item becomes later does not reach the events sent before."""
 
@@ -132,6 +147,8 @@ class OutputItems:
         self._calls: dict[int, dict] = {}  # the tool call's index in the choice -> its item
 
     def add(self, delta: dict) -> None:
+        if delta.get("reasoning_content"):
+            self._reasoning(delta["reasoning_content"])
         if delta.get("content"):
             self._text(delta["content"])
         for piece in delta.get("tool_calls") or ():
@@ -151,7 +168,7 @@ class OutputItems:
         self._emit(
             "response.output_item.added",
             output_index=len(self.items) - 1,
-            item=dict(item, content=[]) if item["type"] == "message" else item,
+            item=dict(item, content=[]) if "content" in item else item,
         )
         return item
 
@@ -171,9 +188,21 @@ class OutputItems:
             "response.output_text.delta", **self._where(item), content_index=0, delta=text, logprobs=[]
         )
 
+    def _reasoning(self, text: str) -> None:
+        item = self._open
+        if item is None or item["type"] != "reasoning":
+            item = {"id": "rs_" + uuid.uuid4().hex, "type": "reasoning", "summary": [], "status": "in_progress",
+                    "content": [{"type": "reasoning_text", "text": ""}]}  # fmt: skip
+            self._start(item)
+        item["content"][0]["text"] += text
+        self._emit("response.reasoning_text.delta", **self._where(item), content_index=0, delta=text)
+
     def _call(self, piece: dict) -> None:
         function = piece.get("function") or {}
         item = self._calls.get(piece["index"])
+        if item is not None and item is not self._open:
+            # The tool-call parsers finish a call before the next one starts; an item once done stays done.
+            raise ValueError(f"tool call {piece['index']} continued after another output item started")
         if item is None:
             item = {"id": "fc_" + uuid.uuid4().hex, "type": "function_call", "call_id": piece["id"],
                     "name": function["name"], "arguments": "", "status": "in_progress"}  # fmt: skip
@@ -197,6 +226,9 @@ class OutputItems:
             part = item["content"][0]
             self._emit("response.output_text.done", **where, content_index=0, text=part["text"], logprobs=[])
             self._emit("response.content_part.done", **where, content_index=0, part=part)
+        elif item["type"] == "reasoning":
+            text = item["content"][0]["text"]
+            self._emit("response.reasoning_text.done", **where, content_index=0, text=text)
         else:
             self._emit(
                 "response.function_call_arguments.done",
@@ -385,13 +417,7 @@ class ResponseRun:
             self.job.status = 499  # client closed the connection
             raise
         except Exception as exc:
-            if isinstance(exc, APIError):
-                error = exc
-            elif isinstance(exc, EngineDeadError):
-                error = APIError(503, str(exc), code="engine_unavailable")
-            else:
-                logger.exception("stream %s failed", self.id)
-                error = APIError(500, "Internal server error during streaming")
+            error = stream_error(exc, self.id)
             self.job.status = error.status
         self._finish(error)
         chunk, self.pending = b"".join(self.pending), []

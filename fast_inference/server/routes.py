@@ -50,6 +50,8 @@ class ServerConfig:
     allowed_origins: list[str] = field(default_factory=list)
     max_pending_requests: int = 2048  # engine requests queued or running; more -> 429
     chat_template: str | None = None
+    tool_call_parser: str | None = None  # hermes | llama3_json | mistral; None: the template's markup says
+    reasoning_parser: str | None = None  # qwen3 | deepseek_r1; None: reasoning stays in content
     responses_max_stored: int = 1024  # /v1/responses store bounds (least recently used out first)
     responses_max_bytes: int = 64 << 20
     api_server_index: int | None = None  # which of several API server processes (--api-server-count)
@@ -266,7 +268,8 @@ class OpenAIApp:
 
     # -- simple endpoints ----------------------------------------------------------------------------
     async def health(self, request: Request) -> Response:
-        """Readiness: 200 once the model can serve, 503 while it loads or after a fault."""
+        """Readiness: 200 once the model can serve, 503 while it loads or after a fault. With engine
+        replicas: JSON, 200 while any replica serves ("degraded" when some do not)."""
         replicas = self.engine.replica_states()
         if replicas and self.engine.state == "ready":
             # Engine replicas: 200 while any serves, with "degraded" and the state of each.

@@ -13,6 +13,7 @@ import torch
 
 from fast_inference.engine.async_engine import EngineDeadError
 from fast_inference.engine.data_parallel import PrefixAffinityRouter
+from fast_inference.engine.engine_process import replica_gpus
 from fast_inference.engine.sampling_params import SamplingParams
 
 from .processes import Reply, ServeProcess, descendants, http, is_running, metric, server_env, tiny_model
@@ -47,6 +48,15 @@ def test_router_prefix_affinity_then_load():
     with pytest.raises(EngineDeadError):
         router.choose(a, [None, None])
     assert router.block_hashes("a text prompt") == []  # routed by load alone
+
+
+def test_replica_gpus_one_group_per_replica():
+    assert [replica_gpus(r, 1, 4, None) for r in range(4)] == ["0", "1", "2", "3"]
+    assert [replica_gpus(r, 2, 4, None) for r in range(2)] == ["0,1", "2,3"]
+    assert replica_gpus(1, 2, 4, "4,5,6,7") == "6,7"  # the parent's own CUDA_VISIBLE_DEVICES names
+    assert replica_gpus(2, 1, 2, None) == "0"  # more replicas than GPUs: they share, round robin
+    with pytest.raises(ValueError, match="tensor-parallel-size"):
+        replica_gpus(0, 4, 2, None)
 
 
 # ---- one server with two replicas for the rest of the module ----------------------------------------------

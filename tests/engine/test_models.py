@@ -8,7 +8,7 @@ import torch
 from engine_utils import PROMPTS, assert_no_leak, hf_greedy
 
 from fast_inference import LLM, SamplingParams
-from fast_inference.models.config import SUPPORTED_ARCHITECTURES, cpu_has_native_bf16, load_model_config
+from fast_inference.models.config import SUPPORTED_ARCHITECTURES, load_model_config
 
 
 def _copy(src, tmp_path, name="m"):
@@ -17,10 +17,13 @@ def _copy(src, tmp_path, name="m"):
     return dst
 
 
-def test_sharded_checkpoint_and_auto_dtype(llama_dir):
+@pytest.mark.parametrize("isa, dtype", [("avx2", torch.bfloat16), ("portable", torch.float32)])
+def test_sharded_checkpoint_and_auto_dtype(llama_dir, monkeypatch, isa, dtype):
+    # auto: bf16 wherever our bf16 kernels run (AVX2 and up), f32 on the portable path.
+    monkeypatch.setenv("FI_CPU_ISA", isa)
     assert (llama_dir / "model.safetensors.index.json").is_file()
     cfg = load_model_config(llama_dir, "auto", torch.device("cpu"), None)
-    assert cfg.dtype == (torch.bfloat16 if cpu_has_native_bf16() else torch.float32)
+    assert cfg.dtype == dtype
     assert cfg.rope_scaling["rope_type"] == "llama3"
     assert cfg.eos_token_ids and cfg.max_model_len == 2048
 

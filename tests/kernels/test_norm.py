@@ -1,4 +1,5 @@
-"""The CPU RMSNorm ops against their pure-PyTorch references (fast_inference.ops.reference)."""
+"""The CPU RMSNorm, RoPE and SiLU-and-mul ops against their pure-PyTorch references (fast_inference.ops.reference),
+on every CPU kernel path (AVX-512, AVX2, portable)."""
 
 import pytest
 import torch
@@ -7,23 +8,33 @@ from fast_inference import ops
 from fast_inference.ops import reference
 
 
+@pytest.fixture(autouse=True, params=["this_cpu", "avx2", "portable"])
+def isa(request, monkeypatch):
+    """FI_CPU_ISA lowers the kernels (avx2 = what an AVX2-only CPU such as Zen 1 runs)."""
+    if request.param != "this_cpu":
+        monkeypatch.setenv("FI_CPU_ISA", request.param)
+    return ops.cpu_isa()
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("rows", [1, 3, 40])
-def test_rms_norm_matches_reference(dtype, rows):
+@pytest.mark.parametrize("hidden", [576, 100])  # 100: a tail after the vector loop (100 % 16 = 4)
+def test_rms_norm_matches_reference(dtype, rows, hidden):
     torch.manual_seed(rows)
-    x = (torch.randn(rows, 576) * 3).to(dtype)
-    w = torch.randn(576).to(dtype)
+    x = (torch.randn(rows, hidden) * 3).to(dtype)
+    w = torch.randn(hidden).to(dtype)
     tol = 1e-5 if dtype == torch.float32 else 2e-2
     torch.testing.assert_close(ops.rms_norm(x, w, 1e-5), reference.rms_norm(x, w, 1e-5), atol=tol, rtol=tol)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_add_rms_norm_updates_residual(dtype):
+@pytest.mark.parametrize("hidden", [96, 99])
+def test_add_rms_norm_updates_residual(dtype, hidden):
     torch.manual_seed(0)
-    big = torch.randn(4, 2 * 96).to(dtype)
-    x = big[:, :96]  # a strided view, as a slice of a fused projection would be
-    residual = torch.randn(4, 96).to(dtype)
-    w = torch.randn(96).to(dtype)
+    big = torch.randn(4, 2 * hidden).to(dtype)
+    x = big[:, :hidden]  # a strided view, as a slice of a fused projection would be
+    residual = torch.randn(4, hidden).to(dtype)
+    w = torch.randn(hidden).to(dtype)
     res_ref = residual.clone()
     expected = reference.add_rms_norm(x, res_ref, w, 1e-6)
     out = ops.add_rms_norm(x, residual, w, 1e-6)
@@ -41,9 +52,10 @@ def test_rms_norm_rejects_bad_arguments():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_rotary_embedding_matches_reference(dtype):
+@pytest.mark.parametrize("d", [64, 20])  # 20: half = 10, a tail after the vector loop
+def test_rotary_embedding_matches_reference(dtype, d):
     torch.manual_seed(1)
-    tokens, heads, d = 5, 6, 64
+    tokens, heads = 5, 6
     qkv = torch.randn(tokens, (heads + 2) * d).to(dtype)
     x = qkv[:, : heads * d].view(tokens, heads, d)  # strided rows, as in the model
     angles = torch.randn(tokens, d // 2)
@@ -58,11 +70,15 @@ def test_rotary_embedding_matches_reference(dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_silu_and_mul_matches_reference(dtype):
+@pytest.mark.parametrize("rows", [3, 64])  # 64 rows: split across threads
+def test_silu_and_mul_matches_reference(dtype, rows):
     torch.manual_seed(2)
-    x = (torch.randn(3, 2 * 100) * 4).to(dtype)
+    x = (torch.randn(rows, 2 * 100) * 4).to(dtype)
+    x[0, :4] = torch.tensor([-100.0, 100.0, 0.0, float("nan")])  # exp under/overflow, zero, NaN
     tol = 1e-6 if dtype == torch.float32 else 1e-2
-    torch.testing.assert_close(ops.silu_and_mul(x), reference.silu_and_mul(x), atol=tol, rtol=tol)
+    torch.testing.assert_close(
+        ops.silu_and_mul(x), reference.silu_and_mul(x), atol=tol, rtol=tol, equal_nan=True
+    )
 
 
 def test_fused_elementwise_reject_bad_arguments():

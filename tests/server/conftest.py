@@ -62,13 +62,16 @@ def start_server(
     factory=None,
     drain_timeout: float = 10.0,
     wait: bool = True,
+    **config_fields,
 ) -> ServerThread:
+    """config_fields: further ServerConfig fields (chat_template, tool_call_parser, reasoning_parser)."""
     config = ServerConfig(
         served_model_names=[MODEL_NAME, "alias"],
         model_path=str(model_dir),
         api_key=api_key,
         allowed_origins=list(allowed_origins),
         max_pending_requests=max_pending_requests,
+        **config_fields,
     )
     server = Server(
         factory or engine_factory(model_dir),

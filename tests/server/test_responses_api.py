@@ -143,13 +143,23 @@ def test_function_call_items_are_rendered(server, rschemas):
         {"type": "function_call", "call_id": "call_1", "name": "get_weather", "arguments": '{"city": "Paris"}'},
         {"type": "function_call_output", "call_id": "call_1", "output": "Sunny, 21 C"},
     ]  # fmt: skip
-    plain = create_raw(server, rschemas, input=[question], max_output_tokens=2, temperature=0)
-    with_calls = create_raw(server, rschemas, input=[question, *calls], max_output_tokens=2, temperature=0)
-    # The tool result is in the prompt: the test template renders its role and content.
-    expected = tokenize_messages(
-        server, [question, {"role": "assistant", "content": ""}, {"role": "tool", "content": "Sunny, 21 C"}]
+    # The test model's ChatML template never reads tool_calls: the call would vanish from the prompt, so it
+    # is a 400 naming input (test_tools.py renders such input through a template that shows calls).
+    r = call(
+        server.port,
+        "POST",
+        "/v1/responses",
+        {"model": MODEL_NAME, "input": [question, *calls], "max_output_tokens": 2},
     )
-    assert with_calls["usage"]["input_tokens"] == expected > plain["usage"]["input_tokens"]
+    assert r.status == 400 and r.json()["error"]["param"] == "input", r.body
+    assert "tool calls" in r.json()["error"]["message"]
+    # A tool result alone renders by its role and content.
+    plain = create_raw(server, rschemas, input=[question], max_output_tokens=2, temperature=0)
+    with_result = create_raw(server, rschemas, input=[question, calls[1]], max_output_tokens=2, temperature=0)
+    expected = tokenize_messages(
+        server, [question, {"role": "tool", "tool_call_id": "call_1", "content": "Sunny, 21 C"}]
+    )
+    assert with_result["usage"]["input_tokens"] == expected > plain["usage"]["input_tokens"]
 
 
 def test_stream_event_sequence(server, rschemas):
@@ -283,7 +293,15 @@ def test_cancel_of_a_finished_response_returns_it_unchanged(client, server, rsch
         ({"input": "x", "max_output_tokens": 0}, 400, "max_output_tokens"),
         ({"input": "x", "instructions": 5}, 400, "instructions"),
         ({"input": "x", "store": "yes"}, 400, "store"),
-        ({"input": "x", "text": {"format": {"type": "json_schema", "name": "a", "schema": {}}}}, 400, "text"),
+        (
+            {
+                "input": "x",
+                "text": {"format": {"type": "json_schema", "name": "a", "schema": {"type": "wizard"}}},
+            },
+            400,
+            "text",
+        ),
+        ({"input": "x", "text": {"format": {"type": "json_schema", "schema": {}}}}, 400, "text"),
         ({"input": "x", "text": {"format": {"type": "yaml"}}}, 400, "text"),
         ({"input": "x", "tools": [{"type": "function", "name": "f"}]}, 400, "tools"),
         ({"input": "x", "tool_choice": "required"}, 400, "tool_choice"),
@@ -304,6 +322,41 @@ def test_bad_requests(server, rschemas, body, status, param):
     rschemas.validate("ErrorResponse", r.json())
 
 
+CITY_SCHEMA = {
+    "type": "object",
+    "properties": {"city": {"enum": ["Paris", "Rome", "Oslo"]}, "sunny": {"type": "boolean"}},
+    "required": ["city", "sunny"],
+    "additionalProperties": False,
+}
+CITY_FORMAT = {"format": {"type": "json_schema", "name": "weather", "schema": CITY_SCHEMA, "strict": True}}
+
+
+@pytest.mark.parametrize("temperature", [0.0, 0.7, 1.0])
+def test_text_format_json_schema(client, server, rschemas, temperature):
+    """text.format json_schema constrains decoding (the engine's grammar): a random model's answer is
+    valid JSON of the schema and ends there (status completed), streamed and not."""
+    body = {"input": "Weather?", "text": CITY_FORMAT, "max_output_tokens": 150, "temperature": temperature}
+    r = create_raw(server, rschemas, **body)
+    assert r["status"] == "completed" and r["text"] == CITY_FORMAT
+    jsonschema.validate(json.loads(text_of(r)), CITY_SCHEMA)
+    events = stream_raw(server.port, rschemas, **body)
+    assert events[-1]["type"] == "response.completed"
+    streamed = "".join(e["delta"] for e in events if e["type"] == "response.output_text.delta")
+    jsonschema.validate(json.loads(streamed), CITY_SCHEMA)
+    if temperature == 0.0:  # greedy: the stream and the object are the same answer
+        assert streamed == text_of(r)
+        via_client = client.responses.create(model=MODEL_NAME, input="Weather?", text=CITY_FORMAT,
+                                             max_output_tokens=150, temperature=0)  # fmt: skip
+        assert via_client.status == "completed" and via_client.output_text == streamed
+
+
+def test_text_format_json_object_is_constrained(server, rschemas):
+    r = create_raw(server, rschemas, input="JSON please", text={"format": {"type": "json_object"}},
+                   max_output_tokens=20, temperature=0)  # fmt: skip
+    assert r["text"]["format"] == {"type": "json_object"}
+    assert text_of(r).lstrip().startswith("{")  # free JSON may not close in 20 tokens; it opens an object
+
+
 def test_bad_request_through_the_client(client):
     with pytest.raises(openai.BadRequestError) as info:
         client.responses.create(model=MODEL_NAME, input="x", temperature=5)
@@ -314,24 +367,23 @@ def test_output_items_fold_text_and_tool_calls(rschemas):
     """The fold the stream and the final object share, fed chat-shaped deltas with a tool call the way a
     tool-call parser sends them (first piece: index, id, type, name; then argument pieces)."""
     events = []
-    items = OutputItems(
-        lambda kind, **fields: events.append({"type": kind, "sequence_number": len(events), **fields})
-    )
-    items.add({"content": "Let me check. "})
+
+    def emit(kind, **fields):  # encoded when emitted, as the server does
+        events.append(json.loads(json.dumps({"type": kind, "sequence_number": len(events), **fields})))
+
+    items = OutputItems(emit)
+    items.add({"reasoning_content": "The user wants "})
+    items.add({"reasoning_content": "the weather.", "content": "Let me check. "})
     items.add({"content": "One moment."})
-    items.add(
-        {
-            "tool_calls": [
-                {
-                    "index": 0,
-                    "id": "call_a",
-                    "type": "function",
-                    "function": {"name": "get_weather", "arguments": ""},
-                }
-            ]
-        }
-    )
+    first_piece = {
+        "index": 0,
+        "id": "call_a",
+        "type": "function",
+        "function": {"name": "get_weather", "arguments": ""},
+    }
+    items.add({"tool_calls": [first_piece]})
     items.add({"tool_calls": [{"index": 0, "function": {"arguments": '{"city": '}}]})
+    items.add({"tool_calls": [{"index": 0, "function": {"arguments": '"Paris"}'}}]})
     items.add(
         {
             "tool_calls": [
@@ -344,11 +396,16 @@ def test_output_items_fold_text_and_tool_calls(rschemas):
             ]
         }
     )
-    items.add({"tool_calls": [{"index": 0, "function": {"arguments": '"Paris"}'}}]})
+    with pytest.raises(ValueError):  # a call's pieces come before the next item starts
+        items.add({"tool_calls": [{"index": 0, "function": {"arguments": " "}}]})
     items.finish("completed")
     for event in events:
         rschemas.validate_event(event)
-    message, first, second = items.items
+    reasoning, message, first, second = items.items
+    assert (
+        reasoning["content"][0]["text"] == "The user wants the weather."
+        and reasoning["status"] == "completed"
+    )
     assert message["content"][0]["text"] == "Let me check. One moment." and message["status"] == "completed"
     assert (first["call_id"], first["name"], first["arguments"]) == (
         "call_a",
@@ -359,16 +416,21 @@ def test_output_items_fold_text_and_tool_calls(rschemas):
     for item in items.items:
         rschemas.validate("OutputItem", item)
     kinds = [e["type"] for e in events]
-    assert (
-        kinds[:4]
-        == ["response.output_item.added", "response.content_part.added"] + ["response.output_text.delta"] * 2
-    )
-    # The arguments of a call arrive at its item, whichever item was opened last.
-    deltas = [e for e in events if e["type"] == "response.function_call_arguments.delta"]
-    assert [(d["output_index"], d["delta"]) for d in deltas] == [(1, '{"city": '), (2, "{}"), (1, '"Paris"}')]
-    done = {e["output_index"]: e for e in events if e["type"] == "response.output_item.done"}
-    assert done[1]["item"]["arguments"] == '{"city": "Paris"}' and set(done) == {0, 1, 2}
-    # As the next turn's input: the text and both calls in one assistant message.
+    assert kinds == [
+        "response.output_item.added", "response.reasoning_text.delta", "response.reasoning_text.delta",
+        "response.reasoning_text.done", "response.output_item.done",
+        "response.output_item.added", "response.content_part.added", "response.output_text.delta",
+        "response.output_text.delta", "response.output_text.done", "response.content_part.done",
+        "response.output_item.done", "response.output_item.added", "response.function_call_arguments.delta",
+        "response.function_call_arguments.delta", "response.function_call_arguments.done",
+        "response.output_item.done", "response.output_item.added", "response.function_call_arguments.delta",
+        "response.function_call_arguments.done", "response.output_item.done",
+    ]  # fmt: skip
+    done = [e for e in events if e["type"] == "response.output_item.done"]
+    assert [e["item"] for e in done] == items.items  # what each done event said is what the object holds
+    argument_deltas = [e for e in events if e["type"] == "response.function_call_arguments.delta"]
+    assert [e["output_index"] for e in argument_deltas] == [2, 2, 3]
+    # As the next turn's input: the text and both calls in one assistant message; the thinking is dropped.
     assert protocol.response_input(items.items) == [
         {"role": "assistant", "content": "Let me check. One moment."},
         {"role": "assistant", "content": "", "tool_calls": [
