@@ -11,7 +11,14 @@ Q5_K = 13
 Q6_K = 14
 QTYPE_NAMES = {Q4_0: "Q4_0", Q4_1: "Q4_1", Q8_0: "Q8_0", Q4_K: "Q4_K", Q5_K: "Q5_K", Q6_K: "Q6_K"}
 # (values per block, bytes per block)
-BLOCK_LAYOUT = {Q4_0: (32, 18), Q4_1: (32, 20), Q8_0: (32, 34), Q4_K: (256, 144), Q5_K: (256, 176), Q6_K: (256, 210)}
+BLOCK_LAYOUT = {
+    Q4_0: (32, 18),
+    Q4_1: (32, 20),
+    Q8_0: (32, 34),
+    Q4_K: (256, 144),
+    Q5_K: (256, 176),
+    Q6_K: (256, 210),
+}
 # The formats `quantize` writes (the K-quants are read from files only).
 WRITABLE_QTYPES = (Q4_0, Q4_1, Q8_0)
 
@@ -22,7 +29,9 @@ def row_bytes(qtype: int, in_features: int) -> int:
     return -(-in_features // elems) * nbytes
 
 
-def quantize(weight: torch.Tensor, qtype: int) -> torch.Tensor:  # weight: float [N, K] -> uint8 [N, row_bytes]
+def quantize(
+    weight: torch.Tensor, qtype: int
+) -> torch.Tensor:  # weight: float [N, K] -> uint8 [N, row_bytes]
     """Quantize each row into `qtype` blocks with ggml's rounding (Q4_0, Q4_1, Q8_0); K is zero-padded."""
     return torch.ops.fast_inference.quantize(weight, qtype)
 
@@ -44,6 +53,6 @@ def quant_linear(
     bias: torch.Tensor | None = None,  # [N]
 ) -> torch.Tensor:  # [M, N] in x's dtype
     """x W^T + b with W in its block format. On CPU decode-sized x (M <= 8) streams W once (int8 dot products
-    for Q4_0/Q4_1/Q8_0, activations quantized to 32-value blocks as llama.cpp does); larger M dequantizes cache-
-    sized slabs of W into a GEMM."""
+    for every format, activations quantized to 32-value blocks as llama.cpp does); larger M dequantizes cache-
+    sized slabs of W into a GEMM (bf16 for bf16 x from M = 128 on AVX-512 BF16 CPUs, else f32)."""
     return torch.ops.fast_inference.quant_linear(x, qweight, qtype, bias)
