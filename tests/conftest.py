@@ -32,6 +32,7 @@ def device(request) -> str:
     """Every kernel test that takes `device` runs on the CPU and, under the rule above, on CUDA."""
     return request.param
 
+
 # name -> build_model_dir keyword arguments. Together they cover every architecture, tied and untied
 # embeddings, an explicit head_dim, each RoPE scaling type and a sharded checkpoint.
 MODEL_SPECS: dict[str, dict] = {

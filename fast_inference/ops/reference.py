@@ -375,25 +375,32 @@ def dequantize(qweight: _torch.Tensor, qtype: int, in_features: int, dtype: _tor
         sc, mn = _k_scales_mins(b[..., 4:16])
         qs = b[..., 16:144] if qtype == Q4_K else b[..., 48:176]
         chunks = qs.reshape(n, -1, 4, 32).int()
-        q = _torch.stack([chunks & 0xF, chunks >> 4], 3).reshape(n, -1, 8, 32)  # sub-block s = 2 * chunk + nibble
+        q = _torch.stack([chunks & 0xF, chunks >> 4], 3).reshape(
+            n, -1, 8, 32
+        )  # sub-block s = 2 * chunk + nibble
         if qtype == Q5_K:
             qh = b[..., 16:48].int()
             bits = _torch.stack([(qh >> s) & 1 for s in range(8)], 2)  # [N, nb, 8, 32]
             q = q + 16 * bits
-        vals = (_f16(b, 0)[..., None] * sc[..., None] * q - _f16(b, 2)[..., None] * mn[..., None]).reshape(n, -1, 256)
+        vals = (_f16(b, 0)[..., None] * sc[..., None] * q - _f16(b, 2)[..., None] * mn[..., None]).reshape(
+            n, -1, 256
+        )
     else:  # Q6_K
         ql = b[..., 0:128].int().reshape(n, -1, 2, 64)
         qh = b[..., 128:192].int().reshape(n, -1, 2, 32)
         sc = b[..., 192:208].contiguous().view(_torch.int8).float().reshape(n, -1, 2, 8)
-        q = _torch.cat(
-            [
-                (ql[..., :32] & 0xF) | ((qh & 3) << 4),
-                (ql[..., 32:] & 0xF) | (((qh >> 2) & 3) << 4),
-                (ql[..., :32] >> 4) | (((qh >> 4) & 3) << 4),
-                (ql[..., 32:] >> 4) | (((qh >> 6) & 3) << 4),
-            ],
-            -1,
-        ).float() - 32  # [N, nb, 2, 128]
+        q = (
+            _torch.cat(
+                [
+                    (ql[..., :32] & 0xF) | ((qh & 3) << 4),
+                    (ql[..., 32:] & 0xF) | (((qh >> 2) & 3) << 4),
+                    (ql[..., :32] >> 4) | (((qh >> 4) & 3) << 4),
+                    (ql[..., 32:] >> 4) | (((qh >> 6) & 3) << 4),
+                ],
+                -1,
+            ).float()
+            - 32
+        )  # [N, nb, 2, 128]
         scale = sc.repeat_interleave(16, -1)  # each int8 scale covers 16 values
         vals = (_f16(b, 208)[..., None] * scale * q).reshape(n, -1, 256)
     return vals.reshape(n, -1)[:, :in_features].to(dtype)
@@ -418,7 +425,9 @@ def quantize(weight: _torch.Tensor, qtype: int) -> _torch.Tensor:
         d = x.abs().amax(-1) / 127
         idv = _torch.where(d != 0, 1.0 / d, _torch.zeros_like(d))
         v = x * idv[..., None]
-        q = (v.sign() * (v.abs() + 0.5).floor()).to(_torch.int8).view(_torch.uint8)  # round half away from zero
+        q = (
+            (v.sign() * (v.abs() + 0.5).floor()).to(_torch.int8).view(_torch.uint8)
+        )  # round half away from zero
         out = _torch.cat([half_bytes(d), q], -1)
     elif qtype == Q4_0:
         mx = x.gather(-1, x.abs().argmax(-1, keepdim=True)).squeeze(-1)

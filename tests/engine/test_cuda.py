@@ -5,7 +5,9 @@ from engine_utils import PROMPTS, assert_no_leak, hf_greedy
 
 from fast_inference import LLM, SamplingParams
 
-pytestmark = pytest.mark.cuda  # skipped without a GPU, failed with a GPU and a CPU-only build (tests/conftest.py)
+pytestmark = (
+    pytest.mark.cuda
+)  # skipped without a GPU, failed with a GPU and a CPU-only build (tests/conftest.py)
 
 
 def test_cuda_graph_decode_matches_eager_and_transformers(llama_dir):
