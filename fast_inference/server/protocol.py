@@ -236,6 +236,17 @@ def _refuse(name: str, what: str) -> Callable[[Any], None]:
     return read
 
 
+def _refuse_unless_empty(name: str, what: str) -> Callable[[Any], Any]:
+    """For a field whose empty value (0, []) asks for nothing: accept that, refuse anything else."""
+
+    def read(value: Any) -> Any:
+        if value:
+            raise unsupported(name, what)
+        return value
+
+    return read
+
+
 def _model(value: Any) -> str:
     if not isinstance(value, str):
         raise invalid("'model' must be a string", "model")
@@ -766,6 +777,22 @@ FIELDS: tuple[Field, ...] = (
         schema={"type": "null"},
     ),
     # -- /v1/responses (temperature, top_p, stream and model are declared above)
+    Field(
+        "top_logprobs",
+        "integer",
+        "Not supported on /v1/responses: a value above 0 is refused (0 asks for nothing).",
+        (RESPONSES,),
+        minimum=0,
+        reader=_refuse_unless_empty("top_logprobs", "'top_logprobs' on /v1/responses"),
+    ),
+    Field(
+        "include",
+        "array",
+        "Not supported: extra output data (e.g. message.output_text.logprobs) is refused; [] asks for nothing.",
+        (RESPONSES,),
+        reader=_refuse_unless_empty("include", "'include' (extra output data)"),
+        schema={"type": "array", "maxItems": 0},
+    ),
     Field(
         "input",
         None,

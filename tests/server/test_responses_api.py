@@ -306,6 +306,8 @@ def test_cancel_of_a_finished_response_returns_it_unchanged(client, server, rsch
         ({"input": "x", "background": True, "store": False}, 400, "background"),
         ({"input": "x", "background": True, "stream": True}, 400, "background"),
         ({"input": "x", "truncation": "auto"}, 400, "truncation"),
+        ({"input": "x", "top_logprobs": 2}, 400, "top_logprobs"),
+        ({"input": "x", "include": ["message.output_text.logprobs"]}, 400, "include"),
         ({"input": "x", "metadata": {str(i): "v" for i in range(17)}}, 400, "metadata"),
         ({"input": "x", "previous_response_id": "resp_missing"}, 404, "previous_response_id"),
         ({"input": "x", "model": "nope"}, 404, "model"),
