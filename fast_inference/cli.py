@@ -244,8 +244,27 @@ def _read_chat_template(path: str) -> str:
         raise ValueError(f"--chat-template {path!r} cannot be read: {exc.strerror or exc}") from None
 
 
-def _parallel_args(args: argparse.Namespace) -> dict:
-    return dict(
+def _engine_args(
+    args: argparse.Namespace, model: str, kv_cache_memory: int | None, chat_template: str | None
+):
+    """The engine's arguments from the serve flags: one place, for node 0's engine and the worker nodes."""
+    from .engine.config import EngineArgs
+
+    return EngineArgs(
+        model=model,
+        dtype=args.dtype,
+        device=args.device,
+        max_model_len=args.max_model_len,
+        max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=args.max_num_batched_tokens,
+        **({} if args.target_itl_ms is None else {"target_itl_ms": args.target_itl_ms}),
+        kv_cache_memory=kv_cache_memory,
+        block_size=args.block_size,
+        enable_prefix_caching=not args.no_enable_prefix_caching,
+        seed=args.seed,
+        tokenizer=args.tokenizer,
+        chat_template=chat_template,
+        quantization=args.quantization,
         tensor_parallel_size=args.tensor_parallel_size,
         nnodes=args.nnodes,
         node_rank=args.node_rank,
@@ -254,27 +273,14 @@ def _parallel_args(args: argparse.Namespace) -> dict:
     )
 
 
-def _serve_worker_node(args: argparse.Namespace, model: str, kv_cache_memory, log) -> int:
+def _serve_worker_node(args: argparse.Namespace, engine_args, log) -> int:
     """`serve --node-rank K` (K > 0): this machine's tensor-parallel ranks, no HTTP server."""
     if args.num_threads is not None:
         import torch
 
         torch.set_num_threads(args.num_threads)
-    from .engine.config import EngineArgs
     from .engine.distributed import run_worker_node
 
-    engine_args = EngineArgs(
-        model=model,
-        dtype=args.dtype,
-        device=args.device,
-        max_model_len=args.max_model_len,
-        max_num_seqs=args.max_num_seqs,
-        max_num_batched_tokens=args.max_num_batched_tokens,
-        kv_cache_memory=kv_cache_memory,
-        block_size=args.block_size,
-        quantization=args.quantization,
-        **_parallel_args(args),
-    )
     log.info(
         "node %d of %d: tensor-parallel worker ranks only (the API server runs on node 0)",
         args.node_rank,
@@ -328,42 +334,21 @@ def serve(args: argparse.Namespace) -> int:
     except ValueError as exc:
         log.error("%s", exc)
         return 2
+    engine_args = _engine_args(args, model, kv_cache_memory, chat_template)
     try:
-        from .engine.config import EngineArgs
-
-        EngineArgs(model=model, **_parallel_args(args)).validate()  # bad parallel flags: exit 2 at once
+        engine_args.validate()  # bad parallel flags: exit 2 at once
     except ValueError as exc:
         log.error("%s", exc)
         return 2
     if args.node_rank > 0:
-        return _serve_worker_node(args, model, kv_cache_memory, log)
+        return _serve_worker_node(args, engine_args, log)
     default_name = os.path.basename(os.path.normpath(model)).removesuffix(".gguf")
     names = args.served_model_name or [demo_name or default_name]
     api_key = args.api_key or None
 
-    from .engine.config import EngineArgs
     from .engine.engine_process import EngineSpec
 
-    engine_spec = EngineSpec(
-        EngineArgs(
-            model=model,
-            dtype=args.dtype,
-            device=args.device,
-            max_model_len=args.max_model_len,
-            max_num_seqs=args.max_num_seqs,
-            max_num_batched_tokens=args.max_num_batched_tokens,
-            **({} if args.target_itl_ms is None else {"target_itl_ms": args.target_itl_ms}),
-            kv_cache_memory=kv_cache_memory,
-            block_size=args.block_size,
-            enable_prefix_caching=not args.no_enable_prefix_caching,
-            seed=args.seed,
-            tokenizer=args.tokenizer,
-            chat_template=chat_template,
-            quantization=args.quantization,
-            **_parallel_args(args),
-        ),
-        num_threads=args.num_threads,
-    )
+    engine_spec = EngineSpec(engine_args, num_threads=args.num_threads)
 
     config = ServerConfig(
         served_model_names=names,
