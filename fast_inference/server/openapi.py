@@ -1,13 +1,14 @@
 """GET /openapi.json and GET /docs: the OpenAPI 3.1 document of this server's own routes, built from
-routes.py's routing table and protocol.py's request-field table (nothing is written twice), and the
-self-contained page that renders it."""
+routes.py's routing table and protocol.py's request-field table (with the Responses fields that
+responses_protocol.py declares into it; nothing is written twice), and the self-contained page that
+renders it."""
 
 from functools import cache
 from importlib import resources
 from typing import TYPE_CHECKING
 
 from .. import __version__
-from . import protocol
+from . import protocol, responses_protocol  # noqa: F401 (responses_protocol declares its fields into the table)
 
 if TYPE_CHECKING:
     from .routes import OpenAIApp

@@ -1,6 +1,7 @@
 """/v1/responses: create (a response object, or the response.* event stream), retrieve, delete and cancel.
-Requests are parsed by protocol.py (its RESPONSES fields), generated on chat's engine path
-(generation.start_job and GenerationJob), and kept in the bounded store of response_store.py."""
+Requests are parsed by responses_protocol.py (the RESPONSES fields of protocol.py's table), generated on
+chat's engine path (generation.start_job and GenerationJob), and kept in the bounded store of
+response_store.py."""
 
 import asyncio
 import json
@@ -11,7 +12,7 @@ from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING
 
 from ..engine.async_engine import EngineDeadError
-from . import protocol
+from . import protocol, responses_protocol
 from .errors import APIError, invalid, unsupported
 from .generation import GenerationJob, require_generation, start_job, stream_error
 from .http import Request, Response, StreamingResponse
@@ -75,7 +76,7 @@ async def create_response(app: "OpenAIApp", request: Request) -> Response | Stre
     config = app.config
     gen = await app.tokenizers.run(
         request,
-        lambda tokenizer: protocol.parse_response(
+        lambda tokenizer: responses_protocol.parse_response(
             fields,
             history,
             model,
@@ -355,7 +356,11 @@ class ResponseRun:
         self.final = self.snapshot(status, self.output.items, self._usage(), **extra)
         if self.fields["store"]:
             # The output items are input items too: the next turn reads them like any input.
-            conversation = [*self.history, *self.fields["input"], *protocol.response_input(self.output.items)]
+            conversation = [
+                *self.history,
+                *self.fields["input"],
+                *responses_protocol.response_input(self.output.items),
+            ]
             if not self.app.responses.put(self.id, StoredResponse(self.final, conversation)):
                 logger.warning("%s is larger than the whole response store; not stored", self.id)
         kind = {"completed": "response.completed", "failed": "response.failed"}.get(

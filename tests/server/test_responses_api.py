@@ -11,7 +11,7 @@ import jsonschema
 import openai
 import pytest
 
-from fast_inference.server import protocol
+from fast_inference.server import responses_protocol
 from fast_inference.server.response_store import ResponseStore, StoredResponse
 from fast_inference.server.responses_api import OutputItems
 
@@ -431,7 +431,7 @@ def test_output_items_fold_text_and_tool_calls(rschemas):
     argument_deltas = [e for e in events if e["type"] == "response.function_call_arguments.delta"]
     assert [e["output_index"] for e in argument_deltas] == [2, 2, 3]
     # As the next turn's input: the text and both calls in one assistant message; the thinking is dropped.
-    assert protocol.response_input(items.items) == [
+    assert responses_protocol.response_input(items.items) == [
         {"role": "assistant", "content": "Let me check. One moment."},
         {"role": "assistant", "content": "", "tool_calls": [
             {"id": "call_a", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}},
