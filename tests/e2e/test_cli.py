@@ -3,87 +3,32 @@ installed, else the built-in random demo model), the README's curl and openai ex
 the API key from the environment, and SIGTERM draining an open stream."""
 
 import json
-import os
 import re
 import shutil
 import signal
 import subprocess
 import sys
-import threading
-import time
-from pathlib import Path
 
 import openai
 import pytest
 
 from fast_inference.models.demo import ensure_demo_model, smollm2_gguf_path
 
-ROOT = Path(__file__).resolve().parents[2]
+from .processes import ROOT, SERVE_FLAGS, ServeProcess, server_env
+
 REAL_DEMO = smollm2_gguf_path() is not None
 DEMO_ID = "SmolLM2-135M-Instruct-Q4_1" if REAL_DEMO else "fast-inference-demo"
 
 
-class CLIServer:
-    def __init__(self, args: list[str], env: dict) -> None:
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "fast_inference", "serve", "--port", "0", "--num-threads", "1", *args],
-            cwd=ROOT,
-            env=env,
-            stderr=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            text=True,
-        )
-        self.lines: list[str] = []
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
-        self.port = int(self.wait_for(r"Listening on http://127\.0\.0\.1:(\d+)").group(1))
-        self.wait_for(r"fast_inference\.server:   KV cache: \d+ blocks")  # logged once /health is 200
-
-    def _read(self) -> None:
-        for line in self.proc.stderr:
-            self.lines.append(line)
-
-    def wait_for(self, pattern: str, timeout: float = 120.0) -> re.Match:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            for line in list(self.lines):
-                m = re.search(pattern, line)
-                if m:
-                    return m
-            if self.proc.poll() is not None:
-                raise AssertionError("server exited:\n" + "".join(self.lines))
-            time.sleep(0.05)
-        raise AssertionError(f"{pattern!r} not logged:\n" + "".join(self.lines))
-
-    @property
-    def log(self) -> str:
-        return "".join(self.lines)
-
-    def stop(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        try:
-            return self.proc.wait(30)
-        finally:
-            if self.proc.poll() is None:
-                self.proc.kill()
-                self.proc.wait()
-            self._reader.join(5)
-
-
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
-    env = dict(os.environ)
-    env["FAST_INFERENCE_CACHE"] = str(tmp_path_factory.mktemp("fi_cache"))  # the demo model is built here
-    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
-    env.pop("FAST_INFERENCE_API_KEY", None)
-    return env
+    return server_env(tmp_path_factory.mktemp("fi_cache"))  # the demo model is built in this cache
 
 
 @pytest.fixture(scope="module")
 def demo(env):
     """No --model: the default model."""
-    server = CLIServer([], env)
+    server = ServeProcess(SERVE_FLAGS, env)
     yield server
     assert server.stop() == 0
 
@@ -93,7 +38,7 @@ def tiny(env):
     """The tiny random demo model under the fallback's id: the README request shapes, checked fast (the real
     default decodes slowly until the quantized kernels land in the extension)."""
     model = str(ensure_demo_model(env["FAST_INFERENCE_CACHE"]))
-    server = CLIServer(["--model", model, "--served-model-name", "fast-inference-demo"], env)
+    server = ServeProcess([*SERVE_FLAGS, "--model", model, "--served-model-name", "fast-inference-demo"], env)
     yield server
     assert server.stop() == 0
 
@@ -181,8 +126,9 @@ def test_default_model_answers_paris(demo):
 def test_api_key_from_env_and_sigterm_drains(env):
     # The tiny random model: this checks auth and draining, not the model, and it streams 150 tokens fast.
     model = str(ensure_demo_model(env["FAST_INFERENCE_CACHE"]))
-    server = CLIServer(
-        ["--model", model, "--served-model-name", "demo"], {**env, "FAST_INFERENCE_API_KEY": "sk-env"}
+    server = ServeProcess(
+        [*SERVE_FLAGS, "--model", model, "--served-model-name", "demo"],
+        {**env, "FAST_INFERENCE_API_KEY": "sk-env"},
     )
     try:
         bad = openai.OpenAI(base_url=f"http://127.0.0.1:{server.port}/v1", api_key="wrong", max_retries=0)

@@ -16,7 +16,17 @@ from fast_inference.engine.data_parallel import PrefixAffinityRouter
 from fast_inference.engine.engine_process import replica_gpus
 from fast_inference.engine.sampling_params import SamplingParams
 
-from .processes import Reply, ServeProcess, descendants, http, is_running, metric, server_env, tiny_model
+from .processes import (
+    SERVE_FLAGS,
+    Reply,
+    ServeProcess,
+    descendants,
+    http,
+    metric,
+    server_env,
+    tiny_model,
+    wait_gone,
+)
 
 torch.set_num_threads(1)
 MODEL = "tiny-dp"
@@ -70,7 +80,7 @@ def model_dir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def server(model_dir, tmp_path_factory):
     env = server_env(tmp_path_factory.mktemp("fi_cache"))
-    args = ["--model", str(model_dir), "--served-model-name", MODEL, "--port", "0", "--num-threads", "1"]
+    args = [*SERVE_FLAGS, "--model", str(model_dir), "--served-model-name", MODEL]
     proc = ServeProcess([*args, *ENGINE_FLAGS, "--data-parallel-size", "2", "--shutdown-timeout", "10"], env)
     yield proc
     proc.stop()
@@ -195,7 +205,4 @@ def test_sigterm_leaves_no_process_behind(server):
     assert pids - {server.proc.pid} <= set(children)  # the replicas are this server's children
     assert server.stop() == 0
     assert "Stopped" in server.log
-    deadline = time.monotonic() + 10
-    while any(is_running(pid) for pid in children) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert [pid for pid in children if is_running(pid)] == []
+    assert wait_gone(children, 10) == set()

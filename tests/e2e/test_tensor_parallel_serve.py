@@ -5,10 +5,8 @@ dies mid-service (503 envelope, /health 503), and SIGTERM leaving no process beh
 import logging
 import os
 import signal
-import socket
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
 
@@ -18,54 +16,10 @@ import pytest
 from fast_inference import LLM, SamplingParams, cli
 from fast_inference.models.demo import build_model_dir
 
-from .test_cli import ROOT, CLIServer
+from .processes import ROOT, SERVE_FLAGS, ServeProcess, descendants, free_port, server_env, wait_gone
 
 ENGINE_FLAGS = ["--dtype", "float32", "--device", "cpu", "--kv-cache-memory", "4MiB"]
 PROMPT = "Once upon a time"
-
-
-def descendants(pid: int) -> set[int]:
-    """Live processes below `pid` (children, grandchildren, ...)."""
-    parents: dict[int, int] = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if fields[0] != "Z":
-            parents[int(entry)] = int(fields[1])
-    found, frontier = set(), {pid}
-    while frontier:
-        frontier = {p for p, parent in parents.items() if parent in frontier} - found
-        found |= frontier
-    return found
-
-
-def wait_gone(pids: set[int], timeout: float = 15.0) -> set[int]:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        alive = {p for p in pids if os.path.exists(f"/proc/{p}") and _state(p) != "Z"}
-        if not alive:
-            return set()
-        time.sleep(0.1)
-    return alive
-
-
-def _state(pid: int) -> str:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return "Z"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -84,11 +38,8 @@ def reference(model) -> str:
 
 
 @pytest.fixture(scope="module")
-def env():
-    env = dict(os.environ)
-    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
-    env.pop("FAST_INFERENCE_API_KEY", None)
-    return env
+def env(tmp_path_factory):
+    return server_env(tmp_path_factory.mktemp("fi_cache"))
 
 
 def _complete(port: int, **kw):
@@ -99,8 +50,18 @@ def _complete(port: int, **kw):
 
 
 def test_serve_tensor_parallel_2_and_a_worker_that_dies(model, reference, env):
-    server = CLIServer(
-        ["--model", model, "--served-model-name", "m", "--tensor-parallel-size", "2", *ENGINE_FLAGS], env
+    server = ServeProcess(
+        [
+            *SERVE_FLAGS,
+            "--model",
+            model,
+            "--served-model-name",
+            "m",
+            "--tensor-parallel-size",
+            "2",
+            *ENGINE_FLAGS,
+        ],
+        env,
     )
     try:
         (worker,) = descendants(server.proc.pid)  # rank 1; rank 0 is the server process
@@ -141,7 +102,7 @@ def test_two_nodes_on_loopback(model, reference, env):
         text=True,
     )
     try:
-        server = CLIServer([*flags, "--node-rank", "0", "--served-model-name", "m"], env)
+        server = ServeProcess([*SERVE_FLAGS, *flags, "--node-rank", "0", "--served-model-name", "m"], env)
         try:
             assert descendants(server.proc.pid) == set()  # one rank per node: node 0 starts no worker
             assert _complete(server.port).choices[0].text == reference
