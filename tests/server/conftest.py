@@ -21,20 +21,69 @@ OPENAI_SPEC = Path(__file__).resolve().parent / "openai-subset.json"
 MODEL_NAME = "tiny-test"
 
 
-@pytest.fixture(scope="session")
-def model_dir(tmp_path_factory) -> Path:
+def _tiny_model(out_dir: Path, max_position_embeddings: int) -> Path:
     from fast_inference.models.demo import build_model_dir
 
     return build_model_dir(
-        tmp_path_factory.mktemp("tiny_model"),
+        out_dir,
         hidden_size=64,
         num_layers=2,
         num_heads=4,
         num_kv_heads=2,
         intermediate_size=128,
-        max_position_embeddings=512,
+        max_position_embeddings=max_position_embeddings,
         seed=7,
     )
+
+
+@pytest.fixture(scope="session")
+def model_dir(tmp_path_factory) -> Path:
+    return _tiny_model(tmp_path_factory.mktemp("tiny_model"), 512)
+
+
+@pytest.fixture(scope="session")
+def long_model_dir(tmp_path_factory) -> Path:
+    """The same tiny model with room for tool prompts (the tool listings take a few hundred tokens)."""
+    return _tiny_model(tmp_path_factory.mktemp("tiny_tools_model"), 2048)
+
+
+def chat_template(name: str) -> str:
+    """The text of tests/server/chat_templates/<name>.jinja (hermes, llama3_json, mistral, deepseek_r1)."""
+    return (Path(__file__).resolve().parent / "chat_templates" / f"{name}.jinja").read_text()
+
+
+# The function tools of the tool-calling tests, in chat's shape (test_responses_api flattens them into the
+# Responses shape).
+WEATHER = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "Current weather",
+        "parameters": {
+            "type": "object",
+            # bounded, so that random weights finish a call well within max_tokens
+            "properties": {
+                "city": {"type": "string", "maxLength": 10},
+                "days": {"type": "integer", "minimum": 1, "maximum": 7},
+            },
+            "required": ["city"],
+            "additionalProperties": False,
+        },
+    },
+}
+TIME = {
+    "type": "function",
+    "function": {
+        "name": "get_time",
+        "parameters": {
+            "type": "object",
+            "properties": {"zone": {"type": "string", "enum": ["UTC", "CET"]}},
+            "required": ["zone"],
+            "additionalProperties": False,
+        },
+    },
+}
+TOOLS = [WEATHER, TIME]
 
 
 def engine_factory(model_dir: Path, max_model_len: int = 256, max_num_seqs: int = 64):

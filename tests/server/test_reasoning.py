@@ -2,7 +2,6 @@
 enable_thinking into the template, and reasoning_content through the server and the official openai client."""
 
 import itertools
-from pathlib import Path
 
 import openai
 import pytest
@@ -11,10 +10,9 @@ from fast_inference.server.chat_output import ChatOutputSpec
 from fast_inference.server.reasoning_parsers import ReasoningParser, prompt_opens_thinking
 from fast_inference.server.tools import parse_tools
 
-from .conftest import MODEL_NAME, engine_factory, start_server
+from .conftest import MODEL_NAME, chat_template, engine_factory, start_server
 from .rawhttp import sse_events
 
-TEMPLATES = Path(__file__).resolve().parent / "chat_templates"
 USER = [{"role": "user", "content": "Why is the sky blue?"}]
 
 CASES = [
@@ -107,8 +105,8 @@ def test_reasoning_then_tool_call():
 def servers(model_dir):
     """The same tiny model behind a DeepSeek-R1 style template without a parser (the raw text), with the
     deepseek_r1 parser, and behind the Hermes/Qwen style template with the qwen3 parser."""
-    r1 = (TEMPLATES / "deepseek_r1.jinja").read_text()
-    qwen = (TEMPLATES / "hermes.jinja").read_text()
+    r1 = chat_template("deepseek_r1")
+    qwen = chat_template("hermes")
     configs = {
         "plain": {"chat_template": r1},
         "deepseek_r1": {"chat_template": r1, "reasoning_parser": "deepseek_r1"},

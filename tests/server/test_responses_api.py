@@ -15,7 +15,7 @@ from fast_inference.server import responses_protocol
 from fast_inference.server.response_store import ResponseStore, StoredResponse
 from fast_inference.server.responses_api import OutputItems
 
-from .conftest import MODEL_NAME, engine_factory, start_server
+from .conftest import MODEL_NAME, TOOLS, chat_template, engine_factory, start_server
 from .rawhttp import RawConn, call, request
 
 SPEC = Path(__file__).resolve().parent / "openai-responses-subset.json"
@@ -645,44 +645,19 @@ def test_background_response_completes(gated_server, rschemas):
 
 
 # -- function tools: chat's template rendering, grammar for required / named, parsers for the output ---------
-R_WEATHER = {
-    "type": "function",
-    "name": "get_weather",
-    "description": "Current weather",
-    "parameters": {
-        "type": "object",
-        # bounded, so that random weights finish a call well within the budget
-        "properties": {"city": {"type": "string", "maxLength": 10}, "days": {"type": "integer", "minimum": 1, "maximum": 7}},
-        "required": ["city"],
-        "additionalProperties": False,
-    },
-}  # fmt: skip
-R_TIME = {
-    "type": "function",
-    "name": "get_time",
-    "parameters": {
-        "type": "object",
-        "properties": {"zone": {"type": "string", "enum": ["UTC", "CET"]}},
-        "required": ["zone"],
-        "additionalProperties": False,
-    },
-}
-R_TOOLS = [R_WEATHER, R_TIME]
-TEMPLATES = Path(__file__).resolve().parent / "chat_templates"
+# The chat tools in the Responses shape: the function's keys beside "type".
+R_TOOLS = [{"type": "function", **tool["function"]} for tool in TOOLS]
+R_TIME = R_TOOLS[1]
 
 
 @pytest.fixture(scope="module")
-def tool_server(tmp_path_factory):
+def tool_server(long_model_dir):
     """The tiny model with room for tool prompts, served with the Hermes-style test template (its
     <tool_call> markup picks the parser)."""
-    from fast_inference.models.demo import build_model_dir
-
-    model = build_model_dir(tmp_path_factory.mktemp("tiny_tools"), hidden_size=64, num_layers=2, num_heads=4,
-                            num_kv_heads=2, intermediate_size=128, max_position_embeddings=2048, seed=7)  # fmt: skip
     thread = start_server(
-        model,
-        factory=engine_factory(model, max_model_len=2048),
-        chat_template=(TEMPLATES / "hermes.jinja").read_text(),
+        long_model_dir,
+        factory=engine_factory(long_model_dir, max_model_len=2048),
+        chat_template=chat_template("hermes"),
     )
     yield thread
     thread.stop()

@@ -70,7 +70,7 @@ def fold_stream(stream) -> tuple[dict[int, str], dict[int, str]]:
 def test_chat_json_schema_validates_for_every_seed(client, server, schemas):
     replies = set()
     for seed in SEEDS:
-        r = client.chat.completions.create(
+        request = dict(
             model=MODEL_NAME,
             messages=CHAT,
             response_format=JSON_SCHEMA_FORMAT,
@@ -78,21 +78,14 @@ def test_chat_json_schema_validates_for_every_seed(client, server, schemas):
             n=2,
             max_tokens=400,
         )
+        r = client.chat.completions.create(**request)
         assert len(r.choices) == 2
         for choice in r.choices:
             assert choice.finish_reason == "stop", choice.message.content
             jsonschema.validate(json.loads(choice.message.content), SCHEMA)
             replies.add(choice.message.content)
         # The same request streamed gives the same replies, in OpenAI's chunk shape.
-        stream = client.chat.completions.create(
-            model=MODEL_NAME,
-            messages=CHAT,
-            response_format=JSON_SCHEMA_FORMAT,
-            seed=seed,
-            n=2,
-            max_tokens=400,
-            stream=True,
-        )
+        stream = client.chat.completions.create(**request, stream=True)
         texts, reasons = fold_stream(stream)
         assert [texts[i] for i in range(2)] == [c.message.content for c in r.choices]
         assert reasons == {0: "stop", 1: "stop"}

@@ -24,41 +24,9 @@ from fast_inference.server.tool_parsers import (
 )
 from fast_inference.server.tools import parse_tools
 
-from .conftest import MODEL_NAME, engine_factory, start_server
+from .conftest import MODEL_NAME, TIME, TOOLS, WEATHER, chat_template, engine_factory, start_server
 from .rawhttp import call, sse_events
 
-TEMPLATES = Path(__file__).resolve().parent / "chat_templates"
-
-WEATHER = {
-    "type": "function",
-    "function": {
-        "name": "get_weather",
-        "description": "Current weather",
-        "parameters": {
-            "type": "object",
-            # bounded, so that random weights finish a call well within max_tokens
-            "properties": {
-                "city": {"type": "string", "maxLength": 10},
-                "days": {"type": "integer", "minimum": 1, "maximum": 7},
-            },
-            "required": ["city"],
-            "additionalProperties": False,
-        },
-    },
-}
-TIME = {
-    "type": "function",
-    "function": {
-        "name": "get_time",
-        "parameters": {
-            "type": "object",
-            "properties": {"zone": {"type": "string", "enum": ["UTC", "CET"]}},
-            "required": ["zone"],
-            "additionalProperties": False,
-        },
-    },
-}
-TOOLS = [WEATHER, TIME]
 USER = [{"role": "user", "content": "Weather in Paris?"}]
 HISTORY = [
     {"role": "user", "content": "Weather in Paris?"},
@@ -296,38 +264,17 @@ def test_schema_for_required_and_named():
 
 # -- templates ---------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def long_model_dir(tmp_path_factory):
-    """The tiny test model with room for tool prompts (the tool listings take a few hundred tokens)."""
-    from fast_inference.models.demo import build_model_dir
-
-    return build_model_dir(
-        tmp_path_factory.mktemp("tiny_tools_model"),
-        hidden_size=64,
-        num_layers=2,
-        num_heads=4,
-        num_kv_heads=2,
-        intermediate_size=128,
-        max_position_embeddings=2048,
-        seed=7,
-    )
-
-
-@pytest.fixture(scope="module")
 def tokenizer(long_model_dir):
     return load_tokenizer(str(long_model_dir))
 
 
-def template(name: str) -> str:
-    return (TEMPLATES / f"{name}.jinja").read_text()
-
-
 @pytest.mark.parametrize("name", ["hermes", "llama3_json", "mistral"])
 def test_template_renders_tools_and_history(tokenizer, name):
-    text = render(tokenizer, HISTORY, chat_template=template(name), tools=TOOLS)
+    text = render(tokenizer, HISTORY, chat_template=chat_template(name), tools=TOOLS)
     assert '"name": "get_weather"' in text and "get_time" in text  # the tools, as JSON
     assert '{"city": "Paris"}' in text and '\\"city\\"' not in text  # arguments as the dict, not re-quoted
     assert "sunny, 21 C" in text
-    assert template_features(template(name)).tool_call_format == name
+    assert template_features(chat_template(name)).tool_call_format == name
 
 
 def test_template_without_tools_is_refused(tokenizer):
@@ -342,7 +289,7 @@ def test_template_without_tools_is_refused(tokenizer):
 
 
 def test_enable_thinking_reaches_the_template(tokenizer):
-    source = template("hermes")
+    source = chat_template("hermes")
     assert template_features(source).takes_enable_thinking
     off = render(tokenizer, USER, chat_template=source, template_kwargs={"enable_thinking": False})
     on = render(tokenizer, USER, chat_template=source, template_kwargs={"enable_thinking": True})
@@ -357,7 +304,7 @@ def servers(long_model_dir):
         name: start_server(
             long_model_dir,
             factory=engine_factory(long_model_dir, max_model_len=2048),
-            chat_template=template(name),
+            chat_template=chat_template(name),
         )
         for name in ("hermes", "llama3_json", "mistral")
     }
@@ -618,7 +565,7 @@ def test_llm_chat_renders_tools(long_model_dir, tokenizer):
     from fast_inference import LLM, SamplingParams
 
     llm = LLM(long_model_dir, dtype="float32", kv_cache_memory="4MiB", max_model_len=2048)
-    source = template("hermes")
+    source = chat_template("hermes")
     out = llm.chat(HISTORY, SamplingParams(max_tokens=2), use_tqdm=False, tools=TOOLS, chat_template=source)
     expected = render(tokenizer, HISTORY, chat_template=source, tools=TOOLS)
     assert "get_time" in expected
@@ -671,7 +618,7 @@ def test_real_model_picks_the_right_tool(schemas):
     the grammar keeps the call well-formed, the model picks the tool and argument the question asks for."""
     path = Path(smollm2_gguf_path())
     thread = start_server(
-        path, factory=engine_factory(path, max_model_len=1024), chat_template=template("hermes")
+        path, factory=engine_factory(path, max_model_len=1024), chat_template=chat_template("hermes")
     )
     try:
         tools = [
