@@ -1028,22 +1028,34 @@ def parse_chat(
     ids = tokenizer.encode(text, add_special_tokens=False)
     # No max_tokens: the engine gives the completion the room the prompt leaves.
     params = _sampling(fields, max_tokens=max_tokens, n=fields["n"], logprobs=logprobs)
-    output = None
-    if render_tools or reasoning_parser:
-        output = ChatOutputSpec(text, reasoning_parser, tool_request)
-        if render_tools:
-            tool_constraints(output, params, tokenizer, chat_template, tool_call_parser)
     gen = GenerationRequest(
         model, [ids], [text], params, stream, include_usage, False, logprobs, True, _constrained_by(fields)
     )
-    if output is not None:
-        gen.output = output
-        if output.tools is not None and output.tools.schema() is not None:
-            gen.constrained_by = "tools"  # a bad `parameters` schema is the tools' fault
+    add_chat_output(gen, tool_request, tokenizer, chat_template, tool_call_parser, reasoning_parser)
     return gen
 
 
-def tool_constraints(
+def add_chat_output(
+    gen: GenerationRequest,
+    tool_request: tools_mod.ToolRequest | None,
+    tokenizer,
+    chat_template: str | None,
+    tool_call_parser: str | None,
+    reasoning_parser: str | None,
+) -> None:
+    """A chat-rendered request (chat or /v1/responses) whose text is split into reasoning, content and
+    tool calls: gen.output, and with tools shown, their grammar or their markup parser."""
+    render_tools = tool_request.render_tools if tool_request else None
+    if not render_tools and not reasoning_parser:
+        return
+    gen.output = ChatOutputSpec(gen.prompt_texts[0], reasoning_parser, tool_request)
+    if render_tools:
+        _tool_constraints(gen.output, gen.params, tokenizer, chat_template, tool_call_parser)
+        if tool_request.schema() is not None:
+            gen.constrained_by = "tools"  # a bad `parameters` schema is the tools' fault
+
+
+def _tool_constraints(
     output: ChatOutputSpec, params: SamplingParams, tokenizer, chat_template, parser: str | None
 ) -> None:
     """required / a named function: a JSON-schema grammar; auto: the markup parser the output needs."""

@@ -6,9 +6,8 @@ from typing import Any
 
 from ..engine.sampling_params import SamplingParams, StructuredOutputsParams
 from . import tools as tools_mod
-from .chat_output import ChatOutputSpec
 from .errors import invalid, unsupported
-from .protocol import RESPONSES, Field, GenerationRequest, declare, refuse, render_chat, tool_constraints
+from .protocol import RESPONSES, Field, GenerationRequest, add_chat_output, declare, refuse, render_chat
 
 _INPUT_ROLES = {"user", "assistant", "system", "developer"}
 
@@ -388,10 +387,5 @@ def parse_response(
         True,
         "text" if constraint else None,
     )
-    if render_tools or reasoning_parser:
-        gen.output = ChatOutputSpec(text, reasoning_parser, tool_request)
-        if render_tools:
-            tool_constraints(gen.output, params, tokenizer, chat_template, tool_call_parser)
-            if tool_request.schema() is not None:
-                gen.constrained_by = "tools"  # a bad `parameters` schema is the tools' fault
+    add_chat_output(gen, tool_request, tokenizer, chat_template, tool_call_parser, reasoning_parser)
     return gen
