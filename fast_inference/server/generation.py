@@ -47,8 +47,14 @@ async def generate(app: "OpenAIApp", request: Request, chat: bool) -> Response |
     job = await start_job(app, gen, request_id, arrival, "messages" if chat else "prompt")
     if gen.stream:
         return StreamingResponse(200, job.stream(), on_close=job.close)
+    return await json_answer(app, job, job)
+
+
+async def json_answer(app: "OpenAIApp", job: "GenerationJob", source) -> Response:
+    """A non-streamed answer: the body source.collect() builds, then source.close() (source: the job, or
+    /v1/responses' run over it). The job keeps the status its log line reports."""
     try:
-        response = app.json_response(await job.collect())
+        response = app.json_response(await source.collect())
         response.logged_by_job = True
         return response
     except asyncio.CancelledError:
@@ -58,7 +64,7 @@ async def generate(app: "OpenAIApp", request: Request, chat: bool) -> Response |
         job.status = err.status
         raise
     finally:
-        job.close()
+        source.close()
 
 
 def require_generation(app: "OpenAIApp") -> None:

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 from ..engine.async_engine import EngineDeadError
 from . import protocol, responses_protocol
 from .errors import APIError, invalid, unsupported
-from .generation import GenerationJob, require_generation, start_job, stream_error
+from .generation import GenerationJob, json_answer, require_generation, start_job, stream_error
 from .http import Request, Response, StreamingResponse
 from .response_store import StoredResponse
 
@@ -96,18 +96,7 @@ async def create_response(app: "OpenAIApp", request: Request) -> Response | Stre
         return app.json_response(run.snapshot("in_progress", []))
     if gen.stream:
         return StreamingResponse(200, run.events(), on_close=run.close)
-    try:
-        response = app.json_response(await run.collect())
-        response.logged_by_job = True
-        return response
-    except asyncio.CancelledError:
-        job.status = 499  # the client went away: close() aborts the engine request
-        raise
-    except APIError as err:
-        job.status = err.status
-        raise
-    finally:
-        run.close()
+    return await json_answer(app, job, run)
 
 
 async def retrieve_response(app: "OpenAIApp", response_id: str) -> Response:
