@@ -56,10 +56,14 @@ TORCH_LIBRARY(fast_inference, m) {
   // ---- quantized weights (ggml block formats, csrc/quant_formats.h; qtype = ggml type id) --------
   // weight: float [N, K] -> uint8 [N, row_bytes]: rows of ceil(K / block) blocks, K zero-padded (Q4_0, Q4_1, Q8_0)
   m.def("quantize(Tensor weight, int qtype) -> Tensor");
-  // qweight: uint8 [N, row_bytes] -> [N, in_features] in dtype (Q4_0, Q4_1, Q8_0, Q4_K, Q5_K, Q6_K)
+  // qweight: uint8 [N, row_bytes] (or interleaved) -> [N, in_features] in dtype (Q4_0, Q4_1, Q8_0, Q4_K, Q5_K, Q6_K)
   m.def("dequantize(Tensor qweight, int qtype, int in_features, ScalarType dtype) -> Tensor");
-  // x: [M, K] float; qweight: uint8 [N, row_bytes(qtype, K)]; bias: [N] or None -> [M, N] in x's dtype
+  // x: [M, K] float; qweight: uint8 [N, row_bytes(qtype, K)] (or interleaved); bias: [N] or None -> [M, N] in x's dtype
   m.def("quant_linear(Tensor x, Tensor qweight, int qtype, Tensor? bias) -> Tensor");
+  // qweight: plain uint8 [N, row_bytes], N % 16 == 0 -> interleaved [N / 16, nb, 16 * block_bytes]: the same bytes
+  // in tiles of 16 rows x 1 block (Q4_0, Q4_1, Q8_0), which every quantized op also accepts (the CPU decode
+  // GEMV's layout: one vector load covers 16 rows)
+  m.def("interleave_rows(Tensor qweight, int qtype) -> Tensor");
 
   // ---- CPU-only ops (kCpuOnlyOps): on CUDA the model calls torch's own ops (cuBLAS, and CUDA graphs
   // remove the launch overhead these fused CPU kernels exist to avoid) --------------------------

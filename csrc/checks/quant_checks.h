@@ -13,16 +13,46 @@ inline void check_qtype(int64_t qtype) {
                     kSupportedQTypes);
 }
 
-// qweight: uint8 [N, row_bytes(qtype, in_features)], contiguous.
+// Rows N of a quantized weight in either layout (plain [N, row_bytes] or interleaved [N / 16, nb, 16 * bytes]).
+inline int64_t qweight_rows(const at::Tensor& qweight) {
+  return qweight.dim() == 3 ? kTileRows * qweight.size(0) : qweight.size(0);
+}
+
+// qweight: uint8, contiguous, plain [N, row_bytes(qtype, in_features)] or (Q4_0 / Q4_1 / Q8_0) interleaved
+// [N / 16, blocks_per_row, 16 * block_bytes] (quant_formats.h).
 inline void check_qweight(const at::Tensor& qweight, int64_t qtype, int64_t in_features) {
   check_qtype(qtype);
   TORCH_CHECK_VALUE(in_features > 0, "in_features must be positive, got ", in_features);
   TORCH_CHECK_VALUE(qweight.scalar_type() == at::kByte, "qweight must be uint8, got ", qweight.scalar_type());
-  TORCH_CHECK_VALUE(qweight.dim() == 2, "qweight must be 2-D [N, row_bytes], got ", qweight.dim(), "-D");
   TORCH_CHECK_VALUE(qweight.is_contiguous(), "qweight must be contiguous");
+  if (qweight.dim() == 3) {
+    TORCH_CHECK_VALUE(is_interleavable(qtype), "qweight is interleaved (3-D) but qtype ", qtype,
+                      " has no interleaved layout; interleaved: Q4_0=2, Q4_1=3, Q8_0=8");
+    TORCH_CHECK_VALUE(qweight.size(1) == blocks_per_row(qtype, in_features) &&
+                          qweight.size(2) == kTileRows * block_bytes(qtype),
+                      "interleaved qweight must be [N / 16, ", blocks_per_row(qtype, in_features), ", ",
+                      kTileRows * block_bytes(qtype), "] for qtype ", qtype, " with K=", in_features, ", got ",
+                      qweight.sizes());
+    return;
+  }
+  TORCH_CHECK_VALUE(qweight.dim() == 2, "qweight must be 2-D [N, row_bytes] or 3-D interleaved, got ",
+                    qweight.dim(), "-D");
   TORCH_CHECK_VALUE(qweight.size(1) == row_bytes(qtype, in_features), "qweight has ", qweight.size(1),
                     " bytes per row but qtype ", qtype, " with K=", in_features, " needs ",
                     row_bytes(qtype, in_features));
+}
+
+// qweight: plain uint8 [N, row_bytes] of an interleavable qtype, N a multiple of 16 (interleave_rows).
+inline void check_interleave(const at::Tensor& qweight, int64_t qtype) {
+  check_qtype(qtype);
+  TORCH_CHECK_VALUE(is_interleavable(qtype), "qtype ", qtype, " has no interleaved layout; interleaved: Q4_0=2, "
+                    "Q4_1=3, Q8_0=8");
+  TORCH_CHECK_VALUE(qweight.scalar_type() == at::kByte, "qweight must be uint8, got ", qweight.scalar_type());
+  TORCH_CHECK_VALUE(qweight.dim() == 2, "qweight must be plain 2-D [N, row_bytes], got ", qweight.dim(), "-D");
+  TORCH_CHECK_VALUE(qweight.size(0) % kTileRows == 0, "qweight must have a multiple of ", kTileRows,
+                    " rows to interleave, got ", qweight.size(0));
+  TORCH_CHECK_VALUE(qweight.size(1) % block_bytes(qtype) == 0, "qweight rows of ", qweight.size(1),
+                    " bytes are not whole blocks of qtype ", qtype);
 }
 
 // x: [M, K] float32 / bfloat16 / float16; bias: [N] in x's dtype or None.
@@ -35,7 +65,7 @@ inline void check_quant_linear(const at::Tensor& x, const at::Tensor& qweight, i
   check_qweight(qweight, qtype, x.size(1));
   TORCH_CHECK_VALUE(x.device() == qweight.device(), "x is on ", x.device(), " but qweight is on ", qweight.device());
   if (bias.has_value()) {
-    TORCH_CHECK_VALUE(bias->dim() == 1 && bias->size(0) == qweight.size(0), "bias must be [N=", qweight.size(0),
+    TORCH_CHECK_VALUE(bias->dim() == 1 && bias->size(0) == qweight_rows(qweight), "bias must be [N=", qweight_rows(qweight),
                       "], got ", bias->sizes());
     TORCH_CHECK_VALUE(bias->device() == x.device(), "bias is on ", bias->device(), " but x is on ", x.device());
   }

@@ -7,18 +7,23 @@
 //     vectorized decoders into a per-thread buffer that stays in cache, multiplied by torch's f32 GEMM, so the
 //     weight is read once and the math runs at GEMM speed (bf16 activations: bf16 slabs and oneDNN's bf16 GEMM
 //     on AVX-512 BF16 CPUs, f32 elsewhere).
+//   Interleaved weights (Q4_0 / Q4_1 / Q8_0 in tiles of 16 rows, quant_formats.h; what the engine keeps on CPU):
+//     M <= 8 by the tile GEMV (quant_tile_gemv_kernel.h), reading f32 or bf16 activations and writing the
+//     output dtype directly; the slab path regroups each slab's tiles into plain rows first.
 //   No AVX2: every path goes through the dequantized slabs.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstring>
 #include <optional>
 #include <vector>
 
 #include "checks/quant_checks.h"
 #include "cpu/cpu_features.h"
 #include "quant_formats.h"
+#include "quant_interleave.h"
 
 namespace fast_inference::cpu {
 
@@ -31,6 +36,11 @@ namespace fast_inference::cpu {
                     float* out, int64_t N);                                                                    \
   void dequantize_rows(int64_t qtype, const uint8_t* w, int64_t row_bytes, int64_t nb, int64_t r0, int64_t r1, \
                        float* dst, int64_t width);                                                             \
+  int64_t tile_unit_rows();                                                                                    \
+  void quantize_activations_for_tiles(const void* x, bool x_bf16, int64_t x_stride, int64_t M, int64_t K,       \
+                                      int64_t nb, int8_t* q, float* d, float* s);                              \
+  void tile_gemv(int64_t qtype, const int8_t* xq, const float* xd, const float* xs, int64_t nb, int64_t M,     \
+                 const uint8_t* w, int64_t u0, int64_t u1, void* out, bool out_bf16, int64_t N);                \
   }
 FI_DECLARE_QUANT_GEMV(avx2)
 FI_DECLARE_QUANT_GEMV(avx512)
@@ -59,8 +69,9 @@ void dequantize_rows(int64_t qtype, const uint8_t* qweight, int64_t rbytes, int6
 }
 
 // qweight: uint8 [N, row_bytes]; returns [N, in_features] in `dtype`
-at::Tensor dequantize_cpu(const at::Tensor& qweight, int64_t qtype, int64_t in_features, at::ScalarType dtype) {
-  check_qweight(qweight, qtype, in_features);
+at::Tensor dequantize_cpu(const at::Tensor& qweight_in, int64_t qtype, int64_t in_features, at::ScalarType dtype) {
+  check_qweight(qweight_in, qtype, in_features);
+  const at::Tensor qweight = qweight_in.dim() == 3 ? deinterleave_rows(qweight_in, qtype) : qweight_in;
   const int64_t N = qweight.size(0), width = blocks_per_row(qtype, in_features) * block_elems(qtype);
   at::Tensor full = at::empty({N, width}, qweight.options().dtype(at::kFloat));
   const uint8_t* q = qweight.data_ptr<uint8_t>();
@@ -92,6 +103,23 @@ at::Tensor quantize_cpu(const at::Tensor& weight, int64_t qtype) {
   return out;
 }
 
+// Rows [r0, r1) (whole tiles) of an interleaved weight -> plain rows of nb blocks at dst.
+void regroup_plain(int64_t qtype, const uint8_t* w, int64_t nb, int64_t r0, int64_t r1, uint8_t* dst) {
+  const int64_t bbytes = block_bytes(qtype), header = 2 * header_fields(qtype), tile = kTileRows * bbytes;
+  const int64_t words = (bbytes - header) / 4;
+  for (int64_t g = r0 / kTileRows; g < r1 / kTileRows; ++g) {
+    for (int64_t b = 0; b < nb; ++b) {
+      const uint8_t* t = w + (g * nb + b) * tile;
+      for (int64_t r = 0; r < kTileRows; ++r) {
+        uint8_t* blk = dst + ((g * kTileRows + r - r0) * nb + b) * bbytes;
+        for (int64_t f = 0; f < header / 2; ++f) std::memcpy(blk + 2 * f, t + f * 2 * kTileRows + 2 * r, 2);
+        for (int64_t j = 0; j < words; ++j)
+          std::memcpy(blk + header + 4 * j, t + header * kTileRows + j * 4 * kTileRows + 4 * r, 4);
+      }
+    }
+  }
+}
+
 // x: f32 [M, K] contiguous -> out f32 [M, N] through the GEMV of `isa`: x quantized once (shared by every
 // thread), then rows of the weight split across threads, each row streamed once for all M activation rows.
 void quant_gemv(Isa isa, const at::Tensor& x, const at::Tensor& qweight, int64_t qtype, at::Tensor& out) {
@@ -113,11 +141,35 @@ void quant_gemv(Isa isa, const at::Tensor& x, const at::Tensor& qweight, int64_t
   });
 }
 
+// x: [M, K] f32 or bf16 with unit stride along K, M <= 8; qweight interleaved [N / 16, nb, 16 * block_bytes]
+// -> out [M, N] in x's dtype: activations quantized once, then units of rows split across threads.
+void quant_tile_gemv(Isa isa, const at::Tensor& x, const at::Tensor& qweight, int64_t qtype, at::Tensor& out) {
+  const int64_t M = x.size(0), K = x.size(1), N = qweight_rows(qweight), nb = qweight.size(1);
+  const bool wide = isa == Isa::kAvx512, bf16 = x.scalar_type() == at::kBFloat16;
+  std::vector<int8_t> xq(M * nb * 32);
+  std::vector<float> xd(M * nb), xs(M * nb);
+  (wide ? avx512::quantize_activations_for_tiles : avx2::quantize_activations_for_tiles)(
+      x.data_ptr(), bf16, x.stride(0), M, K, nb, xq.data(), xd.data(), xs.data());
+  auto gemv = wide ? avx512::tile_gemv : avx2::tile_gemv;
+  const int64_t unit_rows = wide ? avx512::tile_unit_rows() : avx2::tile_unit_rows();
+  const int64_t units = N / unit_rows, unit_bytes = unit_rows * qweight.size(2) / kTileRows * nb;
+  // Grain: ~64 KiB of weight per task, so small projections stay on few threads.
+  const int64_t grain = std::max<int64_t>(1, (64 << 10) / std::max<int64_t>(unit_bytes, 1));
+  const uint8_t* w = qweight.data_ptr<uint8_t>();
+  void* o = out.data_ptr();
+  at::parallel_for(0, units, grain, [&](int64_t u0, int64_t u1) {
+    gemv(qtype, xq.data(), xd.data(), xs.data(), nb, M, w, u0, u1, o, bf16, N);
+  });
+}
+
 // x: [M, K] contiguous, f32 or bf16 (the GEMM's dtype) -> out f32 [M, N]: dequantized slabs of rows times x by
 // torch's GEMM. bf16 x (only on the AVX-512 BF16 path) multiplies bf16 slabs: oneDNN's bf16 GEMM (AMX /
 // AVX512-BF16) runs several times f32's rate, which is what prefill of a quantized model is bound by.
+// An interleaved qweight is regrouped into plain rows one slab at a time (slabs are whole tiles).
 void quant_gemm_slabs(Isa isa, const at::Tensor& x, const at::Tensor& qweight, int64_t qtype, at::Tensor& out) {
-  const int64_t M = x.size(0), K = x.size(1), N = qweight.size(0);
+  const int64_t M = x.size(0), K = x.size(1), N = qweight_rows(qweight);
+  const bool interleaved = qweight.dim() == 3;
+  const int64_t rbytes = row_bytes(qtype, K);
   const int64_t width = blocks_per_row(qtype, K) * block_elems(qtype);
   const int64_t threads = at::get_num_threads();
   int64_t slab = std::max<int64_t>(kSlabBytes / (4 * width), M);
@@ -132,13 +184,21 @@ void quant_gemm_slabs(Isa isa, const at::Tensor& x, const at::Tensor& qweight, i
     std::vector<float> w_slab(slab * width), y_slab(M * slab);
     at::Tensor w_bf16 = bf16 ? at::empty({slab, width}, f32.dtype(at::kBFloat16)) : at::Tensor();
     at::Tensor y_bf16 = bf16 ? at::empty({M, slab}, f32.dtype(at::kBFloat16)) : at::Tensor();
+    std::vector<uint8_t> plain(interleaved ? slab * rbytes : 0);
     for (int64_t s = s0; s < s1; ++s) {
       const int64_t n0 = s * slab, rows = std::min(slab, N - n0);
+      const uint8_t* src = w;
+      int64_t r0 = n0;
+      if (interleaved) {
+        regroup_plain(qtype, w, blocks_per_row(qtype, K), n0, n0 + rows, plain.data());
+        src = plain.data();
+        r0 = 0;
+      }
       if (isa == Isa::kPortable) {
-        dequantize_rows(qtype, w, qweight.size(1), n0, n0 + rows, w_slab.data(), width);
+        dequantize_rows(qtype, src, rbytes, r0, r0 + rows, w_slab.data(), width);
       } else {
         (isa == Isa::kAvx512 ? avx512::dequantize_rows : avx2::dequantize_rows)(
-            qtype, w, qweight.size(1), blocks_per_row(qtype, K), n0, n0 + rows, w_slab.data(), width);
+            qtype, src, rbytes, blocks_per_row(qtype, K), r0, r0 + rows, w_slab.data(), width);
       }
       const at::Tensor w_f32 = at::from_blob(w_slab.data(), {rows, width}, f32);
       // Inside a parallel region the GEMM runs on this thread alone.
@@ -160,15 +220,22 @@ void quant_gemm_slabs(Isa isa, const at::Tensor& x, const at::Tensor& qweight, i
   });
 }
 
-// x: [M, K]; qweight: uint8 [N, row_bytes(qtype, K)]; bias: [N] or None -> [M, N] in x's dtype
+// x: [M, K]; qweight: uint8 [N, row_bytes(qtype, K)] or interleaved; bias: [N] or None -> [M, N] in x's dtype
 at::Tensor quant_linear_cpu(const at::Tensor& x, const at::Tensor& qweight, int64_t qtype,
                             const std::optional<at::Tensor>& bias) {
   check_quant_linear(x, qweight, qtype, bias);
-  const int64_t M = x.size(0), N = qweight.size(0);
+  const int64_t M = x.size(0), N = qweight_rows(qweight);
+  const Isa isa = selected_isa();
+  const bool direct_dtype = x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16;
+  if (qweight.dim() == 3 && M > 0 && M <= kMaxGemvRows && isa != Isa::kPortable && direct_dtype) {
+    at::Tensor out = at::empty({M, N}, x.options());
+    quant_tile_gemv(isa, x.stride(1) == 1 ? x : x.contiguous(), qweight, qtype, out);
+    if (bias.has_value()) out.add_(*bias);
+    return out;
+  }
   at::Tensor out = at::empty({M, N}, x.options().dtype(at::kFloat));
   if (M > 0) {
-    const Isa isa = selected_isa();
-    if (M <= kMaxGemvRows && isa != Isa::kPortable) {
+    if (M <= kMaxGemvRows && isa != Isa::kPortable && qweight.dim() == 2) {
       quant_gemv(isa, x.to(at::kFloat).contiguous(), qweight, qtype, out);
     } else {
       // bf16 activations keep a bf16 GEMM where the CPU has one natively and M is large enough for oneDNN's

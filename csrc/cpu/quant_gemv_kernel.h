@@ -1,5 +1,5 @@
 // The CPU quantized-linear kernels for one ISA: the decode-sized GEMV (M <= 8) as int8 dot products of the
-// weight blocks with activations quantized to 32-value int8 blocks, and the vectorized tile dequantization the
+// weight blocks with activations quantized to 32-value int8 blocks, and the vectorized slab dequantization the
 // larger-M path feeds to a GEMM. Included by quant_gemv_avx2.cpp (256-bit, maddubs/madd) and
 // quant_gemv_avx512.cpp (FI_QUANT_WIDE: 512-bit, AVX512-VNNI dpbusd), which compile it for their ISA.
 //
@@ -431,7 +431,7 @@ void gemv_rows_q8(int64_t qtype, const int8_t* xq, const float* xscale, const fl
   }
 }
 
-// ---- tile dequantization (the M > 8 path) -----------------------------------------------------------------
+// ---- slab dequantization (the M > 8 path) -----------------------------------------------------------------
 // One decoded chunk -> kChunk floats: weight = u * d + z with d, z per 4-value lane.
 template <bool kSigned>
 inline void store_chunk(VI u, VI s, VF d, VF z, float* dst) {

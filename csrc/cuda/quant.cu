@@ -2,7 +2,8 @@
 //
 // dequantize / quantize: one thread per block. quant_linear: M <= 8 by a GEMV (one warp per output row, each
 // lane dequantizing whole blocks in registers and dotting them with the M activation rows, then a warp sum);
-// larger M dequantizes W once into x's dtype and runs cuBLAS through at::matmul.
+// larger M dequantizes W once into x's dtype and runs cuBLAS through at::matmul. An interleaved qweight (the CPU
+// decode layout; the engine keeps plain rows on CUDA) is regrouped into plain rows first: correct, not fast.
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -12,6 +13,7 @@
 
 #include "checks/quant_checks.h"
 #include "quant_formats.h"
+#include "quant_interleave.h"
 
 namespace fast_inference::cuda {
 namespace {
@@ -77,9 +79,10 @@ at::Tensor dequantize_full(const at::Tensor& qweight, int64_t qtype, int64_t in_
 }
 
 // qweight: uint8 [N, row_bytes] -> [N, in_features] in dtype
-at::Tensor dequantize_cuda(const at::Tensor& qweight, int64_t qtype, int64_t in_features, at::ScalarType dtype) {
-  check_qweight(qweight, qtype, in_features);
-  const c10::cuda::CUDAGuard guard(qweight.device());
+at::Tensor dequantize_cuda(const at::Tensor& qweight_in, int64_t qtype, int64_t in_features, at::ScalarType dtype) {
+  check_qweight(qweight_in, qtype, in_features);
+  const c10::cuda::CUDAGuard guard(qweight_in.device());
+  const at::Tensor qweight = qweight_in.dim() == 3 ? deinterleave_rows(qweight_in, qtype) : qweight_in;
   return dequantize_full(qweight, qtype, in_features).narrow(1, 0, in_features).to(dtype).contiguous();
 }
 
@@ -110,10 +113,11 @@ void launch_gemv(const at::Tensor& x, const at::Tensor& q, at::Tensor& out, int6
 }
 
 // x: [M, K]; qweight: uint8 [N, row_bytes(qtype, K)]; bias: [N] or None -> [M, N] in x's dtype
-at::Tensor quant_linear_cuda(const at::Tensor& x, const at::Tensor& qweight, int64_t qtype,
+at::Tensor quant_linear_cuda(const at::Tensor& x, const at::Tensor& qweight_in, int64_t qtype,
                              const std::optional<at::Tensor>& bias) {
-  check_quant_linear(x, qweight, qtype, bias);
+  check_quant_linear(x, qweight_in, qtype, bias);
   const c10::cuda::CUDAGuard guard(x.device());
+  const at::Tensor qweight = qweight_in.dim() == 3 ? deinterleave_rows(qweight_in, qtype) : qweight_in;
   const int64_t M = x.size(0), K = x.size(1), N = qweight.size(0), nb = blocks_per_row(qtype, K);
   at::Tensor out;
   if (M <= kMaxGemvRows) {

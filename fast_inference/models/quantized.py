@@ -26,11 +26,15 @@ class StoredWeight:
     """One checkpoint tensor as it is kept in memory."""
 
     qtype: int | None  # ggml type id of the blocks; None: a dense float tensor
-    data: torch.Tensor  # dense: [rows, cols] (or [cols] for vectors); quantized: uint8 [rows, row_bytes]
+    # dense: [rows, cols] (or [cols] for vectors); quantized: uint8 [rows, row_bytes], or interleaved
+    # [rows / 16, blocks, 16 * block_bytes] (ops.interleave_rows)
+    data: torch.Tensor
     cols: int  # weights per row (K)
 
     @property
     def rows(self) -> int:
+        if self.data.dim() == 3:
+            return self.data.shape[0] * quant.TILE_ROWS
         return self.data.shape[0] if self.data.dim() > 1 else 1
 
 
@@ -52,6 +56,23 @@ def _concat_rows(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     )
 
 
+def _cpu_layout(part: StoredWeight) -> StoredWeight:
+    """A quantized part in the layout its device's kernels read fastest. On CPU, Q4_0 / Q4_1 / Q8_0 with whole
+    tiles of rows are interleaved (ops.interleave_rows: the decode GEMV runs ~2x faster) in place, over the
+    same memory (the GGUF arena's huge pages), so no second copy is ever resident; each part reaches here once
+    (the loader hands every checkpoint tensor to one module). Elsewhere plain rows."""
+    data = part.data.contiguous()
+    if (
+        data.device.type != "cpu"
+        or part.qtype not in quant.INTERLEAVED_QTYPES
+        or data.shape[0] % quant.TILE_ROWS
+    ):
+        return StoredWeight(part.qtype, data, part.cols)
+    tiles = ops.interleave_rows(data, part.qtype)
+    data.view(-1).copy_(tiles.view(-1))
+    return StoredWeight(part.qtype, data.view(tiles.shape), part.cols)
+
+
 class QuantizedLinear(_DirectCall):
     """y = x W^T (+ b) with W's row groups (fused q/k/v, gate/up) each in its own format.
 
@@ -70,7 +91,7 @@ class QuantizedLinear(_DirectCall):
             else:
                 merged.append(part)
         self.parts = [
-            StoredWeight(p.qtype, p.data.to(dtype) if p.qtype is None else p.data.contiguous(), p.cols)
+            StoredWeight(p.qtype, p.data.to(dtype), p.cols) if p.qtype is None else _cpu_layout(p)
             for p in merged
         ]
         self.in_features = parts[0].cols
@@ -99,4 +120,11 @@ class QuantizedLinear(_DirectCall):
         (part,) = self.parts  # an embedding table is one tensor
         if part.qtype is None:
             return F.embedding(ids, part.data)
-        return ops.dequantize(part.data.index_select(0, ids), part.qtype, part.cols, self.dtype)
+        if part.data.dim() == 2:
+            return ops.dequantize(part.data.index_select(0, ids), part.qtype, part.cols, self.dtype)
+        # Interleaved: the tiles holding the rows, dequantized (16 rows each), then the rows themselves.
+        tiles = ops.dequantize(
+            part.data.index_select(0, ids // quant.TILE_ROWS), part.qtype, part.cols, self.dtype
+        )
+        picked = torch.arange(ids.shape[0], device=ids.device) * quant.TILE_ROWS + ids % quant.TILE_ROWS
+        return tiles.index_select(0, picked)

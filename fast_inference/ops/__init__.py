@@ -12,7 +12,7 @@ from .attention import paged_attention
 from .cache import copy_blocks, reshape_and_cache, swap_blocks
 from .dense import cpu_bf16_native, linear
 from .norm import add_rms_norm, rms_norm, rotary_embedding, silu_and_mul
-from .quant import dequantize, quant_linear, quantize
+from .quant import dequantize, interleave_rows, quant_linear, quantize
 from .sampling import apply_logit_bias, apply_penalties, apply_token_bitmask, compute_logprobs, sample
 
 __all__ = [
@@ -24,6 +24,7 @@ __all__ = [
     "copy_blocks",
     "cpu_bf16_native",
     "dequantize",
+    "interleave_rows",
     "linear",
     "paged_attention",
     "quant_linear",

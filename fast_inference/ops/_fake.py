@@ -96,11 +96,27 @@ def _quantize_fake(weight, qtype):
     return weight.new_empty((weight.shape[0], row_bytes(qtype, weight.shape[1])), dtype=torch.uint8)
 
 
+def _qweight_rows(qweight) -> int:  # plain [N, row_bytes] or interleaved [N / 16, nb, 16 * block_bytes]
+    from .quant import TILE_ROWS
+
+    return qweight.shape[0] * TILE_ROWS if qweight.dim() == 3 else qweight.shape[0]
+
+
 @torch.library.register_fake("fast_inference::dequantize")
 def _dequantize_fake(qweight, qtype, in_features, dtype):
-    return qweight.new_empty((qweight.shape[0], in_features), dtype=dtype)
+    return qweight.new_empty((_qweight_rows(qweight), in_features), dtype=dtype)
 
 
 @torch.library.register_fake("fast_inference::quant_linear")
 def _quant_linear_fake(x, qweight, qtype, bias):
-    return x.new_empty((x.shape[0], qweight.shape[0]))
+    return x.new_empty((x.shape[0], _qweight_rows(qweight)))
+
+
+@torch.library.register_fake("fast_inference::interleave_rows")
+def _interleave_rows_fake(qweight, qtype):
+    from .quant import BLOCK_LAYOUT, TILE_ROWS
+
+    block_bytes = BLOCK_LAYOUT[qtype][1]
+    return qweight.new_empty(
+        (qweight.shape[0] // TILE_ROWS, qweight.shape[1] // block_bytes, TILE_ROWS * block_bytes)
+    )

@@ -21,6 +21,9 @@ BLOCK_LAYOUT = {
 }
 # The formats `quantize` writes (the K-quants are read from files only).
 WRITABLE_QTYPES = (Q4_0, Q4_1, Q8_0)
+# The formats with an interleaved layout (interleave_rows), and its rows per tile.
+INTERLEAVED_QTYPES = (Q4_0, Q4_1, Q8_0)
+TILE_ROWS = 16
 
 
 def row_bytes(qtype: int, in_features: int) -> int:
@@ -36,8 +39,19 @@ def quantize(
     return torch.ops.fast_inference.quantize(weight, qtype)
 
 
+def interleave_rows(
+    qweight: torch.Tensor,  # uint8 [N, row_bytes], N % 16 == 0
+    qtype: int,
+) -> torch.Tensor:  # uint8 [N / 16, blocks_per_row, 16 * block_bytes]
+    """The same blocks regrouped into tiles of 16 rows x 1 block (Q4_0, Q4_1, Q8_0): per tile the 16 rows' fp16
+    scales side by side (Q4_1: then their mins), then the quant bytes as 4-byte words of all 16 rows. Every
+    quantized op accepts this layout; on CPU the decode GEMV runs ~2x faster on it (one vector load covers 16
+    rows, so nothing is broadcast or summed across lanes)."""
+    return torch.ops.fast_inference.interleave_rows(qweight, qtype)
+
+
 def dequantize(
-    qweight: torch.Tensor,  # uint8 [N, row_bytes(qtype, in_features)]
+    qweight: torch.Tensor,  # uint8 [N, row_bytes(qtype, in_features)] or interleaved
     qtype: int,
     in_features: int,
     dtype: torch.dtype = torch.float32,
@@ -48,7 +62,7 @@ def dequantize(
 
 def quant_linear(
     x: torch.Tensor,  # [M, K] float32 / bfloat16 / float16
-    qweight: torch.Tensor,  # uint8 [N, row_bytes(qtype, K)]
+    qweight: torch.Tensor,  # uint8 [N, row_bytes(qtype, K)] or interleaved (interleave_rows)
     qtype: int,
     bias: torch.Tensor | None = None,  # [N]
 ) -> torch.Tensor:  # [M, N] in x's dtype

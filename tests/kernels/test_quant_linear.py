@@ -1,4 +1,5 @@
-"""Quantized-weight ops (quantize, dequantize, quant_linear) against gguf's own codecs and the references."""
+"""Quantized-weight ops (quantize, dequantize, quant_linear, interleave_rows) against gguf's own codecs and the
+references."""
 
 import numpy as np
 import pytest
@@ -104,12 +105,51 @@ def test_quant_linear_on_device_and_in_bfloat16(qtype, device):
         assert rel < 3e-2, (m, rel)
 
 
+INTERLEAVED = list(quant.INTERLEAVED_QTYPES)
+INTERLEAVED_IDS = [quant.QTYPE_NAMES[q] for q in INTERLEAVED]
+
+
+@pytest.mark.parametrize("qtype", INTERLEAVED, ids=INTERLEAVED_IDS)
+def test_interleave_rows_matches_reference_and_dequantizes_the_same(qtype, device):
+    qw = random_qweight(qtype, 48, 80)  # 3 tiles, 3 blocks a row (K not a multiple of the block)
+    tiles = ops.interleave_rows(qw.to(device), qtype).cpu()
+    assert torch.equal(tiles, ref.interleave_rows(qw, qtype))
+    assert tiles.shape == (3, 3, 16 * quant.BLOCK_LAYOUT[qtype][1])
+    assert torch.equal(ref.dequantize(tiles, qtype, 80), ref.dequantize(qw, qtype, 80))
+    got = ops.dequantize(tiles.to(device), qtype, 80, torch.bfloat16).cpu()
+    assert torch.equal(got, ops.dequantize(qw, qtype, 80, torch.bfloat16))
+
+
+@pytest.mark.parametrize("isa", ["best", "avx2"])
+@pytest.mark.parametrize("qtype", INTERLEAVED, ids=INTERLEAVED_IDS)
+@pytest.mark.parametrize("m", [1, 2, 3, 5, 8, 9, 64])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
+def test_quant_linear_on_interleaved_weights_matches_reference(qtype, m, isa, dtype, monkeypatch):
+    if isa == "avx2":
+        monkeypatch.setenv("FI_CPU_ISA", "avx2")
+        if ops.cpu_isa() != "avx2":
+            pytest.skip(f"this CPU cannot run the AVX2 kernels (best: {ops.cpu_isa()})")
+    k, n = 80, 80  # an odd block count and 5 tiles: the M = 1 kernel's 4-unit step leaves a remainder
+    qw = random_qweight(qtype, n, k, seed=m)
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(3)).to(dtype)
+    bias = torch.randn(n).to(dtype)
+    got = ops.quant_linear(x, ops.interleave_rows(qw, qtype), qtype, bias)
+    assert got.dtype == dtype and got.shape == (m, n)
+    expected = ref.quant_linear(x.float(), qw, qtype, bias.float())
+    rel = ((got.float() - expected).norm() / expected.norm()).item()
+    assert rel < (tolerance(m) if dtype == torch.float32 else 3e-2), rel
+
+
 def test_opcheck():
     qw = random_qweight(quant.Q8_0, 16, 64)
     x = torch.randn(2, 64)
     torch.library.opcheck(torch.ops.fast_inference.quant_linear, (x, qw, quant.Q8_0, None))
     torch.library.opcheck(torch.ops.fast_inference.dequantize, (qw, quant.Q8_0, 64, torch.float32))
     torch.library.opcheck(torch.ops.fast_inference.quantize, (torch.randn(16, 64), quant.Q8_0))
+    tiles = ops.interleave_rows(qw, quant.Q8_0)
+    torch.library.opcheck(torch.ops.fast_inference.interleave_rows, (qw, quant.Q8_0))
+    torch.library.opcheck(torch.ops.fast_inference.quant_linear, (x, tiles, quant.Q8_0, None))
+    torch.library.opcheck(torch.ops.fast_inference.dequantize, (tiles, quant.Q8_0, 64, torch.float32))
 
 
 def test_bad_arguments_name_the_argument():
@@ -129,3 +169,12 @@ def test_bad_arguments_name_the_argument():
         ops.quantize(torch.randn(4, 256), quant.Q4_K)
     with pytest.raises(ValueError, match="in_features must be positive"):
         ops.dequantize(qw, quant.Q4_1, 0)
+    with pytest.raises(ValueError, match="multiple of 16 rows"):
+        ops.interleave_rows(qw, quant.Q4_1)  # 8 rows
+    with pytest.raises(ValueError, match="no interleaved layout"):
+        ops.interleave_rows(random_qweight(quant.Q4_K, 16, 256), quant.Q4_K)
+    tiles = ops.interleave_rows(random_qweight(quant.Q4_1, 16, 64), quant.Q4_1)
+    with pytest.raises(ValueError, match=r"interleaved qweight must be \[N / 16, 3, 320\]"):
+        ops.quant_linear(torch.randn(1, 96), tiles, quant.Q4_1)
+    with pytest.raises(ValueError, match="has no interleaved layout"):
+        ops.quant_linear(torch.randn(1, 64), tiles, quant.Q4_K)

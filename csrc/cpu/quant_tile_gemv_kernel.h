@@ -1,0 +1,265 @@
+// The decode GEMV (M <= 8 activation rows) over interleaved Q4_0 / Q4_1 / Q8_0 tiles (quant_formats.h) for one
+// ISA. Included by quant_gemv_avx2.cpp and quant_gemv_avx512.cpp after quant_gemv_kernel.h (its vector helpers).
+//
+// Why a layout of its own: with plain rows a GEMV decodes one row at a time and must broadcast each block's
+// scale across the lanes of its values, then sum lanes horizontally; a tile holds 16 rows x 1 block with the 16
+// rows' scales side by side and each 4-byte word of the 16 rows in one 64-byte line. So one integer dot product
+// (AVX-512 VNNI dpbusd on 16 rows, or AVX2 maddubs on 8) takes a word of every row against 4 broadcast
+// activation bytes, the block's 16 integer sums land one per lane, the scales are a single fp16 load, and the
+// results are 16 consecutive outputs: ~1/6 of the plain kernel's instructions per weight byte, so the loop is
+// bound by the memory stream, not by decoding.
+//
+// A "unit" is the rows one float vector holds: 16 (AVX-512) or 8 (AVX2, half a tile). Units are independent.
+#pragma once
+
+#include <immintrin.h>
+
+#include <cstdint>
+#include <cstring>
+
+#include "quant_formats.h"
+
+namespace fast_inference::cpu::FI_QUANT_ISA {
+
+using namespace fast_inference::quant;
+
+#if defined(FI_QUANT_WIDE)
+constexpr int64_t kUnitRows = 16;
+#else
+constexpr int64_t kUnitRows = 8;
+#endif
+constexpr int64_t kUnitsPerTile = kTileRows / kUnitRows;
+#ifndef FI_PF
+#define FI_PF 16
+#endif
+constexpr int64_t kPrefetchTiles = FI_PF;
+
+// Activations quantized per 32-value block (the weights' block size): q [M, nb * 32] int8 (zero-padded past K),
+// d [M, nb] the block's scale (amax / 127), s [M, nb] = d * (sum of the block's q).
+struct BlockActivations {
+  const int8_t* q;
+  const float* d;
+  const float* s;
+  int64_t nb;
+};
+
+inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+inline __m256 load8(const uint16_t* p) {  // 8 bf16 -> 8 f32 (exact: bf16 is the top half of an f32)
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(load128(p)), 16));
+}
+
+// x: [M, K] f32 or bf16 (uint16 bit patterns), row stride x_stride -> BlockActivations' q, d, s for nb blocks.
+template <class T>
+void quantize_activation_blocks(const T* x, int64_t x_stride, int64_t M, int64_t K, int64_t nb, int8_t* q,
+                                float* d, float* s) {
+  const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
+  const __m256i unshuffle = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);  // undoes the two packs' lane order
+  for (int64_t m = 0; m < M; ++m) {
+    for (int64_t b = 0; b < nb; ++b) {
+      const int64_t k0 = b * 32;
+      __m256 v[4];
+      if (k0 + 32 <= K) {
+        for (int i = 0; i < 4; ++i) v[i] = load8(x + m * x_stride + k0 + 8 * i);
+      } else {  // the last, partial block: zeros past K
+        alignas(32) float tail[32];
+        for (int i = 0; i < 32; ++i) {
+          if (k0 + i >= K) {
+            tail[i] = 0.f;
+          } else if constexpr (std::is_same_v<T, float>) {
+            tail[i] = x[m * x_stride + k0 + i];
+          } else {
+            const uint32_t bits = static_cast<uint32_t>(x[m * x_stride + k0 + i]) << 16;
+            std::memcpy(&tail[i], &bits, 4);
+          }
+        }
+        for (int i = 0; i < 4; ++i) v[i] = _mm256_load_ps(tail + 8 * i);
+      }
+      __m256 amax = _mm256_setzero_ps();
+      for (int i = 0; i < 4; ++i) amax = _mm256_max_ps(amax, _mm256_and_ps(v[i], abs_mask));
+      __m128 a = _mm_max_ps(_mm256_castps256_ps128(amax), _mm256_extractf128_ps(amax, 1));
+      a = _mm_max_ps(a, _mm_movehl_ps(a, a));
+      a = _mm_max_ss(a, _mm_movehdup_ps(a));
+      const float scale = _mm_cvtss_f32(a) / 127.f, inv = scale > 0.f ? 1.f / scale : 0.f;
+      __m256i qi[4];
+      for (int i = 0; i < 4; ++i) qi[i] = _mm256_cvtps_epi32(_mm256_mul_ps(v[i], _mm256_set1_ps(inv)));
+      const int32_t sum = hsum_i32(_mm256_add_epi32(_mm256_add_epi32(qi[0], qi[1]), _mm256_add_epi32(qi[2], qi[3])));
+      const __m256i packed =
+          _mm256_packs_epi16(_mm256_packs_epi32(qi[0], qi[1]), _mm256_packs_epi32(qi[2], qi[3]));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(q + m * nb * 32 + k0),
+                          _mm256_permutevar8x32_epi32(packed, unshuffle));
+      d[m * nb + b] = scale;
+      s[m * nb + b] = scale * static_cast<float>(sum);
+    }
+  }
+}
+
+inline VI bcast4(const int8_t* p) {  // 4 activation bytes in every 32-bit lane
+  int32_t v;
+  std::memcpy(&v, p, 4);
+#if defined(FI_QUANT_WIDE)
+  return _mm512_set1_epi32(v);
+#else
+  return _mm256_set1_epi32(v);
+#endif
+}
+
+inline VF load_scales(const uint8_t* p) {  // kUnitRows fp16 -> f32
+#if defined(FI_QUANT_WIDE)
+  return _mm512_cvtph_ps(load256(p));
+#else
+  return _mm256_cvtph_ps(load128(p));
+#endif
+}
+
+inline void store_unit(float* dst, VF v) { fstoreu(dst, v); }
+inline void store_unit(uint16_t* dst, VF v) {  // f32 -> bf16, round to nearest even
+#if defined(FI_QUANT_WIDE)
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst), (__m256i)_mm512_cvtneps_pbh(v));
+#else
+  const __m256i bits = _mm256_castps_si256(v);
+  const __m256i odd = _mm256_and_si256(_mm256_srli_epi32(bits, 16), _mm256_set1_epi32(1));
+  const __m256i top = _mm256_srli_epi32(_mm256_add_epi32(bits, _mm256_add_epi32(_mm256_set1_epi32(0x7FFF), odd)), 16);
+  const __m256i packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(top, top), 0x08);
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(dst), _mm256_castsi256_si128(packed));
+#endif
+}
+
+// Units [u, u + NU) against M activation rows: out[m * N + u * kUnitRows + r] for the NU * kUnitRows rows.
+template <int64_t QT, int M, int NU, class Out>
+inline void tile_units(const BlockActivations& a, const uint8_t* w, int64_t u, Out* out, int64_t N) {
+  constexpr int64_t kTileBytes = kTileRows * (QT == kQ4_0 ? 18 : QT == kQ4_1 ? 20 : 34);
+  constexpr int64_t kHeaderBytes = QT == kQ4_1 ? 64 : 32;  // 16 fp16 d (then 16 fp16 m)
+  constexpr int kWords = QT == kQ8_0 ? 8 : 4;
+  const int64_t nb = a.nb;
+  const uint8_t* tiles[NU];  // unit i's first tile, at its half's offset
+  int64_t half[NU];
+  for (int i = 0; i < NU; ++i) {
+    tiles[i] = w + (u + i) / kUnitsPerTile * nb * kTileBytes;
+    half[i] = (u + i) % kUnitsPerTile;
+  }
+  VF acc[NU][M];
+  for (int i = 0; i < NU; ++i)
+    for (int m = 0; m < M; ++m) acc[i][m] = fzero();
+  for (int64_t b = 0; b < nb; ++b) {
+    for (int i = 0; i < NU; ++i) {
+      const uint8_t* tile = tiles[i] + b * kTileBytes;
+      for (int64_t line = 0; line < kTileBytes; line += 64)
+        _mm_prefetch(reinterpret_cast<const char*>(tile + kPrefetchTiles * kTileBytes + line), _MM_HINT_T0);
+      const uint8_t* words = tile + kHeaderBytes + 32 * half[i];
+      VI isum[M];
+#if defined(FI_QUANT_WIDE)
+      for (int m = 0; m < M; ++m) isum[m] = _mm512_setzero_si512();
+      for (int j = 0; j < kWords; ++j) {
+        const VI v = iloadu(words + 64 * j);
+        if constexpr (QT == kQ8_0) {
+          const VI uw = _mm512_xor_si512(v, bytes(0x80));  // w + 128: dpbusd's unsigned operand
+          for (int m = 0; m < M; ++m)
+            isum[m] = _mm512_dpbusd_epi32(isum[m], uw, bcast4(a.q + (m * nb + b) * 32 + 4 * j));
+        } else {
+          const VI lo = band(v, bytes(0x0F)), hi = band(srl16(v, 4), bytes(0x0F));
+          for (int m = 0; m < M; ++m) {
+            const int8_t* xq = a.q + (m * nb + b) * 32 + 4 * j;
+            isum[m] = _mm512_dpbusd_epi32(isum[m], lo, bcast4(xq));
+            isum[m] = _mm512_dpbusd_epi32(isum[m], hi, bcast4(xq + 16));
+          }
+        }
+      }
+#else
+      for (int m = 0; m < M; ++m) isum[m] = _mm256_setzero_si256();
+      const __m256i ones = _mm256_set1_epi16(1);
+      if constexpr (QT == kQ8_0) {
+        // |w| <= 128 times x with w's sign: each maddubs pair <= 2 * 128 * 127, widened to int32 at once.
+        for (int j = 0; j < kWords; ++j) {
+          const VI v = iloadu(words + 64 * j), mag = _mm256_abs_epi8(v);
+          for (int m = 0; m < M; ++m) {
+            const VI xs = _mm256_sign_epi8(bcast4(a.q + (m * nb + b) * 32 + 4 * j), v);
+            isum[m] = _mm256_add_epi32(isum[m], _mm256_madd_epi16(_mm256_maddubs_epi16(mag, xs), ones));
+          }
+        }
+      } else {
+        // 4-bit: a lane's 8 maddubs pairs sum to <= 16 * 15 * 127 < 2^15, so they add in int16, widened once.
+        for (int j = 0; j < kWords; ++j) {
+          const VI v = iloadu(words + 64 * j);
+          const VI lo = band(v, bytes(0x0F)), hi = band(srl16(v, 4), bytes(0x0F));
+          for (int m = 0; m < M; ++m) {
+            const int8_t* xq = a.q + (m * nb + b) * 32 + 4 * j;
+            isum[m] = _mm256_add_epi16(isum[m], _mm256_add_epi16(_mm256_maddubs_epi16(lo, bcast4(xq)),
+                                                                 _mm256_maddubs_epi16(hi, bcast4(xq + 16))));
+          }
+        }
+        for (int m = 0; m < M; ++m) isum[m] = _mm256_madd_epi16(isum[m], ones);
+      }
+#endif
+      const VF dw = load_scales(tile + 16 * half[i]);
+      for (int m = 0; m < M; ++m) {
+        const float dx = a.d[m * nb + b], sx = a.s[m * nb + b];
+        VF f = fmul(cvt(isum[m]), fset1(dx));  // dx * dot(u, xq)
+        if constexpr (QT == kQ4_0) f = fmadd(fset1(sx), fset1(-8.f), f);  // w = u - 8
+#if defined(FI_QUANT_WIDE)
+        if constexpr (QT == kQ8_0) f = fmadd(fset1(sx), fset1(-128.f), f);  // u = w + 128
+#endif
+        acc[i][m] = fmadd(f, dw, acc[i][m]);
+        if constexpr (QT == kQ4_1) acc[i][m] = fmadd(load_scales(tile + 32 + 16 * half[i]), fset1(sx), acc[i][m]);
+      }
+    }
+  }
+  for (int i = 0; i < NU; ++i)
+    for (int m = 0; m < M; ++m) store_unit(out + m * N + (u + i) * kUnitRows, acc[i][m]);
+}
+
+template <int64_t QT, int M, class Out>
+void tile_gemv_m(const BlockActivations& a, const uint8_t* w, int64_t u0, int64_t u1, Out* out, int64_t N) {
+  // Independent units in flight hide the integer dot's latency chain when M alone cannot.
+  constexpr int NU = M == 1 ? 4 : M == 2 ? 2 : 1;
+  int64_t u = u0;
+  for (; u + NU <= u1; u += NU) tile_units<QT, M, NU>(a, w, u, out, N);
+  for (; u < u1; ++u) tile_units<QT, M, 1>(a, w, u, out, N);
+}
+
+template <int64_t QT, class Out>
+void tile_gemv_format(const BlockActivations& a, int64_t M, const uint8_t* w, int64_t u0, int64_t u1, Out* out,
+                      int64_t N) {
+  switch (M) {
+    case 1: return tile_gemv_m<QT, 1>(a, w, u0, u1, out, N);
+    case 2: return tile_gemv_m<QT, 2>(a, w, u0, u1, out, N);
+    case 3: return tile_gemv_m<QT, 3>(a, w, u0, u1, out, N);
+    case 4: return tile_gemv_m<QT, 4>(a, w, u0, u1, out, N);
+    case 5: return tile_gemv_m<QT, 5>(a, w, u0, u1, out, N);
+    case 6: return tile_gemv_m<QT, 6>(a, w, u0, u1, out, N);
+    case 7: return tile_gemv_m<QT, 7>(a, w, u0, u1, out, N);
+    default: return tile_gemv_m<QT, 8>(a, w, u0, u1, out, N);
+  }
+}
+
+int64_t tile_unit_rows() { return kUnitRows; }
+
+// x: [M, K] f32 (x_bf16 false) or bf16 bits, M <= 8 -> q, d, s of BlockActivations (nb blocks).
+void quantize_activations_for_tiles(const void* x, bool x_bf16, int64_t x_stride, int64_t M, int64_t K, int64_t nb,
+                                    int8_t* q, float* d, float* s) {
+  if (x_bf16) {
+    quantize_activation_blocks(static_cast<const uint16_t*>(x), x_stride, M, K, nb, q, d, s);
+  } else {
+    quantize_activation_blocks(static_cast<const float*>(x), x_stride, M, K, nb, q, d, s);
+  }
+}
+
+// Units [u0, u1) of the interleaved weight w ([N / 16, nb, tile bytes]) against the quantized activations:
+// out [M, N] f32 (out_bf16 false) or bf16 bits.
+void tile_gemv(int64_t qtype, const int8_t* xq, const float* xd, const float* xs, int64_t nb, int64_t M,
+               const uint8_t* w, int64_t u0, int64_t u1, void* out, bool out_bf16, int64_t N) {
+  const BlockActivations a{xq, xd, xs, nb};
+  auto run = [&](auto* o) {
+    switch (qtype) {
+      case kQ4_0: return tile_gemv_format<kQ4_0>(a, M, w, u0, u1, o, N);
+      case kQ4_1: return tile_gemv_format<kQ4_1>(a, M, w, u0, u1, o, N);
+      default: return tile_gemv_format<kQ8_0>(a, M, w, u0, u1, o, N);
+    }
+  };
+  if (out_bf16) {
+    run(static_cast<uint16_t*>(out));
+  } else {
+    run(static_cast<float*>(out));
+  }
+}
+
+}  // namespace fast_inference::cpu::FI_QUANT_ISA
