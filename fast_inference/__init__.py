@@ -5,13 +5,45 @@ import sys
 
 __version__ = "0.1.0"
 
-# OpenMP workers sleep when they run out of work instead of spinning (libgomp's default spins ~300k
-# iterations). On a shared or small CPU a spinning worker takes the core from the thread it waits for (the
-# server's event loop, the tokenizer, another process): measured on 2 shared cores, a batch-1 decode step
-# took 1130 ms spinning vs 179 ms passive (load 10), 192 vs 59 ms (load 6). libgomp reads this when torch
-# loads it, so it only applies when fast_inference is imported first; the user's own setting wins.
+
+def _openmp_wait_policy() -> dict[str, str]:
+    """How libgomp's workers wait between parallel regions, chosen from the machine's load when this process
+    starts (the user's OMP_WAIT_POLICY / GOMP_SPINCOUNT win). A decode step runs ~120 short parallel regions
+    a few microseconds apart. On an idle machine a worker that spins briefly (GOMP_SPINCOUNT=20000, well under
+    a millisecond) is there for the next region, where one that sleeps must be woken each time: measured on 2
+    idle cores (Xeon, SmolLM2 Q4_1, batch 1), 9.4 ms per step spinning vs 13.5 passive. On a busy machine a
+    spinning worker takes the core from the thread it waits for: with two CPU-bound neighbours on those cores,
+    80-105 ms spinning vs 17-19 passive (and libgomp's default, 300k spins, was 6x slower still at load 10).
+    So: spin when under half the machine's CPU time is busy over 30 ms now (Linux /proc/stat, steal time counts
+    as busy; the load average would count the last minute's work, e.g. a benchmark's previous round), else
+    sleep (OMP_WAIT_POLICY=PASSIVE). Elsewhere: sleep."""
+    if "OMP_WAIT_POLICY" in os.environ or "GOMP_SPINCOUNT" in os.environ:
+        return {}
+    busy = _busy_fraction(0.03)
+    return {"GOMP_SPINCOUNT": "20000"} if busy is not None and busy < 0.5 else {"OMP_WAIT_POLICY": "PASSIVE"}
+
+
+def _busy_fraction(seconds: float) -> float | None:
+    """The fraction of all CPUs' time that was busy over the next `seconds` (None: no /proc/stat)."""
+    import time
+
+    def sample() -> tuple[int, int]:
+        with open("/proc/stat") as f:
+            fields = [int(v) for v in f.readline().split()[1:]]
+        return sum(fields[:8]), fields[3] + fields[4]  # total (user .. steal), idle + iowait
+
+    try:
+        total0, idle0 = sample()
+        time.sleep(seconds)
+        total1, idle1 = sample()
+    except (OSError, ValueError, IndexError):
+        return None
+    return 1.0 - (idle1 - idle0) / max(total1 - total0, 1)
+
+
+# libgomp reads these when torch loads it, so they only apply when fast_inference is imported first.
 if "torch" not in sys.modules:
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    os.environ.update(_openmp_wait_policy())
 
 __all__ = [
     "LLM",

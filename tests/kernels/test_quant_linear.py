@@ -122,7 +122,7 @@ def test_interleave_rows_matches_reference_and_dequantizes_the_same(qtype, devic
 
 @pytest.mark.parametrize("isa", ["best", "avx2"])
 @pytest.mark.parametrize("qtype", INTERLEAVED, ids=INTERLEAVED_IDS)
-@pytest.mark.parametrize("m", [1, 2, 3, 5, 8, 9, 64])
+@pytest.mark.parametrize("m", [1, 2, 3, 5, 8, 9, 64, 130])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
 def test_quant_linear_on_interleaved_weights_matches_reference(qtype, m, isa, dtype, monkeypatch):
     if isa == "avx2":
@@ -137,7 +137,8 @@ def test_quant_linear_on_interleaved_weights_matches_reference(qtype, m, isa, dt
     assert got.dtype == dtype and got.shape == (m, n)
     expected = ref.quant_linear(x.float(), qw, qtype, bias.float())
     rel = ((got.float() - expected).norm() / expected.norm()).item()
-    assert rel < (tolerance(m) if dtype == torch.float32 else 3e-2), rel
+    # Up to 128 rows the tile GEMV (quantized activations, 8 rows a pass); above, the dequantized slabs' GEMM.
+    assert rel < (tolerance(m if m > 128 else 1) if dtype == torch.float32 else 3e-2), rel
 
 
 def test_opcheck():
