@@ -1,6 +1,7 @@
 """Quantized linear (ops.quant_linear) per ggml format: weight GB/s, % of the streaming read, ratio to dequantize + matmul.
 
     python bench/bench_quant_linear.py [--formats Q4_1,Q8_0] [--m 1,4,32,512] [--shapes smollm2,1.5b] [--threads 1]
+        [--layout engine|plain]
 
 Decode (M <= 8) is bound by weight bytes: the figure to read is % of the streaming-read bandwidth measured in this
 run. Each call reads a different copy of the weight, from a set of copies twice the size of the last-level cache,
@@ -110,6 +111,12 @@ def main() -> None:
     parser.add_argument("--iters", type=int, default=20)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="activations")
+    parser.add_argument(
+        "--layout",
+        default="engine",
+        choices=["engine", "plain"],
+        help="engine: the layout the engine keeps on CPU (Q4_0 / Q4_1 / Q8_0 interleaved, K-quants plain rows)",
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     device = torch.device("cpu")
@@ -131,6 +138,9 @@ def main() -> None:
             for fmt in args.formats.split(","):
                 qtype = NAMES[fmt]
                 qw = random_qweight(qtype, n, k)
+                interleaved = args.layout == "engine" and qtype in quant.INTERLEAVED_QTYPES
+                if interleaved:
+                    qw = ops.interleave_rows(qw, qtype)
                 copies = [qw] + [qw.clone() for _ in range(-(-2 * llc // qw.numel()) - 1)]
                 for m in (int(v) for v in args.m.split(",")):
                     x = torch.randn(m, k).to(getattr(torch, args.dtype))
@@ -156,6 +166,7 @@ def main() -> None:
                             "N": n,
                             "K": k,
                             "format": fmt,
+                            "layout": "interleaved" if interleaved else "plain",
                             "M": m,
                             "us": round(ours * 1e6, 1),
                             "median_us": round(ours_median * 1e6, 1),
