@@ -8,9 +8,8 @@
 //     weight is read once and the math runs at GEMM speed (bf16 activations: bf16 slabs and oneDNN's bf16 GEMM
 //     on AVX-512 BF16 CPUs, f32 elsewhere).
 //   Interleaved weights (Q4_0 / Q4_1 / Q8_0 in tiles of 16 rows, quant_formats.h; what the engine keeps on CPU):
-//     M <= 128 by the tile GEMV (quant_tile_gemv_kernel.h, 8 rows a pass), reading f32 or bf16 activations and
-//     writing the output dtype directly; larger M by the slab path, which regroups each slab's tiles into plain
-//     rows first.
+//     M <= 8 by the tile GEMV (quant_tile_gemv_kernel.h), reading f32 or bf16 activations and writing the
+//     output dtype directly; larger M by the slab path, which regroups each slab's tiles into plain rows first.
 //   No AVX2: every path goes through the dequantized slabs.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -52,10 +51,6 @@ namespace {
 using namespace fast_inference::quant;
 
 constexpr int64_t kMaxGemvRows = 8;
-// Interleaved weights take the tile GEMV (8 rows a pass) up to this many rows: measured on SmolLM2 shapes
-// (Xeon avx512, 2 threads, Q4_1 / Q8_0) 4-7x faster than the dequantized slabs at M = 16-32, 2-3x at 64, even
-// at 128; prefill of longer prompts goes to the slabs' GEMM.
-constexpr int64_t kTileGemvMaxRows = 128;
 // Rows handed to one thread at a time by the GEMV: enough to amortise the scheduling, small enough to balance.
 constexpr int64_t kGemvGrain = 16;
 // A dequantized f32 weight slab of about this size stays in L2 while the GEMM walks it.
@@ -146,9 +141,8 @@ void quant_gemv(Isa isa, const at::Tensor& x, const at::Tensor& qweight, int64_t
   });
 }
 
-// x: [M, K] f32 or bf16 with unit stride along K, M <= kTileGemvMaxRows; qweight interleaved [N / 16, nb,
-// 16 * block_bytes] -> out [M, N] in x's dtype: activations quantized once, then units of rows split across
-// threads, each task running its units for 8 activation rows at a time.
+// x: [M, K] f32 or bf16 with unit stride along K, M <= 8; qweight interleaved [N / 16, nb, 16 * block_bytes]
+// -> out [M, N] in x's dtype: activations quantized once, then units of rows split across threads.
 void quant_tile_gemv(Isa isa, const at::Tensor& x, const at::Tensor& qweight, int64_t qtype, at::Tensor& out) {
   const int64_t M = x.size(0), K = x.size(1), N = qweight_rows(qweight), nb = qweight.size(1);
   const bool wide = isa == Isa::kAvx512, bf16 = x.scalar_type() == at::kBFloat16;
@@ -163,14 +157,8 @@ void quant_tile_gemv(Isa isa, const at::Tensor& x, const at::Tensor& qweight, in
   const int64_t grain = std::max<int64_t>(1, (64 << 10) / std::max<int64_t>(unit_bytes, 1));
   const uint8_t* w = qweight.data_ptr<uint8_t>();
   void* o = out.data_ptr();
-  const int64_t out_row_bytes = N * out.element_size();
   at::parallel_for(0, units, grain, [&](int64_t u0, int64_t u1) {
-    // Up to 8 activation rows per pass; a task's ~64 KiB of weight stays in L2 across the passes.
-    for (int64_t m0 = 0; m0 < M; m0 += kMaxGemvRows) {
-      const int64_t rows = std::min(kMaxGemvRows, M - m0);
-      gemv(qtype, xq.data() + m0 * nb * 32, xd.data() + m0 * nb, xs.data() + m0 * nb, nb, rows, w, u0, u1,
-           static_cast<char*>(o) + m0 * out_row_bytes, bf16, N);
-    }
+    gemv(qtype, xq.data(), xd.data(), xs.data(), nb, M, w, u0, u1, o, bf16, N);
   });
 }
 
@@ -239,7 +227,10 @@ at::Tensor quant_linear_cpu(const at::Tensor& x, const at::Tensor& qweight, int6
   const int64_t M = x.size(0), N = qweight_rows(qweight);
   const Isa isa = selected_isa();
   const bool direct_dtype = x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16;
-  if (qweight.dim() == 3 && M > 0 && M <= kTileGemvMaxRows && isa != Isa::kPortable && direct_dtype) {
+  // Prefill stays on the exact dequantized slabs above 8 rows: int8 activations there broke the real SmolLM2's
+  // answer (the first token's outlier activations, quantized in 32-value blocks, corrupt the attention-sink
+  // K/V that every later token reads), while tile-GEMV prefill measured 4-7x faster at M = 16-32.
+  if (qweight.dim() == 3 && M > 0 && M <= kMaxGemvRows && isa != Isa::kPortable && direct_dtype) {
     at::Tensor out = at::empty({M, N}, x.options());
     quant_tile_gemv(isa, x.stride(1) == 1 ? x : x.contiguous(), qweight, qtype, out);
     if (bias.has_value()) out.add_(*bias);
