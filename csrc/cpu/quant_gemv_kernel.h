@@ -111,11 +111,29 @@ inline int32_t hsum_i32(__m256i v) {
   return _mm_cvtsi128_si32(s);
 }
 
+// 32 values v[0..3] -> 32 int8 at q, scale amax / 127, round to nearest even (ggml's Q8 idea); returns the
+// scale, with the sums of the first and the last 16 quantized values.
+inline float quantize_block32(const __m256 v[4], int8_t* q, int32_t& sum_lo, int32_t& sum_hi) {
+  const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
+  const __m256i unshuffle = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);  // undoes the two packs' lane order
+  __m256 amax = _mm256_setzero_ps();
+  for (int i = 0; i < 4; ++i) amax = _mm256_max_ps(amax, _mm256_and_ps(v[i], abs_mask));
+  __m128 a = _mm_max_ps(_mm256_castps256_ps128(amax), _mm256_extractf128_ps(amax, 1));
+  a = _mm_max_ps(a, _mm_movehl_ps(a, a));
+  a = _mm_max_ss(a, _mm_movehdup_ps(a));
+  const float d = _mm_cvtss_f32(a) / 127.f, id = d > 0.f ? 1.f / d : 0.f;
+  __m256i qi[4];
+  for (int i = 0; i < 4; ++i) qi[i] = _mm256_cvtps_epi32(_mm256_mul_ps(v[i], _mm256_set1_ps(id)));
+  sum_lo = hsum_i32(_mm256_add_epi32(qi[0], qi[1]));
+  sum_hi = hsum_i32(_mm256_add_epi32(qi[2], qi[3]));
+  const __m256i packed = _mm256_packs_epi16(_mm256_packs_epi32(qi[0], qi[1]), _mm256_packs_epi32(qi[2], qi[3]));
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(q), _mm256_permutevar8x32_epi32(packed, unshuffle));
+  return d;
+}
+
 // x: [M, K] f32, row stride x_stride -> q [M, Kp], scale / zsum [M, Kp / 4] (see QuantizedActivations).
 void quantize_activations(const float* x, int64_t x_stride, int64_t M, int64_t K, int64_t Kp, int8_t* q,
                           float* scale, float* zsum) {
-  const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
-  const __m256i unshuffle = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);  // undoes the two packs' lane order
   for (int64_t m = 0; m < M; ++m) {
     for (int64_t k0 = 0; k0 < Kp; k0 += 32) {
       alignas(32) float tail[32];
@@ -125,23 +143,9 @@ void quantize_activations(const float* x, int64_t x_stride, int64_t M, int64_t K
         src = tail;
       }
       __m256 v[4];
-      __m256 amax = _mm256_setzero_ps();
-      for (int i = 0; i < 4; ++i) {
-        v[i] = _mm256_loadu_ps(src + 8 * i);
-        amax = _mm256_max_ps(amax, _mm256_and_ps(v[i], abs_mask));
-      }
-      __m128 a = _mm_max_ps(_mm256_castps256_ps128(amax), _mm256_extractf128_ps(amax, 1));
-      a = _mm_max_ps(a, _mm_movehl_ps(a, a));
-      a = _mm_max_ss(a, _mm_movehdup_ps(a));
-      const float d = _mm_cvtss_f32(a) / 127.f, id = d > 0.f ? 1.f / d : 0.f;
-      __m256i qi[4];
-      for (int i = 0; i < 4; ++i) qi[i] = _mm256_cvtps_epi32(_mm256_mul_ps(v[i], _mm256_set1_ps(id)));  // nearest-even
-      const int32_t sum_lo = hsum_i32(_mm256_add_epi32(qi[0], qi[1]));
-      const int32_t sum_hi = hsum_i32(_mm256_add_epi32(qi[2], qi[3]));
-      const __m256i packed =
-          _mm256_packs_epi16(_mm256_packs_epi32(qi[0], qi[1]), _mm256_packs_epi32(qi[2], qi[3]));
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(q + m * Kp + k0),
-                          _mm256_permutevar8x32_epi32(packed, unshuffle));
+      for (int i = 0; i < 4; ++i) v[i] = _mm256_loadu_ps(src + 8 * i);
+      int32_t sum_lo, sum_hi;
+      const float d = quantize_block32(v, q + m * Kp + k0, sum_lo, sum_hi);
       float* s = scale + m * (Kp / 4) + k0 / 4;
       float* z = zsum + m * (Kp / 4) + k0 / 4;
       for (int i = 0; i < 8; ++i) {

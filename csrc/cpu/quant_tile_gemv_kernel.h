@@ -52,8 +52,6 @@ inline __m256 load8(const uint16_t* p) {  // 8 bf16 -> 8 f32 (exact: bf16 is the
 template <class T>
 void quantize_activation_blocks(const T* x, int64_t x_stride, int64_t M, int64_t K, int64_t nb, int8_t* q,
                                 float* d, float* s) {
-  const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
-  const __m256i unshuffle = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);  // undoes the two packs' lane order
   for (int64_t m = 0; m < M; ++m) {
     for (int64_t b = 0; b < nb; ++b) {
       const int64_t k0 = b * 32;
@@ -74,21 +72,10 @@ void quantize_activation_blocks(const T* x, int64_t x_stride, int64_t M, int64_t
         }
         for (int i = 0; i < 4; ++i) v[i] = _mm256_load_ps(tail + 8 * i);
       }
-      __m256 amax = _mm256_setzero_ps();
-      for (int i = 0; i < 4; ++i) amax = _mm256_max_ps(amax, _mm256_and_ps(v[i], abs_mask));
-      __m128 a = _mm_max_ps(_mm256_castps256_ps128(amax), _mm256_extractf128_ps(amax, 1));
-      a = _mm_max_ps(a, _mm_movehl_ps(a, a));
-      a = _mm_max_ss(a, _mm_movehdup_ps(a));
-      const float scale = _mm_cvtss_f32(a) / 127.f, inv = scale > 0.f ? 1.f / scale : 0.f;
-      __m256i qi[4];
-      for (int i = 0; i < 4; ++i) qi[i] = _mm256_cvtps_epi32(_mm256_mul_ps(v[i], _mm256_set1_ps(inv)));
-      const int32_t sum = hsum_i32(_mm256_add_epi32(_mm256_add_epi32(qi[0], qi[1]), _mm256_add_epi32(qi[2], qi[3])));
-      const __m256i packed =
-          _mm256_packs_epi16(_mm256_packs_epi32(qi[0], qi[1]), _mm256_packs_epi32(qi[2], qi[3]));
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(q + m * nb * 32 + k0),
-                          _mm256_permutevar8x32_epi32(packed, unshuffle));
+      int32_t sum_lo, sum_hi;
+      const float scale = quantize_block32(v, q + m * nb * 32 + k0, sum_lo, sum_hi);
       d[m * nb + b] = scale;
-      s[m * nb + b] = scale * static_cast<float>(sum);
+      s[m * nb + b] = scale * static_cast<float>(sum_lo + sum_hi);
     }
   }
 }
