@@ -66,6 +66,12 @@ class Linear(_DirectCall):
             self.weight = nn.Parameter(self.weight.data.new_empty(0), requires_grad=False)
             self.op_rows = 0
 
+    def projection(self) -> torch.ScriptObject:
+        """This module's forward as a C++ fast_inference.Projection (for DecoderStack), over the same tensors."""
+        return torch.classes.fast_inference.Projection(
+            [self.weight], [-1], self.bias, self.packed, self.op_rows
+        )
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[0] <= self.op_rows:
             return ops.linear(x, self.weight, self.bias)
@@ -323,15 +329,53 @@ class LlamaForCausalLM(nn.Module):
 
     lm_head_packed: torch.Tensor | None = None
     weight_bytes: int = 0  # bytes of the checkpoint weights as loaded (each read once per decode step)
+    # On CPU after prepack(): the layers as one C++ fast_inference.DecoderStack (csrc/cpu/decoder_stack.cpp),
+    # the same ops without ~450 Python calls per step; None runs the Python layers (CUDA, tensor parallel).
+    layer_stack: torch.ScriptObject | None = None
 
     def prepack(self, batch_hint: int = 32, keep_plain: bool = True) -> None:
-        """After loading: re-lay out the layer weights for the device's fastest GEMM (CPU bf16: oneDNN).
-        keep_plain keeps the checkpoint layout too (the batch-1 decode kernel streams it): 2x weight memory."""
+        """After loading: re-lay out the layer weights for the device's fastest GEMM (CPU bf16: oneDNN), and on
+        CPU build the layer stack. keep_plain keeps the checkpoint layout too (the batch-1 decode kernel streams
+        it): 2x weight memory."""
         for module in self.modules():
             if isinstance(module, Linear):
                 module.prepack(batch_hint, keep_plain)
-        if self.head is not None:
-            return  # the head and embedding are the factory's modules
+        if self.head is None:
+            self._prepack_dense_head(batch_hint)
+        self.layer_stack = self._build_layer_stack()
+
+    def _build_layer_stack(self) -> torch.ScriptObject | None:
+        cfg = self.config
+        projections = [
+            (layer.self_attn.qkv_proj, layer.self_attn.o_proj, layer.mlp.gate_up_proj, layer.mlp.down_proj)
+            for layer in self.layers
+        ]
+        own = all(hasattr(p, "projection") for group in projections for p in group)  # not tensor-parallel
+        if self.norm.weight.device.type != "cpu" or not own:
+            return None
+        stack = torch.classes.fast_inference.DecoderStack(
+            cfg.num_heads,
+            cfg.num_kv_heads,
+            cfg.head_dim,
+            cfg.intermediate_size,
+            cfg.rms_norm_eps,
+            self.layers[0].self_attn.scale,
+        )
+        for layer, group in zip(self.layers, projections, strict=True):
+            attn = layer.self_attn
+            stack.add_layer(
+                layer.input_layernorm.weight,
+                layer.post_attention_layernorm.weight,
+                None if attn.q_norm is None else attn.q_norm.weight,
+                None if attn.k_norm is None else attn.k_norm.weight,
+                *(p.projection() for p in group),
+            )
+        if self.layers[0].self_attn.key_cache.numel():  # prepacked again after the cache was bound
+            attns = [layer.self_attn for layer in self.layers]
+            stack.bind_kv_cache([a.key_cache for a in attns], [a.value_cache for a in attns])
+        return stack
+
+    def _prepack_dense_head(self, batch_hint: int) -> None:
         cpu_bf16 = self.lm_head.device.type == "cpu" and self.lm_head.dtype == torch.bfloat16
         if cpu_bf16 and ops.cpu_bf16_native() and _mkldnn_linear_ok():
             # A packed copy (the embedding, tied or not, still serves token lookups).
@@ -351,6 +395,8 @@ class LlamaForCausalLM(nn.Module):
         for layer, kc, vc in zip(self.layers, key_caches, value_caches, strict=True):
             layer.self_attn.key_cache = kc
             layer.self_attn.value_cache = vc
+        if self.layer_stack is not None:
+            self.layer_stack.bind_kv_cache(key_caches, value_caches)
 
     def forward(
         self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata
@@ -362,6 +408,11 @@ class LlamaForCausalLM(nn.Module):
             else F.embedding(input_ids, self.embed_tokens)
         )
         rope = self.rope(positions, h.dtype)
+        if self.layer_stack is not None:
+            h, residual = self.layer_stack.forward(
+                h, *rope, meta.slot_mapping, meta.block_tables, meta.seq_lens, meta.cu_query_lens, meta.causal
+            )
+            return self.norm(h, residual)[0]
         residual = None
         for layer in self.layers:
             h, residual = layer(h, residual, rope, meta)

@@ -62,9 +62,10 @@ def _random_kquant(rows: int, cols: int, qtype) -> np.ndarray:
     return blocks.reshape(rows, -1)
 
 
-def write_gguf(hf_dir, out_file, qtype, arch_name="llama"):
-    """A GGUF of the HF model at hf_dir with every 2-D weight in qtype; also returns the dequantized
-    weights (HF names) so a matching HF folder can be written."""
+def write_gguf(hf_dir, out_file, qtype, arch_name="llama", overrides=None):
+    """A GGUF of the HF model at hf_dir with every 2-D weight in qtype, except those whose HF name ends with a
+    key of `overrides` (name suffix -> type: a Q4_K_M-style mix); also returns the dequantized weights (HF
+    names) so a matching HF folder can be written."""
     import json
 
     from safetensors.torch import load_file
@@ -105,7 +106,9 @@ def write_gguf(hf_dir, out_file, qtype, arch_name="llama"):
     w.add_add_bos_token(False)
     w.add_chat_template(tok.chat_template)
     dequantized = {}
+    base_qtype = qtype
     for name, t in tensors.items():
+        qtype = next((q for suffix, q in (overrides or {}).items() if name.endswith(suffix)), base_qtype)
         arr = t.float().numpy()
         if arch_name == "llama" and name.endswith(("q_proj.weight", "k_proj.weight")):
             arr = _permute(arr, heads if "q_proj" in name else kv_heads)
