@@ -68,18 +68,40 @@ void dequantize_rows(int64_t qtype, const uint8_t* qweight, int64_t rbytes, int6
       dequantize_block(qtype, qweight + r * rbytes + b * bbytes, dst + (r - r0) * width + b * belems);
 }
 
-// qweight: uint8 [N, row_bytes]; returns [N, in_features] in `dtype`
-at::Tensor dequantize_cpu(const at::Tensor& qweight_in, int64_t qtype, int64_t in_features, at::ScalarType dtype) {
-  check_qweight(qweight_in, qtype, in_features);
-  const at::Tensor qweight = qweight_in.dim() == 3 ? deinterleave_rows(qweight_in, qtype) : qweight_in;
-  const int64_t N = qweight.size(0), width = blocks_per_row(qtype, in_features) * block_elems(qtype);
+// Rows [r0, r1) of a plain qweight -> f32 rows at dst by the ISA's vectorized decoders (portable: per block).
+void dequantize_rows_isa(Isa isa, int64_t qtype, const uint8_t* qweight, int64_t rbytes, int64_t r0, int64_t r1,
+                         float* dst, int64_t width) {
+  if (isa == Isa::kPortable) return dequantize_rows(qtype, qweight, rbytes, r0, r1, dst, width);
+  (isa == Isa::kAvx512 ? avx512::dequantize_rows : avx2::dequantize_rows)(qtype, qweight, rbytes,
+                                                                          rbytes / block_bytes(qtype), r0, r1, dst,
+                                                                          width);
+}
+
+void regroup_plain(int64_t qtype, const uint8_t* w, int64_t nb, int64_t r0, int64_t r1, uint8_t* dst);
+
+// qweight: uint8 [N, row_bytes] or interleaved; returns [N, in_features] in `dtype`. Interleaved tiles are
+// regrouped a chunk of whole tiles at a time (an embedding lookup dequantizes the one tile holding its row).
+at::Tensor dequantize_cpu(const at::Tensor& qweight, int64_t qtype, int64_t in_features, at::ScalarType dtype) {
+  check_qweight(qweight, qtype, in_features);
+  const bool interleaved = qweight.dim() == 3;
+  const int64_t N = qweight_rows(qweight), nb = blocks_per_row(qtype, in_features);
+  const int64_t width = nb * block_elems(qtype), rbytes = nb * block_bytes(qtype);
+  const int64_t unit = interleaved ? kTileRows : 1;  // rows handed out together
   at::Tensor full = at::empty({N, width}, qweight.options().dtype(at::kFloat));
   const uint8_t* q = qweight.data_ptr<uint8_t>();
   float* out = full.data_ptr<float>();
-  at::parallel_for(0, N, 64, [&](int64_t r0, int64_t r1) {
-    dequantize_rows(qtype, q, qweight.size(1), r0, r1, out + r0 * width, width);
+  const Isa isa = selected_isa();
+  at::parallel_for(0, N / unit, std::max<int64_t>(1, 64 / unit), [&](int64_t u0, int64_t u1) {
+    const int64_t r0 = u0 * unit, r1 = u1 * unit;
+    if (!interleaved) return dequantize_rows_isa(isa, qtype, q, rbytes, r0, r1, out + r0 * width, width);
+    std::vector<uint8_t> plain(kTileRows * rbytes);
+    for (int64_t r = r0; r < r1; r += kTileRows) {
+      regroup_plain(qtype, q, nb, r, r + kTileRows, plain.data());
+      dequantize_rows_isa(isa, qtype, plain.data(), rbytes, 0, kTileRows, out + r * width, width);
+    }
   });
-  return full.narrow(1, 0, in_features).to(dtype).contiguous();
+  at::Tensor values = full.narrow(1, 0, in_features);
+  return dtype == at::kFloat && width == in_features ? full : values.to(dtype).contiguous();
 }
 
 // weight: float [N, K]; returns uint8 [N, row_bytes(qtype, K)], K zero-padded to whole blocks
@@ -194,12 +216,7 @@ void quant_gemm_slabs(Isa isa, const at::Tensor& x, const at::Tensor& qweight, i
         src = plain.data();
         r0 = 0;
       }
-      if (isa == Isa::kPortable) {
-        dequantize_rows(qtype, src, rbytes, r0, r0 + rows, w_slab.data(), width);
-      } else {
-        (isa == Isa::kAvx512 ? avx512::dequantize_rows : avx2::dequantize_rows)(
-            qtype, src, rbytes, blocks_per_row(qtype, K), r0, r0 + rows, w_slab.data(), width);
-      }
+      dequantize_rows_isa(isa, qtype, src, rbytes, r0, r0 + rows, w_slab.data(), width);
       const at::Tensor w_f32 = at::from_blob(w_slab.data(), {rows, width}, f32);
       // Inside a parallel region the GEMM runs on this thread alone.
       if (bf16) {

@@ -34,22 +34,25 @@ def build_metadata(
     num_seqs = len(num_new)
     width = max(len(t) for t in block_tables)
     tables = torch.tensor([t + [0] * (width - len(t)) for t in block_tables], dtype=torch.int32)
-    q_lens = torch.tensor(num_new, dtype=torch.int32)
-    starts_t = torch.tensor(starts, dtype=torch.int64)
-    cu = torch.zeros(num_seqs + 1, dtype=torch.int32)
-    torch.cumsum(q_lens, 0, out=cu[1:])
-    total = int(cu[-1])
-    if total == num_seqs:  # one token each (a decode step)
-        positions = starts_t
-        seq_index = torch.arange(num_seqs)
+    if sum(num_new) == num_seqs:  # one token each (a decode step): plain list arithmetic, five small tensors
+        slot_list = [t[p // block_size] * block_size + p % block_size for t, p in zip(block_tables, starts)]
+        positions = torch.tensor(starts, dtype=torch.int64)
+        slots = torch.tensor(slot_list, dtype=torch.int64)
+        seq_lens = torch.tensor([p + 1 for p in starts], dtype=torch.int32)
+        cu = torch.arange(num_seqs + 1, dtype=torch.int32)
     else:
+        q_lens = torch.tensor(num_new, dtype=torch.int32)
+        starts_t = torch.tensor(starts, dtype=torch.int64)
+        cu = torch.zeros(num_seqs + 1, dtype=torch.int32)
+        torch.cumsum(q_lens, 0, out=cu[1:])
         seq_index = torch.repeat_interleave(torch.arange(num_seqs), q_lens.long())
-        positions = torch.arange(total) - cu[:-1].long()[seq_index] + starts_t[seq_index]
-    slots = tables[seq_index, positions // block_size].long() * block_size + positions % block_size
+        positions = torch.arange(int(cu[-1])) - cu[:-1].long()[seq_index] + starts_t[seq_index]
+        slots = tables[seq_index, positions // block_size].long() * block_size + positions % block_size
+        seq_lens = (starts_t + q_lens).to(torch.int32)
     meta = AttentionMetadata(
         slot_mapping=slots.to(device, non_blocking=True),
         block_tables=tables.to(device, non_blocking=True),
-        seq_lens=(starts_t + q_lens).to(torch.int32).to(device, non_blocking=True),
+        seq_lens=seq_lens.to(device, non_blocking=True),
         cu_query_lens=cu.to(device, non_blocking=True),
         causal=causal,
     )

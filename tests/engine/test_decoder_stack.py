@@ -68,6 +68,10 @@ def test_stack_equals_python_layers_quantized(tmp_path, qtype):
         assert len(model.layers[0].self_attn.qkv_proj.parts) > 1
     for fused, python in _forward_both(model, 16):
         assert torch.equal(fused, python)
+    ids = torch.tensor([3, 70, 17, 3])  # the token lookup: one row (slices) equals the batched rows
+    batched = model.embedding.embed(ids)
+    for i in range(len(ids)):
+        assert torch.equal(model.embedding.embed(ids[i : i + 1]), batched[i : i + 1])
 
 
 def test_stack_without_cache_says_so():
