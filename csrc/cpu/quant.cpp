@@ -36,6 +36,8 @@ namespace fast_inference::cpu {
                     float* out, int64_t N);                                                                    \
   void dequantize_rows(int64_t qtype, const uint8_t* w, int64_t row_bytes, int64_t nb, int64_t r0, int64_t r1, \
                        float* dst, int64_t width);                                                             \
+  void dequantize_rows_bf16(int64_t qtype, const uint8_t* w, int64_t row_bytes, int64_t nb, int64_t r0,         \
+                            int64_t r1, uint16_t* dst, int64_t width);                                         \
   int64_t tile_unit_rows();                                                                                    \
   void quantize_activations_for_tiles(const void* x, bool x_bf16, int64_t x_stride, int64_t M, int64_t K,       \
                                       int64_t nb, int8_t* q, float* d, float* s);                              \
@@ -55,9 +57,9 @@ constexpr int64_t kMaxGemvRows = 8;
 constexpr int64_t kGemvGrain = 16;
 // A dequantized f32 weight slab of about this size stays in L2 while the GEMM walks it.
 constexpr int64_t kSlabBytes = 256 * 1024;
-// From this many activation rows the bf16 slab GEMM beats the f32 one (one thread, SmolLM2 shapes, Q4_1 / Q8_0:
-// 0.85-1.4x at M = 128, 1.7-2.7x at M = 512, but 0.8x at M = 32 where oneDNN's per-call cost dominates).
-constexpr int64_t kBf16GemmMinRows = 128;
+// From this many activation rows the bf16 slab GEMM beats the f32 one (2 threads, SmolLM2 Q4_1 projections, slabs
+// dequantized straight to bf16: 0.96x at M = 16, 1.1x at 32, 1.4x at 64, 1.6x at 128).
+constexpr int64_t kBf16GemmMinRows = 32;
 
 // Rows [r0, r1) of qweight -> f32 rows of width nb * block_elems at dst (row stride `width`).
 void dequantize_rows(int64_t qtype, const uint8_t* qweight, int64_t rbytes, int64_t r0, int64_t r1, float* dst,
@@ -184,55 +186,51 @@ void quant_tile_gemv(Isa isa, const at::Tensor& x, const at::Tensor& qweight, in
   });
 }
 
-// x: [M, K] contiguous, f32 or bf16 (the GEMM's dtype) -> out f32 [M, N]: dequantized slabs of rows times x by
-// torch's GEMM. bf16 x (only on the AVX-512 BF16 path) multiplies bf16 slabs: oneDNN's bf16 GEMM (AMX /
-// AVX512-BF16) runs several times f32's rate, which is what prefill of a quantized model is bound by.
-// An interleaved qweight is regrouped into plain rows one slab at a time (slabs are whole tiles).
+// x: [M, K] contiguous, f32 or bf16 (the GEMM's dtype) -> out [M, N] in x's dtype: dequantized slabs of rows
+// times x by torch's GEMM. bf16 x (only on the AVX-512 BF16 path) multiplies bf16 slabs, dequantized straight
+// into bf16: oneDNN's bf16 GEMM (AMX / AVX512-BF16) runs several times f32's rate, which is what prefill of a
+// quantized model is bound by. An interleaved qweight is regrouped into plain rows one slab at a time (slabs
+// are whole tiles).
 void quant_gemm_slabs(Isa isa, const at::Tensor& x, const at::Tensor& qweight, int64_t qtype, at::Tensor& out) {
   const int64_t M = x.size(0), K = x.size(1), N = qweight_rows(qweight);
   const bool interleaved = qweight.dim() == 3;
-  const int64_t rbytes = row_bytes(qtype, K);
-  const int64_t width = blocks_per_row(qtype, K) * block_elems(qtype);
+  const int64_t rbytes = row_bytes(qtype, K), nb = blocks_per_row(qtype, K);
+  const int64_t width = nb * block_elems(qtype);
   const int64_t threads = at::get_num_threads();
   int64_t slab = std::max<int64_t>(kSlabBytes / (4 * width), M);
   slab = std::min<int64_t>({slab, 1024, (N + threads - 1) / threads});
   slab = std::max<int64_t>(16, (slab + 15) / 16 * 16);
   const int64_t num_slabs = (N + slab - 1) / slab;
   const uint8_t* w = qweight.data_ptr<uint8_t>();
-  float* o = out.data_ptr<float>();
   const bool bf16 = x.scalar_type() == at::kBFloat16;
+  const int64_t out_bytes = out.element_size();
+  char* o = static_cast<char*>(out.data_ptr());
   at::parallel_for(0, num_slabs, 1, [&](int64_t s0, int64_t s1) {
-    const at::TensorOptions f32 = at::TensorOptions().dtype(at::kFloat);
-    std::vector<float> w_slab(slab * width), y_slab(M * slab);
-    at::Tensor w_bf16 = bf16 ? at::empty({slab, width}, f32.dtype(at::kBFloat16)) : at::Tensor();
-    at::Tensor y_bf16 = bf16 ? at::empty({M, slab}, f32.dtype(at::kBFloat16)) : at::Tensor();
+    // Per thread: the slab's weight (f32 or bf16) and its product, both cache-sized.
+    const at::TensorOptions opts = at::TensorOptions().dtype(x.scalar_type());
+    at::Tensor w_slab = at::empty({slab, width}, opts), y_slab = at::empty({M, slab}, opts);
     std::vector<uint8_t> plain(interleaved ? slab * rbytes : 0);
     for (int64_t s = s0; s < s1; ++s) {
       const int64_t n0 = s * slab, rows = std::min(slab, N - n0);
       const uint8_t* src = w;
       int64_t r0 = n0;
       if (interleaved) {
-        regroup_plain(qtype, w, blocks_per_row(qtype, K), n0, n0 + rows, plain.data());
+        regroup_plain(qtype, w, nb, n0, n0 + rows, plain.data());
         src = plain.data();
         r0 = 0;
       }
-      dequantize_rows_isa(isa, qtype, src, rbytes, r0, r0 + rows, w_slab.data(), width);
-      const at::Tensor w_f32 = at::from_blob(w_slab.data(), {rows, width}, f32);
-      // Inside a parallel region the GEMM runs on this thread alone.
       if (bf16) {
-        at::Tensor wt = w_bf16.narrow(0, 0, rows);
-        wt.copy_(w_f32);
-        at::Tensor y = y_bf16.narrow(1, 0, rows);
-        at::mm_out(y, x, wt.narrow(1, 0, K).t());
-        for (int64_t m = 0; m < M; ++m) {
-          const c10::BFloat16* ym = y_bf16.data_ptr<c10::BFloat16>() + m * slab;
-          for (int64_t r = 0; r < rows; ++r) o[m * N + n0 + r] = static_cast<float>(ym[r]);
-        }
+        (isa == Isa::kAvx512 ? avx512::dequantize_rows_bf16 : avx2::dequantize_rows_bf16)(
+            qtype, src, rbytes, nb, r0, r0 + rows, static_cast<uint16_t*>(w_slab.data_ptr()), width);
       } else {
-        at::Tensor y = at::from_blob(y_slab.data(), {M, rows}, f32);
-        at::mm_out(y, x, w_f32.narrow(1, 0, K).t());
-        for (int64_t m = 0; m < M; ++m) std::copy_n(y_slab.data() + m * rows, rows, o + m * N + n0);
+        dequantize_rows_isa(isa, qtype, src, rbytes, r0, r0 + rows, w_slab.data_ptr<float>(), width);
       }
+      // Inside a parallel region the GEMM runs on this thread alone.
+      at::Tensor y = y_slab.narrow(1, 0, rows);
+      at::mm_out(y, x, w_slab.narrow(0, 0, rows).narrow(1, 0, K).t());
+      const char* ys = static_cast<const char*>(y_slab.data_ptr());
+      for (int64_t m = 0; m < M; ++m)
+        std::memcpy(o + (m * N + n0) * out_bytes, ys + m * slab * out_bytes, rows * out_bytes);
     }
   });
 }
@@ -253,19 +251,19 @@ at::Tensor quant_linear_cpu(const at::Tensor& x, const at::Tensor& qweight, int6
     if (bias.has_value()) out.add_(*bias);
     return out;
   }
-  at::Tensor out = at::empty({M, N}, x.options().dtype(at::kFloat));
+  // bf16 activations keep a bf16 GEMM where the CPU has one natively and M is large enough for oneDNN's per-slab
+  // call to pay off (the output then comes out in bf16); everything else multiplies in f32.
+  const bool bf16_gemm = x.scalar_type() == at::kBFloat16 && isa == Isa::kAvx512 && M >= kBf16GemmMinRows;
+  at::Tensor out = at::empty({M, N}, x.options().dtype(bf16_gemm ? at::kBFloat16 : at::kFloat));
   if (M > 0) {
     if (M <= kMaxGemvRows && isa != Isa::kPortable && qweight.dim() == 2) {
       quant_gemv(isa, x.to(at::kFloat).contiguous(), qweight, qtype, out);
     } else {
-      // bf16 activations keep a bf16 GEMM where the CPU has one natively and M is large enough for oneDNN's
-      // per-slab call to pay off; everything else multiplies in f32.
-      const bool bf16_gemm = x.scalar_type() == at::kBFloat16 && isa == Isa::kAvx512 && M >= kBf16GemmMinRows;
-      quant_gemm_slabs(isa, x.to(bf16_gemm ? at::kBFloat16 : at::kFloat).contiguous(), qweight, qtype, out);
+      quant_gemm_slabs(isa, x.to(out.scalar_type()).contiguous(), qweight, qtype, out);
     }
   }
-  if (bias.has_value()) out.add_(bias->to(at::kFloat));
-  return x.scalar_type() == at::kFloat ? out : out.to(x.scalar_type());
+  if (bias.has_value()) out.add_(bias->to(out.scalar_type()));
+  return out.scalar_type() == x.scalar_type() ? out : out.to(x.scalar_type());
 }
 
 }  // namespace

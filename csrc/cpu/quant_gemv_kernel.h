@@ -38,6 +38,9 @@ inline VF fmul(VF a, VF b) { return _mm512_mul_ps(a, b); }
 inline VF fset1(float v) { return _mm512_set1_ps(v); }
 inline VF floadu(const float* p) { return _mm512_loadu_ps(p); }
 inline void fstoreu(float* p, VF v) { _mm512_storeu_ps(p, v); }
+inline void fstoreu_bf16(uint16_t* p, VF v) {  // f32 -> bf16, round to nearest even
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), (__m256i)_mm512_cvtneps_pbh(v));
+}
 inline VI iloadu(const void* p) { return _mm512_loadu_si512(p); }
 inline VF cvt(VI v) { return _mm512_cvtepi32_ps(v); }
 inline float hsum(VF v) { return _mm512_reduce_add_ps(v); }
@@ -61,6 +64,13 @@ inline VF fmul(VF a, VF b) { return _mm256_mul_ps(a, b); }
 inline VF fset1(float v) { return _mm256_set1_ps(v); }
 inline VF floadu(const float* p) { return _mm256_loadu_ps(p); }
 inline void fstoreu(float* p, VF v) { _mm256_storeu_ps(p, v); }
+inline void fstoreu_bf16(uint16_t* p, VF v) {  // f32 -> bf16, round to nearest even (integer arithmetic)
+  const __m256i bits = _mm256_castps_si256(v);
+  const __m256i odd = _mm256_and_si256(_mm256_srli_epi32(bits, 16), _mm256_set1_epi32(1));
+  const __m256i top = _mm256_srli_epi32(_mm256_add_epi32(bits, _mm256_add_epi32(_mm256_set1_epi32(0x7FFF), odd)), 16);
+  const __m256i packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(top, top), 0x08);
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_castsi256_si128(packed));
+}
 inline VI iloadu(const void* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); }
 inline VF cvt(VI v) { return _mm256_cvtepi32_ps(v); }
 inline float hsum(VF v) {
@@ -461,16 +471,18 @@ inline void store_chunk(VI u, VI s, VF d, VF z, float* dst) {
 #endif
 }
 
-template <class F>
-void dequantize_rows_format(const uint8_t* w, int64_t row_bytes, int64_t nb, int64_t r0, int64_t r1, float* dst,
+// Rows [r0, r1) of w -> rows of nb * block_elems values at dst (row stride `width`), f32 or bf16 (uint16 bits).
+template <class F, class Out>
+void dequantize_rows_format(const uint8_t* w, int64_t row_bytes, int64_t nb, int64_t r0, int64_t r1, Out* dst,
                             int64_t width) {
   constexpr int kChunks = F::kGroup / kChunk;
+  constexpr int kLanes = sizeof(VF) / sizeof(float);
   const int64_t values = nb * (F::kGroup == 256 ? 256 : 32);
   const int64_t groups = (values + F::kGroup - 1) / F::kGroup;
   alignas(64) float spill[kChunk];
   for (int64_t r = r0; r < r1; ++r) {
     const uint8_t* row = w + r * row_bytes;
-    float* out = dst + (r - r0) * width;
+    Out* out = dst + (r - r0) * width;
     for (int64_t g = 0; g < groups; ++g) {
       const typename F::Group grp = F::begin(row, g, nb);
       for (int c = 0; c < kChunks; ++c) {
@@ -478,20 +490,24 @@ void dequantize_rows_format(const uint8_t* w, int64_t row_bytes, int64_t nb, int
         VF d, z;
         F::chunk(grp, c, u, s, d, z);
         const int64_t k0 = g * F::kGroup + c * kChunk;
-        if (k0 + kChunk <= values) {
-          store_chunk<F::kSigned>(u, s, d, z, out + k0);
-        } else {  // an AVX-512 pair whose second block is past the row's end
+        const bool whole = k0 + kChunk <= values;  // else an AVX-512 pair whose second block is past the row's end
+        if constexpr (std::is_same_v<Out, float>) {
+          store_chunk<F::kSigned>(u, s, d, z, whole ? out + k0 : spill);
+          if (!whole) std::copy_n(spill, values - k0, out + k0);
+        } else {
           store_chunk<F::kSigned>(u, s, d, z, spill);
-          std::copy_n(spill, values - k0, out + k0);
+          alignas(64) uint16_t narrow[kChunk];
+          for (int i = 0; i < kChunk; i += kLanes) fstoreu_bf16((whole ? out + k0 : narrow) + i, floadu(spill + i));
+          if (!whole) std::copy_n(narrow, values - k0, out + k0);
         }
       }
     }
   }
 }
 
-// Rows [r0, r1) of w -> f32 rows of nb * block_elems values at dst (row stride `width`).
-void dequantize_rows(int64_t qtype, const uint8_t* w, int64_t row_bytes, int64_t nb, int64_t r0, int64_t r1,
-                     float* dst, int64_t width) {
+template <class Out>
+void dequantize_rows_to(int64_t qtype, const uint8_t* w, int64_t row_bytes, int64_t nb, int64_t r0, int64_t r1,
+                        Out* dst, int64_t width) {
   switch (qtype) {
     case kQ4_0: return dequantize_rows_format<Q4Block<kQ4_0>>(w, row_bytes, nb, r0, r1, dst, width);
     case kQ4_1: return dequantize_rows_format<Q4Block<kQ4_1>>(w, row_bytes, nb, r0, r1, dst, width);
@@ -500,6 +516,18 @@ void dequantize_rows(int64_t qtype, const uint8_t* w, int64_t row_bytes, int64_t
     case kQ5_K: return dequantize_rows_format<QK45<true>>(w, row_bytes, nb, r0, r1, dst, width);
     default: return dequantize_rows_format<Q6K>(w, row_bytes, nb, r0, r1, dst, width);
   }
+}
+
+// Rows [r0, r1) of w -> f32 rows of nb * block_elems values at dst (row stride `width`).
+void dequantize_rows(int64_t qtype, const uint8_t* w, int64_t row_bytes, int64_t nb, int64_t r0, int64_t r1,
+                     float* dst, int64_t width) {
+  dequantize_rows_to(qtype, w, row_bytes, nb, r0, r1, dst, width);
+}
+
+// The same into bf16 bit patterns (the bf16 slab GEMM's operand, written once instead of f32 then converted).
+void dequantize_rows_bf16(int64_t qtype, const uint8_t* w, int64_t row_bytes, int64_t nb, int64_t r0, int64_t r1,
+                          uint16_t* dst, int64_t width) {
+  dequantize_rows_to(qtype, w, row_bytes, nb, r0, r1, dst, width);
 }
 
 }  // namespace fast_inference::cpu::FI_QUANT_ISA

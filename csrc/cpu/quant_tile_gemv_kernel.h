@@ -99,17 +99,7 @@ inline VF load_scales(const uint8_t* p) {  // kUnitRows fp16 -> f32
 }
 
 inline void store_unit(float* dst, VF v) { fstoreu(dst, v); }
-inline void store_unit(uint16_t* dst, VF v) {  // f32 -> bf16, round to nearest even
-#if defined(FI_QUANT_WIDE)
-  _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst), (__m256i)_mm512_cvtneps_pbh(v));
-#else
-  const __m256i bits = _mm256_castps_si256(v);
-  const __m256i odd = _mm256_and_si256(_mm256_srli_epi32(bits, 16), _mm256_set1_epi32(1));
-  const __m256i top = _mm256_srli_epi32(_mm256_add_epi32(bits, _mm256_add_epi32(_mm256_set1_epi32(0x7FFF), odd)), 16);
-  const __m256i packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(top, top), 0x08);
-  _mm_storeu_si128(reinterpret_cast<__m128i*>(dst), _mm256_castsi256_si128(packed));
-#endif
-}
+inline void store_unit(uint16_t* dst, VF v) { fstoreu_bf16(dst, v); }
 
 // Units [u, u + NU) against M activation rows: out[m * N + u * kUnitRows + r] for the NU * kUnitRows rows.
 template <int64_t QT, int M, int NU, class Out>

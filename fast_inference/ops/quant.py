@@ -68,5 +68,5 @@ def quant_linear(
 ) -> torch.Tensor:  # [M, N] in x's dtype
     """x W^T + b with W in its block format. On CPU decode-sized x (M <= 8) streams W once (int8 dot products
     for every format, activations quantized to 32-value blocks as llama.cpp does); larger M dequantizes cache-
-    sized slabs of W into a GEMM (bf16 for bf16 x from M = 128 on AVX-512 BF16 CPUs, else f32)."""
+    sized slabs of W into a GEMM (bf16 for bf16 x from M = 32 on AVX-512 BF16 CPUs, else f32)."""
     return torch.ops.fast_inference.quant_linear(x, qweight, qtype, bias)
