@@ -9,7 +9,7 @@
 //     on AVX-512 BF16 CPUs, f32 elsewhere).
 //   Interleaved weights (Q4_0 / Q4_1 / Q8_0 in tiles of 16 rows, quant_formats.h; what the engine keeps on CPU):
 //     M <= 8 by the tile GEMV (quant_tile_gemv_kernel.h), reading f32 or bf16 activations and writing the
-//     output dtype directly; larger M by the slab path, which regroups each slab's tiles into plain rows first.
+//     output dtype directly; larger M by the slab path, which dequantizes each slab of tiles straight into W^T.
 //   No AVX2: every path goes through the dequantized slabs.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -38,6 +38,8 @@ namespace fast_inference::cpu {
                        float* dst, int64_t width);                                                             \
   void dequantize_rows_bf16(int64_t qtype, const uint8_t* w, int64_t row_bytes, int64_t nb, int64_t r0,         \
                             int64_t r1, uint16_t* dst, int64_t width);                                         \
+  void dequantize_tiles_t(int64_t qtype, const uint8_t* w, int64_t nb, int64_t n0, int64_t n1, void* dst,      \
+                          bool dst_bf16, int64_t ld);                                                          \
   int64_t tile_unit_rows();                                                                                    \
   void quantize_activations_for_tiles(const void* x, bool x_bf16, int64_t x_stride, int64_t M, int64_t K,       \
                                       int64_t nb, int8_t* q, float* d, float* s);                              \
@@ -189,8 +191,8 @@ void quant_tile_gemv(Isa isa, const at::Tensor& x, const at::Tensor& qweight, in
 // x: [M, K] contiguous, f32 or bf16 (the GEMM's dtype) -> out [M, N] in x's dtype: dequantized slabs of rows
 // times x by torch's GEMM. bf16 x (only on the AVX-512 BF16 path) multiplies bf16 slabs, dequantized straight
 // into bf16: oneDNN's bf16 GEMM (AMX / AVX512-BF16) runs several times f32's rate, which is what prefill of a
-// quantized model is bound by. An interleaved qweight is regrouped into plain rows one slab at a time (slabs
-// are whole tiles).
+// quantized model is bound by. An interleaved qweight is dequantized a slab of whole tiles at a time straight
+// into W^T (the tiles' own order).
 void quant_gemm_slabs(Isa isa, const at::Tensor& x, const at::Tensor& qweight, int64_t qtype, at::Tensor& out) {
   const int64_t M = x.size(0), K = x.size(1), N = qweight_rows(qweight);
   const bool interleaved = qweight.dim() == 3;
@@ -206,28 +208,38 @@ void quant_gemm_slabs(Isa isa, const at::Tensor& x, const at::Tensor& qweight, i
   const int64_t out_bytes = out.element_size();
   char* o = static_cast<char*>(out.data_ptr());
   at::parallel_for(0, num_slabs, 1, [&](int64_t s0, int64_t s1) {
-    // Per thread: the slab's weight (f32 or bf16) and its product, both cache-sized.
+    // Per thread: the slab's weight (f32 or bf16) and its product, both cache-sized. Interleaved tiles are
+    // dequantized transposed ([width, slab]: the tiles' natural order), plain rows as rows ([slab, width]).
     const at::TensorOptions opts = at::TensorOptions().dtype(x.scalar_type());
-    at::Tensor w_slab = at::empty({slab, width}, opts), y_slab = at::empty({M, slab}, opts);
-    std::vector<uint8_t> plain(interleaved ? slab * rbytes : 0);
+    const bool transposed = interleaved && isa != Isa::kPortable;
+    at::Tensor w_slab = transposed ? at::empty({width, slab}, opts) : at::empty({slab, width}, opts);
+    std::vector<uint8_t> plain(interleaved && !transposed ? slab * rbytes : 0);
+    at::Tensor y_slab = at::empty({M, slab}, opts);
     for (int64_t s = s0; s < s1; ++s) {
       const int64_t n0 = s * slab, rows = std::min(slab, N - n0);
+      at::Tensor wt;  // W^T of the slab's rows: [K, rows]
       const uint8_t* src = w;
       int64_t r0 = n0;
-      if (interleaved) {
+      if (interleaved && !transposed) {  // no vector decoder: tiles regrouped into plain rows first
         regroup_plain(qtype, w, nb, n0, n0 + rows, plain.data());
         src = plain.data();
         r0 = 0;
       }
-      if (bf16) {
+      if (transposed) {
+        (isa == Isa::kAvx512 ? avx512::dequantize_tiles_t : avx2::dequantize_tiles_t)(
+            qtype, w, nb, n0, n0 + rows, w_slab.data_ptr(), bf16, slab);
+        wt = w_slab.narrow(0, 0, K).narrow(1, 0, rows);
+      } else if (bf16) {
         (isa == Isa::kAvx512 ? avx512::dequantize_rows_bf16 : avx2::dequantize_rows_bf16)(
             qtype, src, rbytes, nb, r0, r0 + rows, static_cast<uint16_t*>(w_slab.data_ptr()), width);
+        wt = w_slab.narrow(0, 0, rows).narrow(1, 0, K).t();
       } else {
         dequantize_rows_isa(isa, qtype, src, rbytes, r0, r0 + rows, w_slab.data_ptr<float>(), width);
+        wt = w_slab.narrow(0, 0, rows).narrow(1, 0, K).t();
       }
       // Inside a parallel region the GEMM runs on this thread alone.
       at::Tensor y = y_slab.narrow(1, 0, rows);
-      at::mm_out(y, x, w_slab.narrow(0, 0, rows).narrow(1, 0, K).t());
+      at::mm_out(y, x, wt);
       const char* ys = static_cast<const char*>(y_slab.data_ptr());
       for (int64_t m = 0; m < M; ++m)
         std::memcpy(o + (m * N + n0) * out_bytes, ys + m * slab * out_bytes, rows * out_bytes);

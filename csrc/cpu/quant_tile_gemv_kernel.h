@@ -98,6 +98,20 @@ inline VF load_scales(const uint8_t* p) {  // kUnitRows fp16 -> f32
 #endif
 }
 
+#if defined(FI_QUANT_WIDE)
+inline VI srl32(VI v, int n) { return _mm512_srli_epi32(v, n); }
+inline VI sll32(VI v, int n) { return _mm512_slli_epi32(v, n); }
+inline VI srai32(VI v, int n) { return _mm512_srai_epi32(v, n); }
+inline VI sub32(VI a, VI b) { return _mm512_sub_epi32(a, b); }
+inline VI set1_32(int v) { return _mm512_set1_epi32(v); }
+#else
+inline VI srl32(VI v, int n) { return _mm256_srli_epi32(v, n); }
+inline VI sll32(VI v, int n) { return _mm256_slli_epi32(v, n); }
+inline VI srai32(VI v, int n) { return _mm256_srai_epi32(v, n); }
+inline VI sub32(VI a, VI b) { return _mm256_sub_epi32(a, b); }
+inline VI set1_32(int v) { return _mm256_set1_epi32(v); }
+#endif
+
 inline void store_unit(float* dst, VF v) { fstoreu(dst, v); }
 inline void store_unit(uint16_t* dst, VF v) { fstoreu_bf16(dst, v); }
 
@@ -205,6 +219,62 @@ void tile_gemv_format(const BlockActivations& a, int64_t M, const uint8_t* w, in
     case 6: return tile_gemv_m<QT, 6>(a, w, u0, u1, out, N);
     case 7: return tile_gemv_m<QT, 7>(a, w, u0, u1, out, N);
     default: return tile_gemv_m<QT, 8>(a, w, u0, u1, out, N);
+  }
+}
+
+// Whole tiles of rows [n0, n1) of the interleaved weight w, dequantized transposed: dst[k * ld + (r - n0)] for
+// k < nb * 32, f32 or bf16 bits (the slab GEMM's operand W^T). A tile's word lines already hold its rows side
+// by side, so every decoded vector is kUnitRows consecutive outputs of one column k: nothing is regrouped.
+template <int64_t QT, class Out>
+void dequantize_tiles_t_format(const uint8_t* w, int64_t nb, int64_t n0, int64_t n1, Out* dst, int64_t ld) {
+  constexpr int64_t kTileBytes = kTileRows * (QT == kQ4_0 ? 18 : QT == kQ4_1 ? 20 : 34);
+  constexpr int64_t kHeaderBytes = QT == kQ4_1 ? 64 : 32;
+  constexpr int kWords = QT == kQ8_0 ? 8 : 4;
+  auto store = [&](int64_t k, int64_t col, VF v) { store_unit(dst + k * ld + col, v); };
+  for (int64_t g = n0 / kTileRows; g < n1 / kTileRows; ++g) {
+    for (int64_t half = 0; half < kUnitsPerTile; ++half) {
+      const int64_t col = g * kTileRows - n0 + half * kUnitRows;
+      for (int64_t b = 0; b < nb; ++b) {
+        const uint8_t* tile = w + (g * nb + b) * kTileBytes;
+        const VF d = load_scales(tile + 16 * half);
+        const uint8_t* words = tile + kHeaderBytes + 32 * half;
+        for (int j = 0; j < kWords; ++j) {
+          const VI v = iloadu(words + 64 * j);  // lane r: bytes 4j .. 4j + 3 of row r's quants
+          for (int i = 0; i < 4; ++i) {
+            const int64_t k = b * 32 + 4 * j + i;
+            if constexpr (QT == kQ8_0) {
+              store(k, col, fmul(cvt(srai32(sll32(v, 24 - 8 * i), 24)), d));
+            } else {  // byte 4j + i holds value 4j + i (low nibble) and value 4j + i + 16 (high nibble)
+              const VI lo = band(srl32(v, 8 * i), set1_32(0x0F)), hi = band(srl32(v, 8 * i + 4), set1_32(0x0F));
+              if constexpr (QT == kQ4_0) {
+                store(k, col, fmul(cvt(sub32(lo, set1_32(8))), d));
+                store(k + 16, col, fmul(cvt(sub32(hi, set1_32(8))), d));
+              } else {
+                const VF m = load_scales(tile + 32 + 16 * half);
+                store(k, col, fmadd(cvt(lo), d, m));
+                store(k + 16, col, fmadd(cvt(hi), d, m));
+              }
+            }
+          }
+        }
+      }
+    }
+  }
+}
+
+void dequantize_tiles_t(int64_t qtype, const uint8_t* w, int64_t nb, int64_t n0, int64_t n1, void* dst, bool dst_bf16,
+                        int64_t ld) {
+  auto run = [&](auto* o) {
+    switch (qtype) {
+      case kQ4_0: return dequantize_tiles_t_format<kQ4_0>(w, nb, n0, n1, o, ld);
+      case kQ4_1: return dequantize_tiles_t_format<kQ4_1>(w, nb, n0, n1, o, ld);
+      default: return dequantize_tiles_t_format<kQ8_0>(w, nb, n0, n1, o, ld);
+    }
+  };
+  if (dst_bf16) {
+    run(static_cast<uint16_t*>(dst));
+  } else {
+    run(static_cast<float*>(dst));
   }
 }
 
