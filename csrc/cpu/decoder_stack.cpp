@@ -55,6 +55,9 @@ const Ops& ops() {
   return instance;
 }
 
+// quant_linear's decode GEMV takes up to this many rows (its M <= 8 path).
+constexpr int64_t kGemvRows = 8;
+
 // y = x W^T (+ b) exactly as the Python module it stands for computes it: models/llama.py Linear (one dense
 // part, op_rows, packed) or models/quantized.py QuantizedLinear (row groups, each quantized or dense, whose
 // outputs are concatenated, the bias added to the sum).
@@ -73,8 +76,15 @@ struct Projection : torch::CustomClassHolder {
                 "Projection: parts and qtypes must be non-empty and of equal length");
   }
 
-  at::Tensor part(const at::Tensor& x, size_t i, const std::optional<at::Tensor>& b) const {
-    if (qtypes[i] >= 0) return ops().quant_linear.call(x, parts[i], qtypes[i], b);
+  at::Tensor part(const at::Tensor& x, size_t i, const std::optional<at::Tensor>& b, bool per_row) const {
+    if (qtypes[i] >= 0) {
+      if (!per_row || x.size(0) <= kGemvRows) return ops().quant_linear.call(x, parts[i], qtypes[i], b);
+      std::vector<at::Tensor> chunks;
+      for (int64_t r = 0; r < x.size(0); r += kGemvRows)
+        chunks.push_back(ops().quant_linear.call(x.narrow(0, r, std::min(kGemvRows, x.size(0) - r)), parts[i],
+                                                 qtypes[i], b));
+      return at::cat(chunks);
+    }
     if (x.size(0) <= op_rows) return ops().linear.call(x, parts[i], b);
     if (packed.has_value()) {
       torch::jit::Stack stack{x, *packed, b, std::string("none"), c10::List<std::optional<c10::Scalar>>(),
@@ -85,12 +95,16 @@ struct Projection : torch::CustomClassHolder {
     return at::linear(x, parts[i], b);
   }
 
-  // x [T, K] -> [T, N] in x's dtype
-  at::Tensor forward(const at::Tensor& x) const {
-    if (parts.size() == 1) return part(x, 0, bias);
+  // x [T, K] -> [T, N] in x's dtype. per_row: quantized parts run kGemvRows rows at a time, so every row takes
+  // the decode GEMV (int8 activation blocks, as a batch-1 step does) whatever the batch size: a decode step's
+  // rows are then computed the same in a batch of 32 as alone, at a fraction of the dequantized slabs' cost.
+  // Prefill rows (per_row false) above kGemvRows stay on the exact slabs (see quant.cpp: int8 activations
+  // there corrupt the attention sink's K/V).
+  at::Tensor forward(const at::Tensor& x, bool per_row) const {
+    if (parts.size() == 1) return part(x, 0, bias, per_row);
     std::vector<at::Tensor> outs;
     outs.reserve(parts.size());
-    for (size_t i = 0; i < parts.size(); ++i) outs.push_back(part(x, i, std::nullopt));
+    for (size_t i = 0; i < parts.size(); ++i) outs.push_back(part(x, i, std::nullopt, per_row));
     at::Tensor y = at::cat(outs, -1);
     return bias.has_value() ? y + *bias : y;
   }
@@ -154,10 +168,10 @@ struct DecoderStack : torch::CustomClassHolder {
 
   at::Tensor attention(const Layer& layer, const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin,
                        const at::Tensor& slot_mapping, const at::Tensor& block_tables, const at::Tensor& seq_lens,
-                       const at::Tensor& cu_query_lens, bool causal) const {
+                       const at::Tensor& cu_query_lens, bool causal, bool decode) const {
     const int64_t T = x.size(0), H = num_heads, KV = num_kv_heads, D = head_dim;
     const int64_t q_size = H * D, kv_size = KV * D;
-    at::Tensor qkv = layer.qkv->forward(x);
+    at::Tensor qkv = layer.qkv->forward(x, decode);
     at::Tensor q, k, v;
     if (x.scalar_type() != at::kFloat && !layer.q_norm.has_value()) {
       // One in-place RoPE over the q and k heads of the fused projection; q, k, v stay views of it.
@@ -183,14 +197,14 @@ struct DecoderStack : torch::CustomClassHolder {
     ops().reshape_and_cache.call(k, v, key_cache, value_cache, slot_mapping);
     at::Tensor out = at::empty(q.sizes(), q.options());
     ops().paged_attention.call(q, key_cache, value_cache, block_tables, seq_lens, cu_query_lens, scale, causal, out);
-    return layer.o->forward(out.reshape({T, q_size}));
+    return layer.o->forward(out.reshape({T, q_size}), decode);
   }
 
-  at::Tensor mlp(const Layer& layer, const at::Tensor& x) const {
-    at::Tensor gate_up = layer.gate_up->forward(x);
-    if (x.scalar_type() != at::kFloat) return layer.down->forward(ops().silu_and_mul.call(gate_up));
-    return layer.down->forward(at::silu(gate_up.narrow(1, 0, intermediate)) *
-                               gate_up.narrow(1, intermediate, intermediate));
+  at::Tensor mlp(const Layer& layer, const at::Tensor& x, bool decode) const {
+    at::Tensor gate_up = layer.gate_up->forward(x, decode);
+    if (x.scalar_type() != at::kFloat) return layer.down->forward(ops().silu_and_mul.call(gate_up), decode);
+    return layer.down->forward(
+        at::silu(gate_up.narrow(1, 0, intermediate)) * gate_up.narrow(1, intermediate, intermediate), decode);
   }
 
   // h: the token embeddings [T, hidden]; cos, sin: [T, head_dim] in h's dtype (RotaryEmbedding.forward);
@@ -201,14 +215,15 @@ struct DecoderStack : torch::CustomClassHolder {
                                              const at::Tensor& seq_lens, const at::Tensor& cu_query_lens,
                                              bool causal) const {
     TORCH_CHECK(!layers.empty() && layers[0].key_cache.defined(), "DecoderStack: call bind_kv_cache first");
+    const bool decode = cu_query_lens.size(0) - 1 == embeddings.size(0);  // one new token per sequence
     at::Tensor residual = embeddings.clone();  // updated in place by the fused norms
     at::Tensor h = norm(embeddings, layers[0].input_norm);
     for (size_t i = 0; i < layers.size(); ++i) {
       const Layer& layer = layers[i];
       if (i > 0) h = add_norm(h, residual, layer.input_norm);
-      h = attention(layer, h, cos, sin, slot_mapping, block_tables, seq_lens, cu_query_lens, causal);
+      h = attention(layer, h, cos, sin, slot_mapping, block_tables, seq_lens, cu_query_lens, causal, decode);
       h = add_norm(h, residual, layer.post_norm);
-      h = mlp(layer, h);
+      h = mlp(layer, h, decode);
     }
     return {h, residual};
   }

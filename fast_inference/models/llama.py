@@ -332,6 +332,9 @@ class LlamaForCausalLM(nn.Module):
     # On CPU after prepack(): the layers as one C++ fast_inference.DecoderStack (csrc/cpu/decoder_stack.cpp),
     # the same ops without ~450 Python calls per step; None runs the Python layers (CUDA, tensor parallel).
     layer_stack: torch.ScriptObject | None = None
+    # On CPU with a quantized head: the head as a C++ Projection run one decode-GEMV row group at a time, so each
+    # sampled row's logits are computed the same whatever the batch (see Projection::forward).
+    head_projection: torch.ScriptObject | None = None
 
     def prepack(self, batch_hint: int = 32, keep_plain: bool = True) -> None:
         """After loading: re-lay out the layer weights for the device's fastest GEMM (CPU bf16: oneDNN), and on
@@ -343,6 +346,10 @@ class LlamaForCausalLM(nn.Module):
         if self.head is None:
             self._prepack_dense_head(batch_hint)
         self.layer_stack = self._build_layer_stack()
+        quantized_head = self.head is not None and hasattr(self.head, "projection")
+        self.head_projection = (
+            self.head.projection() if quantized_head and self.layer_stack is not None else None
+        )
 
     def _build_layer_stack(self) -> torch.ScriptObject | None:
         cfg = self.config
@@ -420,6 +427,8 @@ class LlamaForCausalLM(nn.Module):
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden [B, hidden] -> float32 logits [B, vocab]."""
+        if self.head_projection is not None:
+            return self.head_projection.forward(hidden, True).float()
         if self.head is not None:
             return self.head(hidden).float()
         on_cpu = hidden.device.type == "cpu"
