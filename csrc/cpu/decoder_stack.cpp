@@ -76,13 +76,16 @@ struct Projection : torch::CustomClassHolder {
                 "Projection: parts and qtypes must be non-empty and of equal length");
   }
 
-  at::Tensor part(const at::Tensor& x, size_t i, const std::optional<at::Tensor>& b, bool per_row) const {
+  at::Tensor part(const at::Tensor& x, size_t i, const std::optional<at::Tensor>& b, int64_t gemv_rows) const {
     if (qtypes[i] >= 0) {
-      if (!per_row || x.size(0) <= kGemvRows) return ops().quant_linear.call(x, parts[i], qtypes[i], b);
+      const int64_t T = x.size(0);
+      if (gemv_rows <= 0 || T <= kGemvRows) return ops().quant_linear.call(x, parts[i], qtypes[i], b);
       std::vector<at::Tensor> chunks;
-      for (int64_t r = 0; r < x.size(0); r += kGemvRows)
-        chunks.push_back(ops().quant_linear.call(x.narrow(0, r, std::min(kGemvRows, x.size(0) - r)), parts[i],
+      for (int64_t r = 0; r < gemv_rows; r += kGemvRows)
+        chunks.push_back(ops().quant_linear.call(x.narrow(0, r, std::min(kGemvRows, gemv_rows - r)), parts[i],
                                                  qtypes[i], b));
+      if (gemv_rows < T) chunks.push_back(ops().quant_linear.call(x.narrow(0, gemv_rows, T - gemv_rows), parts[i],
+                                                                  qtypes[i], b));
       return at::cat(chunks);
     }
     if (x.size(0) <= op_rows) return ops().linear.call(x, parts[i], b);
@@ -95,16 +98,16 @@ struct Projection : torch::CustomClassHolder {
     return at::linear(x, parts[i], b);
   }
 
-  // x [T, K] -> [T, N] in x's dtype. per_row: quantized parts run kGemvRows rows at a time, so every row takes
-  // the decode GEMV (int8 activation blocks, as a batch-1 step does) whatever the batch size: a decode step's
-  // rows are then computed the same in a batch of 32 as alone, at a fraction of the dequantized slabs' cost.
-  // Prefill rows (per_row false) above kGemvRows stay on the exact slabs (see quant.cpp: int8 activations
-  // there corrupt the attention sink's K/V).
-  at::Tensor forward(const at::Tensor& x, bool per_row) const {
-    if (parts.size() == 1) return part(x, 0, bias, per_row);
+  // x [T, K] -> [T, N] in x's dtype. The first gemv_rows rows (a step's decode rows) of quantized parts run
+  // kGemvRows rows at a time, so each takes the decode GEMV (int8 activation blocks, as a batch-1 step does)
+  // whatever the batch: a decode row is computed the same in a batch of 32, or next to a prompt chunk, as alone,
+  // at a fraction of the dequantized slabs' cost. The other rows (prompt chunks) go through quant_linear as one
+  // call: above kGemvRows its exact slabs (quant.cpp: int8 activations there corrupt the attention sink's K/V).
+  at::Tensor forward(const at::Tensor& x, int64_t gemv_rows) const {
+    if (parts.size() == 1) return part(x, 0, bias, gemv_rows);
     std::vector<at::Tensor> outs;
     outs.reserve(parts.size());
-    for (size_t i = 0; i < parts.size(); ++i) outs.push_back(part(x, i, std::nullopt, per_row));
+    for (size_t i = 0; i < parts.size(); ++i) outs.push_back(part(x, i, std::nullopt, gemv_rows));
     at::Tensor y = at::cat(outs, -1);
     return bias.has_value() ? y + *bias : y;
   }
@@ -168,10 +171,10 @@ struct DecoderStack : torch::CustomClassHolder {
 
   at::Tensor attention(const Layer& layer, const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin,
                        const at::Tensor& slot_mapping, const at::Tensor& block_tables, const at::Tensor& seq_lens,
-                       const at::Tensor& cu_query_lens, bool causal, bool decode) const {
+                       const at::Tensor& cu_query_lens, bool causal, int64_t decode_rows) const {
     const int64_t T = x.size(0), H = num_heads, KV = num_kv_heads, D = head_dim;
     const int64_t q_size = H * D, kv_size = KV * D;
-    at::Tensor qkv = layer.qkv->forward(x, decode);
+    at::Tensor qkv = layer.qkv->forward(x, decode_rows);
     at::Tensor q, k, v;
     if (x.scalar_type() != at::kFloat && !layer.q_norm.has_value()) {
       // One in-place RoPE over the q and k heads of the fused projection; q, k, v stay views of it.
@@ -197,14 +200,14 @@ struct DecoderStack : torch::CustomClassHolder {
     ops().reshape_and_cache.call(k, v, key_cache, value_cache, slot_mapping);
     at::Tensor out = at::empty(q.sizes(), q.options());
     ops().paged_attention.call(q, key_cache, value_cache, block_tables, seq_lens, cu_query_lens, scale, causal, out);
-    return layer.o->forward(out.reshape({T, q_size}), decode);
+    return layer.o->forward(out.reshape({T, q_size}), decode_rows);
   }
 
-  at::Tensor mlp(const Layer& layer, const at::Tensor& x, bool decode) const {
-    at::Tensor gate_up = layer.gate_up->forward(x, decode);
-    if (x.scalar_type() != at::kFloat) return layer.down->forward(ops().silu_and_mul.call(gate_up), decode);
+  at::Tensor mlp(const Layer& layer, const at::Tensor& x, int64_t decode_rows) const {
+    at::Tensor gate_up = layer.gate_up->forward(x, decode_rows);
+    if (x.scalar_type() != at::kFloat) return layer.down->forward(ops().silu_and_mul.call(gate_up), decode_rows);
     return layer.down->forward(
-        at::silu(gate_up.narrow(1, 0, intermediate)) * gate_up.narrow(1, intermediate, intermediate), decode);
+        at::silu(gate_up.narrow(1, 0, intermediate)) * gate_up.narrow(1, intermediate, intermediate), decode_rows);
   }
 
   // h: the token embeddings [T, hidden]; cos, sin: [T, head_dim] in h's dtype (RotaryEmbedding.forward);
@@ -215,15 +218,21 @@ struct DecoderStack : torch::CustomClassHolder {
                                              const at::Tensor& seq_lens, const at::Tensor& cu_query_lens,
                                              bool causal) const {
     TORCH_CHECK(!layers.empty() && layers[0].key_cache.defined(), "DecoderStack: call bind_kv_cache first");
-    const bool decode = cu_query_lens.size(0) - 1 == embeddings.size(0);  // one new token per sequence
+    // The step's decode rows: the leading sequences with one new token each (the scheduler puts decodes first).
+    TORCH_CHECK(cu_query_lens.device().is_cpu() && cu_query_lens.scalar_type() == at::kInt &&
+                    cu_query_lens.is_contiguous(),
+                "DecoderStack: cu_query_lens must be a contiguous int32 CPU tensor");
+    const int32_t* cu = cu_query_lens.data_ptr<int32_t>();
+    int64_t decode_rows = 0;
+    while (decode_rows < cu_query_lens.size(0) - 1 && cu[decode_rows + 1] - cu[decode_rows] == 1) ++decode_rows;
     at::Tensor residual = embeddings.clone();  // updated in place by the fused norms
     at::Tensor h = norm(embeddings, layers[0].input_norm);
     for (size_t i = 0; i < layers.size(); ++i) {
       const Layer& layer = layers[i];
       if (i > 0) h = add_norm(h, residual, layer.input_norm);
-      h = attention(layer, h, cos, sin, slot_mapping, block_tables, seq_lens, cu_query_lens, causal, decode);
+      h = attention(layer, h, cos, sin, slot_mapping, block_tables, seq_lens, cu_query_lens, causal, decode_rows);
       h = add_norm(h, residual, layer.post_norm);
-      h = mlp(layer, h, decode);
+      h = mlp(layer, h, decode_rows);
     }
     return {h, residual};
   }

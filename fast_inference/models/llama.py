@@ -428,7 +428,7 @@ class LlamaForCausalLM(nn.Module):
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden [B, hidden] -> float32 logits [B, vocab]."""
         if self.head_projection is not None:
-            return self.head_projection.forward(hidden, True).float()
+            return self.head_projection.forward(hidden, hidden.shape[0]).float()  # every row by the GEMV
         if self.head is not None:
             return self.head(hidden).float()
         on_cpu = hidden.device.type == "cpu"

@@ -88,7 +88,7 @@ def test_stack_without_cache_says_so():
 def test_decode_rows_are_batch_invariant(tmp_path, qtype):
     # A decode step's quantized projections (and the head) run each row through the decode GEMV, 8 rows at a
     # time: 12 sequences decoded together give the same hidden states and logits as the same rows in steps of
-    # 8 and 4 (where they would otherwise go through the dequantized slabs above 8 rows).
+    # 8 and 4 (where they would otherwise go through the dequantized slabs above 8 rows), or next to a prompt.
     hf = build_model_dir(tmp_path / "hf", hidden_size=64, intermediate_size=128, seed=4)
     write_gguf(hf, tmp_path / "m.gguf", qtype)
     llm = LLM(str(tmp_path / "m.gguf"), kv_cache_memory="4MiB", block_size=16)
@@ -111,5 +111,9 @@ def test_decode_rows_are_batch_invariant(tmp_path, qtype):
             )
             apart.append(model(ids[rows], positions, meta))
         apart = torch.cat(apart)
+        # The same decode rows ahead of a prompt chunk of another sequence (a mixed step; prompt rows on the slabs)
+        positions, meta = build_metadata(tables + [[n, n + 1]], [5] * n + [0], [1] * n + [20], 16, cpu)
+        mixed = model(torch.cat([ids, torch.randint(0, 100, (20,), generator=gen)]), positions, meta)
     assert torch.equal(together, apart)
+    assert torch.equal(mixed[:n], together)
     assert torch.equal(logits, torch.cat([model.compute_logits(apart[:8]), model.compute_logits(apart[8:])]))
