@@ -38,7 +38,9 @@ CPU_CASES = {
     "decode_small_batch": Case("decode_small_batch", batch=1, context=4096, query_len=1),
     "decode_mqa": Case("decode_mqa", batch=8, context=1024, query_len=1, num_kv_heads=1),
     # A serving step of SmolLM2-135M (9 / 3 heads, d 64) at concurrency 32 with short chats.
-    "decode_short": Case("decode_short", batch=32, context=192, query_len=1, num_heads=9, num_kv_heads=3, head_size=64),
+    "decode_short": Case(
+        "decode_short", batch=32, context=192, query_len=1, num_heads=9, num_kv_heads=3, head_size=64
+    ),
     "prefill": Case("prefill", batch=1, context=512, query_len=512),
     "chunked_prefill": Case("chunked_prefill", batch=2, context=1024, query_len=128),
 }

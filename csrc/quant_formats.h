@@ -17,31 +17,40 @@
 
 namespace fast_inference::quant {
 
-enum QType : int64_t { kQ4_0 = 2, kQ4_1 = 3, kQ8_0 = 8, kQ4_K = 12, kQ5_K = 13, kQ6_K = 14 };
+enum QType : int64_t { kQ4_0 = 2, kQ4_1 = 3, kQ5_0 = 6, kQ5_1 = 7, kQ8_0 = 8, kQ4_K = 12, kQ5_K = 13, kQ6_K = 14 };
 
-constexpr const char* kSupportedQTypes = "Q4_0=2, Q4_1=3, Q8_0=8, Q4_K=12, Q5_K=13, Q6_K=14";
+constexpr const char* kSupportedQTypes = "Q4_0=2, Q4_1=3, Q5_0=6, Q5_1=7, Q8_0=8, Q4_K=12, Q5_K=13, Q6_K=14";
 
 // d: scale, m: min (fp16 bit patterns). Values: Q4_0 (q - 8) * d; Q4_1 q * d + m; Q8_0 q * d.
 // qs of Q4_0/Q4_1: value j in the low nibble of qs[j], value j + 16 in the high nibble.
 struct BlockQ4_0 { uint16_t d; uint8_t qs[16]; };
 struct BlockQ4_1 { uint16_t d, m; uint8_t qs[16]; };
 struct BlockQ8_0 { uint16_t d; int8_t qs[32]; };
+// Q5_0 / Q5_1: Q4_0 / Q4_1's nibbles plus a fifth bit per value, bit j of qh (a little-endian uint32) for value j.
+// Values: Q5_0 (q - 16) * d; Q5_1 q * d + m. llama.cpp writes them where a K-quant's row is not a multiple of 256
+// (a Q4_K_M file of a 576-wide model holds most of its tensors as Q5_0).
+struct BlockQ5_0 { uint16_t d; uint8_t qh[4]; uint8_t qs[16]; };
+struct BlockQ5_1 { uint16_t d, m; uint8_t qh[4]; uint8_t qs[16]; };
 // K-quants: super-blocks of 256 values in sub-blocks of 32 (Q4_K, Q5_K: 6-bit scale and min each, packed
 // in 12 bytes) or 16 (Q6_K: int8 scales).
 struct BlockQ4_K { uint16_t d, dmin; uint8_t scales[12]; uint8_t qs[128]; };
 struct BlockQ5_K { uint16_t d, dmin; uint8_t scales[12]; uint8_t qh[32]; uint8_t qs[128]; };
 struct BlockQ6_K { uint8_t ql[128]; uint8_t qh[64]; int8_t scales[16]; uint16_t d; };
 static_assert(sizeof(BlockQ4_0) == 18 && sizeof(BlockQ4_1) == 20 && sizeof(BlockQ8_0) == 34);
+static_assert(sizeof(BlockQ5_0) == 22 && sizeof(BlockQ5_1) == 24);
 static_assert(sizeof(BlockQ4_K) == 144 && sizeof(BlockQ5_K) == 176 && sizeof(BlockQ6_K) == 210);
 
 FI_HOST_DEVICE inline bool is_supported(int64_t qtype) {
-  return qtype == kQ4_0 || qtype == kQ4_1 || qtype == kQ8_0 || qtype == kQ4_K || qtype == kQ5_K || qtype == kQ6_K;
+  return qtype == kQ4_0 || qtype == kQ4_1 || qtype == kQ5_0 || qtype == kQ5_1 || qtype == kQ8_0 || qtype == kQ4_K ||
+         qtype == kQ5_K || qtype == kQ6_K;
 }
 FI_HOST_DEVICE inline int64_t block_elems(int64_t qtype) { return qtype >= kQ4_K ? 256 : 32; }
 FI_HOST_DEVICE inline int64_t block_bytes(int64_t qtype) {
   switch (qtype) {
     case kQ4_0: return sizeof(BlockQ4_0);
     case kQ4_1: return sizeof(BlockQ4_1);
+    case kQ5_0: return sizeof(BlockQ5_0);
+    case kQ5_1: return sizeof(BlockQ5_1);
     case kQ8_0: return sizeof(BlockQ8_0);
     case kQ4_K: return sizeof(BlockQ4_K);
     case kQ5_K: return sizeof(BlockQ5_K);
@@ -175,6 +184,22 @@ FI_HOST_DEVICE inline void dequantize_block(int64_t qtype, const uint8_t* src, f
       for (int j = 0; j < 16; ++j) {
         dst[j] = (b->qs[j] & 0xF) * d + m;
         dst[j + 16] = (b->qs[j] >> 4) * d + m;
+      }
+      break;
+    }
+    case kQ5_0:
+    case kQ5_1: {
+      const bool q5_1 = qtype == kQ5_1;
+      const auto* b0 = reinterpret_cast<const BlockQ5_0*>(src);
+      const auto* b1 = reinterpret_cast<const BlockQ5_1*>(src);
+      const uint8_t* qh = q5_1 ? b1->qh : b0->qh;
+      const uint8_t* qs = q5_1 ? b1->qs : b0->qs;
+      const uint32_t high = uint32_t(qh[0]) | uint32_t(qh[1]) << 8 | uint32_t(qh[2]) << 16 | uint32_t(qh[3]) << 24;
+      const float d = half_to_float(b0->d), m = q5_1 ? half_to_float(b1->m) : 0.f;
+      const int offset = q5_1 ? 0 : 16;
+      for (int j = 0; j < 16; ++j) {
+        dst[j] = float(int((qs[j] & 0xF) | ((high >> j) & 1) << 4) - offset) * d + m;
+        dst[j + 16] = float(int((qs[j] >> 4) | ((high >> (j + 16)) & 1) << 4) - offset) * d + m;
       }
       break;
     }

@@ -56,7 +56,7 @@ TORCH_LIBRARY(fast_inference, m) {
   // ---- quantized weights (ggml block formats, csrc/quant_formats.h; qtype = ggml type id) --------
   // weight: float [N, K] -> uint8 [N, row_bytes]: rows of ceil(K / block) blocks, K zero-padded (Q4_0, Q4_1, Q8_0)
   m.def("quantize(Tensor weight, int qtype) -> Tensor");
-  // qweight: uint8 [N, row_bytes] (or interleaved) -> [N, in_features] in dtype (Q4_0, Q4_1, Q8_0, Q4_K, Q5_K, Q6_K)
+  // qweight: uint8 [N, row_bytes] (or interleaved) -> [N, in_features] in dtype (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K)
   m.def("dequantize(Tensor qweight, int qtype, int in_features, ScalarType dtype) -> Tensor");
   // x: [M, K] float; qweight: uint8 [N, row_bytes(qtype, K)] (or interleaved); bias: [N] or None -> [M, N] in x's dtype
   m.def("quant_linear(Tensor x, Tensor qweight, int qtype, Tensor? bias) -> Tensor");

@@ -216,6 +216,58 @@ struct Q4Block {
   }
 };
 
+// The fifth bits of a Q5 block's 32 values as bytes: 0x10 where bit j of qh is set, byte j for value j.
+inline __m256i fifth_bits(const uint8_t* qh) {
+  uint32_t bits;
+  std::memcpy(&bits, qh, 4);
+  // Byte j takes byte j / 8 of the bits (shuffle within each 128-bit lane of the broadcast), then its own bit.
+  const __m256i spread = _mm256_shuffle_epi8(_mm256_set1_epi32(static_cast<int>(bits)),
+                                             _mm256_setr_epi64x(0, 0x0101010101010101, 0x0202020202020202,
+                                                                0x0303030303030303));
+  const __m256i bit = _mm256_set1_epi64x(static_cast<int64_t>(0x8040201008040201));
+  return _mm256_and_si256(_mm256_cmpeq_epi8(_mm256_and_si256(spread, bit), bit), _mm256_set1_epi8(0x10));
+}
+
+template <int64_t QT>  // Q5_0 / Q5_1: Q4Block's nibbles, each with its fifth bit from qh
+struct Q5Block {
+  static constexpr int kGroup = kChunk;
+  static constexpr bool kHasZero = true, kSigned = false;
+  using Blk = std::conditional_t<QT == kQ5_0, BlockQ5_0, BlockQ5_1>;
+  struct Group {
+    const Blk* b;
+    bool has_second;
+  };
+  static Group begin(const uint8_t* row, int64_t g, int64_t nb) {
+    const Blk* b = reinterpret_cast<const Blk*>(row) + g * (kChunk / 32);
+    return {b, kChunk == 64 && g * 2 + 1 < nb};
+  }
+  static float zero_of(const Blk& b) {
+    if constexpr (QT == kQ5_0) {
+      return -16.f * fp16(b.d);
+    } else {
+      return fp16(b.m);
+    }
+  }
+  static void chunk(const Group& g, int, VI& u, VI&, VF& d, VF& z) {
+#if defined(FI_QUANT_WIDE)
+    const __m128i q0 = load128(g.b[0].qs);
+    const __m128i q1 = g.has_second ? load128(g.b[1].qs) : _mm_setzero_si128();
+    const __m256i both = _mm256_set_m128i(q1, q0);
+    const VI halves = join(both, _mm256_srli_epi16(both, 4));  // [q0, q1, q0 >> 4, q1 >> 4]
+    const VI nibbles = band(_mm512_shuffle_i64x2(halves, halves, _MM_SHUFFLE(3, 1, 2, 0)), bytes(0x0F));
+    u = bor(nibbles, join(fifth_bits(g.b[0].qh), g.has_second ? fifth_bits(g.b[1].qh) : _mm256_setzero_si256()));
+    const float d1 = g.has_second ? fp16(g.b[1].d) : 0.f, z1 = g.has_second ? zero_of(g.b[1]) : 0.f;
+    d = pair_scale(fp16(g.b[0].d), d1);
+    z = pair_scale(zero_of(g.b[0]), z1);
+#else
+    const __m128i raw = load128(g.b->qs);
+    u = bor(band(_mm256_set_m128i(_mm_srli_epi16(raw, 4), raw), bytes(0x0F)), fifth_bits(g.b->qh));
+    d = fset1(fp16(g.b->d));
+    z = fset1(zero_of(*g.b));
+#endif
+  }
+};
+
 struct Q8Block {
   static constexpr int kGroup = kChunk;
 #if defined(FI_QUANT_WIDE)
@@ -438,6 +490,8 @@ void gemv_rows_q8(int64_t qtype, const int8_t* xq, const float* xscale, const fl
   switch (qtype) {
     case kQ4_0: return gemv_format<Q4Block<kQ4_0>>(a, M, w, row_bytes, nb, n0, n1, out, N);
     case kQ4_1: return gemv_format<Q4Block<kQ4_1>>(a, M, w, row_bytes, nb, n0, n1, out, N);
+    case kQ5_0: return gemv_format<Q5Block<kQ5_0>>(a, M, w, row_bytes, nb, n0, n1, out, N);
+    case kQ5_1: return gemv_format<Q5Block<kQ5_1>>(a, M, w, row_bytes, nb, n0, n1, out, N);
     case kQ8_0: return gemv_format<Q8Block>(a, M, w, row_bytes, nb, n0, n1, out, N);
     case kQ4_K: return gemv_format<QK45<false>>(a, M, w, row_bytes, nb, n0, n1, out, N);
     case kQ5_K: return gemv_format<QK45<true>>(a, M, w, row_bytes, nb, n0, n1, out, N);
@@ -511,6 +565,8 @@ void dequantize_rows_to(int64_t qtype, const uint8_t* w, int64_t row_bytes, int6
   switch (qtype) {
     case kQ4_0: return dequantize_rows_format<Q4Block<kQ4_0>>(w, row_bytes, nb, r0, r1, dst, width);
     case kQ4_1: return dequantize_rows_format<Q4Block<kQ4_1>>(w, row_bytes, nb, r0, r1, dst, width);
+    case kQ5_0: return dequantize_rows_format<Q5Block<kQ5_0>>(w, row_bytes, nb, r0, r1, dst, width);
+    case kQ5_1: return dequantize_rows_format<Q5Block<kQ5_1>>(w, row_bytes, nb, r0, r1, dst, width);
     case kQ8_0: return dequantize_rows_format<Q8Block>(w, row_bytes, nb, r0, r1, dst, width);
     case kQ4_K: return dequantize_rows_format<QK45<false>>(w, row_bytes, nb, r0, r1, dst, width);
     case kQ5_K: return dequantize_rows_format<QK45<true>>(w, row_bytes, nb, r0, r1, dst, width);

@@ -5,15 +5,28 @@ import torch
 # ggml type ids: the number a GGUF file stores for a tensor's format, and the `qtype` of every op here.
 Q4_0 = 2
 Q4_1 = 3
+Q5_0 = 6
+Q5_1 = 7
 Q8_0 = 8
 Q4_K = 12
 Q5_K = 13
 Q6_K = 14
-QTYPE_NAMES = {Q4_0: "Q4_0", Q4_1: "Q4_1", Q8_0: "Q8_0", Q4_K: "Q4_K", Q5_K: "Q5_K", Q6_K: "Q6_K"}
+QTYPE_NAMES = {
+    Q4_0: "Q4_0",
+    Q4_1: "Q4_1",
+    Q5_0: "Q5_0",
+    Q5_1: "Q5_1",
+    Q8_0: "Q8_0",
+    Q4_K: "Q4_K",
+    Q5_K: "Q5_K",
+    Q6_K: "Q6_K",
+}
 # (values per block, bytes per block)
 BLOCK_LAYOUT = {
     Q4_0: (32, 18),
     Q4_1: (32, 20),
+    Q5_0: (32, 22),
+    Q5_1: (32, 24),
     Q8_0: (32, 34),
     Q4_K: (256, 144),
     Q5_K: (256, 176),

@@ -410,7 +410,7 @@ def _plain_rows(qweight: _torch.Tensor, qtype: int) -> _torch.Tensor:
 
 def dequantize(qweight: _torch.Tensor, qtype: int, in_features: int, dtype: _torch.dtype = _torch.float32):
     """Reference of ops.dequantize: ggml's block formats decoded with plain tensor ops (either layout)."""
-    from .quant import BLOCK_LAYOUT, Q4_0, Q4_1, Q4_K, Q5_K, Q8_0
+    from .quant import BLOCK_LAYOUT, Q4_0, Q4_1, Q4_K, Q5_0, Q5_1, Q5_K, Q8_0
 
     qweight = _plain_rows(qweight, qtype)
 
@@ -421,6 +421,14 @@ def dequantize(qweight: _torch.Tensor, qtype: int, in_features: int, dtype: _tor
         qs = b[..., 2:18] if qtype == Q4_0 else b[..., 4:20]
         q = _torch.cat([qs & 0xF, qs >> 4], -1).float()
         vals = (q - 8) * _f16(b, 0) if qtype == Q4_0 else q * _f16(b, 0) + _f16(b, 2)
+    elif qtype in (Q5_0, Q5_1):
+        start = 2 if qtype == Q5_0 else 4  # qh, then qs
+        qs = b[..., start + 4 : start + 20]
+        qh = b[..., start : start + 4].int()
+        high = qh[..., 0] | qh[..., 1] << 8 | qh[..., 2] << 16 | qh[..., 3] << 24  # bit j: value j
+        bits = _torch.stack([(high >> j) & 1 for j in range(32)], -1)
+        q = (_torch.cat([qs & 0xF, qs >> 4], -1).int() | bits << 4).float()
+        vals = (q - 16) * _f16(b, 0) if qtype == Q5_0 else q * _f16(b, 0) + _f16(b, 2)
     elif qtype == Q8_0:
         vals = b[..., 2:34].contiguous().view(_torch.int8).float() * _f16(b, 0)
     elif qtype in (Q4_K, Q5_K):

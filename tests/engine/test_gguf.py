@@ -49,14 +49,14 @@ def _permute(w: np.ndarray, heads: int) -> np.ndarray:
 
 
 def _random_kquant(rows: int, cols: int, qtype) -> np.ndarray:
-    """Random K-quant blocks with small finite f16 scales (the gguf package cannot quantize K-quants)."""
+    """Random K-quant (or IQ4_NL) blocks with small finite f16 scales (the gguf package cannot quantize them)."""
     block, nbytes = gguf.GGML_QUANT_SIZES[qtype]
     rng = np.random.default_rng(int(qtype))
     blocks = rng.integers(0, 256, size=(rows, cols // block, nbytes), dtype=np.uint8)
     scale = np.full((rows, cols // block), 0.002, dtype=np.float16).view(np.uint8).reshape(rows, -1, 2)
     if qtype == GT.Q6_K:
         blocks[..., 208:210] = scale
-    else:  # Q4_K, Q5_K: d then dmin
+    else:  # Q4_K, Q5_K: d then dmin; IQ4_NL: d (then quant bytes)
         blocks[..., 0:2] = scale
         blocks[..., 2:4] = scale
     return blocks.reshape(rows, -1)
@@ -113,7 +113,7 @@ def write_gguf(hf_dir, out_file, qtype, arch_name="llama", overrides=None):
         if arch_name == "llama" and name.endswith(("q_proj.weight", "k_proj.weight")):
             arr = _permute(arr, heads if "q_proj" in name else kv_heads)
         if arr.ndim == 2 and qtype not in (GT.F32, GT.F16, GT.BF16):
-            if qtype in (GT.Q4_K, GT.Q5_K, GT.Q6_K):
+            if qtype in (GT.Q4_K, GT.Q5_K, GT.Q6_K, GT.IQ4_NL):
                 data = _random_kquant(*arr.shape, qtype)
             else:
                 data = gguf.quants.quantize(arr, qtype)
@@ -190,6 +190,8 @@ def _assert_greedy_agrees(model, reference, tie=0.1, **kw):
         ("LlamaForCausalLM", GT.BF16),
         ("LlamaForCausalLM", GT.Q8_0),
         ("LlamaForCausalLM", GT.Q4_0),
+        ("LlamaForCausalLM", GT.Q5_0),
+        ("Qwen3ForCausalLM", GT.Q5_1),
         ("Qwen2ForCausalLM", GT.Q4_1),
         ("Qwen3ForCausalLM", GT.Q8_0),
         ("LlamaForCausalLM", GT.Q4_K),
@@ -231,9 +233,9 @@ def test_bad_quantization_and_arch_and_type(tmp_path):
     write_gguf(hf, tmp_path / "gpt2.gguf", GT.F32, "gpt2")
     with pytest.raises(ValueError, match=r"unsupported GGUF architecture 'gpt2'.*supported: llama"):
         LLM(str(tmp_path / "gpt2.gguf"))
-    write_gguf(hf, tmp_path / "q5_0.gguf", GT.Q5_0)
-    with pytest.raises(ValueError, match=r"ggml type Q5_0; supported: F32, F16, BF16, Q4_0"):
-        LLM(str(tmp_path / "q5_0.gguf"))
+    write_gguf(hf, tmp_path / "iq4_nl.gguf", GT.IQ4_NL)
+    with pytest.raises(ValueError, match=r"ggml type IQ4_NL; supported: F32, F16, BF16, Q4_0"):
+        LLM(str(tmp_path / "iq4_nl.gguf"))
 
 
 @pytest.mark.skipif(

@@ -10,12 +10,12 @@ from fast_inference import ops
 from fast_inference.ops import quant
 from fast_inference.ops import reference as ref
 
-ALL_QTYPES = [quant.Q4_0, quant.Q4_1, quant.Q8_0, quant.Q4_K, quant.Q5_K, quant.Q6_K]
+ALL_QTYPES = [quant.Q4_0, quant.Q4_1, quant.Q5_0, quant.Q5_1, quant.Q8_0, quant.Q4_K, quant.Q5_K, quant.Q6_K]
 IDS = [quant.QTYPE_NAMES[q] for q in ALL_QTYPES]
 
 
 def random_qweight(qtype: int, n: int, k: int, seed: int = 0) -> torch.Tensor:
-    """A valid uint8 [n, row_bytes] weight: quantized random data, or random K-quant bytes with tame scales."""
+    """A valid uint8 [n, row_bytes] weight: quantized random data, or random Q5 / K-quant bytes with tame scales."""
     gen = torch.Generator().manual_seed(seed)
     if qtype in quant.WRITABLE_QTYPES:
         return ref.quantize(torch.randn(n, k, generator=gen), qtype)
@@ -26,7 +26,7 @@ def random_qweight(qtype: int, n: int, k: int, seed: int = 0) -> torch.Tensor:
     scale = torch.full(blocks.shape[:2], 0.01, dtype=torch.float16).unsqueeze(-1).view(torch.uint8)
     if qtype == quant.Q6_K:
         blocks[..., 208:210] = scale
-    else:  # d and dmin
+    else:  # d and dmin (Q5_1: d and m; Q5_0: d, then two fixed qh bytes)
         blocks[..., 0:2] = scale
         blocks[..., 2:4] = scale
     return blocks.reshape(n, -1)
@@ -155,8 +155,8 @@ def test_opcheck():
 def test_bad_arguments_name_the_argument():
     qw = random_qweight(quant.Q4_1, 8, 64)
     x = torch.randn(1, 64)
-    with pytest.raises(ValueError, match="qtype 7 is not a supported.*Q4_0=2"):
-        ops.quant_linear(x, qw, 7)
+    with pytest.raises(ValueError, match="qtype 9 is not a supported.*Q4_0=2"):
+        ops.quant_linear(x, qw, 9)
     with pytest.raises(ValueError, match="qweight has .* bytes per row"):
         ops.quant_linear(torch.randn(1, 96), qw, quant.Q4_1)
     with pytest.raises(ValueError, match="qweight must be uint8"):
