@@ -1,4 +1,4 @@
-// The interleaved tile layout of Q4_0 / Q4_1 / Q8_0 weights (quant_formats.h): to it and back, in ATen ops.
+// The interleaved tile layout of Q4_0 / Q4_1 / Q5_0 / Q5_1 / Q8_0 weights (quant_formats.h): to it and back, in ATen ops.
 #pragma once
 
 #include <ATen/ATen.h>

@@ -61,7 +61,7 @@ TORCH_LIBRARY(fast_inference, m) {
   // x: [M, K] float; qweight: uint8 [N, row_bytes(qtype, K)] (or interleaved); bias: [N] or None -> [M, N] in x's dtype
   m.def("quant_linear(Tensor x, Tensor qweight, int qtype, Tensor? bias) -> Tensor");
   // qweight: plain uint8 [N, row_bytes], N % 16 == 0 -> interleaved [N / 16, nb, 16 * block_bytes]: the same bytes
-  // in tiles of 16 rows x 1 block (Q4_0, Q4_1, Q8_0), which every quantized op also accepts (the CPU decode
+  // in tiles of 16 rows x 1 block (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0), which every quantized op also accepts (the CPU decode
   // GEMV's layout: one vector load covers 16 rows)
   m.def("interleave_rows(Tensor qweight, int qtype) -> Tensor");
 

@@ -7,7 +7,7 @@
 //     vectorized decoders into a per-thread buffer that stays in cache, multiplied by torch's f32 GEMM, so the
 //     weight is read once and the math runs at GEMM speed (bf16 activations: bf16 slabs and oneDNN's bf16 GEMM
 //     on AVX-512 BF16 CPUs, f32 elsewhere).
-//   Interleaved weights (Q4_0 / Q4_1 / Q8_0 in tiles of 16 rows, quant_formats.h; what the engine keeps on CPU):
+//   Interleaved weights (Q4_0 / Q4_1 / Q5_0 / Q5_1 / Q8_0 in tiles of 16 rows, quant_formats.h; what the engine keeps on CPU):
 //     M <= 8 by the tile GEMV (quant_tile_gemv_kernel.h), reading f32 or bf16 activations and writing the
 //     output dtype directly; larger M by the slab path, which dequantizes each slab of tiles straight into W^T.
 //   No AVX2: every path goes through the dequantized slabs.

@@ -1,4 +1,4 @@
-// The decode GEMV (M <= 8 activation rows) over interleaved Q4_0 / Q4_1 / Q8_0 tiles (quant_formats.h) for one
+// The decode GEMV (M <= 8 activation rows) over interleaved Q4_0 / Q4_1 / Q5_0 / Q5_1 / Q8_0 tiles (quant_formats.h) for one
 // ISA. Included by quant_gemv_avx2.cpp and quant_gemv_avx512.cpp after quant_gemv_kernel.h (its vector helpers).
 //
 // Why a layout of its own: with plain rows a GEMV decodes one row at a time and must broadcast each block's
@@ -112,15 +112,40 @@ inline VI sub32(VI a, VI b) { return _mm256_sub_epi32(a, b); }
 inline VI set1_32(int v) { return _mm256_set1_epi32(v); }
 #endif
 
+// Tile geometry per format: bytes of a 16-row tile, its header (16 fp16 d, then 16 fp16 m for Q4_1 / Q5_1), and
+// where the quant words start: Q5's first word line is the 16 rows' qh (fifth bits), its 4 qs words follow.
+template <int64_t QT>
+struct TileFormat {
+  static constexpr bool kQ5 = QT == kQ5_0 || QT == kQ5_1;
+  static constexpr bool kHasMin = QT == kQ4_1 || QT == kQ5_1;
+  static constexpr int64_t kBlockBytes = QT == kQ4_0 ? 18 : QT == kQ4_1 ? 20 : QT == kQ5_0 ? 22 : QT == kQ5_1 ? 24 : 34;
+  static constexpr int64_t kTileBytes = kTileRows * kBlockBytes;
+  static constexpr int64_t kHeaderBytes = kHasMin ? 64 : 32;
+  static constexpr int64_t kQsOffset = kHeaderBytes + (kQ5 ? 64 : 0);
+  static constexpr int kWords = QT == kQ8_0 ? 8 : 4;
+  static constexpr float kOffset = QT == kQ4_0 ? -8.f : QT == kQ5_0 ? -16.f : 0.f;  // w = u + offset (then * d)
+};
+
+// Bits 0..3 of each 32-bit lane -> its 4 bytes as 0x10 or 0 (the fifth bits of 4 Q5 values, one per byte):
+// t * 0x00204081 puts bit k at bit 8k (the shifted copies do not overlap, so nothing carries).
+inline VI spread_fifth_bits(VI t) {
+#if defined(FI_QUANT_WIDE)
+  const VI spread = _mm512_mullo_epi32(band(t, set1_32(0xF)), set1_32(0x00204081));
+#else
+  const VI spread = _mm256_mullo_epi32(band(t, set1_32(0xF)), set1_32(0x00204081));
+#endif
+  return sll32(band(spread, set1_32(0x01010101)), 4);
+}
+
 inline void store_unit(float* dst, VF v) { fstoreu(dst, v); }
 inline void store_unit(uint16_t* dst, VF v) { fstoreu_bf16(dst, v); }
 
 // Units [u, u + NU) against M activation rows: out[m * N + u * kUnitRows + r] for the NU * kUnitRows rows.
 template <int64_t QT, int M, int NU, class Out>
 inline void tile_units(const BlockActivations& a, const uint8_t* w, int64_t u, Out* out, int64_t N) {
-  constexpr int64_t kTileBytes = kTileRows * (QT == kQ4_0 ? 18 : QT == kQ4_1 ? 20 : 34);
-  constexpr int64_t kHeaderBytes = QT == kQ4_1 ? 64 : 32;  // 16 fp16 d (then 16 fp16 m)
-  constexpr int kWords = QT == kQ8_0 ? 8 : 4;
+  using TF = TileFormat<QT>;
+  constexpr int64_t kTileBytes = TF::kTileBytes;
+  constexpr int kWords = TF::kWords;
   const int64_t nb = a.nb;
   const uint8_t* tiles[NU];  // unit i's first tile, at its half's offset
   int64_t half[NU];
@@ -136,13 +161,23 @@ inline void tile_units(const BlockActivations& a, const uint8_t* w, int64_t u, O
       const uint8_t* tile = tiles[i] + b * kTileBytes;
       for (int64_t line = 0; line < kTileBytes; line += 64)
         _mm_prefetch(reinterpret_cast<const char*>(tile + kPrefetchTiles * kTileBytes + line), _MM_HINT_T0);
-      const uint8_t* words = tile + kHeaderBytes + 32 * half[i];
+      const uint8_t* words = tile + TF::kQsOffset + 32 * half[i];
+      VI high = VI();  // Q5: lane r holds row r's 32 fifth bits
+      if constexpr (TF::kQ5) high = iloadu(tile + TF::kHeaderBytes + 32 * half[i]);
       VI isum[M];
 #if defined(FI_QUANT_WIDE)
       for (int m = 0; m < M; ++m) isum[m] = _mm512_setzero_si512();
       for (int j = 0; j < kWords; ++j) {
         const VI v = iloadu(words + 64 * j);
-        if constexpr (QT == kQ8_0) {
+        if constexpr (TF::kQ5) {
+          const VI lo = bor(band(v, bytes(0x0F)), spread_fifth_bits(srl32(high, 4 * j)));
+          const VI hi = bor(band(srl16(v, 4), bytes(0x0F)), spread_fifth_bits(srl32(high, 16 + 4 * j)));
+          for (int m = 0; m < M; ++m) {
+            const int8_t* xq = a.q + (m * nb + b) * 32 + 4 * j;
+            isum[m] = _mm512_dpbusd_epi32(isum[m], lo, bcast4(xq));
+            isum[m] = _mm512_dpbusd_epi32(isum[m], hi, bcast4(xq + 16));
+          }
+        } else if constexpr (QT == kQ8_0) {
           const VI uw = _mm512_xor_si512(v, bytes(0x80));  // w + 128: dpbusd's unsigned operand
           for (int m = 0; m < M; ++m)
             isum[m] = _mm512_dpbusd_epi32(isum[m], uw, bcast4(a.q + (m * nb + b) * 32 + 4 * j));
@@ -167,6 +202,18 @@ inline void tile_units(const BlockActivations& a, const uint8_t* w, int64_t u, O
             isum[m] = _mm256_add_epi32(isum[m], _mm256_madd_epi16(_mm256_maddubs_epi16(mag, xs), ones));
           }
         }
+      } else if constexpr (TF::kQ5) {
+        // 5-bit: a word's two maddubs sum to <= 4 * 31 * 127 < 2^15; widened to int32 per word.
+        for (int j = 0; j < kWords; ++j) {
+          const VI v = iloadu(words + 64 * j);
+          const VI lo = bor(band(v, bytes(0x0F)), spread_fifth_bits(srl32(high, 4 * j)));
+          const VI hi = bor(band(srl16(v, 4), bytes(0x0F)), spread_fifth_bits(srl32(high, 16 + 4 * j)));
+          for (int m = 0; m < M; ++m) {
+            const int8_t* xq = a.q + (m * nb + b) * 32 + 4 * j;
+            const VI pair = _mm256_add_epi16(_mm256_maddubs_epi16(lo, bcast4(xq)), _mm256_maddubs_epi16(hi, bcast4(xq + 16)));
+            isum[m] = _mm256_add_epi32(isum[m], _mm256_madd_epi16(pair, ones));
+          }
+        }
       } else {
         // 4-bit: a lane's 8 maddubs pairs sum to <= 16 * 15 * 127 < 2^15, so they add in int16, widened once.
         for (int j = 0; j < kWords; ++j) {
@@ -185,12 +232,12 @@ inline void tile_units(const BlockActivations& a, const uint8_t* w, int64_t u, O
       for (int m = 0; m < M; ++m) {
         const float dx = a.d[m * nb + b], sx = a.s[m * nb + b];
         VF f = fmul(cvt(isum[m]), fset1(dx));  // dx * dot(u, xq)
-        if constexpr (QT == kQ4_0) f = fmadd(fset1(sx), fset1(-8.f), f);  // w = u - 8
+        if constexpr (TF::kOffset != 0.f) f = fmadd(fset1(sx), fset1(TF::kOffset), f);  // w = u - 8 (Q4_0), - 16 (Q5_0)
 #if defined(FI_QUANT_WIDE)
         if constexpr (QT == kQ8_0) f = fmadd(fset1(sx), fset1(-128.f), f);  // u = w + 128
 #endif
         acc[i][m] = fmadd(f, dw, acc[i][m]);
-        if constexpr (QT == kQ4_1) acc[i][m] = fmadd(load_scales(tile + 32 + 16 * half[i]), fset1(sx), acc[i][m]);
+        if constexpr (TF::kHasMin) acc[i][m] = fmadd(load_scales(tile + 32 + 16 * half[i]), fset1(sx), acc[i][m]);
       }
     }
   }
@@ -227,9 +274,9 @@ void tile_gemv_format(const BlockActivations& a, int64_t M, const uint8_t* w, in
 // by side, so every decoded vector is kUnitRows consecutive outputs of one column k: nothing is regrouped.
 template <int64_t QT, class Out>
 void dequantize_tiles_t_format(const uint8_t* w, int64_t nb, int64_t n0, int64_t n1, Out* dst, int64_t ld) {
-  constexpr int64_t kTileBytes = kTileRows * (QT == kQ4_0 ? 18 : QT == kQ4_1 ? 20 : 34);
-  constexpr int64_t kHeaderBytes = QT == kQ4_1 ? 64 : 32;
-  constexpr int kWords = QT == kQ8_0 ? 8 : 4;
+  using TF = TileFormat<QT>;
+  constexpr int64_t kTileBytes = TF::kTileBytes;
+  constexpr int kWords = TF::kWords;
   auto store = [&](int64_t k, int64_t col, VF v) { store_unit(dst + k * ld + col, v); };
   for (int64_t g = n0 / kTileRows; g < n1 / kTileRows; ++g) {
     for (int64_t half = 0; half < kUnitsPerTile; ++half) {
@@ -237,7 +284,9 @@ void dequantize_tiles_t_format(const uint8_t* w, int64_t nb, int64_t n0, int64_t
       for (int64_t b = 0; b < nb; ++b) {
         const uint8_t* tile = w + (g * nb + b) * kTileBytes;
         const VF d = load_scales(tile + 16 * half);
-        const uint8_t* words = tile + kHeaderBytes + 32 * half;
+        const uint8_t* words = tile + TF::kQsOffset + 32 * half;
+        VI high = VI();  // Q5: lane r holds row r's 32 fifth bits
+        if constexpr (TF::kQ5) high = iloadu(tile + TF::kHeaderBytes + 32 * half);
         for (int j = 0; j < kWords; ++j) {
           const VI v = iloadu(words + 64 * j);  // lane r: bytes 4j .. 4j + 3 of row r's quants
           for (int i = 0; i < 4; ++i) {
@@ -245,10 +294,14 @@ void dequantize_tiles_t_format(const uint8_t* w, int64_t nb, int64_t n0, int64_t
             if constexpr (QT == kQ8_0) {
               store(k, col, fmul(cvt(srai32(sll32(v, 24 - 8 * i), 24)), d));
             } else {  // byte 4j + i holds value 4j + i (low nibble) and value 4j + i + 16 (high nibble)
-              const VI lo = band(srl32(v, 8 * i), set1_32(0x0F)), hi = band(srl32(v, 8 * i + 4), set1_32(0x0F));
-              if constexpr (QT == kQ4_0) {
-                store(k, col, fmul(cvt(sub32(lo, set1_32(8))), d));
-                store(k + 16, col, fmul(cvt(sub32(hi, set1_32(8))), d));
+              VI lo = band(srl32(v, 8 * i), set1_32(0x0F)), hi = band(srl32(v, 8 * i + 4), set1_32(0x0F));
+              if constexpr (TF::kQ5) {  // fifth bits 4j + i and 16 + 4j + i
+                lo = bor(lo, sll32(band(srl32(high, 4 * j + i), set1_32(1)), 4));
+                hi = bor(hi, sll32(band(srl32(high, 16 + 4 * j + i), set1_32(1)), 4));
+              }
+              if constexpr (!TF::kHasMin) {  // (u + offset) * d, as ggml rounds it
+                store(k, col, fmul(cvt(sub32(lo, set1_32(int(-TF::kOffset)))), d));
+                store(k + 16, col, fmul(cvt(sub32(hi, set1_32(int(-TF::kOffset)))), d));
               } else {
                 const VF m = load_scales(tile + 32 + 16 * half);
                 store(k, col, fmadd(cvt(lo), d, m));
@@ -268,6 +321,8 @@ void dequantize_tiles_t(int64_t qtype, const uint8_t* w, int64_t nb, int64_t n0,
     switch (qtype) {
       case kQ4_0: return dequantize_tiles_t_format<kQ4_0>(w, nb, n0, n1, o, ld);
       case kQ4_1: return dequantize_tiles_t_format<kQ4_1>(w, nb, n0, n1, o, ld);
+      case kQ5_0: return dequantize_tiles_t_format<kQ5_0>(w, nb, n0, n1, o, ld);
+      case kQ5_1: return dequantize_tiles_t_format<kQ5_1>(w, nb, n0, n1, o, ld);
       default: return dequantize_tiles_t_format<kQ8_0>(w, nb, n0, n1, o, ld);
     }
   };
@@ -299,6 +354,8 @@ void tile_gemv(int64_t qtype, const int8_t* xq, const float* xd, const float* xs
     switch (qtype) {
       case kQ4_0: return tile_gemv_format<kQ4_0>(a, M, w, u0, u1, o, N);
       case kQ4_1: return tile_gemv_format<kQ4_1>(a, M, w, u0, u1, o, N);
+      case kQ5_0: return tile_gemv_format<kQ5_0>(a, M, w, u0, u1, o, N);
+      case kQ5_1: return tile_gemv_format<kQ5_1>(a, M, w, u0, u1, o, N);
       default: return tile_gemv_format<kQ8_0>(a, M, w, u0, u1, o, N);
     }
   };

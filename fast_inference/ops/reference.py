@@ -359,9 +359,9 @@ def _k_scales_mins(s: _torch.Tensor) -> tuple[_torch.Tensor, _torch.Tensor]:  # 
 
 
 def _tile_parts(qtype: int) -> tuple[int, int]:  # (header bytes, quant bytes) of one block
-    from .quant import BLOCK_LAYOUT, Q4_1
+    from .quant import BLOCK_LAYOUT, Q4_1, Q5_1
 
-    header = 4 if qtype == Q4_1 else 2
+    header = 4 if qtype in (Q4_1, Q5_1) else 2
     return header, BLOCK_LAYOUT[qtype][1] - header
 
 
