@@ -25,22 +25,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import emit, environment  # noqa: E402
 
 
-def cpu_description() -> dict:
-    model, flags = "unknown", set()
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name") and model == "unknown":
-                model = line.split(":", 1)[1].strip()
-            elif line.startswith("flags") and not flags:
-                flags = set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    isa = [f for f in ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16") if f in flags]
-    from fast_inference import ops
-
-    return {"cpu_model": model, "cpu_flags": isa, "kernel_isa": ops.cpu_isa()}
-
-
 def _rss_bytes() -> int:
     for line in open("/proc/self/status"):
         if line.startswith("VmRSS:"):
@@ -175,7 +159,7 @@ def main() -> None:
         if not Path(q8).exists():
             write_q8_0(files[0], q8)
         files.append(q8)
-    emit({"env": {**environment(torch.device("cpu")), **cpu_description()}, "note": "shared machine: noisy"})
+    emit({"env": environment(torch.device("cpu")), "note": "shared machine: noisy"})
     for path in files:
         record = {"file": Path(path).name, "bytes": Path(path).stat().st_size, "threads": args.threads}
         ours, theirs = [], []

@@ -22,7 +22,6 @@ import argparse
 import multiprocessing
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -44,11 +43,6 @@ PAPER_MODELS = {
 NVLINK_ONE_WAY = 450e9  # bytes/s per GPU per direction (H100 SXM: 900 GB/s bidirectional)
 HBM = 3.35e12  # bytes/s (H100 SXM)
 GPU_MEMORY = 80e9
-
-
-def cpu_model() -> str:
-    out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-    return next((ln.split(":", 1)[1].strip() for ln in out.splitlines() if ln.startswith("Model name")), "?")
 
 
 # ---- gloo floor ---------------------------------------------------------------------------------------
@@ -332,14 +326,11 @@ def main() -> None:
     parser.add_argument("--paper-batches", default="1,32,256")
     parser.add_argument("--skip-measured", action="store_true", help="print the paper model only")
     args = parser.parse_args()
-    from fast_inference import ops
 
     emit(
         {
             "bench": "environment",
             **environment(torch.device("cpu")),
-            "cpu_model": cpu_model(),
-            "isa": ops.cpu_isa(),
             "load_average": os.getloadavg()[0],
         }
     )

@@ -13,7 +13,6 @@ one core against a one-thread streaming read, which a busy machine disturbs leas
 """
 
 import argparse
-import subprocess
 import time
 
 import torch
@@ -28,13 +27,6 @@ SHAPES = {  # (name, N, K): the projections of one layer and the head
     "1.5b": [("qkv", 2048, 1536), ("gate_up", 17920, 1536), ("down", 1536, 8960)],
 }
 NAMES = {name: qtype for qtype, name in quant.QTYPE_NAMES.items()}
-
-
-def cpu_model() -> str:
-    out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-    return next(
-        (line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name")), "?"
-    )
 
 
 def random_qweight(qtype: int, n: int, k: int) -> torch.Tensor:
@@ -126,8 +118,6 @@ def main() -> None:
         {
             "bench": "quant_linear",
             **environment(device),
-            "cpu_model": cpu_model(),
-            "isa": ops.cpu_isa(),
             "streaming_read_GBps": round(limit / 1e9, 1),
             "llc_MiB": llc >> 20,
             "note": "shared machine: noisy",

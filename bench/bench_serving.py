@@ -35,7 +35,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.common import emit  # noqa: E402
+from bench.common import cpu_description, emit  # noqa: E402
 
 
 def pct(values: list[float], q: float) -> float:
@@ -391,8 +391,7 @@ def main() -> None:
             "num_threads": args.num_threads,
             "cpus": os.cpu_count(),
             "load_avg": round(os.getloadavg()[0], 2),
-            "cpu_model": cpu_model(),
-            "cpu_isa": cpu_isa(),
+            **cpu_description(),
             "baseline": args.baseline,
         }
     )
@@ -499,22 +498,6 @@ def compare_llama_server(args, gguf: str, levels: dict[int, list[list[int]]], ou
             )
     finally:
         llama.stop()
-
-
-def cpu_model() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
-    except (OSError, subprocess.TimeoutExpired):
-        return "unknown"
-    return next(
-        (line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name")), "?"
-    )
-
-
-def cpu_isa() -> str:
-    from fast_inference.ops import cpu_isa as isa
-
-    return isa()
 
 
 if __name__ == "__main__":

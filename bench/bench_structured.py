@@ -18,7 +18,6 @@ import json
 import os
 import random
 import statistics
-import subprocess
 import time
 
 import torch
@@ -52,13 +51,6 @@ INSTANCE = {
 }
 # Records that never end within the e2e budget (minItems), so constrained runs are as long as free ones.
 E2E_SCHEMA = {"type": "array", "items": SCHEMA, "minItems": 1000}
-
-
-def cpu_model() -> str:
-    out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-    return next(
-        (line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name")), "?"
-    )
 
 
 def widened_tokenizer(base, vocab_size: int):
@@ -230,8 +222,6 @@ def main() -> None:
             "bench": "structured",
             "event": "env",
             **environment(device),
-            "cpu_model": cpu_model(),
-            "isa": ops.cpu_isa(),
             "load_average_1m": round(os.getloadavg()[0], 2),
             "cpu_count": os.cpu_count(),
         }

@@ -114,14 +114,6 @@ def decode_step_split(engine, prompts: list[list[int]], batch: int, steps: int) 
     return record
 
 
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "?")
-    except OSError:
-        return "?"
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--num-prompts", type=int, default=32)
@@ -147,14 +139,14 @@ def main() -> None:
     if args.threads is not None:
         torch.set_num_threads(args.threads)
 
-    from fast_inference import LLM, SamplingParams, ops
+    from fast_inference import LLM, SamplingParams
     from fast_inference.models.config import resolve_dtype
 
     device = torch.device("cpu")
     # "auto": what the engine picks on this CPU; transformers runs the same dtype.
     dtype = resolve_dtype(args.dtype, None, device)
     env = environment(device)
-    env.update(cpu_model=cpu_model(), cpu_isa=ops.cpu_isa(), dtype=args.dtype, resolved_dtype=str(dtype)[6:])
+    env.update(dtype=args.dtype, resolved_dtype=str(dtype)[6:])
     bandwidth = streaming_read_bandwidth(device)
     emit(
         {

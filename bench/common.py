@@ -8,6 +8,8 @@ from collections.abc import Callable
 
 import torch
 
+import fast_inference.ops
+
 
 def environment(device: torch.device) -> dict:
     info = {
@@ -20,8 +22,25 @@ def environment(device: torch.device) -> dict:
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
     else:
-        info["cpu"] = platform.processor() or platform.machine()
+        info.update(cpu_description())
     return info
+
+
+def cpu_description() -> dict:
+    """The CPU model as lscpu names it, its vector ISA flags and the kernel ISA picked at run time
+    (FI_CPU_ISA overrides it). platform.processor() says only "x86_64" on Linux."""
+    model, flags = platform.processor() or platform.machine(), set()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name") and not flags:
+                    model = line.split(":", 1)[1].strip()
+                elif line.startswith("flags") and not flags:
+                    flags = set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    isa = [f for f in ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_int8") if f in flags]
+    return {"cpu": model, "cpu_flags": isa, "kernel_isa": fast_inference.ops.cpu_isa()}
 
 
 def _sync(device: torch.device) -> None:
