@@ -158,7 +158,7 @@ struct FmaOpsFor {
       }
     }
 
-    float exp_row(int64_t /*r*/, float* s, int64_t n, int64_t visible, float scale, float m) const {
+    static float exp_row(int64_t /*r*/, float* s, int64_t n, int64_t visible, float scale, float m) {
       const V scale_v = Vec::set1(scale), neg_m = Vec::set1(-m);
       V sum = Vec::zero();
       int64_t i = 0;
