@@ -29,10 +29,6 @@ constexpr int64_t kUnitRows = 16;
 constexpr int64_t kUnitRows = 8;
 #endif
 constexpr int64_t kUnitsPerTile = kTileRows / kUnitRows;
-#ifndef FI_PF
-#define FI_PF 16
-#endif
-constexpr int64_t kPrefetchTiles = FI_PF;
 
 // Activations quantized per 32-value block (the weights' block size): q [M, nb * 32] int8 (zero-padded past K),
 // d [M, nb] the block's scale (amax / 127), s [M, nb] = d * (sum of the block's q).
@@ -156,11 +152,17 @@ inline void tile_units(const BlockActivations& a, const uint8_t* w, int64_t u, O
   VF acc[NU][M];
   for (int i = 0; i < NU; ++i)
     for (int m = 0; m < M; ++m) acc[i][m] = fzero();
+  // The next group of units' tiles (contiguous, right after this group's) stream in while this group computes:
+  // one step's share of them per block, in address order, so the prefetches trickle out evenly and run a whole
+  // group ahead. (Prefetching a fixed distance along each unit's own tiles overshoots into the units being read
+  // right now when a row has few blocks: K = 576 is 18 blocks.)
+  constexpr int64_t kGroupTiles = NU >= kUnitsPerTile ? NU / kUnitsPerTile : 1;
+  const char* next = reinterpret_cast<const char*>(w + (u + NU) / kUnitsPerTile * nb * kTileBytes);
   for (int64_t b = 0; b < nb; ++b) {
+    for (int64_t line = 0; line < kGroupTiles * kTileBytes; line += 64)
+      _mm_prefetch(next + b * kGroupTiles * kTileBytes + line, _MM_HINT_T0);
     for (int i = 0; i < NU; ++i) {
       const uint8_t* tile = tiles[i] + b * kTileBytes;
-      for (int64_t line = 0; line < kTileBytes; line += 64)
-        _mm_prefetch(reinterpret_cast<const char*>(tile + kPrefetchTiles * kTileBytes + line), _MM_HINT_T0);
       const uint8_t* words = tile + TF::kQsOffset + 32 * half[i];
       VI high = VI();  // Q5: lane r holds row r's 32 fifth bits
       if constexpr (TF::kQ5) high = iloadu(tile + TF::kHeaderBytes + 32 * half[i]);
