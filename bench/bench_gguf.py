@@ -38,9 +38,12 @@ def fast_inference_decode(path: str, tokens: int, record: dict) -> float:
     time to the first token of a 128-token prompt (prefill on the quantized GEMM path)."""
     import transformers  # noqa: F401  (imported by every load: resident before the baseline, like torch)
 
-    import fast_inference.ops  # noqa: F401  (the extension and torch are resident before the baseline)
+    import fast_inference.ops  # (the extension and torch are resident before the baseline)
     from fast_inference import LLM, SamplingParams
 
+    # So is torch's OpenMP thread pool (~13 MiB of thread stacks and per-thread heaps that any torch process
+    # pays at its first parallel op, whatever the model): one small parallel op starts it.
+    fast_inference.ops.interleave_rows(torch.zeros(64, 20, dtype=torch.uint8), 3)
     before = _rss_bytes()
     llm = LLM(path, kv_cache_memory="64MiB", max_model_len=1024, enable_prefix_caching=False)
     kv = sum(

@@ -164,11 +164,13 @@ class RotaryEmbedding(_DirectCall):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         inv_freq = rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
-        freqs = torch.outer(torch.arange(cfg.max_position_embeddings, dtype=torch.float32), inv_freq)
+        # Positions stay below max_model_len (the scheduler enforces it): a table for the model's whole
+        # max_position_embeddings (8192 x 64 x 2 floats for SmolLM2) would be resident for nothing.
+        freqs = torch.outer(torch.arange(cfg.max_model_len, dtype=torch.float32), inv_freq)
         cos, sin = freqs.cos(), freqs.sin()
         self.register_buffer(
             "cos", torch.cat((cos, cos), -1).to(cfg.device), persistent=False
-        )  # [max_pos, D]
+        )  # [max_model_len, D]
         self.register_buffer("sin", torch.cat((-sin, sin), -1).to(cfg.device), persistent=False)
 
     def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
