@@ -9,6 +9,8 @@
 //    once for both tokens), reduced together by one horizontal-add tree instead of a reduction per dot.
 //  - accumulate: four rows x 16 columns in registers across the block's tokens, each value vector
 //    widened once for the four rows.
+#include <type_traits>
+
 #include "cpu/vec_avx2.h"
 
 #define FI_CPU_ISA avx2
@@ -75,27 +77,13 @@ class Avx2Ops {
   }
 
   void scores(int64_t r0, int64_t R, const T* k, int64_t k_stride, int64_t n, float* S, int64_t S_stride) {
-    int64_t r = r0;
-    for (; r + 4 <= r0 + R; r += 4) scores_rows<4>(r, k, k_stride, n, S, S_stride);
-    switch (r0 + R - r) {
-      case 1: scores_rows<1>(r, k, k_stride, n, S, S_stride); break;
-      case 2: scores_rows<2>(r, k, k_stride, n, S, S_stride); break;
-      case 3: scores_rows<3>(r, k, k_stride, n, S, S_stride); break;
-      default: break;
-    }
+    in_row_blocks(r0, R, [&](auto rb, int64_t r) { scores_rows<rb()>(r, k, k_stride, n, S, S_stride); });
   }
 
   // acc[r] += sum_t P[r, t] v[t]. Causally masked tokens have P == 0 (exp_row zeroes them).
   void accumulate(const float* P, int64_t P_stride, int64_t r0, int64_t R, const T* v, int64_t v_stride,
                   int64_t n) {
-    int64_t r = r0;
-    for (; r + 4 <= r0 + R; r += 4) accumulate_rows<4>(P, P_stride, r, v, v_stride, n);
-    switch (r0 + R - r) {
-      case 1: accumulate_rows<1>(P, P_stride, r, v, v_stride, n); break;
-      case 2: accumulate_rows<2>(P, P_stride, r, v, v_stride, n); break;
-      case 3: accumulate_rows<3>(P, P_stride, r, v, v_stride, n); break;
-      default: break;
-    }
+    in_row_blocks(r0, R, [&](auto rb, int64_t r) { accumulate_rows<rb()>(P, P_stride, r, v, v_stride, n); });
   }
 
   static float exp_row(int64_t r, float* s, int64_t n, int64_t visible, float scale, float m) {
@@ -103,20 +91,19 @@ class Avx2Ops {
   }
   static float max(const float* x, int64_t n) { return Fma::max(x, n); }
 
-  // The next block's K and V are prefetched into L2 one line each per inner step, as in FmaOps.
-  void stream_next_block(const char* k, const char* v, int64_t bytes) {
-    stream_k_ = k;
-    stream_v_ = v;
-    stream_pos_ = 0;
-    stream_end_ = bytes;
-  }
+  void stream_next_block(const char* k, const char* v, int64_t bytes) { next_block_.start(k, v, bytes); }
 
  private:
-  void stream_step() {
-    if (stream_pos_ < stream_end_) {
-      __builtin_prefetch(stream_k_ + stream_pos_, 0, 2);
-      __builtin_prefetch(stream_v_ + stream_pos_, 0, 2);
-      stream_pos_ += 64;
+  // f(std::integral_constant<int, RB>, r) over rows [r0, r0 + R) in blocks of four, then the 1-3 left over.
+  template <typename F>
+  static void in_row_blocks(int64_t r0, int64_t R, F&& f) {
+    int64_t r = r0;
+    for (; r + 4 <= r0 + R; r += 4) f(std::integral_constant<int, 4>{}, r);
+    switch (r0 + R - r) {
+      case 1: return f(std::integral_constant<int, 1>{}, r);
+      case 2: return f(std::integral_constant<int, 2>{}, r);
+      case 3: return f(std::integral_constant<int, 3>{}, r);
+      default: return;
     }
   }
 
@@ -147,7 +134,7 @@ class Avx2Ops {
         }
       };
       for (int64_t c = 0; c < full_chunks_; ++c) {
-        stream_step();
+        next_block_.step();
         step(c, k0 + 16 * c, k1 + 16 * c);
       }
       if (full_chunks_ * 16 < D_) {
@@ -193,7 +180,7 @@ class Avx2Ops {
       hi[i] = _mm256_loadu_ps(acc + i * Dp_ + 8);
     }
     for (int64_t t = 0; t < n; ++t) {
-      stream_step();
+      next_block_.step();
       __m256 xl, xh;
       Chunk16<T>::load(chunk_of(t), xl, xh);
       for (int i = 0; i < RB; ++i) {
@@ -210,9 +197,7 @@ class Avx2Ops {
 
   int64_t D_, full_chunks_, Dp_;
   std::vector<float> q_, acc_;
-  const char* stream_k_ = nullptr;  // the block being prefetched (stream_next_block)
-  const char* stream_v_ = nullptr;
-  int64_t stream_pos_ = 0, stream_end_ = 0;
+  BlockPrefetch next_block_;
 };
 
 }  // namespace fast_inference::cpu::avx2

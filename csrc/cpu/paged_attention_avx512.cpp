@@ -116,12 +116,7 @@ class Avx512Ops<c10::BFloat16> {
   // token and kv head: D / 16 lines, as many as the block holds. Decode 16 x 2048 on the 2-core VM,
   // interleaved A/B in one process: 10-20% less time than reading the next block up front, and a few
   // % less than four lines per step in the outer loops.
-  void stream_next_block(const char* k, const char* v, int64_t bytes) {
-    stream_k_ = k;
-    stream_v_ = v;
-    stream_pos_ = 0;
-    stream_end_ = bytes;
-  }
+  void stream_next_block(const char* k, const char* v, int64_t bytes) { next_block_.start(k, v, bytes); }
 
   // acc[r] += sum_t P[r][t] v[t], with P as exp_row left it in p_ (bf16); the float P is not read.
   void accumulate(const float* /*P*/, int64_t /*P_stride*/, int64_t r0, int64_t R, const T* v, int64_t v_stride,
@@ -198,7 +193,7 @@ class Avx512Ops<c10::BFloat16> {
       for (int i = 0; i < 4; ++i) acc[i] = acc2[i] = _mm512_setzero_ps();
       int64_t j = 0;
       for (; j + 2 <= nj; j += 2) {
-        stream_step();
+        next_block_.step();
         const __m512i q0 = NJ > 0 ? qreg[NJ > 0 ? j : 0] : _mm512_loadu_si512(quad + 32 * j);
         const __m512i q1 = NJ > 0 ? qreg[NJ > 0 ? j + 1 : 0] : _mm512_loadu_si512(quad + 32 * (j + 1));
         for (int i = 0; i < 4; ++i) {
@@ -247,15 +242,6 @@ class Avx512Ops<c10::BFloat16> {
     }
   }
 
-  // One line each of the next block's K and V (see stream_next_block).
-  void stream_step() const {
-    if (stream_pos_ < stream_end_) {
-      __builtin_prefetch(stream_k_ + stream_pos_, 0, 2);
-      __builtin_prefetch(stream_v_ + stream_pos_, 0, 2);
-      stream_pos_ += 64;
-    }
-  }
-
   __mmask32 chunk_mask(int64_t c) const { return c == chunks_ - 1 ? last_mask_ : ~__mmask32(0); }
 
   // RB rows at once: 2 * RB accumulators per 32-wide chunk stay in registers over the block's tokens.
@@ -270,7 +256,7 @@ class Avx512Ops<c10::BFloat16> {
       }
       const uint16_t* vc = v + 32 * c;
       for (int64_t t = 0; t < n; t += 2) {
-        stream_step();
+        next_block_.step();
         const __m512i v0 = _mm512_maskz_loadu_epi16(mk, vc + t * v_stride);
         // Never read the row after the last token: it may be another sequence's or uninitialised.
         const __m512i v1 = t + 1 < n ? _mm512_maskz_loadu_epi16(mk, vc + (t + 1) * v_stride) : _mm512_setzero_si512();
@@ -298,9 +284,7 @@ class Avx512Ops<c10::BFloat16> {
   std::vector<uint16_t> zero_row_;  // stands in for the cache rows past a block's last token
   std::vector<float> acc_;
   std::vector<uint16_t> p_;  // P rows as bf16, one spare slot for an odd token count
-  const char* stream_k_ = nullptr;  // the block being prefetched (stream_next_block)
-  const char* stream_v_ = nullptr;
-  mutable int64_t stream_pos_ = 0, stream_end_ = 0;
+  mutable BlockPrefetch next_block_;  // stepped from the const scores loops
 };
 
 }  // namespace fast_inference::cpu::avx512

@@ -47,7 +47,7 @@ struct FmaOpsFor {
           V u0 = Vec::zero(), u1 = Vec::zero(), u2 = Vec::zero(), u3 = Vec::zero();
           int64_t c = 0;
           for (; c + 2 * W <= Dp_; c += 2 * W) {
-            stream_step();
+            next_block_.step();
             const V ka = chunk(kt, c), kb = chunk(kt, c + W);
             s0 = Vec::fma(Vec::load(q + c), ka, s0);
             s1 = Vec::fma(Vec::load(q + Dp_ + c), ka, s1);
@@ -75,7 +75,7 @@ struct FmaOpsFor {
           V s0 = Vec::zero(), s1 = Vec::zero();  // two chains hide the FMA latency
           int64_t c = 0;
           for (; c + 2 * W <= Dp_; c += 2 * W) {
-            stream_step();
+            next_block_.step();
             s0 = Vec::fma(Vec::load(q + c), chunk(kt, c), s0);
             s1 = Vec::fma(Vec::load(q + c + W), chunk(kt, c + W), s1);
           }
@@ -103,7 +103,7 @@ struct FmaOpsFor {
           V y0 = Vec::load(a0 + c + W), y1 = Vec::load(a0 + Dp_ + c + W);
           V y2 = Vec::load(a0 + 2 * Dp_ + c + W), y3 = Vec::load(a0 + 3 * Dp_ + c + W);
           for (int64_t t = 0; t < n; ++t) {
-            stream_step();
+            next_block_.step();
             const T* vt = v + t * v_stride;
             const V va = chunk(vt, c), vb = chunk(vt, c + W);
             const V p0v = Vec::set1(p0[t]), p1v = Vec::set1(p0[P_stride + t]);
@@ -197,22 +197,9 @@ struct FmaOpsFor {
     // trickle out rather than burst (bursts are dropped once the miss queue is full, see the AVX-512 ops).
     // The scores loop alone takes D / (2W) steps per token, kv head and four rows: for bs x heads rows of
     // D elements that is at least one step per line for 4-byte elements; accumulate adds more.
-    void stream_next_block(const char* k, const char* v, int64_t bytes) {
-      stream_k_ = k;
-      stream_v_ = v;
-      stream_pos_ = 0;
-      stream_end_ = bytes;
-    }
+    void stream_next_block(const char* k, const char* v, int64_t bytes) { next_block_.start(k, v, bytes); }
 
    private:
-    void stream_step() {
-      if (stream_pos_ < stream_end_) {
-        __builtin_prefetch(stream_k_ + stream_pos_, 0, 2);
-        __builtin_prefetch(stream_v_ + stream_pos_, 0, 2);
-        stream_pos_ += 64;
-      }
-    }
-
     // Elements [c, c + W) of a row of D elements of T widened to f32, zeros past D (never read).
     V chunk(const T* row, int64_t c) const { return Vec::load_f32(row + c, int(std::min<int64_t>(W, D_ - c))); }
     // One row of D elements of T -> Dp floats (zero padded), W at a time.
@@ -222,9 +209,7 @@ struct FmaOpsFor {
 
     int64_t D_, Dp_;
     std::vector<float> q_, acc_;
-    const char* stream_k_ = nullptr;  // the block being prefetched (stream_next_block)
-    const char* stream_v_ = nullptr;
-    int64_t stream_pos_ = 0, stream_end_ = 0;
+    BlockPrefetch next_block_;
   };
 };
 

@@ -70,6 +70,29 @@ inline void prefetch_rows(const char* rows, int64_t stride, int64_t n, int64_t b
   }
 }
 
+// The next cache block's K and V, prefetched into L2 one line of each per step() from inside an Ops' compute
+// loops (its stream_next_block hands the block over), so the fetch trickles out while the current block
+// computes: bursts of prefetches are dropped once the miss queue is full (see the AVX-512 ops).
+struct BlockPrefetch {
+  const char* k = nullptr;
+  const char* v = nullptr;
+  int64_t pos = 0, end = 0;
+
+  void start(const char* k_next, const char* v_next, int64_t bytes) {
+    k = k_next;
+    v = v_next;
+    pos = 0;
+    end = bytes;
+  }
+  void step() {
+    if (pos < end) {
+      __builtin_prefetch(k + pos, 0, 2);
+      __builtin_prefetch(v + pos, 0, 2);
+      pos += 64;
+    }
+  }
+};
+
 inline std::vector<WorkItem> make_work_items(const PagedAttentionArgs& a, int q_tile, int heads_per_item) {
   std::vector<WorkItem> base;
   for (int64_t s = 0; s < a.num_seqs; ++s) {
