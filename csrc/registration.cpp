@@ -69,8 +69,8 @@ TORCH_LIBRARY(fast_inference, m) {
   // remove the launch overhead these fused CPU kernels exist to avoid) --------------------------
 
   // ---- dense ------------------------------------------------------------------------------
-  // x: [M, K]; weight: [N, K]; bias: [N] or None; returns [M, N] = x W^T + b
-  // (CPU: a weight-streaming bf16 kernel for M <= 4, at::linear otherwise)
+  // x: [M, K]; weight: [N, K] (or bf16 VNNI tiles [N / 16, K / 32, 512], ops.vnni_tiles); bias: [N] or None;
+  // returns [M, N] = x W^T + b (CPU: weight-streaming bf16 / f32 kernels for M <= 8, AMX for tiles)
   m.def("linear(Tensor x, Tensor weight, Tensor? bias) -> Tensor");
 
   // ---- norm and fused elementwise ---------------------------------------------------------
@@ -89,14 +89,18 @@ constexpr const char* kCpuOnlyOps[] = {"linear", "rms_norm", "add_rms_norm", "ro
 
 // `import fast_inference._C` loads this library, which runs the registrations above. The module has
 // cpu_isa(), naming the instruction set the CPU kernels run now (benchmarks and the engine log print it),
+// cpu_amx() (whether the AMX tile path is on),
 // MAX_LOGPROBS (the most top logprobs per token compute_logprobs returns: the one definition Python
 // reads) and CPU_ONLY_OPS (kCpuOnlyOps as a tuple of op names).
 static PyObject* cpu_isa(PyObject*, PyObject*) {
   return PyUnicode_FromString(fast_inference::cpu::isa_name(fast_inference::cpu::selected_isa()));
 }
 
+static PyObject* cpu_amx(PyObject*, PyObject*) { return PyBool_FromLong(fast_inference::cpu::amx_selected()); }
+
 static PyMethodDef fast_inference_methods[] = {
     {"cpu_isa", cpu_isa, METH_NOARGS, "The CPU kernels' instruction set now: avx512, avx2 or portable."},
+    {"cpu_amx", cpu_amx, METH_NOARGS, "Whether the bf16 projections on VNNI tiles run on AMX now."},
     {nullptr, nullptr, 0, nullptr}};
 
 static PyModuleDef fast_inference_module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, fast_inference_methods};

@@ -3,8 +3,11 @@
 // Vectorized kernels are compiled once per ISA (*_avx2.cpp, *_avx512.cpp get their flags in CMakeLists.txt)
 // and a kernel's glue switches on selected_isa(). FI_CPU_ISA=portable|avx2|avx512 asks for a lower path
 // (read at every call, so one process can test and benchmark every path); asking for more than the CPU has
-// gives the best it has.
+// gives the best it has. AMX (the bf16 tile unit of Sapphire Rapids and later) is one more step above
+// kAvx512 for the kernels that have an AMX path: amx_selected(), off under any FI_CPU_ISA but "amx".
 #pragma once
+
+#include <cpuid.h>
 
 #include <cstdlib>
 #include <cstring>
@@ -35,6 +38,27 @@ inline Isa selected_isa() {
   if (std::strcmp(want, "portable") == 0) asked = Isa::kPortable;
   else if (std::strcmp(want, "avx2") == 0) asked = Isa::kAvx2;
   return asked < best ? asked : best;
+}
+
+// Defined in linear_amx.cpp: asks Linux for the AMX tile state (once per process); false when refused.
+namespace amx {
+bool tiles_permitted();
+}
+
+// The CPU has AMX-TILE and AMX-BF16 (CPUID leaf 7: EDX bits 24 and 22) and the OS lets us use them.
+inline bool amx_available() {
+  static const bool available = [] {
+    unsigned eax = 0, ebx = 0, ecx = 0, edx = 0;
+    if (!__get_cpuid_count(7, 0, &eax, &ebx, &ecx, &edx)) return false;
+    const bool tile = (edx >> 24) & 1, bf16 = (edx >> 22) & 1;
+    return tile && bf16 && best_isa() == Isa::kAvx512 && amx::tiles_permitted();
+  }();
+  return available;
+}
+
+inline bool amx_selected() {
+  const char* want = std::getenv("FI_CPU_ISA");
+  return amx_available() && (want == nullptr || std::strcmp(want, "amx") == 0);
 }
 
 inline const char* isa_name(Isa isa) {

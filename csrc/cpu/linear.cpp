@@ -8,6 +8,9 @@
 //     on such a CPU has no fast path (about 3x slower than f32 on Zen 1).
 //   bf16, M > 8 with AVX512_BF16: at::linear (oneDNN's native bf16 GEMM).
 //   f32, M <= 8 with AVX2: the same GEMV (f32 weight rows streamed at bandwidth); f32 otherwise: at::linear.
+//   bf16 weight in VNNI tiles [N / 16, K / 32, 512] (ops.vnni_tiles): every M on AMX (linear_amx.cpp);
+//     elsewhere the tiles are put back in row order and take the paths above (correct, not fast: the
+//     engine tiles weights only where amx_selected()).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -22,6 +25,10 @@ namespace fast_inference::cpu {
 namespace avx512 {
 void linear_bf16_small_m(const c10::BFloat16* x, int64_t x_stride, const c10::BFloat16* w,
                          const c10::BFloat16* bias, c10::BFloat16* out, int64_t M, int64_t N, int64_t K);
+}
+namespace amx {
+void linear_bf16_tiles(const c10::BFloat16* x, int64_t x_stride, const c10::BFloat16* w, const c10::BFloat16* bias,
+                       c10::BFloat16* out, int64_t M, int64_t N, int64_t K);
 }
 namespace avx2 {
 void linear_bf16_small_m(const c10::BFloat16* x, int64_t x_stride, const c10::BFloat16* w,
@@ -82,10 +89,44 @@ at::Tensor linear_bf16_blocked(const at::Tensor& x, const at::Tensor& weight, co
   return out;
 }
 
-// x: [M, K]; weight: [N, K]; bias: [N] or None -> [M, N]
+at::Tensor linear_cpu(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias);
+
+// VNNI tiles [N / 16, K / 32, 512] -> the same weight as rows [N, K].
+at::Tensor untile(const at::Tensor& tiles) {
+  const int64_t blocks = tiles.size(0), k_tiles = tiles.size(1);
+  return tiles.view({blocks, k_tiles, 16, 16, 2}).permute({0, 3, 1, 2, 4}).reshape({blocks * 16, k_tiles * 32});
+}
+
+// x: [M, K] bf16; tiles: [N / 16, K / 32, 512] bf16; bias: [N] or None -> [M, N]
+at::Tensor linear_tiles(const at::Tensor& x, const at::Tensor& tiles, const std::optional<at::Tensor>& bias) {
+  TORCH_CHECK(tiles.size(2) == 512 && tiles.scalar_type() == at::kBFloat16 && tiles.is_contiguous(),
+              "a 3-D weight must be contiguous bf16 VNNI tiles [N / 16, K / 32, 512], got ", tiles.scalar_type(), " ",
+              tiles.sizes());
+  const int64_t N = tiles.size(0) * 16, K = tiles.size(1) * 32;
+  if (!(amx_selected() && x.scalar_type() == at::kBFloat16 && x.stride(1) == 1 && x.size(1) == K &&
+        (!bias.has_value() || bias->is_contiguous()) && x.size(0) > 0)) {
+    return linear_cpu(x, untile(tiles), bias);  // argument checks, and every path but AMX's
+  }
+  if (bias.has_value()) {
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == N, "bias must be [N=", N, "], got ", bias->sizes());
+    TORCH_CHECK(bias->scalar_type() == x.scalar_type(), "bias dtype ", bias->scalar_type(),
+                " must equal x dtype ", x.scalar_type());
+  }
+  const int64_t M = x.size(0);
+  at::Tensor out = at::empty({M, N}, x.options());
+  amx::linear_bf16_tiles(reinterpret_cast<const c10::BFloat16*>(x.data_ptr()), x.stride(0),
+                         reinterpret_cast<const c10::BFloat16*>(tiles.data_ptr()),
+                         bias.has_value() ? reinterpret_cast<const c10::BFloat16*>(bias->data_ptr()) : nullptr,
+                         reinterpret_cast<c10::BFloat16*>(out.data_ptr()), M, N, K);
+  return out;
+}
+
+// x: [M, K]; weight: [N, K] (or bf16 VNNI tiles [N / 16, K / 32, 512]); bias: [N] or None -> [M, N]
 at::Tensor linear_cpu(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias) {
   TORCH_CHECK(x.dim() == 2, "x must be 2-D [M, K], got ", x.dim(), "-D");
-  TORCH_CHECK(weight.dim() == 2, "weight must be 2-D [N, K], got ", weight.dim(), "-D");
+  if (weight.dim() == 3) return linear_tiles(x, weight, bias);
+  TORCH_CHECK(weight.dim() == 2, "weight must be 2-D [N, K] or VNNI tiles [N / 16, K / 32, 512], got ",
+              weight.dim(), "-D");
   TORCH_CHECK(x.size(1) == weight.size(1), "x has K=", x.size(1), " but weight has K=", weight.size(1));
   TORCH_CHECK(x.scalar_type() == weight.scalar_type(), "x dtype ", x.scalar_type(), " must equal weight dtype ",
               weight.scalar_type());

@@ -34,10 +34,23 @@ class _DirectCall(nn.Module):
         return self.forward(*args, **kwargs)
 
 
+def _tiles_fit(weight: torch.Tensor) -> bool:
+    """A CPU bf16 weight [N, K] that ops.linear runs on AMX as VNNI tiles."""
+    n, k = weight.shape
+    return (
+        ops.cpu_amx()
+        and weight.device.type == "cpu"
+        and weight.dtype == torch.bfloat16
+        and not (n % 16 or k % 32)
+    )
+
+
 class Linear(_DirectCall):
     """y = x W^T (+ b). On CPU, after prepack(): inputs of at most `op_rows` rows go through ops.linear
     (our kernels: a weight-streaming GEMV for decode batches, for bf16 a blocked GEMM above); with native
-    bf16, larger inputs use a oneDNN-prepacked copy of the weight; f32 above the GEMV size is F.linear."""
+    bf16, larger inputs use a oneDNN-prepacked copy of the weight; f32 above the GEMV size is F.linear.
+    On an AMX CPU a bf16 weight becomes VNNI tiles instead (ops.vnni_tiles), one copy that ops.linear runs
+    for every M (at the streaming read from M = 1 to 32, where oneDNN reads at about half of it)."""
 
     def __init__(
         self, in_features: int, out_features: int, bias: bool, dtype: torch.dtype, device: torch.device
@@ -55,6 +68,10 @@ class Linear(_DirectCall):
             self.op_rows = ops.dense.GEMV_MAX_ROWS
             return
         if self.weight.dtype != torch.bfloat16:
+            return
+        if _tiles_fit(self.weight):
+            self.weight = nn.Parameter(ops.vnni_tiles(self.weight.data), requires_grad=False)
+            self.op_rows = sys.maxsize
             return
         if not (ops.cpu_bf16_native() and _mkldnn_linear_ok()):
             self.op_rows = sys.maxsize  # our kernels for every size, one weight copy
@@ -329,7 +346,7 @@ class LlamaForCausalLM(nn.Module):
             else _param(cfg.vocab_size, cfg.hidden_size, dtype=cfg.dtype, device=cfg.device)
         )
 
-    lm_head_packed: torch.Tensor | None = None
+    lm_head_packed: torch.Tensor | None = None  # CPU bf16: oneDNN's layout, or VNNI tiles on AMX (3-D)
     weight_bytes: int = 0  # bytes of the checkpoint weights as loaded (each read once per decode step)
     # On CPU after prepack(): the layers as one C++ fast_inference.DecoderStack (csrc/cpu/decoder_stack.cpp),
     # the same ops without ~450 Python calls per step; None runs the Python layers (CUDA, tensor parallel).
@@ -386,7 +403,9 @@ class LlamaForCausalLM(nn.Module):
 
     def _prepack_dense_head(self, batch_hint: int) -> None:
         cpu_bf16 = self.lm_head.device.type == "cpu" and self.lm_head.dtype == torch.bfloat16
-        if cpu_bf16 and ops.cpu_bf16_native() and _mkldnn_linear_ok():
+        if _tiles_fit(self.lm_head):
+            self.lm_head_packed = ops.vnni_tiles(self.lm_head.data)
+        elif cpu_bf16 and ops.cpu_bf16_native() and _mkldnn_linear_ok():
             # A packed copy (the embedding, tied or not, still serves token lookups).
             self.lm_head_packed = torch.ops.mkldnn._reorder_linear_weight(self.lm_head.data, batch_hint)
         # The weights the batch-1 kernel streams every decode step move onto huge pages (see hugepages.py).
@@ -396,9 +415,16 @@ class LlamaForCausalLM(nn.Module):
             if isinstance(m, Linear) and m.op_rows and m.weight.numel() and m.weight.dtype == torch.bfloat16
         ]
         if streamed and cpu_bf16:
-            streamed.append(self.lm_head)  # tied: the embedding's Parameter itself, so lookups follow
-            for param, moved in zip(streamed, move_to_huge_pages([p.data for p in streamed]), strict=True):
-                param.data = moved
+            # The head the step streams too: its tiles, or the embedding's Parameter itself (tied, so lookups follow).
+            tiled_head = self.lm_head_packed is not None and self.lm_head_packed.dim() == 3
+            head = self.lm_head_packed if tiled_head else self.lm_head.data
+            *moved, moved_head = move_to_huge_pages([p.data for p in streamed] + [head])
+            for param, tensor in zip(streamed, moved, strict=True):
+                param.data = tensor
+            if tiled_head:
+                self.lm_head_packed = moved_head
+            else:
+                self.lm_head.data = moved_head
 
     def bind_kv_cache(self, key_caches: list[torch.Tensor], value_caches: list[torch.Tensor]) -> None:
         for layer, kc, vc in zip(self.layers, key_caches, value_caches, strict=True):
@@ -434,6 +460,8 @@ class LlamaForCausalLM(nn.Module):
         if self.head is not None:
             return self.head(hidden).float()
         on_cpu = hidden.device.type == "cpu"
+        if on_cpu and self.lm_head_packed is not None and self.lm_head_packed.dim() == 3:
+            return ops.linear(hidden, self.lm_head_packed).float()
         if (
             on_cpu
             and hidden.dtype == torch.bfloat16

@@ -10,7 +10,7 @@ import fast_inference._C  # noqa: F401  (loads the kernels and registers torch.o
 from . import _fake  # noqa: F401  (fake kernels for torch.compile / opcheck)
 from .attention import paged_attention
 from .cache import copy_blocks, reshape_and_cache, swap_blocks
-from .dense import cpu_bf16_native, linear
+from .dense import cpu_amx, cpu_bf16_native, linear, vnni_tiles
 from .norm import add_rms_norm, rms_norm, rotary_embedding, silu_and_mul
 from .quant import dequantize, interleave_rows, quant_linear, quantize
 from .sampling import apply_logit_bias, apply_penalties, apply_token_bitmask, compute_logprobs, sample
@@ -22,6 +22,7 @@ __all__ = [
     "apply_token_bitmask",
     "compute_logprobs",
     "copy_blocks",
+    "cpu_amx",
     "cpu_bf16_native",
     "dequantize",
     "interleave_rows",
@@ -35,6 +36,7 @@ __all__ = [
     "sample",
     "silu_and_mul",
     "swap_blocks",
+    "vnni_tiles",
     "cpu_isa",
     "cuda_ops_available",
 ]

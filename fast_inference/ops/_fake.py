@@ -65,8 +65,8 @@ def _compute_logprobs_fake(logits, token_ids, num_top):
 
 
 @torch.library.register_fake("fast_inference::linear")
-def _linear_fake(x, weight, bias):
-    return x.new_empty((x.shape[0], weight.shape[0]))
+def _linear_fake(x, weight, bias):  # weight [N, K] or VNNI tiles [N / 16, K / 32, 512]
+    return x.new_empty((x.shape[0], weight.shape[0] * (16 if weight.dim() == 3 else 1)))
 
 
 @torch.library.register_fake("fast_inference::rms_norm")

@@ -106,25 +106,29 @@ def test_bfloat16_runs(llama_dir):
     assert_no_leak(llm.engine)
 
 
-@pytest.mark.parametrize("cpu_kind", ["this_cpu", "avx2_only"])
+@pytest.mark.parametrize("cpu_kind", ["this_cpu", "avx512_no_amx", "avx2_only"])
 def test_bfloat16_decode_paths_agree(llama_dir, monkeypatch, cpu_kind):
-    # One prompt decoded alone (1 row: ops.linear's GEMV) and inside a batch of 10 (10 rows: oneDNN's
-    # prepacked GEMM where the CPU has native bf16, else ops.linear's blocked GEMM) gives the same greedy
-    # tokens. avx2_only: FI_CPU_ISA=avx2 makes the kernels and the bf16 gate behave as on an AVX2-only CPU.
-    if cpu_kind == "avx2_only":
-        monkeypatch.setenv("FI_CPU_ISA", "avx2")
+    # One prompt decoded alone (1 row: ops.linear's GEMV, or AMX on VNNI tiles) and inside a batch of 10
+    # (10 rows: AMX, oneDNN's prepacked GEMM where the CPU has native bf16, else ops.linear's blocked GEMM)
+    # gives the same greedy tokens. FI_CPU_ISA=avx512 turns AMX off; avx2 makes the kernels and the bf16
+    # gate behave as on an AVX2-only CPU.
+    if cpu_kind != "this_cpu":
+        monkeypatch.setenv("FI_CPU_ISA", cpu_kind.split("_")[0])
     native = ops.cpu_bf16_native()
+    amx = ops.cpu_amx()
     params = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
     llm = LLM(llama_dir, dtype="bfloat16", kv_cache_memory="8MiB")
     proj = llm.engine.runner.model.layers[0].mlp.down_proj
-    if native:
+    if amx:  # one copy, VNNI tiles, every size on AMX
+        assert proj.weight.dim() == 3 and proj.packed is None and proj.op_rows >= 10
+    elif native:
         assert proj.packed is not None and 0 < proj.op_rows < 10
     else:  # every size through our kernels: no oneDNN bf16 reorder (it raises on AVX2-only CPUs)
         assert proj.packed is None and proj.op_rows >= 10
     alone = llm.generate(PROMPTS[1], params, use_tqdm=False)[0].outputs[0].token_ids
     batch = llm.generate([PROMPTS[1]] * 10, params, use_tqdm=False)
     assert [o.outputs[0].token_ids for o in batch] == [alone] * 10
-    if native:  # memory-tight layout: the packed copy only, batch-1 decode through oneDNN too
+    if native and not amx:  # memory-tight layout: the packed copy only, batch-1 decode through oneDNN too
         packed_only = LLM(llama_dir, dtype="bfloat16", kv_cache_memory="8MiB")
         packed_only.engine.runner.model.prepack(keep_plain=False)
         assert packed_only.engine.runner.model.layers[0].mlp.down_proj.op_rows == 0

@@ -1,4 +1,5 @@
-"""ops.linear (GEMV for decode batches, blocked GEMM above) against a float64 reference on every CPU ISA path."""
+"""ops.linear (GEMV for decode batches, blocked GEMM above, AMX on VNNI tiles) against a float64 reference on
+every CPU ISA path."""
 
 import pytest
 import torch
@@ -6,9 +7,10 @@ import torch
 from fast_inference import ops
 
 
-@pytest.fixture(params=["this_cpu", "avx2", "portable"])
+@pytest.fixture(params=["this_cpu", "avx512", "avx2", "portable"])
 def isa(request, monkeypatch):
-    """Each CPU kernel path: FI_CPU_ISA lowers the kernels (avx2 = what an AVX2-only CPU such as Zen 1 runs)."""
+    """Each CPU kernel path: FI_CPU_ISA lowers the kernels (avx2 = what an AVX2-only CPU such as Zen 1 runs;
+    avx512 turns AMX off on a CPU that has it)."""
     if request.param != "this_cpu":
         monkeypatch.setenv("FI_CPU_ISA", request.param)
     return ops.cpu_isa()
@@ -91,3 +93,61 @@ def test_bf16_gate_follows_the_kernels_isa(monkeypatch):
     assert not ops.cpu_bf16_native()
     monkeypatch.delenv("FI_CPU_ISA")
     assert ops.cpu_bf16_native() == (ops.cpu_isa() == "avx512" and torch.cpu._is_avx512_bf16_supported())
+
+
+# (m, n, k) for VNNI tiles (N % 16 == 0, K % 32 == 0): one or two A tiles (M <= 16, <= 32) with row tails, an odd
+# number of column blocks (a single last block), M past the kernel's 256-row chunk.
+TILE_SHAPES = [
+    (1, 16, 32),
+    (3, 48, 64),
+    (16, 576, 576),
+    (17, 80, 96),
+    (32, 960, 576),
+    (33, 112, 1536),
+    (300, 48, 64),
+]
+
+
+@pytest.mark.parametrize("m,n,k", TILE_SHAPES)
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_vnni_tiles_match_reference(isa, m, n, k, with_bias):
+    g = torch.Generator().manual_seed(m * 31 + n + k)
+    x = torch.randn(m, k, generator=g).bfloat16()
+    w = torch.randn(n, k, generator=g).bfloat16()
+    b = torch.randn(n, generator=g).bfloat16() if with_bias else None
+    ref = x.double() @ w.double().t() + (b.double() if with_bias else 0)
+    out = ops.linear(x, ops.vnni_tiles(w), b)
+    assert out.dtype == torch.bfloat16 and out.shape == (m, n)
+    torch.testing.assert_close(out.double(), ref, atol=0.02 * ref.abs().max().item(), rtol=1e-2)
+
+
+def test_vnni_tiles_layout():
+    w = torch.arange(32 * 64, dtype=torch.float32).view(32, 64).bfloat16()
+    tiles = ops.vnni_tiles(w)
+    assert tiles.shape == (2, 2, 512)
+    for j, t, kp, n, i in [(0, 0, 0, 0, 1), (1, 0, 3, 5, 0), (0, 1, 15, 15, 1), (1, 1, 7, 2, 1)]:
+        assert tiles[j, t, (kp * 16 + n) * 2 + i] == w[16 * j + n, 32 * t + 2 * kp + i]
+
+
+def test_vnni_tiles_bad_arguments(isa):
+    with pytest.raises(ValueError, match="N % 16"):
+        ops.vnni_tiles(torch.randn(20, 32).bfloat16())
+    with pytest.raises(ValueError, match="K % 32"):
+        ops.vnni_tiles(torch.randn(16, 40).bfloat16())
+    with pytest.raises(ValueError, match="bf16"):
+        ops.vnni_tiles(torch.randn(16, 32))
+    tiles = ops.vnni_tiles(torch.randn(32, 64).bfloat16())
+    with pytest.raises(RuntimeError, match="VNNI tiles"):
+        ops.linear(torch.randn(1, 64).bfloat16(), tiles.view(2, 4, 256))
+    with pytest.raises(RuntimeError, match="K="):
+        ops.linear(torch.randn(1, 32).bfloat16(), tiles)
+    with pytest.raises(RuntimeError, match="bias"):
+        ops.linear(torch.randn(1, 64).bfloat16(), tiles, torch.randn(16).bfloat16())
+
+
+def test_amx_gate_follows_fi_cpu_isa(monkeypatch):
+    if ops.cpu_amx():
+        assert ops.cpu_isa() == "avx512"
+    for lower in ("avx512", "avx2", "portable"):
+        monkeypatch.setenv("FI_CPU_ISA", lower)
+        assert not ops.cpu_amx()
