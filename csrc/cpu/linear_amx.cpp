@@ -98,10 +98,12 @@ void block_pass(const uint16_t* x, int64_t x_stride, const uint16_t* b0, const u
 // (the pair's tiles stay in L1/L2 across them).
 constexpr int64_t kRowChunk = 256;
 
+// w: block j0's tiles, the others after it.
 void columns(const uint16_t* x, int64_t x_stride, const uint16_t* w, const c10::BFloat16* bias,
              c10::BFloat16* out, int64_t M, int64_t N, int64_t K, int64_t j0, int64_t j1) {
   const int64_t k_tiles = K / 32;
   const int64_t block_elems = k_tiles * kTileElems;
+  w -= j0 * block_elems;  // indexed by the absolute block below
   int configured = -1;
   for (int64_t mc = 0; mc < M; mc += kRowChunk) {
     const int64_t m_end = std::min(M, mc + kRowChunk);
@@ -175,8 +177,35 @@ void linear_bf16_tiles(const c10::BFloat16* x, int64_t x_stride, const c10::BFlo
   const int64_t block_bytes = K * 32;
   const int64_t grain = std::max<int64_t>(2, (256 * 1024) / block_bytes);
   at::parallel_for(0, col_blocks, grain, [&](int64_t j0, int64_t j1) {
-    columns(xp, x_stride, wp, bias, out, M, N, K, j0, j1);
+    columns(xp, x_stride, wp + j0 * (K / 32) * kTileElems, bias, out, M, N, K, j0, j1);
   });
+}
+
+// Column blocks [j0, j1) of out from their tiles `tiles` (block j0's first), on the calling thread: for
+// callers that make tiles on the fly (quant_linear's prefill dequantizes a slab of rows into them).
+void linear_bf16_tile_columns(const c10::BFloat16* x, int64_t x_stride, const c10::BFloat16* tiles,
+                              const c10::BFloat16* bias, c10::BFloat16* out, int64_t M, int64_t N, int64_t K,
+                              int64_t j0, int64_t j1) {
+  columns(reinterpret_cast<const uint16_t*>(x), x_stride, reinterpret_cast<const uint16_t*>(tiles), bias, out, M, N,
+          K, j0, j1);
+}
+
+// wt: W^T [K, cols] bf16 (row stride ld), K % 32 == 0, cols % 16 == 0 -> tiles [cols / 16, K / 32, 512]: rows
+// 2p and 2p + 1 of each 16 columns interleaved element by element (one vpermt2w per k-pair).
+void vnni_tiles_from_transposed(const uint16_t* wt, int64_t ld, int64_t K, int64_t cols, uint16_t* tiles) {
+  alignas(64) static const uint16_t kInterleave[32] = {0, 32, 1, 33, 2,  34, 3,  35, 4,  36, 5,  37, 6,  38, 7,  39,
+                                                       8, 40, 9, 41, 10, 42, 11, 43, 12, 44, 13, 45, 14, 46, 15, 47};
+  const __m512i idx = _mm512_load_si512(kInterleave);
+  for (int64_t j = 0; j < cols / 16; ++j) {
+    for (int64_t k = 0; k < K; k += 2) {
+      const __m512i even = _mm512_castsi256_si512(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(wt + k * ld + 16 * j)));
+      const __m512i odd =
+          _mm512_castsi256_si512(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(wt + (k + 1) * ld + 16 * j)));
+      // tile (j, k / 32), k-pair (k % 32) / 2: 32 values
+      _mm512_storeu_si512(tiles + (j * (K / 32) + k / 32) * kTileElems + (k % 32) * 16,
+                          _mm512_permutex2var_epi16(even, idx, odd));
+    }
+  }
 }
 
 }  // namespace fast_inference::cpu::amx

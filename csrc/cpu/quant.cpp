@@ -10,6 +10,8 @@
 //   Interleaved weights (Q4_0 / Q4_1 / Q5_0 / Q5_1 / Q8_0 in tiles of 16 rows, quant_formats.h; what the engine keeps on CPU):
 //     M <= 8 by the tile GEMV (quant_tile_gemv_kernel.h), reading f32 or bf16 activations and writing the
 //     output dtype directly; larger M by the slab path, which dequantizes each slab of tiles straight into W^T.
+//     On AMX (bf16 activations, K % 32 == 0) the slab path's GEMM is ours: each slab of 32 rows is dequantized
+//     to bf16, put in VNNI tiles and multiplied on the tile unit straight into the output (linear_amx.cpp).
 //   No AVX2: every path goes through the dequantized slabs.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -49,6 +51,13 @@ namespace fast_inference::cpu {
 FI_DECLARE_QUANT_GEMV(avx2)
 FI_DECLARE_QUANT_GEMV(avx512)
 #undef FI_DECLARE_QUANT_GEMV
+
+namespace amx {  // linear_amx.cpp
+void vnni_tiles_from_transposed(const uint16_t* wt, int64_t ld, int64_t K, int64_t cols, uint16_t* tiles);
+void linear_bf16_tile_columns(const c10::BFloat16* x, int64_t x_stride, const c10::BFloat16* tiles,
+                              const c10::BFloat16* bias, c10::BFloat16* out, int64_t M, int64_t N, int64_t K,
+                              int64_t j0, int64_t j1);
+}  // namespace amx
 
 namespace {
 
@@ -247,6 +256,30 @@ void quant_gemm_slabs(Isa isa, const at::Tensor& x, const at::Tensor& qweight, i
   });
 }
 
+// x: [M, K] bf16 contiguous, K % 32 == 0; qweight interleaved [N / 16, nb, 16 * block_bytes] -> out [M, N] bf16.
+// The slab path on AMX: per slab of 32 weight rows, W^T dequantized to bf16 by the tile decoders (L1-sized),
+// regrouped into VNNI tiles and multiplied on the tile unit, written straight into out (no per-slab GEMM call,
+// no copy of the product; oneDNN repacked each slab it was handed).
+void quant_gemm_amx(const at::Tensor& x, const at::Tensor& qweight, int64_t qtype, at::Tensor& out) {
+  const int64_t M = x.size(0), K = x.size(1), N = qweight_rows(qweight);
+  const int64_t nb = blocks_per_row(qtype, K);
+  constexpr int64_t kSlabRows = 32;
+  const int64_t num_slabs = (N + kSlabRows - 1) / kSlabRows;
+  const uint8_t* w = qweight.data_ptr<uint8_t>();
+  const auto* xp = reinterpret_cast<const c10::BFloat16*>(x.data_ptr());
+  auto* o = reinterpret_cast<c10::BFloat16*>(out.data_ptr());
+  at::parallel_for(0, num_slabs, 1, [&](int64_t s0, int64_t s1) {
+    std::vector<uint16_t> wt(K * kSlabRows), tiles(K * kSlabRows);
+    for (int64_t s = s0; s < s1; ++s) {
+      const int64_t n0 = s * kSlabRows, rows = std::min(kSlabRows, N - n0);  // rows: 16 or 32
+      avx512::dequantize_tiles_t(qtype, w, nb, n0, n0 + rows, wt.data(), true, kSlabRows);
+      amx::vnni_tiles_from_transposed(wt.data(), kSlabRows, K, rows, tiles.data());
+      amx::linear_bf16_tile_columns(xp, K, reinterpret_cast<const c10::BFloat16*>(tiles.data()), nullptr, o, M, N,
+                                    K, n0 / 16, (n0 + rows) / 16);
+    }
+  });
+}
+
 // x: [M, K]; qweight: uint8 [N, row_bytes(qtype, K)] or interleaved; bias: [N] or None -> [M, N] in x's dtype
 at::Tensor quant_linear_cpu(const at::Tensor& x, const at::Tensor& qweight, int64_t qtype,
                             const std::optional<at::Tensor>& bias) {
@@ -260,6 +293,13 @@ at::Tensor quant_linear_cpu(const at::Tensor& x, const at::Tensor& qweight, int6
   if (qweight.dim() == 3 && M > 0 && M <= kMaxGemvRows && isa != Isa::kPortable && direct_dtype) {
     at::Tensor out = at::empty({M, N}, x.options());
     quant_tile_gemv(isa, x.stride(1) == 1 ? x : x.contiguous(), qweight, qtype, out);
+    if (bias.has_value()) out.add_(*bias);
+    return out;
+  }
+  if (qweight.dim() == 3 && M > kMaxGemvRows && x.scalar_type() == at::kBFloat16 && x.size(1) % 32 == 0 &&
+      block_elems(qtype) == 32 && amx_selected()) {
+    at::Tensor out = at::empty({M, N}, x.options());
+    quant_gemm_amx(x.contiguous(), qweight, qtype, out);
     if (bias.has_value()) out.add_(*bias);
     return out;
   }

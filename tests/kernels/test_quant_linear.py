@@ -124,12 +124,15 @@ def test_interleave_rows_matches_reference_and_dequantizes_the_same(qtype, devic
 @pytest.mark.parametrize("qtype", INTERLEAVED, ids=INTERLEAVED_IDS)
 @pytest.mark.parametrize("m", [1, 2, 3, 5, 8, 9, 64, 130])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
-def test_quant_linear_on_interleaved_weights_matches_reference(qtype, m, isa, dtype, monkeypatch):
+@pytest.mark.parametrize(
+    "k", [80, 96]
+)  # 96 % 32 == 0: bf16 above 8 rows takes the AMX slabs where the CPU has AMX
+def test_quant_linear_on_interleaved_weights_matches_reference(qtype, m, isa, dtype, k, monkeypatch):
     if isa == "avx2":
         monkeypatch.setenv("FI_CPU_ISA", "avx2")
         if ops.cpu_isa() != "avx2":
             pytest.skip(f"this CPU cannot run the AVX2 kernels (best: {ops.cpu_isa()})")
-    k, n = 80, 80  # an odd block count and 5 tiles: the M = 1 kernel's 4-unit step leaves a remainder
+    n = 80  # 5 tiles: the M = 1 kernel's 4-unit step leaves a remainder, AMX's 32-row slabs a 16-row one
     qw = random_qweight(qtype, n, k, seed=m)
     x = torch.randn(m, k, generator=torch.Generator().manual_seed(3)).to(dtype)
     bias = torch.randn(n).to(dtype)
