@@ -107,7 +107,7 @@ def main() -> None:
         "--layout",
         default="engine",
         choices=["engine", "plain"],
-        help="engine: the layout the engine keeps on CPU (Q4_0 / Q4_1 / Q8_0 interleaved, K-quants plain rows)",
+        help="engine: the layout the engine keeps on CPU (interleaved tiles of 16 rows); plain: ggml's rows",
     )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -128,7 +128,7 @@ def main() -> None:
             for fmt in args.formats.split(","):
                 qtype = NAMES[fmt]
                 qw = random_qweight(qtype, n, k)
-                interleaved = args.layout == "engine" and qtype in quant.INTERLEAVED_QTYPES
+                interleaved = args.layout == "engine"
                 if interleaved:
                     qw = ops.interleave_rows(qw, qtype)
                 copies = [qw] + [qw.clone() for _ in range(-(-2 * llc // qw.numel()) - 1)]

@@ -341,9 +341,10 @@ def main() -> None:
     )
     parser.add_argument(
         "--llama-server-args",
-        default="--no-repack",
-        help="extra llama-server arguments (default --no-repack: its AMX repacked Q4_1 kernels die with "
-        "SIGILL in VMs whose CPUID lists AMX without the kernel enabling it)",
+        default="--no-repack" if "amx_int8" in cpu_description()["cpu_flags"] else "",
+        help="extra llama-server arguments (default on an AMX CPU --no-repack: its AMX repacked Q4_1 kernels die "
+        "with SIGILL in VMs whose CPUID lists AMX without the kernel enabling it; elsewhere none, so llama-server "
+        "runs its repacked weights as it does by default)",
     )
     args = parser.parse_args()
 

@@ -29,16 +29,22 @@ def environment(device: torch.device) -> dict:
 def cpu_description() -> dict:
     """The CPU model as lscpu names it, its vector ISA flags and the kernel ISA picked at run time
     (FI_CPU_ISA overrides it). platform.processor() says only "x86_64" on Linux."""
-    model, flags = platform.processor() or platform.machine(), set()
+    model, flags, fields = platform.processor() or platform.machine(), set(), {}
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
-                if line.startswith("model name") and not flags:
-                    model = line.split(":", 1)[1].strip()
-                elif line.startswith("flags") and not flags:
-                    flags = set(line.split(":", 1)[1].split())
+                key, _, value = line.partition(":")
+                key = key.strip()
+                if key == "flags":
+                    flags = set(value.split())
+                    break  # the first processor's block is enough
+                fields.setdefault(key, value.strip())
     except OSError:
         pass
+    model = fields.get("model name", model)
+    # A VM's model name can be just "AMD EPYC": family / model tell Zen 1 (23 / 1) from Zen 4 (25 / 17).
+    if "cpu family" in fields:
+        model += f" (family {fields['cpu family']} model {fields.get('model', '?')})"
     isa = [f for f in ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_int8") if f in flags]
     return {"cpu": model, "cpu_flags": isa, "kernel_isa": fast_inference.ops.cpu_isa()}
 

@@ -63,19 +63,27 @@ FI_HOST_DEVICE inline int64_t blocks_per_row(int64_t qtype, int64_t K) {
 FI_HOST_DEVICE inline int64_t row_bytes(int64_t qtype, int64_t K) { return blocks_per_row(qtype, K) * block_bytes(qtype); }
 
 // ---- the interleaved layout (CPU decode) -----------------------------------------------------------------
-// Q4_0, Q4_1, Q5_0, Q5_1 and Q8_0 weights may also be kept as uint8 [N / 16, nb, 16 * block_bytes]: tiles of 16 rows x 1
-// block, holding the same bytes as the 16 blocks, regrouped so that one SIMD load covers all 16 rows:
-//   the header fields (d; Q4_1 / Q5_1: d then m), each as 16 fp16 values (row 0..15), then
-//   the quant bytes as words of 4 bytes: word j is 16 rows x bytes 4j .. 4j + 3 of each row's bytes after the
-//   header (Q5: qh, then qs).
-// A 4-bit word's low nibbles are values 4j .. 4j + 3 of its row's block, its high nibbles values 16 + 4j ...
+// Weights of every format may also be kept as uint8 [N / 16, nb, 16 * block_bytes]: tiles of 16 rows x 1 block
+// (a super-block for the K-quants), holding the same bytes as the 16 blocks, regrouped so that one SIMD load
+// covers all 16 rows:
+//   the header fields (d; Q4_1 / Q5_1: d then m; Q4_K / Q5_K: d then dmin), each as 16 fp16 values (row 0..15),
+//   then the rest of the block's bytes, in the block's order, as words of 4 bytes: word j is 16 rows x bytes
+//   4j .. 4j + 3 of each row's bytes other than the header.
+// So a 4-bit word of Q4_0 / Q4_1 holds values 4j .. 4j + 3 (low nibbles) and 16 + 4j ... (high nibbles); Q5_0 /
+// Q5_1's first word is qh (the 16 rows' fifth bits in one line); Q4_K's words are scales (3), then qs (32);
+// Q5_K's scales (3), qh (8), qs (32); Q6_K's ql (32), qh (16), scales (4) (its d, the block's last field, is
+// the tile's header like every other format's).
 constexpr int64_t kTileRows = 16;
-// Q5_0 / Q5_1 the same way: their qh is the first word (the 16 rows' fifth bits in one line), then the qs words.
-FI_HOST_DEVICE inline bool is_interleavable(int64_t qtype) {
-  return qtype == kQ4_0 || qtype == kQ4_1 || qtype == kQ5_0 || qtype == kQ5_1 || qtype == kQ8_0;
+// fp16 header fields per block: d (and m for Q4_1 / Q5_1, dmin for Q4_K / Q5_K).
+FI_HOST_DEVICE inline int64_t header_fields(int64_t qtype) {
+  return qtype == kQ4_1 || qtype == kQ5_1 || qtype == kQ4_K || qtype == kQ5_K ? 2 : 1;
 }
-// fp16 header fields per block: d (and m for Q4_1 / Q5_1).
-FI_HOST_DEVICE inline int64_t header_fields(int64_t qtype) { return qtype == kQ4_1 || qtype == kQ5_1 ? 2 : 1; }
+// Where the header sits in a block: first, except Q6_K's d at the end.
+FI_HOST_DEVICE inline int64_t header_offset(int64_t qtype) { return qtype == kQ6_K ? 208 : 0; }
+// Where the rest (the tile's words) starts in a block.
+FI_HOST_DEVICE inline int64_t words_offset(int64_t qtype) {
+  return qtype == kQ6_K ? 0 : 2 * header_fields(qtype);
+}
 
 FI_HOST_DEVICE inline float half_to_float(uint16_t h) {
   const uint32_t sign = (uint32_t)(h & 0x8000u) << 16;

@@ -18,7 +18,7 @@ inline int64_t qweight_rows(const at::Tensor& qweight) {
   return qweight.dim() == 3 ? kTileRows * qweight.size(0) : qweight.size(0);
 }
 
-// qweight: uint8, contiguous, plain [N, row_bytes(qtype, in_features)] or (Q4_0 / Q4_1 / Q5_0 / Q5_1 / Q8_0) interleaved
+// qweight: uint8, contiguous, plain [N, row_bytes(qtype, in_features)] or interleaved
 // [N / 16, blocks_per_row, 16 * block_bytes] (quant_formats.h).
 inline void check_qweight(const at::Tensor& qweight, int64_t qtype, int64_t in_features) {
   check_qtype(qtype);
@@ -26,8 +26,6 @@ inline void check_qweight(const at::Tensor& qweight, int64_t qtype, int64_t in_f
   TORCH_CHECK_VALUE(qweight.scalar_type() == at::kByte, "qweight must be uint8, got ", qweight.scalar_type());
   TORCH_CHECK_VALUE(qweight.is_contiguous(), "qweight must be contiguous");
   if (qweight.dim() == 3) {
-    TORCH_CHECK_VALUE(is_interleavable(qtype), "qweight is interleaved (3-D) but qtype ", qtype,
-                      " has no interleaved layout; interleaved: Q4_0=2, Q4_1=3, Q5_0=6, Q5_1=7, Q8_0=8");
     TORCH_CHECK_VALUE(qweight.size(1) == blocks_per_row(qtype, in_features) &&
                           qweight.size(2) == kTileRows * block_bytes(qtype),
                       "interleaved qweight must be [N / 16, ", blocks_per_row(qtype, in_features), ", ",
@@ -42,11 +40,9 @@ inline void check_qweight(const at::Tensor& qweight, int64_t qtype, int64_t in_f
                     row_bytes(qtype, in_features));
 }
 
-// qweight: plain uint8 [N, row_bytes] of an interleavable qtype, N a multiple of 16 (interleave_rows).
+// qweight: plain uint8 [N, row_bytes], N a multiple of 16 (interleave_rows).
 inline void check_interleave(const at::Tensor& qweight, int64_t qtype) {
   check_qtype(qtype);
-  TORCH_CHECK_VALUE(is_interleavable(qtype), "qtype ", qtype, " has no interleaved layout; interleaved: Q4_0=2, "
-                    "Q4_1=3, Q5_0=6, Q5_1=7, Q8_0=8");
   TORCH_CHECK_VALUE(qweight.scalar_type() == at::kByte, "qweight must be uint8, got ", qweight.scalar_type());
   TORCH_CHECK_VALUE(qweight.dim() == 2, "qweight must be plain 2-D [N, row_bytes], got ", qweight.dim(), "-D");
   TORCH_CHECK_VALUE(qweight.size(0) % kTileRows == 0, "qweight must have a multiple of ", kTileRows,

@@ -7,9 +7,10 @@
 //     vectorized decoders into a per-thread buffer that stays in cache, multiplied by torch's f32 GEMM, so the
 //     weight is read once and the math runs at GEMM speed (bf16 activations: bf16 slabs and oneDNN's bf16 GEMM
 //     on AVX-512 BF16 CPUs, f32 elsewhere).
-//   Interleaved weights (Q4_0 / Q4_1 / Q5_0 / Q5_1 / Q8_0 in tiles of 16 rows, quant_formats.h; what the engine keeps on CPU):
+//   Interleaved weights (every format in tiles of 16 rows, quant_formats.h; what the engine keeps on CPU):
 //     M <= 8 by the tile GEMV (quant_tile_gemv_kernel.h), reading f32 or bf16 activations and writing the
-//     output dtype directly; larger M by the slab path, which dequantizes each slab of tiles straight into W^T.
+//     output dtype directly; larger M by the slab path, which dequantizes each slab of tiles straight into W^T
+//     (K-quant tiles: regrouped into plain rows first, then the plain-row decoders).
 //     On AMX (bf16 activations, K % 32 == 0) the slab path's GEMM is ours: each slab of 32 rows is dequantized
 //     to bf16, put in VNNI tiles and multiplied on the tile unit straight into the output (linear_amx.cpp).
 //   No AVX2: every path goes through the dequantized slabs.
@@ -44,9 +45,9 @@ namespace fast_inference::cpu {
                           bool dst_bf16, int64_t ld);                                                          \
   int64_t tile_unit_rows();                                                                                    \
   void quantize_activations_for_tiles(const void* x, bool x_bf16, int64_t x_stride, int64_t M, int64_t K,       \
-                                      int64_t nb, int8_t* q, float* d, float* s);                              \
-  void tile_gemv(int64_t qtype, const int8_t* xq, const float* xd, const float* xs, int64_t nb, int64_t M,     \
-                 const uint8_t* w, int64_t u0, int64_t u1, void* out, bool out_bf16, int64_t N);                \
+                                      int64_t nb, int8_t* q, float* d, float* s, float* h);                    \
+  void tile_gemv(int64_t qtype, const int8_t* xq, const float* xd, const float* xs, const float* xh, int64_t nb, \
+                 int64_t M, const uint8_t* w, int64_t u0, int64_t u1, void* out, bool out_bf16, int64_t N);     \
   }
 FI_DECLARE_QUANT_GEMV(avx2)
 FI_DECLARE_QUANT_GEMV(avx512)
@@ -141,15 +142,15 @@ at::Tensor quantize_cpu(const at::Tensor& weight, int64_t qtype) {
 // Rows [r0, r1) (whole tiles) of an interleaved weight -> plain rows of nb blocks at dst.
 void regroup_plain(int64_t qtype, const uint8_t* w, int64_t nb, int64_t r0, int64_t r1, uint8_t* dst) {
   const int64_t bbytes = block_bytes(qtype), header = 2 * header_fields(qtype), tile = kTileRows * bbytes;
-  const int64_t words = (bbytes - header) / 4;
+  const int64_t words = (bbytes - header) / 4, hoff = header_offset(qtype), woff = words_offset(qtype);
   for (int64_t g = r0 / kTileRows; g < r1 / kTileRows; ++g) {
     for (int64_t b = 0; b < nb; ++b) {
       const uint8_t* t = w + (g * nb + b) * tile;
       for (int64_t r = 0; r < kTileRows; ++r) {
         uint8_t* blk = dst + ((g * kTileRows + r - r0) * nb + b) * bbytes;
-        for (int64_t f = 0; f < header / 2; ++f) std::memcpy(blk + 2 * f, t + f * 2 * kTileRows + 2 * r, 2);
+        for (int64_t f = 0; f < header / 2; ++f) std::memcpy(blk + hoff + 2 * f, t + f * 2 * kTileRows + 2 * r, 2);
         for (int64_t j = 0; j < words; ++j)
-          std::memcpy(blk + header + 4 * j, t + header * kTileRows + j * 4 * kTileRows + 4 * r, 4);
+          std::memcpy(blk + woff + 4 * j, t + header * kTileRows + j * 4 * kTileRows + 4 * r, 4);
       }
     }
   }
@@ -179,21 +180,22 @@ void quant_gemv(Isa isa, const at::Tensor& x, const at::Tensor& qweight, int64_t
 // x: [M, K] f32 or bf16 with unit stride along K, M <= 8; qweight interleaved [N / 16, nb, 16 * block_bytes]
 // -> out [M, N] in x's dtype: activations quantized once, then units of rows split across threads.
 void quant_tile_gemv(Isa isa, const at::Tensor& x, const at::Tensor& qweight, int64_t qtype, at::Tensor& out) {
-  const int64_t M = x.size(0), K = x.size(1), N = qweight_rows(qweight), nb = qweight.size(1);
+  const int64_t M = x.size(0), K = x.size(1), N = qweight_rows(qweight), blocks = qweight.size(1);
+  const int64_t nb = blocks * block_elems(qtype) / 32;  // 32-value activation blocks per row
   const bool wide = isa == Isa::kAvx512, bf16 = x.scalar_type() == at::kBFloat16;
   std::vector<int8_t> xq(M * nb * 32);
-  std::vector<float> xd(M * nb), xs(M * nb);
+  std::vector<float> xd(M * nb), xs(M * nb), xh(M * nb);
   (wide ? avx512::quantize_activations_for_tiles : avx2::quantize_activations_for_tiles)(
-      x.data_ptr(), bf16, x.stride(0), M, K, nb, xq.data(), xd.data(), xs.data());
+      x.data_ptr(), bf16, x.stride(0), M, K, nb, xq.data(), xd.data(), xs.data(), xh.data());
   auto gemv = wide ? avx512::tile_gemv : avx2::tile_gemv;
   const int64_t unit_rows = wide ? avx512::tile_unit_rows() : avx2::tile_unit_rows();
-  const int64_t units = N / unit_rows, unit_bytes = unit_rows * qweight.size(2) / kTileRows * nb;
+  const int64_t units = N / unit_rows, unit_bytes = unit_rows * qweight.size(2) / kTileRows * blocks;
   // Grain: ~64 KiB of weight per task, so small projections stay on few threads.
   const int64_t grain = std::max<int64_t>(1, (64 << 10) / std::max<int64_t>(unit_bytes, 1));
   const uint8_t* w = qweight.data_ptr<uint8_t>();
   void* o = out.data_ptr();
   at::parallel_for(0, units, grain, [&](int64_t u0, int64_t u1) {
-    gemv(qtype, xq.data(), xd.data(), xs.data(), nb, M, w, u0, u1, o, bf16, N);
+    gemv(qtype, xq.data(), xd.data(), xs.data(), xh.data(), nb, M, w, u0, u1, o, bf16, N);
   });
 }
 
@@ -220,7 +222,7 @@ void quant_gemm_slabs(Isa isa, const at::Tensor& x, const at::Tensor& qweight, i
     // Per thread: the slab's weight (f32 or bf16) and its product, both cache-sized. Interleaved tiles are
     // dequantized transposed ([width, slab]: the tiles' natural order), plain rows as rows ([slab, width]).
     const at::TensorOptions opts = at::TensorOptions().dtype(x.scalar_type());
-    const bool transposed = interleaved && isa != Isa::kPortable;
+    const bool transposed = interleaved && isa != Isa::kPortable && block_elems(qtype) == 32;
     at::Tensor w_slab = transposed ? at::empty({width, slab}, opts) : at::empty({slab, width}, opts);
     std::vector<uint8_t> plain(interleaved && !transposed ? slab * rbytes : 0);
     at::Tensor y_slab = at::empty({M, slab}, opts);

@@ -1,5 +1,5 @@
-// The decode GEMV (M <= 8 activation rows) over interleaved Q4_0 / Q4_1 / Q5_0 / Q5_1 / Q8_0 tiles (quant_formats.h) for one
-// ISA. Included by quant_gemv_avx2.cpp and quant_gemv_avx512.cpp after quant_gemv_kernel.h (its vector helpers).
+// The decode GEMV (M <= 8 activation rows) over interleaved tiles of every format (quant_formats.h) for one ISA.
+// Included by quant_gemv_avx2.cpp and quant_gemv_avx512.cpp after quant_gemv_kernel.h (its vector helpers).
 //
 // Why a layout of its own: with plain rows a GEMV decodes one row at a time and must broadcast each block's
 // scale across the lanes of its values, then sum lanes horizontally; a tile holds 16 rows x 1 block with the 16
@@ -31,11 +31,13 @@ constexpr int64_t kUnitRows = 8;
 constexpr int64_t kUnitsPerTile = kTileRows / kUnitRows;
 
 // Activations quantized per 32-value block (the weights' block size): q [M, nb * 32] int8 (zero-padded past K),
-// d [M, nb] the block's scale (amax / 127), s [M, nb] = d * (sum of the block's q).
+// d [M, nb] the block's scale (amax / 127), s [M, nb] = d * (sum of the block's q), h [M, nb] = d * (sum of the
+// block's first 16 q): Q6_K's scales cover 16 values.
 struct BlockActivations {
   const int8_t* q;
   const float* d;
   const float* s;
+  const float* h;
   int64_t nb;
 };
 
@@ -47,7 +49,7 @@ inline __m256 load8(const uint16_t* p) {  // 8 bf16 -> 8 f32 (exact: bf16 is the
 // x: [M, K] f32 or bf16 (uint16 bit patterns), row stride x_stride -> BlockActivations' q, d, s for nb blocks.
 template <class T>
 void quantize_activation_blocks(const T* x, int64_t x_stride, int64_t M, int64_t K, int64_t nb, int8_t* q,
-                                float* d, float* s) {
+                                float* d, float* s, float* h) {
   for (int64_t m = 0; m < M; ++m) {
     for (int64_t b = 0; b < nb; ++b) {
       const int64_t k0 = b * 32;
@@ -72,6 +74,7 @@ void quantize_activation_blocks(const T* x, int64_t x_stride, int64_t M, int64_t
       const float scale = quantize_block32(v, q + m * nb * 32 + k0, sum_lo, sum_hi);
       d[m * nb + b] = scale;
       s[m * nb + b] = scale * static_cast<float>(sum_lo + sum_hi);
+      h[m * nb + b] = scale * static_cast<float>(sum_lo);
     }
   }
 }
@@ -136,6 +139,34 @@ inline VI spread_fifth_bits(VI t) {
 inline void store_unit(float* dst, VF v) { fstoreu(dst, v); }
 inline void store_unit(uint16_t* dst, VF v) { fstoreu_bf16(dst, v); }
 
+// Units [u, u + NU) of a weight of nb tiles per row group, kTileBytes each: where unit i's tile of block b is,
+// and the prefetch of the next group of units while this one computes.
+template <int NU, int64_t kTileBytes>
+struct UnitGroup {
+  const uint8_t* first[NU];  // unit i's first tile
+  int64_t half[NU];          // which kUnitRows rows of its tiles unit i is
+  const char* next;          // the next group's first tile
+  // The next group's tiles are contiguous, right after this group's: one step's share of them is prefetched
+  // per block, in address order, so the prefetches trickle out evenly and run a whole group ahead.
+  // (Prefetching a fixed distance along each unit's own tiles overshoots into the units being read right now
+  // when a row has few blocks: K = 576 is 18 blocks.) Into L2 (T1): the group is read a few microseconds
+  // later; A/B on the SmolLM2 GGUFs, T1 beat T0 by 5-15% per token and NTA lost 2.7x.
+  static constexpr int64_t kGroupTiles = NU >= kUnitsPerTile ? NU / kUnitsPerTile : 1;
+
+  UnitGroup(const uint8_t* w, int64_t u, int64_t nb) {
+    for (int i = 0; i < NU; ++i) {
+      first[i] = w + (u + i) / kUnitsPerTile * nb * kTileBytes;
+      half[i] = (u + i) % kUnitsPerTile;
+    }
+    next = reinterpret_cast<const char*>(w + (u + NU) / kUnitsPerTile * nb * kTileBytes);
+  }
+  const uint8_t* tile(int i, int64_t b) const { return first[i] + b * kTileBytes; }
+  void prefetch(int64_t b) const {
+    for (int64_t line = 0; line < kGroupTiles * kTileBytes; line += 64)
+      _mm_prefetch(next + b * kGroupTiles * kTileBytes + line, _MM_HINT_T1);
+  }
+};
+
 // Units [u, u + NU) against M activation rows: out[m * N + u * kUnitRows + r] for the NU * kUnitRows rows.
 template <int64_t QT, int M, int NU, class Out>
 inline void tile_units(const BlockActivations& a, const uint8_t* w, int64_t u, Out* out, int64_t N) {
@@ -143,27 +174,15 @@ inline void tile_units(const BlockActivations& a, const uint8_t* w, int64_t u, O
   constexpr int64_t kTileBytes = TF::kTileBytes;
   constexpr int kWords = TF::kWords;
   const int64_t nb = a.nb;
-  const uint8_t* tiles[NU];  // unit i's first tile, at its half's offset
-  int64_t half[NU];
-  for (int i = 0; i < NU; ++i) {
-    tiles[i] = w + (u + i) / kUnitsPerTile * nb * kTileBytes;
-    half[i] = (u + i) % kUnitsPerTile;
-  }
+  const UnitGroup<NU, kTileBytes> units(w, u, nb);
+  const int64_t* half = units.half;
   VF acc[NU][M];
   for (int i = 0; i < NU; ++i)
     for (int m = 0; m < M; ++m) acc[i][m] = fzero();
-  // The next group of units' tiles (contiguous, right after this group's) stream in while this group computes:
-  // one step's share of them per block, in address order, so the prefetches trickle out evenly and run a whole
-  // group ahead. (Prefetching a fixed distance along each unit's own tiles overshoots into the units being read
-  // right now when a row has few blocks: K = 576 is 18 blocks.) Into L2 (T1): the group is read a few
-  // microseconds later; A/B on the SmolLM2 GGUFs, T1 beat T0 by 5-15% per token and NTA lost 2.7x.
-  constexpr int64_t kGroupTiles = NU >= kUnitsPerTile ? NU / kUnitsPerTile : 1;
-  const char* next = reinterpret_cast<const char*>(w + (u + NU) / kUnitsPerTile * nb * kTileBytes);
   for (int64_t b = 0; b < nb; ++b) {
-    for (int64_t line = 0; line < kGroupTiles * kTileBytes; line += 64)
-      _mm_prefetch(next + b * kGroupTiles * kTileBytes + line, _MM_HINT_T1);
+    units.prefetch(b);
     for (int i = 0; i < NU; ++i) {
-      const uint8_t* tile = tiles[i] + b * kTileBytes;
+      const uint8_t* tile = units.tile(i, b);
       const uint8_t* words = tile + TF::kQsOffset + 32 * half[i];
       VI high = VI();  // Q5: lane r holds row r's 32 fifth bits
       if constexpr (TF::kQ5) high = iloadu(tile + TF::kHeaderBytes + 32 * half[i]);
@@ -248,13 +267,184 @@ inline void tile_units(const BlockActivations& a, const uint8_t* w, int64_t u, O
     for (int m = 0; m < M; ++m) store_unit(out + m * N + (u + i) * kUnitRows, acc[i][m]);
 }
 
+// ---- K-quant tiles: 16 rows x 1 super-block of 256 values ---------------------------------------------------
+
+// A unit's integer dot products against one activation row: lanes (rows) += sum over 4 bytes of u * xq, xq
+// broadcast. AVX-512 VNNI: dpbusd into int32. AVX2: maddubs pairs summed in int16, which the caller folds into
+// int32 (fold()) often enough that they cannot overflow: each word adds at most 2 * 4 * umax * 127 per lane
+// (u <= 15: 8 words; u <= 31: 4; u <= 63: 2).
+struct DotAcc {
+  VI i32;
+#if defined(FI_QUANT_WIDE)
+  DotAcc() : i32(_mm512_setzero_si512()) {}
+  void add(VI u, VI x) { i32 = _mm512_dpbusd_epi32(i32, u, x); }
+  void fold() {}
+#else
+  VI i16;
+  DotAcc() : i32(_mm256_setzero_si256()), i16(_mm256_setzero_si256()) {}
+  void add(VI u, VI x) { i16 = _mm256_add_epi16(i16, _mm256_maddubs_epi16(u, x)); }
+  void fold() {
+    i32 = _mm256_add_epi32(i32, _mm256_madd_epi16(i16, _mm256_set1_epi16(1)));
+    i16 = _mm256_setzero_si256();
+  }
+#endif
+};
+
+// Sub-block j's (0..7) 6-bit scale and min of a Q4_K / Q5_K unit, one row per lane, from the three word lines
+// of the rows' 12 scale bytes (quant_formats.h k_scale_min, on 32-bit lanes).
+inline void k_scale_min_lanes(VI w0, VI w1, VI w2, int j, VI& scale, VI& min) {
+  if (j < 4) {
+    scale = band(srl32(w0, 8 * j), set1_32(63));
+    min = band(srl32(w1, 8 * j), set1_32(63));
+  } else {
+    const int at = 8 * (j - 4);
+    scale = bor(band(srl32(w2, at), set1_32(15)), sll32(band(srl32(w0, at + 6), set1_32(3)), 4));
+    min = bor(band(srl32(w2, at + 4), set1_32(15)), sll32(band(srl32(w1, at + 6), set1_32(3)), 4));
+  }
+}
+
+// Q4_K / Q5_K units. Tile: d, dmin (16 fp16 each), then word lines: scales (3), Q5_K's qh (8), qs (32).
+// Sub-block j (32 values) of a row is u * (d * scale_j) - dmin * min_j; its u are the low (j even) or high
+// (j odd) nibbles of qs lines 8 (j / 2) .. + 7, word t holding values 4t .. 4t + 3, and Q5_K's fifth bits are
+// bit j of the bytes of qh line t. Per activation block (= sub-block) a row adds
+// (d scale_j) * dx * dot(u, xq) - (dmin min_j) * s.
+template <int64_t QT, int M, int NU, class Out>
+inline void tile_units_k45(const BlockActivations& a, const uint8_t* w, int64_t u, Out* out, int64_t N) {
+  constexpr bool kQ5 = QT == kQ5_K;
+  constexpr int64_t kTileBytes = kTileRows * (kQ5 ? 176 : 144);
+  constexpr int64_t kScales = 64, kQh = kScales + 3 * 64, kQs = kQh + (kQ5 ? 8 * 64 : 0);
+  constexpr int kFoldWords = kQ5 ? 4 : 8;
+  const int64_t nsb = a.nb / 8;
+  const UnitGroup<NU, kTileBytes> units(w, u, nsb);
+  VF acc[NU][M];
+  for (int i = 0; i < NU; ++i)
+    for (int m = 0; m < M; ++m) acc[i][m] = fzero();
+  for (int64_t sb = 0; sb < nsb; ++sb) {
+    units.prefetch(sb);
+    for (int i = 0; i < NU; ++i) {
+      const uint8_t* tile = units.tile(i, sb);
+      const int64_t at = 32 * units.half[i];  // this unit's bytes in each word line
+      const VF d = load_scales(tile + 16 * units.half[i]), dmin = load_scales(tile + 32 + 16 * units.half[i]);
+      const VI w0 = iloadu(tile + kScales + at), w1 = iloadu(tile + kScales + 64 + at);
+      const VI w2 = iloadu(tile + kScales + 128 + at);
+#pragma GCC unroll 4
+      for (int p = 0; p < 4; ++p) {  // sub-blocks 2p (low nibbles) and 2p + 1 (high nibbles)
+        DotAcc lo_dot[M], hi_dot[M];
+#pragma GCC unroll 8
+        for (int t = 0; t < 8; ++t) {
+          const VI v = iloadu(tile + kQs + 64 * (8 * p + t) + at);
+          VI lo = band(v, bytes(0x0F)), hi = band(srl16(v, 4), bytes(0x0F));
+          if constexpr (kQ5) {
+            const VI qh = iloadu(tile + kQh + 64 * t + at);
+            lo = bor(lo, sll16(band(srl16(qh, 2 * p), bytes(1)), 4));
+            hi = bor(hi, sll16(band(srl16(qh, 2 * p + 1), bytes(1)), 4));
+          }
+          for (int m = 0; m < M; ++m) {
+            const int8_t* xq = a.q + (m * a.nb + sb * 8 + 2 * p) * 32 + 4 * t;
+            lo_dot[m].add(lo, bcast4(xq));
+            hi_dot[m].add(hi, bcast4(xq + 32));
+          }
+          if ((t + 1) % kFoldWords == 0)
+            for (int m = 0; m < M; ++m) lo_dot[m].fold(), hi_dot[m].fold();
+        }
+#pragma GCC unroll 2
+        for (int half = 0; half < 2; ++half) {
+          VI scale, min;
+          k_scale_min_lanes(w0, w1, w2, 2 * p + half, scale, min);
+          const VF dscale = fmul(d, cvt(scale)), dmin_min = fmul(dmin, cvt(min));
+          for (int m = 0; m < M; ++m) {
+            const int64_t blk = m * a.nb + sb * 8 + 2 * p + half;
+            const VI isum = half ? hi_dot[m].i32 : lo_dot[m].i32;
+            acc[i][m] = fmadd(fmul(cvt(isum), fset1(a.d[blk])), dscale, acc[i][m]);
+            acc[i][m] = fmadd(dmin_min, fset1(-a.s[blk]), acc[i][m]);
+          }
+        }
+      }
+    }
+  }
+  for (int i = 0; i < NU; ++i)
+    for (int m = 0; m < M; ++m) store_unit(out + m * N + (u + i) * kUnitRows, acc[i][m]);
+}
+
+// Q6_K units. Tile: d (16 fp16), then word lines ql (32), qh (16), scales (4). Value 128 n + 32 k + l of a row
+// (half n, quarter k, l < 32) is (u - 32) * d * scale[8 n + 2 k + l / 16], u = 4 bits of ql line
+// 16 n + 8 (k % 2) + l / 4 (low nibbles for k < 2, high for k >= 2) | bits 2k, 2k + 1 of qh line 8 n + l / 4
+// as bits 4, 5: three word lines give the u of four quarters at once. Per 16 values (4 words) a row adds
+// (d scale) * dx * (dot(u, xq) - 32 * sum of xq), the activation sum in float: 32 * (h or s - h).
+template <int M, int NU, class Out>
+inline void tile_units_q6k(const BlockActivations& a, const uint8_t* w, int64_t u, Out* out, int64_t N) {
+  constexpr int64_t kTileBytes = kTileRows * 210, kQl = 32, kQh = kQl + 32 * 64, kScales = kQh + 16 * 64;
+  const int64_t nsb = a.nb / 8;
+  const UnitGroup<NU, kTileBytes> units(w, u, nsb);
+  VF acc[NU][M];
+  for (int i = 0; i < NU; ++i)
+    for (int m = 0; m < M; ++m) acc[i][m] = fzero();
+  for (int64_t sb = 0; sb < nsb; ++sb) {
+    units.prefetch(sb);
+    for (int i = 0; i < NU; ++i) {
+      const uint8_t* tile = units.tile(i, sb);
+      const int64_t at = 32 * units.half[i];
+      const VF d = load_scales(tile + 16 * units.half[i]);
+#pragma GCC unroll 2
+      for (int n = 0; n < 2; ++n) {
+        // Scales 8n .. 8n + 7: line 2n holds quarters 0, 1 (bytes 2k, 2k + 1), line 2n + 1 quarters 2, 3.
+        const VI scale_lines[2] = {iloadu(tile + kScales + 64 * (2 * n) + at),
+                                   iloadu(tile + kScales + 64 * (2 * n + 1) + at)};
+#pragma GCC unroll 2
+        for (int sixteen = 0; sixteen < 2; ++sixteen) {
+          DotAcc dot[4][M];  // per quarter k
+#pragma GCC unroll 4
+          for (int t = 4 * sixteen; t < 4 * sixteen + 4; ++t) {
+            const VI lo_k = iloadu(tile + kQl + 64 * (16 * n + t) + at);      // quarters 0 (low), 2 (high)
+            const VI hi_k = iloadu(tile + kQl + 64 * (16 * n + 8 + t) + at);  // quarters 1 (low), 3 (high)
+            const VI qh = iloadu(tile + kQh + 64 * (8 * n + t) + at);
+            const VI q[4] = {bor(band(lo_k, bytes(0x0F)), band(sll16(qh, 4), bytes(0x30))),
+                             bor(band(hi_k, bytes(0x0F)), band(sll16(qh, 2), bytes(0x30))),
+                             bor(band(srl16(lo_k, 4), bytes(0x0F)), band(qh, bytes(0x30))),
+                             bor(band(srl16(hi_k, 4), bytes(0x0F)), band(srl16(qh, 2), bytes(0x30)))};
+            for (int k = 0; k < 4; ++k)
+              for (int m = 0; m < M; ++m) dot[k][m].add(q[k], bcast4(a.q + (m * a.nb + sb * 8 + 4 * n + k) * 32 + 4 * t));
+            if (t % 2 == 1)
+              for (int k = 0; k < 4; ++k)
+                for (int m = 0; m < M; ++m) dot[k][m].fold();
+          }
+#pragma GCC unroll 4
+          for (int k = 0; k < 4; ++k) {
+            const int byte = 2 * (k % 2) + sixteen;  // int8 scale 8n + 2k + sixteen, sign-extended
+            const VF dscale = fmul(d, cvt(srai32(sll32(scale_lines[k / 2], 24 - 8 * byte), 24)));
+            for (int m = 0; m < M; ++m) {
+              const int64_t blk = m * a.nb + sb * 8 + 4 * n + k;
+              const float xsum = sixteen ? a.s[blk] - a.h[blk] : a.h[blk];  // dx * sum of these 16 xq
+              const VF f = fmadd(fset1(xsum), fset1(-32.f), fmul(cvt(dot[k][m].i32), fset1(a.d[blk])));
+              acc[i][m] = fmadd(f, dscale, acc[i][m]);
+            }
+          }
+        }
+      }
+    }
+  }
+  for (int i = 0; i < NU; ++i)
+    for (int m = 0; m < M; ++m) store_unit(out + m * N + (u + i) * kUnitRows, acc[i][m]);
+}
+
+template <int64_t QT, int M, int NU, class Out>
+inline void format_units(const BlockActivations& a, const uint8_t* w, int64_t u, Out* out, int64_t N) {
+  if constexpr (QT == kQ4_K || QT == kQ5_K) {
+    tile_units_k45<QT, M, NU>(a, w, u, out, N);
+  } else if constexpr (QT == kQ6_K) {
+    tile_units_q6k<M, NU>(a, w, u, out, N);
+  } else {
+    tile_units<QT, M, NU>(a, w, u, out, N);
+  }
+}
+
 template <int64_t QT, int M, class Out>
 void tile_gemv_m(const BlockActivations& a, const uint8_t* w, int64_t u0, int64_t u1, Out* out, int64_t N) {
   // Independent units in flight hide the integer dot's latency chain when M alone cannot.
   constexpr int NU = M == 1 ? 4 : M == 2 ? 2 : 1;
   int64_t u = u0;
-  for (; u + NU <= u1; u += NU) tile_units<QT, M, NU>(a, w, u, out, N);
-  for (; u < u1; ++u) tile_units<QT, M, 1>(a, w, u, out, N);
+  for (; u + NU <= u1; u += NU) format_units<QT, M, NU>(a, w, u, out, N);
+  for (; u < u1; ++u) format_units<QT, M, 1>(a, w, u, out, N);
 }
 
 template <int64_t QT, class Out>
@@ -340,25 +530,28 @@ int64_t tile_unit_rows() { return kUnitRows; }
 
 // x: [M, K] f32 (x_bf16 false) or bf16 bits, M <= 8 -> q, d, s of BlockActivations (nb blocks).
 void quantize_activations_for_tiles(const void* x, bool x_bf16, int64_t x_stride, int64_t M, int64_t K, int64_t nb,
-                                    int8_t* q, float* d, float* s) {
+                                    int8_t* q, float* d, float* s, float* h) {
   if (x_bf16) {
-    quantize_activation_blocks(static_cast<const uint16_t*>(x), x_stride, M, K, nb, q, d, s);
+    quantize_activation_blocks(static_cast<const uint16_t*>(x), x_stride, M, K, nb, q, d, s, h);
   } else {
-    quantize_activation_blocks(static_cast<const float*>(x), x_stride, M, K, nb, q, d, s);
+    quantize_activation_blocks(static_cast<const float*>(x), x_stride, M, K, nb, q, d, s, h);
   }
 }
 
-// Units [u0, u1) of the interleaved weight w ([N / 16, nb, tile bytes]) against the quantized activations:
-// out [M, N] f32 (out_bf16 false) or bf16 bits.
-void tile_gemv(int64_t qtype, const int8_t* xq, const float* xd, const float* xs, int64_t nb, int64_t M,
-               const uint8_t* w, int64_t u0, int64_t u1, void* out, bool out_bf16, int64_t N) {
-  const BlockActivations a{xq, xd, xs, nb};
+// Units [u0, u1) of the interleaved weight w ([N / 16, blocks, tile bytes]) against the quantized activations
+// (nb 32-value blocks per row): out [M, N] f32 (out_bf16 false) or bf16 bits.
+void tile_gemv(int64_t qtype, const int8_t* xq, const float* xd, const float* xs, const float* xh, int64_t nb,
+               int64_t M, const uint8_t* w, int64_t u0, int64_t u1, void* out, bool out_bf16, int64_t N) {
+  const BlockActivations a{xq, xd, xs, xh, nb};
   auto run = [&](auto* o) {
     switch (qtype) {
       case kQ4_0: return tile_gemv_format<kQ4_0>(a, M, w, u0, u1, o, N);
       case kQ4_1: return tile_gemv_format<kQ4_1>(a, M, w, u0, u1, o, N);
       case kQ5_0: return tile_gemv_format<kQ5_0>(a, M, w, u0, u1, o, N);
       case kQ5_1: return tile_gemv_format<kQ5_1>(a, M, w, u0, u1, o, N);
+      case kQ4_K: return tile_gemv_format<kQ4_K>(a, M, w, u0, u1, o, N);
+      case kQ5_K: return tile_gemv_format<kQ5_K>(a, M, w, u0, u1, o, N);
+      case kQ6_K: return tile_gemv_format<kQ6_K>(a, M, w, u0, u1, o, N);
       default: return tile_gemv_format<kQ8_0>(a, M, w, u0, u1, o, N);
     }
   };

@@ -57,16 +57,12 @@ def _concat_rows(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 def _cpu_layout(part: StoredWeight) -> StoredWeight:
-    """A quantized part in the layout its device's kernels read fastest. On CPU, Q4_0 / Q4_1 / Q8_0 with whole
-    tiles of rows are interleaved (ops.interleave_rows: the decode GEMV runs ~2x faster) in place, over the
+    """A quantized part in the layout its device's kernels read fastest. On CPU, weights with whole tiles of rows
+    are interleaved (ops.interleave_rows: the decode GEMV runs ~2x faster) in place, over the
     same memory (the GGUF arena's huge pages), so no second copy is ever resident; each part reaches here once
     (the loader hands every checkpoint tensor to one module). Elsewhere plain rows."""
     data = part.data.contiguous()
-    if (
-        data.device.type != "cpu"
-        or part.qtype not in quant.INTERLEAVED_QTYPES
-        or data.shape[0] % quant.TILE_ROWS
-    ):
+    if data.device.type != "cpu" or data.shape[0] % quant.TILE_ROWS:
         return StoredWeight(part.qtype, data, part.cols)
     tiles = ops.interleave_rows(data, part.qtype)
     data.view(-1).copy_(tiles.view(-1))

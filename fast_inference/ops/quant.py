@@ -34,8 +34,7 @@ BLOCK_LAYOUT = {
 }
 # The formats `quantize` writes (the K-quants are read from files only).
 WRITABLE_QTYPES = (Q4_0, Q4_1, Q8_0)
-# The formats with an interleaved layout (interleave_rows), and its rows per tile.
-INTERLEAVED_QTYPES = (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0)
+# Rows per tile of the interleaved layout (interleave_rows; every format has it).
 TILE_ROWS = 16
 
 
@@ -56,11 +55,11 @@ def interleave_rows(
     qweight: torch.Tensor,  # uint8 [N, row_bytes], N % 16 == 0
     qtype: int,
 ) -> torch.Tensor:  # uint8 [N / 16, blocks_per_row, 16 * block_bytes]
-    """The same blocks regrouped into tiles of 16 rows x 1 block (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0): per tile the 16
-    rows' fp16 scales side by side (Q4_1 / Q5_1: then their mins), then the bytes after the header (Q5: qh, then
-    qs) as 4-byte words of all 16 rows. Every
-    quantized op accepts this layout; on CPU the decode GEMV runs ~2x faster on it (one vector load covers 16
-    rows, so nothing is broadcast or summed across lanes)."""
+    """The same blocks regrouped into tiles of 16 rows x 1 block (a super-block for the K-quants): per tile the
+    16 rows' fp16 scales side by side (Q4_1 / Q5_1: then their mins; Q4_K / Q5_K: then their dmins), then the
+    block's other bytes, in order, as 4-byte words of all 16 rows. Every quantized op accepts this layout; on CPU
+    the decode GEMV runs ~2x faster on it (one vector load covers 16 rows, so nothing is broadcast or summed
+    across lanes)."""
     return torch.ops.fast_inference.interleave_rows(qweight, qtype)
 
 

@@ -358,21 +358,23 @@ def _k_scales_mins(s: _torch.Tensor) -> tuple[_torch.Tensor, _torch.Tensor]:  # 
     return _torch.cat([low_sc, high_sc], -1).float(), _torch.cat([low_m, high_m], -1).float()
 
 
-def _tile_parts(qtype: int) -> tuple[int, int]:  # (header bytes, quant bytes) of one block
-    from .quant import BLOCK_LAYOUT, Q4_1, Q5_1
+def _tile_parts(qtype: int) -> tuple[int, int, int]:
+    """(header bytes, where the header starts, where the words start) in one block: the fp16 header fields
+    (d; Q4_1 / Q5_1: d, m; Q4_K / Q5_K: d, dmin) lead the block, except Q6_K's d, its last two bytes."""
+    from .quant import Q4_1, Q4_K, Q5_1, Q5_K, Q6_K
 
-    header = 4 if qtype in (Q4_1, Q5_1) else 2
-    return header, BLOCK_LAYOUT[qtype][1] - header
+    header = 4 if qtype in (Q4_1, Q5_1, Q4_K, Q5_K) else 2
+    return (header, 208, 0) if qtype == Q6_K else (header, 0, header)
 
 
 def interleave_rows(qweight: _torch.Tensor, qtype: int) -> _torch.Tensor:
     """Reference of ops.interleave_rows: [N, row_bytes] -> [N / 16, nb, 16 * block_bytes], built row by row."""
-    from .quant import BLOCK_LAYOUT, INTERLEAVED_QTYPES, TILE_ROWS
+    from .quant import BLOCK_LAYOUT, TILE_ROWS
 
-    if qtype not in INTERLEAVED_QTYPES:
-        raise ValueError(f"qtype {qtype} has no interleaved layout")
+    if qtype not in BLOCK_LAYOUT:
+        raise ValueError(f"qtype {qtype} is not a supported format")
     block_bytes = BLOCK_LAYOUT[qtype][1]
-    header, quants = _tile_parts(qtype)
+    header, header_at, words_at = _tile_parts(qtype)
     n, nb = qweight.shape[0], qweight.shape[1] // block_bytes
     out = _torch.empty(n // TILE_ROWS, nb, TILE_ROWS * block_bytes, dtype=_torch.uint8)
     for g in range(n // TILE_ROWS):
@@ -381,20 +383,21 @@ def interleave_rows(qweight: _torch.Tensor, qtype: int) -> _torch.Tensor:
             for r in range(TILE_ROWS):
                 block = qweight[g * TILE_ROWS + r, b * block_bytes : (b + 1) * block_bytes]
                 for f in range(header // 2):  # field f of row r: bytes [32 f + 2 r, +2)
-                    tile[32 * f + 2 * r : 32 * f + 2 * r + 2] = block[2 * f : 2 * f + 2]
-                for j in range(quants // 4):  # word j of row r: bytes [16 header + 64 j + 4 r, +4)
+                    tile[32 * f + 2 * r : 32 * f + 2 * r + 2] = block[header_at + 2 * f : header_at + 2 * f + 2]
+                for j in range((block_bytes - header) // 4):  # word j of row r: bytes [16 header + 64 j + 4 r, +4)
                     at = TILE_ROWS * header + 64 * j + 4 * r
-                    tile[at : at + 4] = block[header + 4 * j : header + 4 * j + 4]
+                    tile[at : at + 4] = block[words_at + 4 * j : words_at + 4 * j + 4]
     return out
 
 
 def _plain_rows(qweight: _torch.Tensor, qtype: int) -> _torch.Tensor:
     """An interleaved weight back to plain [N, row_bytes] (the inverse of interleave_rows); plain as is."""
-    from .quant import TILE_ROWS
+    from .quant import BLOCK_LAYOUT, TILE_ROWS
 
     if qweight.dim() != 3:
         return qweight
-    header, quants = _tile_parts(qtype)
+    header, header_at, _ = _tile_parts(qtype)
+    quants = BLOCK_LAYOUT[qtype][1] - header
     g, nb, _ = qweight.shape
     heads = (
         qweight[..., : TILE_ROWS * header].reshape(g, nb, header // 2, TILE_ROWS, 2).permute(0, 1, 3, 2, 4)
@@ -402,9 +405,8 @@ def _plain_rows(qweight: _torch.Tensor, qtype: int) -> _torch.Tensor:
     words = (
         qweight[..., TILE_ROWS * header :].reshape(g, nb, quants // 4, TILE_ROWS, 4).permute(0, 1, 3, 2, 4)
     )
-    blocks = _torch.cat(
-        [heads.reshape(g, nb, TILE_ROWS, header), words.reshape(g, nb, TILE_ROWS, quants)], -1
-    )
+    parts = [heads.reshape(g, nb, TILE_ROWS, header), words.reshape(g, nb, TILE_ROWS, quants)]
+    blocks = _torch.cat(parts[::-1] if header_at else parts, -1)
     return blocks.permute(0, 2, 1, 3).reshape(g * TILE_ROWS, -1)
 
 

@@ -23,12 +23,15 @@ def random_qweight(qtype: int, n: int, k: int, seed: int = 0) -> torch.Tensor:
     blocks = torch.randint(
         0, 256, (n, quant.row_bytes(qtype, k) // nbytes, nbytes), dtype=torch.uint8, generator=gen
     )
-    scale = torch.full(blocks.shape[:2], 0.01, dtype=torch.float16).unsqueeze(-1).view(torch.uint8)
+    def scales() -> torch.Tensor:  # per row and block, so a kernel reading another row's scale fails
+        values = 0.005 + 0.01 * torch.rand(blocks.shape[:2], generator=gen)
+        return values.to(torch.float16).unsqueeze(-1).view(torch.uint8)
+
     if qtype == quant.Q6_K:
-        blocks[..., 208:210] = scale
-    else:  # d and dmin (Q5_1: d and m; Q5_0: d, then two fixed qh bytes)
-        blocks[..., 0:2] = scale
-        blocks[..., 2:4] = scale
+        blocks[..., 208:210] = scales()
+    else:  # d and dmin (Q5_1: d and m; Q5_0: d, then two qh bytes)
+        blocks[..., 0:2] = scales()
+        blocks[..., 2:4] = scales()
     return blocks.reshape(n, -1)
 
 
@@ -70,7 +73,9 @@ def test_quantize_pads_odd_k_with_zeros(qtype):
 # At M <= 8 every format's GEMV quantizes the activations to 32-value int8 blocks (as llama.cpp does): ~0.5%
 # error. Larger M dequantizes the weight exactly (up to f32 rounding) into a GEMM.
 def tolerance(m: int) -> float:
-    return 2e-2 if m <= 8 else 1e-5
+    # M <= 8: activations quantized to int8 blocks (relative error ~1%, up to ~2.2% where a per-block offset of
+    # one sign dominates the weights, as Q5_1's random mins do); above: exact dequantized slabs.
+    return 3e-2 if m <= 8 else 1e-5
 
 
 @pytest.mark.parametrize("isa", ["best", "avx2"])
@@ -105,28 +110,29 @@ def test_quant_linear_on_device_and_in_bfloat16(qtype, device):
         assert rel < 3e-2, (m, rel)
 
 
-INTERLEAVED = list(quant.INTERLEAVED_QTYPES)
+INTERLEAVED = list(quant.BLOCK_LAYOUT)  # every format has the layout
 INTERLEAVED_IDS = [quant.QTYPE_NAMES[q] for q in INTERLEAVED]
 
 
 @pytest.mark.parametrize("qtype", INTERLEAVED, ids=INTERLEAVED_IDS)
 def test_interleave_rows_matches_reference_and_dequantizes_the_same(qtype, device):
-    qw = random_qweight(qtype, 48, 80)  # 3 tiles, 3 blocks a row (K not a multiple of the block)
+    elems, nbytes = quant.BLOCK_LAYOUT[qtype]
+    k = 2 * elems + 16  # 3 blocks a row, K not a multiple of the block
+    qw = random_qweight(qtype, 48, k)  # 3 tiles
     tiles = ops.interleave_rows(qw.to(device), qtype).cpu()
     assert torch.equal(tiles, ref.interleave_rows(qw, qtype))
-    assert tiles.shape == (3, 3, 16 * quant.BLOCK_LAYOUT[qtype][1])
-    assert torch.equal(ref.dequantize(tiles, qtype, 80), ref.dequantize(qw, qtype, 80))
-    got = ops.dequantize(tiles.to(device), qtype, 80, torch.bfloat16).cpu()
-    assert torch.equal(got, ops.dequantize(qw, qtype, 80, torch.bfloat16))
+    assert tiles.shape == (3, 3, 16 * nbytes)
+    assert torch.equal(ref.dequantize(tiles, qtype, k), ref.dequantize(qw, qtype, k))
+    got = ops.dequantize(tiles.to(device), qtype, k, torch.bfloat16).cpu()
+    assert torch.equal(got, ops.dequantize(qw, qtype, k, torch.bfloat16))
 
 
 @pytest.mark.parametrize("isa", ["best", "avx2"])
 @pytest.mark.parametrize("qtype", INTERLEAVED, ids=INTERLEAVED_IDS)
 @pytest.mark.parametrize("m", [1, 2, 3, 5, 8, 9, 64, 130])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
-@pytest.mark.parametrize(
-    "k", [80, 96]
-)  # 96 % 32 == 0: bf16 above 8 rows takes the AMX slabs where the CPU has AMX
+# 96 % 32 == 0: bf16 above 8 rows takes the AMX slabs where the CPU has AMX; 544: the K-quants' 3 super-blocks
+@pytest.mark.parametrize("k", [80, 96, 544])
 def test_quant_linear_on_interleaved_weights_matches_reference(qtype, m, isa, dtype, k, monkeypatch):
     if isa == "avx2":
         monkeypatch.setenv("FI_CPU_ISA", "avx2")
@@ -174,10 +180,10 @@ def test_bad_arguments_name_the_argument():
         ops.dequantize(qw, quant.Q4_1, 0)
     with pytest.raises(ValueError, match="multiple of 16 rows"):
         ops.interleave_rows(qw, quant.Q4_1)  # 8 rows
-    with pytest.raises(ValueError, match="no interleaved layout"):
-        ops.interleave_rows(random_qweight(quant.Q4_K, 16, 256), quant.Q4_K)
+    with pytest.raises(ValueError, match="not whole blocks of qtype 12"):
+        ops.interleave_rows(random_qweight(quant.Q4_1, 16, 256), quant.Q4_K)  # 160-byte rows, 144-byte blocks
     tiles = ops.interleave_rows(random_qweight(quant.Q4_1, 16, 64), quant.Q4_1)
     with pytest.raises(ValueError, match=r"interleaved qweight must be \[N / 16, 3, 320\]"):
         ops.quant_linear(torch.randn(1, 96), tiles, quant.Q4_1)
-    with pytest.raises(ValueError, match="has no interleaved layout"):
+    with pytest.raises(ValueError, match=r"interleaved qweight must be \[N / 16, 1, 2304\] for qtype 12"):
         ops.quant_linear(torch.randn(1, 64), tiles, quant.Q4_K)
