@@ -14,6 +14,10 @@
 //   static max(x, n)
 //   stream_next_block(k, v, bytes)         optional: prefetch these bytes of K and of V (the next block)
 //                                           from inside scores/accumulate while they compute
+//   attend(r0, R, k, v, stride, n, pos0, row_pos, scale, m, l)  optional, replaces scores, the softmax
+//                                           step and accumulate for one kv head's rows of one block
+//                                           (m, l: running max and sum per row), so an ISA can keep
+//                                           the block's scores in its own layout
 //
 // Work item = (sequence, tile of query tokens, kv heads, KV split). All the query heads of a GQA group
 // and all the tokens of the tile are the rows that share every K/V row read from the cache, so each
@@ -248,23 +252,30 @@ void paged_attention_impl(const PagedAttentionArgs& a) {
         for (int64_t hh = 0; hh < heads; ++hh) {
           const int64_t r0 = hh * RH, offset = block_offset + hh * D;
           if (prefetch) prefetch_rows(k_ahead + hh * row_bytes, stride_bytes, bs, row_bytes);
-          ops.scores(r0, RH, key_cache + offset, cache_stride_token, n, S.data(), bs);
-          for (int64_t r = r0; r < r0 + RH; ++r) {
-            float* s = S.data() + r * bs;
-            // Causal: keys past this row's position are masked; rows with nothing visible add nothing.
-            const int64_t visible = std::clamp<int64_t>(row_pos[r] - pos0 + 1, 0, n);
-            // scale > 0, so the scaled maximum is the maximum scaled
-            const float block_max = visible > 0 ? Ops<T>::max(s, visible) * a.scale : kNegInf;
-            if (block_max > m[r]) {
-              const float alpha = std::exp(m[r] - block_max);  // 0 on the first visible block
-              ops.rescale_acc(r, alpha);
-              l[r] *= alpha;
-              m[r] = block_max;
+          if constexpr (requires { ops.attend(r0, RH, key_cache, value_cache, 0, n, pos0, row_pos.data(), a.scale,
+                                              m.data(), l.data()); }) {
+            if (prefetch) prefetch_rows(v_ahead + hh * row_bytes, stride_bytes, bs, row_bytes);
+            ops.attend(r0, RH, key_cache + offset, value_cache + offset, cache_stride_token, n, pos0, row_pos.data(),
+                       a.scale, m.data(), l.data());
+          } else {
+            ops.scores(r0, RH, key_cache + offset, cache_stride_token, n, S.data(), bs);
+            for (int64_t r = r0; r < r0 + RH; ++r) {
+              float* s = S.data() + r * bs;
+              // Causal: keys past this row's position are masked; rows with nothing visible add nothing.
+              const int64_t visible = std::clamp<int64_t>(row_pos[r] - pos0 + 1, 0, n);
+              // scale > 0, so the scaled maximum is the maximum scaled
+              const float block_max = visible > 0 ? Ops<T>::max(s, visible) * a.scale : kNegInf;
+              if (block_max > m[r]) {
+                const float alpha = std::exp(m[r] - block_max);  // 0 on the first visible block
+                ops.rescale_acc(r, alpha);
+                l[r] *= alpha;
+                m[r] = block_max;
+              }
+              l[r] += ops.exp_row(r, s, n, visible, a.scale, m[r]);
             }
-            l[r] += ops.exp_row(r, s, n, visible, a.scale, m[r]);
+            if (prefetch) prefetch_rows(v_ahead + hh * row_bytes, stride_bytes, bs, row_bytes);
+            ops.accumulate(S.data(), bs, r0, RH, value_cache + offset, cache_stride_token, n);
           }
-          if (prefetch) prefetch_rows(v_ahead + hh * row_bytes, stride_bytes, bs, row_bytes);
-          ops.accumulate(S.data(), bs, r0, RH, value_cache + offset, cache_stride_token, n);
         }
       }
       asm volatile("" : : "r"(touch));  // the early loads have a use, so they stay
