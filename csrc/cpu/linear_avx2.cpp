@@ -85,7 +85,15 @@ void gemv_rows(const float* __restrict xs, int64_t Kp, const W* __restrict w, in
         }
       }
     };
-    for (int64_t k = 0; k < k_main; k += kChunk) step(rows, k, k);
+    // The next NB rows (contiguous, right after these) stream into L2 while these compute, one step's share
+    // per step, in address order: NB interleaved row streams are short (K = 576 is 1152 bf16 bytes), and the
+    // hardware prefetcher hardly ramps up before a row ends.
+    const char* next = reinterpret_cast<const char*>(w + (n + NB) * K);
+    constexpr int64_t kStepBytes = NB * kChunk * int64_t(sizeof(W));
+    for (int64_t k = 0; k < k_main; k += kChunk) {
+      for (int64_t line = 0; line < kStepBytes; line += 64) _mm_prefetch(next + k * NB * sizeof(W) + line, _MM_HINT_T1);
+      step(rows, k, k);
+    }
     if (tail > 0) {  // never read past a row: the last row's tail is the end of the weight
       const W* tails[NB];
       for (int j = 0; j < NB; ++j) {
