@@ -161,9 +161,14 @@ struct UnitGroup {
     next = reinterpret_cast<const char*>(w + (u + NU) / kUnitsPerTile * nb * kTileBytes);
   }
   const uint8_t* tile(int i, int64_t b) const { return first[i] + b * kTileBytes; }
-  void prefetch(int64_t b) const {
-    for (int64_t line = 0; line < kGroupTiles * kTileBytes; line += 64)
-      _mm_prefetch(next + b * kGroupTiles * kTileBytes + line, _MM_HINT_T1);
+  void prefetch(int64_t b) const { prefetch_part(b, 0, 1); }
+  // Part `part` of `parts` of block b's share: a K-quant step covers NU tiles of 2-3 KiB, and its share issued
+  // in one burst (144-210 lines) overflows the outstanding-miss queues, so those kernels spread it out.
+  void prefetch_part(int64_t b, int64_t part, int64_t parts) const {
+    constexpr int64_t kLines = kGroupTiles * kTileBytes / 64;
+    const char* at = next + b * kGroupTiles * kTileBytes;
+    for (int64_t line = part * kLines / parts; line < (part + 1) * kLines / parts; ++line)
+      _mm_prefetch(at + 64 * line, _MM_HINT_T1);
   }
 };
 
@@ -320,7 +325,6 @@ inline void tile_units_k45(const BlockActivations& a, const uint8_t* w, int64_t 
   for (int i = 0; i < NU; ++i)
     for (int m = 0; m < M; ++m) acc[i][m] = fzero();
   for (int64_t sb = 0; sb < nsb; ++sb) {
-    units.prefetch(sb);
     for (int i = 0; i < NU; ++i) {
       const uint8_t* tile = units.tile(i, sb);
       const int64_t at = 32 * units.half[i];  // this unit's bytes in each word line
@@ -329,6 +333,7 @@ inline void tile_units_k45(const BlockActivations& a, const uint8_t* w, int64_t 
       const VI w2 = iloadu(tile + kScales + 128 + at);
 #pragma GCC unroll 4
       for (int p = 0; p < 4; ++p) {  // sub-blocks 2p (low nibbles) and 2p + 1 (high nibbles)
+        units.prefetch_part(sb, 4 * i + p, 4 * NU);
         DotAcc lo_dot[M], hi_dot[M];
 #pragma GCC unroll 8
         for (int t = 0; t < 8; ++t) {
@@ -380,7 +385,6 @@ inline void tile_units_q6k(const BlockActivations& a, const uint8_t* w, int64_t 
   for (int i = 0; i < NU; ++i)
     for (int m = 0; m < M; ++m) acc[i][m] = fzero();
   for (int64_t sb = 0; sb < nsb; ++sb) {
-    units.prefetch(sb);
     for (int i = 0; i < NU; ++i) {
       const uint8_t* tile = units.tile(i, sb);
       const int64_t at = 32 * units.half[i];
@@ -392,6 +396,7 @@ inline void tile_units_q6k(const BlockActivations& a, const uint8_t* w, int64_t 
                                    iloadu(tile + kScales + 64 * (2 * n + 1) + at)};
 #pragma GCC unroll 2
         for (int sixteen = 0; sixteen < 2; ++sixteen) {
+          units.prefetch_part(sb, 4 * i + 2 * n + sixteen, 4 * NU);
           DotAcc dot[4][M];  // per quarter k
 #pragma GCC unroll 4
           for (int t = 4 * sixteen; t < 4 * sixteen + 4; ++t) {
