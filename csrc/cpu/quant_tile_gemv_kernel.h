@@ -276,7 +276,7 @@ inline void tile_units(const BlockActivations& a, const uint8_t* w, int64_t u, O
 
 // A unit's integer dot products against one activation row: lanes (rows) += sum over 4 bytes of u * xq, xq
 // broadcast. AVX-512 VNNI: dpbusd into int32. AVX2: maddubs pairs summed in int16, which the caller folds into
-// int32 (fold()) often enough that they cannot overflow: each word adds at most 2 * 4 * umax * 127 per lane
+// int32 (fold()) often enough that they cannot overflow: each word adds at most 2 * umax * 127 to an int16 lane
 // (u <= 15: 8 words; u <= 31: 4; u <= 63: 2).
 struct DotAcc {
   VI i32;
