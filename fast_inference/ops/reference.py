@@ -383,10 +383,11 @@ def interleave_rows(qweight: _torch.Tensor, qtype: int) -> _torch.Tensor:
             for r in range(TILE_ROWS):
                 block = qweight[g * TILE_ROWS + r, b * block_bytes : (b + 1) * block_bytes]
                 for f in range(header // 2):  # field f of row r: bytes [32 f + 2 r, +2)
-                    tile[32 * f + 2 * r : 32 * f + 2 * r + 2] = block[header_at + 2 * f : header_at + 2 * f + 2]
-                for j in range((block_bytes - header) // 4):  # word j of row r: bytes [16 header + 64 j + 4 r, +4)
-                    at = TILE_ROWS * header + 64 * j + 4 * r
-                    tile[at : at + 4] = block[words_at + 4 * j : words_at + 4 * j + 4]
+                    src = header_at + 2 * f
+                    tile[32 * f + 2 * r : 32 * f + 2 * r + 2] = block[src : src + 2]
+                for j in range((block_bytes - header) // 4):  # word j of row r: [16 header + 64 j + 4 r, +4)
+                    at, src = TILE_ROWS * header + 64 * j + 4 * r, words_at + 4 * j
+                    tile[at : at + 4] = block[src : src + 4]
     return out
 
 
@@ -504,6 +505,17 @@ def quantize(weight: _torch.Tensor, qtype: int) -> _torch.Tensor:
         q = ((x - lo[..., None]) * idv[..., None] + 0.5).clamp_max(15).trunc().int()
         out = _torch.cat([half_bytes(d), half_bytes(lo), nibbles(q)], -1)
     return out.reshape(n, -1)
+
+
+def int8_activation_blocks(x: _torch.Tensor) -> _torch.Tensor:  # [M, K] -> [M, K] f32
+    """x as the CPU decode GEMVs of ops.quant_linear see it (M <= 8, AVX2 / AVX-512): each 32-value block
+    (from k = 0, zero past K) rounded half to even to an int8 multiple of d = amax / 127, in the kernels' f32
+    arithmetic (x * (1 / d)). quant_linear of this, exact, is what those kernels compute up to f32 rounding."""
+    m, k = x.shape
+    blocks = _torch.nn.functional.pad(x.float(), (0, -k % 32)).view(m, -1, 32)
+    d = blocks.abs().amax(-1, keepdim=True) / 127
+    inv = _torch.where(d > 0, 1 / d, _torch.zeros_like(d))
+    return (_torch.round(blocks * inv) * d).view(m, -1)[:, :k]
 
 
 def quant_linear(x: _torch.Tensor, qweight: _torch.Tensor, qtype: int, bias: _torch.Tensor | None = None):
