@@ -37,6 +37,7 @@ class Avx512Ops<c10::BFloat16> {
         last_mask_(D % 32 == 0 ? ~__mmask32(0) : __mmask32((1u << (D % 32)) - 1)),
         q_(max_rows * Dp_),
         q_quads_((max_rows + 3) / 4 * D * 4),
+        quad_scratch_(D * 4),
         zero_row_(Dp_, 0),
         acc_(max_rows * Dp_),
         p_(max_rows * p_stride_) {}
@@ -66,43 +67,27 @@ class Avx512Ops<c10::BFloat16> {
     }
   }
 
-  // k: n cache rows, k_stride apart. Sixteen tokens at a time keep one accumulator per token in a
-  // register and reduce all sixteen with one transpose-and-add tree.
+  // k: n cache rows, k_stride apart. Rows go four at a time through scores_quad. A quad that does not
+  // start on a multiple of four (GQA groups of 3, 5, 6, 7: SmolLM2, Qwen2) or is short is laid out for
+  // this call from the row-major queries, zero-padded: 4 x D / 8 16-byte moves per block and kv head,
+  // against a per-row path that reread every cache row once per query row.
   void scores(int64_t r0, int64_t R, const T* k, int64_t k_stride, int64_t n, float* S, int64_t S_stride) const {
     const uint16_t* kb = reinterpret_cast<const uint16_t*>(k);
-    int64_t r = r0;
-    if (r0 % 4 == 0) {  // whole quads of rows (decode with a GQA group of 4 or 8, prefill tiles)
-      for (; r + 4 <= r0 + R; r += 4) {
-        switch (D_) {  // the quad's queries stay in registers for the common head sizes
-          case 64: scores_quad<8>(r, kb, k_stride, n, S, S_stride); break;
-          case 128: scores_quad<16>(r, kb, k_stride, n, S, S_stride); break;
-          default: scores_quad<0>(r, kb, k_stride, n, S, S_stride); break;
+    for (int64_t r = r0; r < r0 + R; r += 4) {
+      const int rows = int(std::min<int64_t>(4, r0 + R - r));
+      const uint16_t* quad = q_quads_.data() + (r / 4) * D_ * 4;
+      if (r % 4 != 0 || rows < 4) {
+        uint16_t* scratch = quad_scratch_.data();
+        for (int i = 0; i < 4; ++i) {
+          const uint16_t* q = i < rows ? q_.data() + (r + i) * Dp_ : zero_row_.data();
+          for (int64_t j = 0; j < D_ / 8; ++j) std::memcpy(scratch + j * 32 + i * 8, q + 8 * j, 8 * sizeof(uint16_t));
         }
+        quad = scratch;
       }
-    }
-    for (; r < r0 + R; ++r) {
-      const uint16_t* q = q_.data() + r * Dp_;
-      int64_t t = 0;
-      for (; t + 16 <= n; t += 16) {
-        __m512 a[16];
-        for (int j = 0; j < 16; ++j) a[j] = _mm512_setzero_ps();
-        for (int64_t c = 0; c < chunks_; ++c) {
-          const __m512bh qv = (__m512bh)_mm512_loadu_si512(q + 32 * c);
-          const __mmask32 mk = chunk_mask(c);
-          const uint16_t* kc = kb + t * k_stride + 32 * c;
-          for (int j = 0; j < 16; ++j) {
-            a[j] = _mm512_dpbf16_ps(a[j], (__m512bh)_mm512_maskz_loadu_epi16(mk, kc + j * k_stride), qv);
-          }
-        }
-        _mm512_storeu_ps(S + r * S_stride + t, reduce_add_16(a));
-      }
-      for (; t < n; ++t) {
-        __m512 a = _mm512_setzero_ps();
-        for (int64_t c = 0; c < chunks_; ++c) {
-          const __m512bh qv = (__m512bh)_mm512_loadu_si512(q + 32 * c);
-          a = _mm512_dpbf16_ps(a, (__m512bh)_mm512_maskz_loadu_epi16(chunk_mask(c), kb + t * k_stride + 32 * c), qv);
-        }
-        S[r * S_stride + t] = _mm512_reduce_add_ps(a);
+      switch (D_) {  // the quad's queries stay in registers for the common head sizes
+        case 64: scores_quad<8>(quad, r, rows, kb, k_stride, n, S, S_stride); break;
+        case 128: scores_quad<16>(quad, r, rows, kb, k_stride, n, S, S_stride); break;
+        default: scores_quad<0>(quad, r, rows, kb, k_stride, n, S, S_stride); break;
       }
     }
   }
@@ -172,13 +157,14 @@ class Avx512Ops<c10::BFloat16> {
   }
 
  private:
-  // S rows r..r+3 for n tokens, four tokens at a time: accumulator t has row i's partial sums in its
-  // 128-bit lane i, and a two-level transpose-and-add turns four accumulators into four rows x four
-  // tokens. NJ = D / 8 when known at compile time (queries held in registers), 0 = read from L1.
+  // S rows r..r+valid_rows-1 (valid_rows <= 4) for n tokens from a quad of queries (see load_query), four tokens at
+  // a time: accumulator t has quad row i's partial sums in its 128-bit lane i, and a two-level
+  // transpose-and-add turns four accumulators into four rows x four tokens. NJ = D / 8 when known at
+  // compile time (queries held in registers), 0 = read from L1.
   template <int NJ>
-  void scores_quad(int64_t r, const uint16_t* k, int64_t k_stride, int64_t n, float* S, int64_t S_stride) const {
+  void scores_quad(const uint16_t* quad, int64_t r, int valid_rows, const uint16_t* k, int64_t k_stride, int64_t n,
+                   float* S, int64_t S_stride) const {
     const int64_t nj = NJ > 0 ? NJ : D_ / 8;
-    const uint16_t* quad = q_quads_.data() + (r / 4) * D_ * 4;
     __m512i qreg[NJ > 0 ? NJ : 1];
     if constexpr (NJ > 0) {
       for (int j = 0; j < NJ; ++j) qreg[j] = _mm512_loadu_si512(quad + 32 * j);
@@ -221,22 +207,23 @@ class Avx512Ops<c10::BFloat16> {
         // 16 tokens done: transpose the 4x4 grid of 128-bit lanes so each row is one full 512-bit store
         // (narrow stores followed by the softmax's wide load would defeat store-to-load forwarding).
         const int64_t t0 = t - 12;
+        __m512 row_scores[4];
         const __m512 x0 = _mm512_shuffle_f32x4(sums[0], sums[1], _MM_SHUFFLE(1, 0, 1, 0));  // r0 g0, r1 g0, r0 g1, r1 g1
         const __m512 x1 = _mm512_shuffle_f32x4(sums[2], sums[3], _MM_SHUFFLE(1, 0, 1, 0));
         const __m512 x2 = _mm512_shuffle_f32x4(sums[0], sums[1], _MM_SHUFFLE(3, 2, 3, 2));  // rows 2, 3
         const __m512 x3 = _mm512_shuffle_f32x4(sums[2], sums[3], _MM_SHUFFLE(3, 2, 3, 2));
-        _mm512_storeu_ps(S + (r + 0) * S_stride + t0, _mm512_shuffle_f32x4(x0, x1, _MM_SHUFFLE(2, 0, 2, 0)));
-        _mm512_storeu_ps(S + (r + 1) * S_stride + t0, _mm512_shuffle_f32x4(x0, x1, _MM_SHUFFLE(3, 1, 3, 1)));
-        _mm512_storeu_ps(S + (r + 2) * S_stride + t0, _mm512_shuffle_f32x4(x2, x3, _MM_SHUFFLE(2, 0, 2, 0)));
-        _mm512_storeu_ps(S + (r + 3) * S_stride + t0, _mm512_shuffle_f32x4(x2, x3, _MM_SHUFFLE(3, 1, 3, 1)));
+        row_scores[0] = _mm512_shuffle_f32x4(x0, x1, _MM_SHUFFLE(2, 0, 2, 0));
+        row_scores[1] = _mm512_shuffle_f32x4(x0, x1, _MM_SHUFFLE(3, 1, 3, 1));
+        row_scores[2] = _mm512_shuffle_f32x4(x2, x3, _MM_SHUFFLE(2, 0, 2, 0));
+        row_scores[3] = _mm512_shuffle_f32x4(x2, x3, _MM_SHUFFLE(3, 1, 3, 1));
+        for (int i = 0; i < valid_rows; ++i) _mm512_storeu_ps(S + (r + i) * S_stride + t0, row_scores[i]);
       } else if (t + 4 >= n) {  // a short final run: store what there is, group by group
         for (int gg = 0; gg <= g; ++gg) {
           const int64_t tg = t - 4 * (g - gg);
           const __mmask8 mk = n - tg >= 4 ? __mmask8(0xF) : __mmask8((1u << (n - tg)) - 1);
-          _mm_mask_storeu_ps(S + (r + 0) * S_stride + tg, mk, _mm512_castps512_ps128(sums[gg]));
-          _mm_mask_storeu_ps(S + (r + 1) * S_stride + tg, mk, _mm512_extractf32x4_ps(sums[gg], 1));
-          _mm_mask_storeu_ps(S + (r + 2) * S_stride + tg, mk, _mm512_extractf32x4_ps(sums[gg], 2));
-          _mm_mask_storeu_ps(S + (r + 3) * S_stride + tg, mk, _mm512_extractf32x4_ps(sums[gg], 3));
+          alignas(64) float lanes[16];
+          _mm512_store_ps(lanes, sums[gg]);
+          for (int i = 0; i < valid_rows; ++i) _mm_mask_storeu_ps(S + (r + i) * S_stride + tg, mk, _mm_load_ps(lanes + 4 * i));
         }
       }
     }
@@ -281,6 +268,7 @@ class Avx512Ops<c10::BFloat16> {
   __mmask32 last_mask_;
   std::vector<uint16_t> q_;
   std::vector<uint16_t> q_quads_;  // the same queries in quad layout (see load_query)
+  mutable std::vector<uint16_t> quad_scratch_;  // a quad laid out per call (rows not on a quad boundary)
   std::vector<uint16_t> zero_row_;  // stands in for the cache rows past a block's last token
   std::vector<float> acc_;
   std::vector<uint16_t> p_;  // P rows as bf16, one spare slot for an odd token count

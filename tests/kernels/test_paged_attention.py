@@ -66,9 +66,11 @@ def test_block_sizes(device, block_size):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-# (32, 2) and (40, 8): groups of 16 and 5 heads, the CUDA decode kernel's 8-head groups full and partial
+# (32, 2) and (40, 8): groups of 16 and 5 heads, the CUDA decode kernel's 8-head groups full and partial;
+# (9, 3) and (14, 2): SmolLM2's and Qwen2-0.5B's groups of 3 and 7, whose rows start off a multiple of four
 @pytest.mark.parametrize(
-    "num_heads,num_kv_heads", [(4, 4), (6, 2), (8, 2), (12, 4), (16, 2), (8, 1), (32, 1), (32, 2), (40, 8)]
+    "num_heads,num_kv_heads",
+    [(4, 4), (6, 2), (9, 3), (8, 2), (12, 4), (14, 2), (16, 2), (8, 1), (32, 1), (32, 2), (40, 8)],
 )
 def test_gqa_ratios(device, dtype, num_heads, num_kv_heads):
     # decode past the 512-token split, a one-token context, chunked prefill, full prefill, long chunk
