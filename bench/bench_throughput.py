@@ -167,7 +167,14 @@ def main() -> None:
         )
         prompt_lists = prompts.tolist()
 
-        llm = LLM(tmp, dtype=args.dtype, kv_cache_memory="1GiB", max_num_seqs=max(args.num_prompts, 1))
+        # No prefix caching: each timed repeat runs the same prompts, and transformers recomputes every prefill.
+        llm = LLM(
+            tmp,
+            dtype=args.dtype,
+            kv_cache_memory="1GiB",
+            max_num_seqs=max(args.num_prompts, 1),
+            enable_prefix_caching=False,
+        )
         params = SamplingParams(temperature=0.0, max_tokens=args.new_tokens, ignore_eos=True)
         llm.generate(
             prompt_lists[:2], SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True), use_tqdm=False
