@@ -1,11 +1,12 @@
-"""Benchmark of ops.linear (our CPU GEMV / blocked GEMM / AMX) against torch's F.linear, bf16 and f32 weights.
+"""Benchmark of ops.linear (our CPU GEMV / blocked GEMM / VNNI tiles) against torch's F.linear, bf16 and f32 weights.
 
 Usage: python bench/bench_linear.py [--rows 1,4,32,512] [--shapes smollm2,1.5b] [--iters 10]
 
 Per (shape, M, dtype): median time, weight GB/s, % of bench.common's streaming-read bandwidth measured
-in the same run, the ratio to F.linear in the same dtype and to ops.linear with f32 weights. On an AMX CPU
-(ops.cpu_amx()) a third row, dtype "bfloat16_vnni_tiles": ops.linear on ops.vnni_tiles(w), the layout the
-engine runs there (shapes with N % 16 == 0 and K % 32 == 0).
+in the same run, the ratio to F.linear in the same dtype and to ops.linear with f32 weights. On a CPU with
+native bf16 (ops.cpu_bf16_native(): AVX512_BF16, or AMX) a third row, dtype "bfloat16_vnni_tiles":
+ops.linear on ops.vnni_tiles(w), the layout the engine runs there (shapes with N % 16 == 0 and
+K % 32 == 0), also against oneDNN's GEMM on its own prepacked weight (what the engine ran before).
 FI_CPU_ISA=avx2 forces our AVX2 kernels. F.linear still uses this CPU's full ISA unless oneDNN and ATen
 are lowered too (ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2): set both for the AVX2-only baseline.
 """
@@ -44,9 +45,14 @@ def run(name: str, n: int, k: int, m: int, bandwidth: float, iters: int) -> None
     t_torch32 = time_linear(F.linear, x32, w32, iters)
     err = (ops.linear(x16, w16).float() - F.linear(x32, w32)).abs().max().item()
     rows = [("bfloat16", t_op16, t_torch16, w16), ("float32", t_op32, t_torch32, w32)]
-    if ops.cpu_amx() and n % 16 == 0 and k % 32 == 0:
+    t_prepacked = None
+    if ops.cpu_bf16_native() and n % 16 == 0 and k % 32 == 0:
         rows.append(
             ("bfloat16_vnni_tiles", time_linear(ops.linear, x16, ops.vnni_tiles(w16), iters), t_torch16, w16)
+        )
+        packed = torch.ops.mkldnn._reorder_linear_weight(w16, m)
+        t_prepacked = time_linear(
+            lambda x, p: torch.ops.mkldnn._linear_pointwise(x, p, None, "none", [], ""), x16, packed, iters
         )
     for dtype, t_op, t_torch, w in rows:
         nbytes = w.numel() * w.element_size()
@@ -68,6 +74,11 @@ def run(name: str, n: int, k: int, m: int, bandwidth: float, iters: int) -> None
                 "speedup_vs_ops_f32": round(t_op32 / t_op, 3),
                 "bf16_max_abs_err_vs_f32": err if dtype == "bfloat16" else 0.0,
             }
+            | (
+                {"speedup_vs_onednn_prepacked": round(t_prepacked / t_op, 3)}
+                if dtype == "bfloat16_vnni_tiles"
+                else {}
+            )
         )
 
 

@@ -8,9 +8,9 @@
 //     on such a CPU has no fast path (about 3x slower than f32 on Zen 1).
 //   bf16, M > 8 with AVX512_BF16: at::linear (oneDNN's native bf16 GEMM).
 //   f32, M <= 8 with AVX2: the same GEMV (f32 weight rows streamed at bandwidth); f32 otherwise: at::linear.
-//   bf16 weight in VNNI tiles [N / 16, K / 32, 512] (ops.vnni_tiles): every M on AMX (linear_amx.cpp);
-//     elsewhere the tiles are put back in row order and take the paths above (correct, not fast: the
-//     engine tiles weights only where amx_selected()).
+//   bf16 weight in VNNI tiles [N / 16, K / 32, 512] (ops.vnni_tiles), every M: AMX (linear_amx.cpp), else
+//     AVX512_BF16 register tiles (linear_tiles_avx512.cpp); without AVX512_BF16 the tiles are put back in
+//     row order and take the paths above (correct, not fast: the engine tiles weights only with native bf16).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -25,6 +25,10 @@ namespace fast_inference::cpu {
 namespace avx512 {
 void linear_bf16_small_m(const c10::BFloat16* x, int64_t x_stride, const c10::BFloat16* w,
                          const c10::BFloat16* bias, c10::BFloat16* out, int64_t M, int64_t N, int64_t K);
+}
+namespace avx512 {
+void linear_bf16_vnni_tiles(const c10::BFloat16* x, int64_t x_stride, const c10::BFloat16* tiles,
+                            const c10::BFloat16* bias, c10::BFloat16* out, int64_t M, int64_t N, int64_t K);
 }
 namespace amx {
 void linear_bf16_tiles(const c10::BFloat16* x, int64_t x_stride, const c10::BFloat16* w, const c10::BFloat16* bias,
@@ -103,9 +107,10 @@ at::Tensor linear_tiles(const at::Tensor& x, const at::Tensor& tiles, const std:
               "a 3-D weight must be contiguous bf16 VNNI tiles [N / 16, K / 32, 512], got ", tiles.scalar_type(), " ",
               tiles.sizes());
   const int64_t N = tiles.size(0) * 16, K = tiles.size(1) * 32;
-  if (!(amx_selected() && x.scalar_type() == at::kBFloat16 && x.stride(1) == 1 && x.size(1) == K &&
+  const bool amx = amx_selected(), avx512 = selected_isa() == Isa::kAvx512;
+  if (!((amx || avx512) && x.scalar_type() == at::kBFloat16 && x.stride(1) == 1 && x.size(1) == K &&
         (!bias.has_value() || bias->is_contiguous()) && x.size(0) > 0)) {
-    return linear_cpu(x, untile(tiles), bias);  // argument checks, and every path but AMX's
+    return linear_cpu(x, untile(tiles), bias);  // argument checks, and every path but the tile kernels
   }
   if (bias.has_value()) {
     TORCH_CHECK(bias->dim() == 1 && bias->size(0) == N, "bias must be [N=", N, "], got ", bias->sizes());
@@ -114,10 +119,15 @@ at::Tensor linear_tiles(const at::Tensor& x, const at::Tensor& tiles, const std:
   }
   const int64_t M = x.size(0);
   at::Tensor out = at::empty({M, N}, x.options());
-  amx::linear_bf16_tiles(reinterpret_cast<const c10::BFloat16*>(x.data_ptr()), x.stride(0),
-                         reinterpret_cast<const c10::BFloat16*>(tiles.data_ptr()),
-                         bias.has_value() ? reinterpret_cast<const c10::BFloat16*>(bias->data_ptr()) : nullptr,
-                         reinterpret_cast<c10::BFloat16*>(out.data_ptr()), M, N, K);
+  const auto* xp = reinterpret_cast<const c10::BFloat16*>(x.data_ptr());
+  const auto* tp = reinterpret_cast<const c10::BFloat16*>(tiles.data_ptr());
+  const auto* bp = bias.has_value() ? reinterpret_cast<const c10::BFloat16*>(bias->data_ptr()) : nullptr;
+  auto* op = reinterpret_cast<c10::BFloat16*>(out.data_ptr());
+  if (amx) {
+    amx::linear_bf16_tiles(xp, x.stride(0), tp, bp, op, M, N, K);
+  } else {
+    avx512::linear_bf16_vnni_tiles(xp, x.stride(0), tp, bp, op, M, N, K);
+  }
   return out;
 }
 

@@ -20,9 +20,10 @@ def _param(*shape: int, dtype: torch.dtype, device: torch.device) -> nn.Paramete
     return nn.Parameter(torch.empty(*shape, dtype=dtype, device=device), requires_grad=False)
 
 
-# With native bf16 (ops.cpu_bf16_native()), up to this many rows a CPU bf16 projection streams the plain
-# weight through ops.linear; above it oneDNN's prepacked GEMM is faster there. Without native bf16 every
-# size goes through ops.linear (its blocked GEMM runs at f32 GEMM speed; torch's bf16 GEMM is ~4x slower).
+# With native bf16 (ops.cpu_bf16_native()), a weight that is not VNNI tiles (N % 16 or K % 32) streams the
+# plain layout through ops.linear up to this many rows; above it oneDNN's prepacked GEMM is faster there.
+# Without native bf16 every size goes through ops.linear (its blocked GEMM runs at f32 GEMM speed; torch's
+# bf16 GEMM is ~4x slower).
 SMALL_M = 2
 
 
@@ -35,10 +36,13 @@ class _DirectCall(nn.Module):
 
 
 def _tiles_fit(weight: torch.Tensor) -> bool:
-    """A CPU bf16 weight [N, K] that ops.linear runs on AMX as VNNI tiles."""
+    """A CPU bf16 weight [N, K] that ops.linear runs as VNNI tiles for every M: on AMX, or on AVX512_BF16
+    dot products (1.1-1.6x oneDNN's prepacked GEMM at M = 8..32, parity at 512, the GEMV's speed at M = 1)."""
+    if weight.dim() != 2:
+        return False  # tiled already
     n, k = weight.shape
     return (
-        ops.cpu_amx()
+        (ops.cpu_amx() or ops.cpu_bf16_native())
         and weight.device.type == "cpu"
         and weight.dtype == torch.bfloat16
         and not (n % 16 or k % 32)
@@ -47,10 +51,10 @@ def _tiles_fit(weight: torch.Tensor) -> bool:
 
 class Linear(_DirectCall):
     """y = x W^T (+ b). On CPU, after prepack(): inputs of at most `op_rows` rows go through ops.linear
-    (our kernels: a weight-streaming GEMV for decode batches, for bf16 a blocked GEMM above); with native
-    bf16, larger inputs use a oneDNN-prepacked copy of the weight; f32 above the GEMV size is F.linear.
-    On an AMX CPU a bf16 weight becomes VNNI tiles instead (ops.vnni_tiles), one copy that ops.linear runs
-    for every M (at the streaming read from M = 1 to 32, where oneDNN reads at about half of it)."""
+    (our kernels: a weight-streaming GEMV for decode batches, for bf16 a blocked GEMM above); f32 above the
+    GEMV size is F.linear. With native bf16 (AVX512_BF16 or AMX) a bf16 weight becomes VNNI tiles
+    (ops.vnni_tiles), one copy that ops.linear runs for every M; a weight whose shape does not tile gets a
+    oneDNN-prepacked copy for the larger inputs instead."""
 
     def __init__(
         self, in_features: int, out_features: int, bias: bool, dtype: torch.dtype, device: torch.device
@@ -67,8 +71,8 @@ class Linear(_DirectCall):
         if self.weight.dtype == torch.float32:
             self.op_rows = ops.dense.GEMV_MAX_ROWS
             return
-        if self.weight.dtype != torch.bfloat16:
-            return
+        if self.weight.dtype != torch.bfloat16 or self.weight.dim() != 2:
+            return  # not bf16, or tiled already
         if _tiles_fit(self.weight):
             self.weight = nn.Parameter(ops.vnni_tiles(self.weight.data), requires_grad=False)
             self.op_rows = sys.maxsize
@@ -356,9 +360,10 @@ class LlamaForCausalLM(nn.Module):
     head_projection: torch.ScriptObject | None = None
 
     def prepack(self, batch_hint: int = 32, keep_plain: bool = True) -> None:
-        """After loading: re-lay out the layer weights for the device's fastest GEMM (CPU bf16: oneDNN), and on
-        CPU build the layer stack. keep_plain keeps the checkpoint layout too (the batch-1 decode kernel streams
-        it): 2x weight memory."""
+        """After loading: re-lay out the layer weights for the device's fastest GEMM (CPU bf16: VNNI tiles with
+        native bf16, else the checkpoint layout our kernels stream), and on CPU build the layer stack.
+        keep_plain: a weight that gets a oneDNN-prepacked copy keeps the checkpoint layout too (the batch-1
+        decode kernel streams it): 2x its memory."""
         for module in self.modules():
             if isinstance(module, Linear):
                 module.prepack(batch_hint, keep_plain)

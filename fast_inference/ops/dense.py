@@ -26,8 +26,9 @@ def cpu_amx() -> bool:
 
 
 def vnni_tiles(weight: torch.Tensor) -> torch.Tensor:  # bf16 [N, K] -> [N / 16, K / 32, 512]
-    """The layout ops.linear's AMX path reads: tile (j, t) = rows 16j.., columns 32t.. of the weight as 16
-    k-pairs x 16 rows x 2 (the B operand of AMX's bf16 tile multiply). Needs N % 16 == 0, K % 32 == 0."""
+    """The layout ops.linear's native-bf16 paths read (AMX, AVX512_BF16): tile (j, t) = rows 16j.., columns
+    32t.. of the weight as 16 k-pairs x 16 rows x 2 (the B operand of AMX's bf16 tile multiply, and of
+    vdpbf16ps per k-pair). Needs N % 16 == 0, K % 32 == 0."""
     n, k = weight.shape
     if weight.dtype != torch.bfloat16 or n % 16 or k % 32:
         raise ValueError(
@@ -49,6 +50,6 @@ def linear(
     """x W^T + b. CPU: bf16 or f32 weights with M <= GEMV_MAX_ROWS stream each weight row once, widened
     to f32 in registers (AVX2+FMA, or AVX512_BF16 dot products); bf16 with more rows runs a blocked GEMM
     (weight slabs widened to f32 in cache + torch's f32 GEMM) unless cpu_bf16_native(), where torch's own
-    bf16 GEMM is the fast one. Tiles: AMX for every M when cpu_amx(), else the row paths on the untiled
-    weight. Other cases and CUDA: torch's linear."""
+    bf16 GEMM is the fast one. Tiles, every M: AMX when cpu_amx(), AVX512_BF16 register tiles when
+    cpu_bf16_native(), else the row paths on the untiled weight. Other cases and CUDA: torch's linear."""
     return torch.ops.fast_inference.linear(x, weight, bias)

@@ -108,31 +108,46 @@ def test_bfloat16_runs(llama_dir):
 
 @pytest.mark.parametrize("cpu_kind", ["this_cpu", "avx512_no_amx", "avx2_only"])
 def test_bfloat16_decode_paths_agree(llama_dir, monkeypatch, cpu_kind):
-    # One prompt decoded alone (1 row: ops.linear's GEMV, or AMX on VNNI tiles) and inside a batch of 10
-    # (10 rows: AMX, oneDNN's prepacked GEMM where the CPU has native bf16, else ops.linear's blocked GEMM)
-    # gives the same greedy tokens. FI_CPU_ISA=avx512 turns AMX off; avx2 makes the kernels and the bf16
-    # gate behave as on an AVX2-only CPU.
+    # One prompt decoded alone (1 row) and inside a batch of 10 gives the same greedy tokens: with native
+    # bf16 both on VNNI tiles (AMX, or the AVX512_BF16 tile kernel), else ops.linear's GEMV and its blocked
+    # GEMM. FI_CPU_ISA=avx512 turns AMX off; avx2 makes the kernels and the bf16 gate behave as on an
+    # AVX2-only CPU.
     if cpu_kind != "this_cpu":
         monkeypatch.setenv("FI_CPU_ISA", cpu_kind.split("_")[0])
     native = ops.cpu_bf16_native()
-    amx = ops.cpu_amx()
     params = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
     llm = LLM(llama_dir, dtype="bfloat16", kv_cache_memory="8MiB")
     proj = llm.engine.runner.model.layers[0].mlp.down_proj
-    if amx:  # one copy, VNNI tiles, every size on AMX
+    if native:  # one copy, VNNI tiles, every size through ops.linear
         assert proj.weight.dim() == 3 and proj.packed is None and proj.op_rows >= 10
-    elif native:
-        assert proj.packed is not None and 0 < proj.op_rows < 10
     else:  # every size through our kernels: no oneDNN bf16 reorder (it raises on AVX2-only CPUs)
         assert proj.packed is None and proj.op_rows >= 10
     alone = llm.generate(PROMPTS[1], params, use_tqdm=False)[0].outputs[0].token_ids
     batch = llm.generate([PROMPTS[1]] * 10, params, use_tqdm=False)
     assert [o.outputs[0].token_ids for o in batch] == [alone] * 10
-    if native and not amx:  # memory-tight layout: the packed copy only, batch-1 decode through oneDNN too
-        packed_only = LLM(llama_dir, dtype="bfloat16", kv_cache_memory="8MiB")
-        packed_only.engine.runner.model.prepack(keep_plain=False)
-        assert packed_only.engine.runner.model.layers[0].mlp.down_proj.op_rows == 0
-        assert packed_only.generate(PROMPTS[1], params, use_tqdm=False)[0].outputs[0].token_ids == alone
+
+
+@pytest.mark.parametrize("keep_plain", [True, False])
+def test_untiled_bf16_weight_on_onednn(keep_plain):
+    # With native bf16 a weight whose shape does not tile (K % 32) keeps oneDNN's prepacked copy for the
+    # larger inputs, and with keep_plain=False (memory-tight) that copy only, for every size.
+    import torch
+
+    from fast_inference.models.llama import SMALL_M, Linear
+
+    if not ops.cpu_bf16_native():
+        pytest.skip("oneDNN's bf16 prepack is used only on a CPU with native bf16")
+    torch.manual_seed(0)
+    layer = Linear(40, 24, bias=True, dtype=torch.bfloat16, device=torch.device("cpu"))
+    layer.weight.data.normal_()
+    layer.bias.data.normal_()
+    want = {m: torch.randn(m, 40).bfloat16() for m in (1, 10)}
+    ref = {m: x.double() @ layer.weight.double().t() + layer.bias.double() for m, x in want.items()}
+    layer.prepack(batch_hint=32, keep_plain=keep_plain)
+    assert layer.packed is not None and layer.op_rows == (SMALL_M if keep_plain else 0)
+    assert layer.weight.numel() == (24 * 40 if keep_plain else 0)
+    for m, x in want.items():
+        torch.testing.assert_close(layer(x).double(), ref[m], atol=0.05, rtol=0.02)
 
 
 def test_decoder_embeddings_match_transformers_in_packed_batches(llama_dir):

@@ -97,13 +97,18 @@ def test_bf16_gate_follows_the_kernels_isa(monkeypatch):
 
 # (m, n, k) for VNNI tiles (N % 16 == 0, K % 32 == 0): one or two A tiles (M <= 16, <= 32) with row tails, an odd
 # number of column blocks (a single last block), M past the kernel's 256-row chunk.
+# M across the AVX-512 tile kernel's 3-row and 8-row register tiles with remainders, and past its
+# 256-row chunk; N in 3- and 4-block column groups with remainders.
 TILE_SHAPES = [
     (1, 16, 32),
     (3, 48, 64),
+    (4, 112, 32),
+    (7, 176, 64),
     (16, 576, 576),
     (17, 80, 96),
     (32, 960, 576),
     (33, 112, 1536),
+    (258, 80, 32),
     (300, 48, 64),
 ]
 
@@ -119,6 +124,10 @@ def test_vnni_tiles_match_reference(isa, m, n, k, with_bias):
     out = ops.linear(x, ops.vnni_tiles(w), b)
     assert out.dtype == torch.bfloat16 and out.shape == (m, n)
     torch.testing.assert_close(out.double(), ref, atol=0.02 * ref.abs().max().item(), rtol=1e-2)
+    wide = torch.zeros(m, k + 32).bfloat16()
+    wide[:, :k] = x
+    strided = ops.linear(wide[:, :k], ops.vnni_tiles(w), b)  # rows k + 32 apart
+    torch.testing.assert_close(strided, out, atol=0, rtol=0)
 
 
 def test_vnni_tiles_layout():
