@@ -2,7 +2,9 @@
 
 A SmolLM-135M-shaped Llama (random weights, --dtype: default auto, the engine's pick on this CPU, and transformers
 runs the same dtype) is written to a temp dir. Prints JSON lines (the env line names the CPU model and kernel ISA):
-  throughput: 32 prompts x 128 tokens, 64 new tokens greedy (ignore_eos), output tokens/s of both engines
+  throughput: 32 prompts x 128 tokens, 64 new tokens greedy (ignore_eos), output tokens/s of both engines;
+    where the engine picks bf16 on a CPU without native bf16 (AVX2 only), transformers runs float32 too,
+    its faster dtype there (its bf16 is torch's slow path), and speedup_vs_hf_float32 is the fair ratio
   decode_bs1: one sequence's decode step time vs (weight + KV bytes per step) / streaming read bandwidth
   decode_split: where a decode step's wall time goes at batch 1 and 32 (torch.profiler, each top-level op's
     inclusive time by category: linear/weights, attention + KV cache, other ops; the rest is Python/host)
@@ -12,6 +14,7 @@ parallel regions, and each OpenMP join waits for a descheduled peer thread.
 """
 
 import argparse
+import copy
 import os
 import sys
 import tempfile
@@ -139,7 +142,7 @@ def main() -> None:
     if args.threads is not None:
         torch.set_num_threads(args.threads)
 
-    from fast_inference import LLM, SamplingParams
+    from fast_inference import LLM, SamplingParams, ops
     from fast_inference.models.config import resolve_dtype
 
     device = torch.device("cpu")
@@ -180,19 +183,24 @@ def main() -> None:
             prompt_lists[:2], SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True), use_tqdm=False
         )  # warm-up
         mask = torch.ones_like(prompts)
-        if not args.skip_hf:
+        hf_models = {} if args.skip_hf else {str(dtype)[6:]: hf_model}
+        if hf_models and dtype == torch.bfloat16 and not ops.cpu_bf16_native():
+            hf_models["float32"] = copy.deepcopy(hf_model).float()
+        for model in hf_models.values():
             with torch.inference_mode():
-                hf_model.generate(prompts[:2], attention_mask=mask[:2], max_new_tokens=2, do_sample=False)
-        # Interleaved repeats, best of each: the machine is shared, so both see the same background load.
-        fi_seconds = hf_seconds = float("inf")
+                model.generate(prompts[:2], attention_mask=mask[:2], max_new_tokens=2, do_sample=False)
+        # Interleaved repeats, best of each: the machine is shared, so all see the same background load.
+        fi_seconds = float("inf")
+        hf_seconds = dict.fromkeys(hf_models, float("inf"))
+        hf_outs = {}
         for _ in range(args.repeats):
             t0 = time.perf_counter()
             outs = llm.generate(prompt_lists, params, use_tqdm=False)
             fi_seconds = min(fi_seconds, time.perf_counter() - t0)
-            if not args.skip_hf:
+            for name, model in hf_models.items():
                 with torch.inference_mode():
                     t0 = time.perf_counter()
-                    hf_out = hf_model.generate(
+                    hf_outs[name] = model.generate(
                         prompts,
                         attention_mask=mask,
                         max_new_tokens=args.new_tokens,
@@ -200,7 +208,7 @@ def main() -> None:
                         do_sample=False,
                         pad_token_id=0,
                     )
-                    hf_seconds = min(hf_seconds, time.perf_counter() - t0)
+                    hf_seconds[name] = min(hf_seconds[name], time.perf_counter() - t0)
         n_out = sum(len(o.outputs[0].token_ids) for o in outs)
         fi_tps = n_out / fi_seconds
         record = {
@@ -214,17 +222,19 @@ def main() -> None:
             "seconds": round(fi_seconds, 3),
             "output_tokens_per_s": round(fi_tps, 1),
         }
-        if not args.skip_hf:
-            hf_tps = (hf_out.shape[1] - args.prompt_len) * args.num_prompts / hf_seconds
+        for i, name in enumerate(hf_models):
+            hf_out = hf_outs[name]
+            hf_tps = (hf_out.shape[1] - args.prompt_len) * args.num_prompts / hf_seconds[name]
             same = sum(
-                o.outputs[0].token_ids == hf_out[i, args.prompt_len :].tolist() for i, o in enumerate(outs)
+                o.outputs[0].token_ids == hf_out[j, args.prompt_len :].tolist() for j, o in enumerate(outs)
             )
+            suffix = "" if i == 0 else f"_{name}"  # the first is transformers at the engine's dtype
             record.update(
                 {
-                    "hf_seconds": round(hf_seconds, 3),
-                    "hf_output_tokens_per_s": round(hf_tps, 1),
-                    "speedup_vs_hf": round(fi_tps / hf_tps, 2),
-                    "sequences_identical_to_hf": same,
+                    f"hf{suffix}_seconds": round(hf_seconds[name], 3),
+                    f"hf{suffix}_output_tokens_per_s": round(hf_tps, 1),
+                    f"speedup_vs_hf{suffix}": round(fi_tps / hf_tps, 2),
+                    f"sequences_identical_to_hf{suffix}": same,
                 }
             )
         emit(record)
