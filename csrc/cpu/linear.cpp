@@ -8,9 +8,10 @@
 //     on such a CPU has no fast path (about 3x slower than f32 on Zen 1).
 //   bf16, M > 8 with AVX512_BF16: at::linear (oneDNN's native bf16 GEMM).
 //   f32, M <= 8 with AVX2: the same GEMV (f32 weight rows streamed at bandwidth); f32 otherwise: at::linear.
-//   bf16 weight in VNNI tiles [N / 16, K / 32, 512] (ops.vnni_tiles), every M: AMX (linear_amx.cpp), else
-//     AVX512_BF16 register tiles (linear_tiles_avx512.cpp); without AVX512_BF16 the tiles are put back in
-//     row order and take the paths above (correct, not fast: the engine tiles weights only with native bf16).
+//   bf16 weight in VNNI tiles [N / 16, K / 32, 512] (ops.vnni_tiles), the engine's layout on every x86
+//     CPU with AVX2: AMX (linear_amx.cpp), else AVX512_BF16 register tiles (linear_tiles_avx512.cpp), else
+//     AVX2 FMA register tiles up to kMaxAvx2TileRows rows (linear_tiles_avx2.cpp) and widened slabs +
+//     sgemm above; the portable build puts the tiles back in row order.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -40,11 +41,17 @@ void linear_bf16_small_m(const c10::BFloat16* x, int64_t x_stride, const c10::BF
 void linear_f32_small_m(const float* x, int64_t x_stride, const float* w, const float* bias, float* out, int64_t M,
                         int64_t N, int64_t K);
 void widen_bf16_rows(const c10::BFloat16* src, int64_t src_stride, float* dst, int64_t rows, int64_t K);
+void linear_bf16_vnni_tiles(const c10::BFloat16* x, int64_t x_stride, const c10::BFloat16* tiles,
+                            const c10::BFloat16* bias, c10::BFloat16* out, int64_t M, int64_t N, int64_t K);
+void widen_tiles_k_major(const c10::BFloat16* tiles, int64_t j0, int64_t blocks, int64_t K, float* dst);
 }  // namespace avx2
 
 namespace {
 
 constexpr int64_t kMaxGemvRows = 8;
+// AVX2 on VNNI tiles: up to this many rows the FMA register tiles (1.1-1.9x the widened row slabs +
+// sgemm at M = 4..128 on SmolLM2's shapes), above it the widened slabs + sgemm (0.9x-1.0x the tiles there).
+constexpr int64_t kMaxAvx2TileRows = 128;
 // A widened weight slab of about this size stays in L2 while the GEMM walks it (Zen 1 has 512 KiB).
 constexpr int64_t kSlabBytes = 256 * 1024;
 
@@ -53,10 +60,12 @@ void widen_bf16_rows_portable(const c10::BFloat16* src, int64_t src_stride, floa
     for (int64_t k = 0; k < K; ++k) dst[r * K + k] = static_cast<float>(src[r * src_stride + k]);
 }
 
-// x: [M, K] bf16; weight: [N, K] bf16 contiguous; bias: [N] or None -> [M, N] bf16 (f32 accumulation).
+// x: [M, K] bf16; weight: [N, K] bf16 contiguous, or VNNI tiles [N / 16, K / 32, 512] (AVX2 and up);
+// bias: [N] or None -> [M, N] bf16 (f32 accumulation).
 at::Tensor linear_bf16_blocked(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                                Isa isa) {
-  const int64_t M = x.size(0), N = weight.size(0), K = x.size(1);
+  const bool tiled = weight.dim() == 3;
+  const int64_t M = x.size(0), N = tiled ? weight.size(0) * 16 : weight.size(0), K = x.size(1);
   const at::Tensor xf = x.to(at::kFloat).contiguous();
   const at::Tensor bf = bias.has_value() ? bias->to(at::kFloat).contiguous() : at::Tensor();
   at::Tensor out = at::empty({M, N}, x.options());
@@ -75,14 +84,19 @@ at::Tensor linear_bf16_blocked(const at::Tensor& x, const at::Tensor& weight, co
     const at::TensorOptions f32 = at::TensorOptions().dtype(at::kFloat);
     for (int64_t s = s0; s < s1; ++s) {
       const int64_t n0 = s * slab, nb = std::min(slab, N - n0);
-      if (isa == Isa::kPortable) {
-        widen_bf16_rows_portable(w + n0 * K, K, w_slab.data(), nb, K);
-      } else {
-        avx2::widen_bf16_rows(w + n0 * K, K, w_slab.data(), nb, K);
-      }
       at::Tensor y = at::from_blob(y_slab.data(), {M, nb}, f32);
       // Inside a parallel region the GEMM runs on this thread alone.
-      at::mm_out(y, xf, at::from_blob(w_slab.data(), {nb, K}, f32).t());
+      if (tiled) {  // slab and N are multiples of 16: whole column blocks, widened k-major [K, nb]
+        avx2::widen_tiles_k_major(w, n0 / 16, nb / 16, K, w_slab.data());
+        at::mm_out(y, xf, at::from_blob(w_slab.data(), {K, nb}, f32));
+      } else {
+        if (isa == Isa::kPortable) {
+          widen_bf16_rows_portable(w + n0 * K, K, w_slab.data(), nb, K);
+        } else {
+          avx2::widen_bf16_rows(w + n0 * K, K, w_slab.data(), nb, K);
+        }
+        at::mm_out(y, xf, at::from_blob(w_slab.data(), {nb, K}, f32).t());
+      }
       for (int64_t m = 0; m < M; ++m) {
         const float* ym = y_slab.data() + m * nb;
         c10::BFloat16* om = o + m * N + n0;
@@ -107,8 +121,9 @@ at::Tensor linear_tiles(const at::Tensor& x, const at::Tensor& tiles, const std:
               "a 3-D weight must be contiguous bf16 VNNI tiles [N / 16, K / 32, 512], got ", tiles.scalar_type(), " ",
               tiles.sizes());
   const int64_t N = tiles.size(0) * 16, K = tiles.size(1) * 32;
-  const bool amx = amx_selected(), avx512 = selected_isa() == Isa::kAvx512;
-  if (!((amx || avx512) && x.scalar_type() == at::kBFloat16 && x.stride(1) == 1 && x.size(1) == K &&
+  const Isa isa = selected_isa();
+  const bool amx = amx_selected();
+  if (!(isa != Isa::kPortable && x.scalar_type() == at::kBFloat16 && x.stride(1) == 1 && x.size(1) == K &&
         (!bias.has_value() || bias->is_contiguous()) && x.size(0) > 0)) {
     return linear_cpu(x, untile(tiles), bias);  // argument checks, and every path but the tile kernels
   }
@@ -118,6 +133,7 @@ at::Tensor linear_tiles(const at::Tensor& x, const at::Tensor& tiles, const std:
                 " must equal x dtype ", x.scalar_type());
   }
   const int64_t M = x.size(0);
+  if (isa == Isa::kAvx2 && M > kMaxAvx2TileRows) return linear_bf16_blocked(x, tiles, bias, isa);
   at::Tensor out = at::empty({M, N}, x.options());
   const auto* xp = reinterpret_cast<const c10::BFloat16*>(x.data_ptr());
   const auto* tp = reinterpret_cast<const c10::BFloat16*>(tiles.data_ptr());
@@ -125,8 +141,10 @@ at::Tensor linear_tiles(const at::Tensor& x, const at::Tensor& tiles, const std:
   auto* op = reinterpret_cast<c10::BFloat16*>(out.data_ptr());
   if (amx) {
     amx::linear_bf16_tiles(xp, x.stride(0), tp, bp, op, M, N, K);
-  } else {
+  } else if (isa == Isa::kAvx512) {
     avx512::linear_bf16_vnni_tiles(xp, x.stride(0), tp, bp, op, M, N, K);
+  } else {
+    avx2::linear_bf16_vnni_tiles(xp, x.stride(0), tp, bp, op, M, N, K);
   }
   return out;
 }

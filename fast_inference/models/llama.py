@@ -36,13 +36,14 @@ class _DirectCall(nn.Module):
 
 
 def _tiles_fit(weight: torch.Tensor) -> bool:
-    """A CPU bf16 weight [N, K] that ops.linear runs as VNNI tiles for every M: on AMX, or on AVX512_BF16
-    dot products (1.1-1.6x oneDNN's prepacked GEMM at M = 8..32, parity at 512, the GEMV's speed at M = 1)."""
+    """A CPU bf16 weight [N, K] that ops.linear runs as VNNI tiles for every M, one copy: on AMX, AVX512_BF16
+    (1.1-1.6x oneDNN's prepacked GEMM at M = 8..32, parity at 512, the GEMV's speed at M = 1) and AVX2 + FMA
+    (1.1-1.9x the row layout's blocked GEMM at M = 4..128, its GEMV's speed at M = 1)."""
     if weight.dim() != 2:
         return False  # tiled already
     n, k = weight.shape
     return (
-        (ops.cpu_amx() or ops.cpu_bf16_native())
+        ops.cpu_isa() != "portable"
         and weight.device.type == "cpu"
         and weight.dtype == torch.bfloat16
         and not (n % 16 or k % 32)
@@ -52,8 +53,8 @@ def _tiles_fit(weight: torch.Tensor) -> bool:
 class Linear(_DirectCall):
     """y = x W^T (+ b). On CPU, after prepack(): inputs of at most `op_rows` rows go through ops.linear
     (our kernels: a weight-streaming GEMV for decode batches, for bf16 a blocked GEMM above); f32 above the
-    GEMV size is F.linear. With native bf16 (AVX512_BF16 or AMX) a bf16 weight becomes VNNI tiles
-    (ops.vnni_tiles), one copy that ops.linear runs for every M; a weight whose shape does not tile gets a
+    GEMV size is F.linear. With AVX2 or better a bf16 weight becomes VNNI tiles (ops.vnni_tiles), one copy
+    that ops.linear runs for every M; with native bf16 a weight whose shape does not tile gets a
     oneDNN-prepacked copy for the larger inputs instead."""
 
     def __init__(
@@ -361,7 +362,7 @@ class LlamaForCausalLM(nn.Module):
 
     def prepack(self, batch_hint: int = 32, keep_plain: bool = True) -> None:
         """After loading: re-lay out the layer weights for the device's fastest GEMM (CPU bf16: VNNI tiles with
-        native bf16, else the checkpoint layout our kernels stream), and on CPU build the layer stack.
+        AVX2 or better), and on CPU build the layer stack.
         keep_plain: a weight that gets a oneDNN-prepacked copy keeps the checkpoint layout too (the batch-1
         decode kernel streams it): 2x its memory."""
         for module in self.modules():

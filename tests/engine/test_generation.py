@@ -106,22 +106,20 @@ def test_bfloat16_runs(llama_dir):
     assert_no_leak(llm.engine)
 
 
-@pytest.mark.parametrize("cpu_kind", ["this_cpu", "avx512_no_amx", "avx2_only"])
+@pytest.mark.parametrize("cpu_kind", ["this_cpu", "avx512_no_amx", "avx2_only", "portable"])
 def test_bfloat16_decode_paths_agree(llama_dir, monkeypatch, cpu_kind):
-    # One prompt decoded alone (1 row) and inside a batch of 10 gives the same greedy tokens: with native
-    # bf16 both on VNNI tiles (AMX, or the AVX512_BF16 tile kernel), else ops.linear's GEMV and its blocked
-    # GEMM. FI_CPU_ISA=avx512 turns AMX off; avx2 makes the kernels and the bf16 gate behave as on an
-    # AVX2-only CPU.
+    # One prompt decoded alone (1 row) and inside a batch of 10 gives the same greedy tokens, on the VNNI
+    # tiles every x86 kernel path runs (AMX, AVX512_BF16 or AVX2 register tiles), and on the row layout of
+    # the portable build. FI_CPU_ISA=avx512 turns AMX off; avx2 makes the kernels and the bf16 gate behave
+    # as on an AVX2-only CPU.
     if cpu_kind != "this_cpu":
         monkeypatch.setenv("FI_CPU_ISA", cpu_kind.split("_")[0])
-    native = ops.cpu_bf16_native()
     params = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
     llm = LLM(llama_dir, dtype="bfloat16", kv_cache_memory="8MiB")
     proj = llm.engine.runner.model.layers[0].mlp.down_proj
-    if native:  # one copy, VNNI tiles, every size through ops.linear
-        assert proj.weight.dim() == 3 and proj.packed is None and proj.op_rows >= 10
-    else:  # every size through our kernels: no oneDNN bf16 reorder (it raises on AVX2-only CPUs)
-        assert proj.packed is None and proj.op_rows >= 10
+    # One copy, every size through ops.linear: no oneDNN bf16 reorder (it raises on AVX2-only CPUs).
+    assert proj.weight.dim() == (2 if ops.cpu_isa() == "portable" else 3)
+    assert proj.packed is None and proj.op_rows >= 10
     alone = llm.generate(PROMPTS[1], params, use_tqdm=False)[0].outputs[0].token_ids
     batch = llm.generate([PROMPTS[1]] * 10, params, use_tqdm=False)
     assert [o.outputs[0].token_ids for o in batch] == [alone] * 10
