@@ -219,7 +219,7 @@ def share_alone(model_dir: str, dtype: str, batches: list[int]) -> None:
     times = {}
     for label, tp in (("whole", None), ("share", TensorParallel(0, 2))):
         model = load_model(cfg, tp)
-        model.prepack(32, True)
+        model.prepack()
         shape = (max(batches), 16, model.config.num_kv_heads, cfg.head_dim)
         caches = [torch.zeros(shape, dtype=cfg.dtype) for _ in range(2 * cfg.num_layers)]
         model.bind_kv_cache(caches[: cfg.num_layers], caches[cfg.num_layers :])

@@ -46,8 +46,6 @@ struct Ops {
   c10::TypedOperatorHandle<SiluAndMulFn> silu_and_mul = find_op<SiluAndMulFn>("fast_inference::silu_and_mul");
   c10::TypedOperatorHandle<CacheFn> reshape_and_cache = find_op<CacheFn>("fast_inference::reshape_and_cache");
   c10::TypedOperatorHandle<AttentionFn> paged_attention = find_op<AttentionFn>("fast_inference::paged_attention");
-  // torch's oneDNN linear on a prepacked weight: boxed, its schema's Scalar?[] has no plain C++ spelling.
-  c10::OperatorHandle mkldnn_linear = c10::Dispatcher::singleton().findSchemaOrThrow("mkldnn::_linear_pointwise", "");
 };
 
 const Ops& ops() {
@@ -59,19 +57,17 @@ const Ops& ops() {
 constexpr int64_t kGemvRows = 8;
 
 // y = x W^T (+ b) exactly as the Python module it stands for computes it: models/llama.py Linear (one dense
-// part, op_rows, packed) or models/quantized.py QuantizedLinear (row groups, each quantized or dense, whose
+// part, op_rows) or models/quantized.py QuantizedLinear (row groups, each quantized or dense, whose
 // outputs are concatenated, the bias added to the sum).
 struct Projection : torch::CustomClassHolder {
   std::vector<at::Tensor> parts;  // quantized: uint8 [rows, row_bytes] or interleaved; dense: [rows, K]
   std::vector<int64_t> qtypes;    // ggml type id of each part; -1: dense
-  std::optional<at::Tensor> bias;    // [N]
-  std::optional<at::Tensor> packed;  // dense single part: oneDNN-prepacked weight for inputs above op_rows
-  int64_t op_rows;                   // dense: inputs of at most this many rows go through fast_inference::linear
+  std::optional<at::Tensor> bias;  // [N]
+  int64_t op_rows;                 // dense: inputs of at most this many rows go through fast_inference::linear
 
   Projection(std::vector<at::Tensor> parts, std::vector<int64_t> qtypes, std::optional<at::Tensor> bias,
-             std::optional<at::Tensor> packed, int64_t op_rows)
-      : parts(std::move(parts)), qtypes(std::move(qtypes)), bias(std::move(bias)), packed(std::move(packed)),
-        op_rows(op_rows) {
+             int64_t op_rows)
+      : parts(std::move(parts)), qtypes(std::move(qtypes)), bias(std::move(bias)), op_rows(op_rows) {
     TORCH_CHECK(!this->parts.empty() && this->parts.size() == this->qtypes.size(),
                 "Projection: parts and qtypes must be non-empty and of equal length");
   }
@@ -89,12 +85,6 @@ struct Projection : torch::CustomClassHolder {
       return at::cat(chunks);
     }
     if (x.size(0) <= op_rows) return ops().linear.call(x, parts[i], b);
-    if (packed.has_value()) {
-      torch::jit::Stack stack{x, *packed, b, std::string("none"), c10::List<std::optional<c10::Scalar>>(),
-                              std::string("")};
-      ops().mkldnn_linear.callBoxed(&stack);
-      return stack[0].toTensor();
-    }
     return at::linear(x, parts[i], b);
   }
 
@@ -242,8 +232,7 @@ struct DecoderStack : torch::CustomClassHolder {
 
 TORCH_LIBRARY_FRAGMENT(fast_inference, m) {
   m.class_<Projection>("Projection")
-      .def(torch::init<std::vector<at::Tensor>, std::vector<int64_t>, std::optional<at::Tensor>,
-                       std::optional<at::Tensor>, int64_t>())
+      .def(torch::init<std::vector<at::Tensor>, std::vector<int64_t>, std::optional<at::Tensor>, int64_t>())
       .def("forward", &Projection::forward);
   m.class_<DecoderStack>("DecoderStack")
       .def(torch::init<int64_t, int64_t, int64_t, int64_t, double, double>())

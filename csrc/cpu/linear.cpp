@@ -26,8 +26,6 @@ namespace fast_inference::cpu {
 namespace avx512 {
 void linear_bf16_small_m(const c10::BFloat16* x, int64_t x_stride, const c10::BFloat16* w,
                          const c10::BFloat16* bias, c10::BFloat16* out, int64_t M, int64_t N, int64_t K);
-}
-namespace avx512 {
 void linear_bf16_vnni_tiles(const c10::BFloat16* x, int64_t x_stride, const c10::BFloat16* tiles,
                             const c10::BFloat16* bias, c10::BFloat16* out, int64_t M, int64_t N, int64_t K);
 }

@@ -14,108 +14,84 @@
 #include <cstdint>
 #include <vector>
 
+#include "cpu/linear_tiles_driver.h"
+
 namespace fast_inference::cpu::avx2 {
 
 namespace {
 
-constexpr int64_t kTileElems = 512;  // 16 k-pairs x 16 columns x 2 bf16 = 1 KiB
 // Rows of x per pass over a thread's column blocks: 128 rows of K = 1536 f32 (768 KiB) stay in L2.
 constexpr int64_t kRowChunk = 128;
 
-// Rows [m0, m0 + MB) x the 16 columns of blocks [j, j + NB). xf: f32 rows of K; tiles: [N / 16, K / 32, 512].
-// next: the following NB column blocks (contiguous after these), streamed into L2 meanwhile (NB lines per
-// k-pair step, in address order), or null.
-template <int MB, int NB>
-void register_tile(const float* __restrict xf, int64_t K, const uint16_t* __restrict tiles, int64_t k_tiles,
-                   const c10::BFloat16* __restrict bias, c10::BFloat16* __restrict out, int64_t N, int64_t m0,
-                   int64_t j, const char* next) {
-  // Few rows (decode): the odd k gets accumulators of its own, or each accumulator's FMA chain (4 cycles
-  // a link) would bound the weight stream at 2 links per 64 bytes.
-  constexpr bool kSplitOdd = MB <= 2;
-  __m256 acc[MB][NB][2], acc_odd[MB][NB][2];
-  for (int i = 0; i < MB; ++i)
-    for (int b = 0; b < NB; ++b)
-      for (int h = 0; h < 2; ++h) acc[i][b][h] = acc_odd[i][b][h] = _mm256_setzero_ps();
-  const uint16_t* block = tiles + j * k_tiles * kTileElems;
-  const float* xr = xf + m0 * K;
-  const __m256i high = _mm256_set1_epi32(int(0xFFFF0000u));
-  for (int64_t t = 0; t < k_tiles; ++t) {
-    for (int p = 0; p < 16; ++p) {
-      if (next != nullptr) {
-        for (int b = 0; b < NB; ++b) _mm_prefetch(next + ((t * 16 + p) * NB + b) * 64, _MM_HINT_T1);
-      }
-      const int64_t k = 32 * t + 2 * p;
-      for (int b = 0; b < NB; ++b) {
-        const uint16_t* pair = block + (b * k_tiles + t) * kTileElems + 32 * p;
-        __m256 even[2], odd[2];  // columns 0..7 and 8..15 of this block
-        for (int h = 0; h < 2; ++h) {
-          const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(pair + 16 * h));
-          even[h] = _mm256_castsi256_ps(_mm256_slli_epi32(raw, 16));
-          odd[h] = _mm256_castsi256_ps(_mm256_and_si256(raw, high));
+// One call's operands; xf: [M, K] f32 (x widened once).
+struct Avx2Tiles : VnniTileOperands {
+  const float* xf;
+  int64_t K;
+
+  // Rows [m0, m0 + MB) x the 16 columns of blocks [j, j + NB). next: the following NB column blocks,
+  // streamed into L2 meanwhile (NB lines per k-pair step, in address order), or null.
+  // Not inlined: inside the driver's walk GCC's register allocation spilled the accumulators of the
+  // 16-register ISA to the stack (the 4-row tile ran at half speed, A/B on the AVX2 stand-in).
+  template <int MB, int NB>
+  __attribute__((noinline)) void run(int64_t m0, int64_t j, const char* next) const {
+    // Few rows (decode): the odd k gets accumulators of its own, or each accumulator's FMA chain (4 cycles
+    // a link) would bound the weight stream at 2 links per 64 bytes.
+    constexpr bool kSplitOdd = MB <= 2;
+    __m256 acc[MB][NB][2], acc_odd[MB][NB][2];
+    for (int i = 0; i < MB; ++i)
+      for (int b = 0; b < NB; ++b)
+        for (int h = 0; h < 2; ++h) acc[i][b][h] = acc_odd[i][b][h] = _mm256_setzero_ps();
+    const uint16_t* block = tiles + j * k_tiles * kVnniTileElems;
+    const float* xr = xf + m0 * K;
+    const __m256i high = _mm256_set1_epi32(int(0xFFFF0000u));
+    for (int64_t t = 0; t < k_tiles; ++t) {
+      for (int p = 0; p < 16; ++p) {
+        if (next != nullptr) {
+          for (int b = 0; b < NB; ++b) _mm_prefetch(next + ((t * 16 + p) * NB + b) * 64, _MM_HINT_T1);
         }
-        for (int i = 0; i < MB; ++i) {
-          const __m256 x_even = _mm256_broadcast_ss(xr + i * K + k);
-          const __m256 x_odd = _mm256_broadcast_ss(xr + i * K + k + 1);
-          for (int h = 0; h < 2; ++h) {
-            acc[i][b][h] = _mm256_fmadd_ps(even[h], x_even, acc[i][b][h]);
+        const int64_t k = 32 * t + 2 * p;
+        for (int b = 0; b < NB; ++b) {
+          const uint16_t* pair = block + (b * k_tiles + t) * kVnniTileElems + 32 * p;
+          const __m256i lo = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(pair));       // columns 0..7
+          const __m256i hi = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(pair + 16));  // columns 8..15
+          const __m256 lo_even = _mm256_castsi256_ps(_mm256_slli_epi32(lo, 16));
+          const __m256 lo_odd = _mm256_castsi256_ps(_mm256_and_si256(lo, high));
+          const __m256 hi_even = _mm256_castsi256_ps(_mm256_slli_epi32(hi, 16));
+          const __m256 hi_odd = _mm256_castsi256_ps(_mm256_and_si256(hi, high));
+          for (int i = 0; i < MB; ++i) {
+            const __m256 x_even = _mm256_broadcast_ss(xr + i * K + k);
+            const __m256 x_odd = _mm256_broadcast_ss(xr + i * K + k + 1);
+            acc[i][b][0] = _mm256_fmadd_ps(lo_even, x_even, acc[i][b][0]);
+            acc[i][b][1] = _mm256_fmadd_ps(hi_even, x_even, acc[i][b][1]);
             if constexpr (kSplitOdd) {
-              acc_odd[i][b][h] = _mm256_fmadd_ps(odd[h], x_odd, acc_odd[i][b][h]);
+              acc_odd[i][b][0] = _mm256_fmadd_ps(lo_odd, x_odd, acc_odd[i][b][0]);
+              acc_odd[i][b][1] = _mm256_fmadd_ps(hi_odd, x_odd, acc_odd[i][b][1]);
             } else {
-              acc[i][b][h] = _mm256_fmadd_ps(odd[h], x_odd, acc[i][b][h]);
+              acc[i][b][0] = _mm256_fmadd_ps(lo_odd, x_odd, acc[i][b][0]);
+              acc[i][b][1] = _mm256_fmadd_ps(hi_odd, x_odd, acc[i][b][1]);
             }
           }
         }
       }
     }
-  }
-  for (int b = 0; b < NB; ++b) {
-    const int64_t n0 = (j + b) * 16;
-    float bias_f[16] = {};
-    if (bias != nullptr)
-      for (int c = 0; c < 16; ++c) bias_f[c] = static_cast<float>(bias[n0 + c]);
-    for (int i = 0; i < MB; ++i) {
-      alignas(32) float y[16];
-      for (int h = 0; h < 2; ++h) {
-        __m256 sum = acc[i][b][h];
-        if constexpr (kSplitOdd) sum = _mm256_add_ps(sum, acc_odd[i][b][h]);
-        _mm256_store_ps(y + 8 * h, _mm256_add_ps(sum, _mm256_loadu_ps(bias_f + 8 * h)));
+    for (int b = 0; b < NB; ++b) {
+      const int64_t n0 = (j + b) * 16;
+      float bias_f[16] = {};
+      if (bias != nullptr)
+        for (int c = 0; c < 16; ++c) bias_f[c] = static_cast<float>(bias[n0 + c]);
+      for (int i = 0; i < MB; ++i) {
+        alignas(32) float y[16];
+        for (int h = 0; h < 2; ++h) {
+          __m256 sum = acc[i][b][h];
+          if constexpr (kSplitOdd) sum = _mm256_add_ps(sum, acc_odd[i][b][h]);
+          _mm256_store_ps(y + 8 * h, _mm256_add_ps(sum, _mm256_loadu_ps(bias_f + 8 * h)));
+        }
+        c10::BFloat16* o = out + (m0 + i) * N + n0;
+        for (int c = 0; c < 16; ++c) o[c] = c10::BFloat16(y[c]);
       }
-      c10::BFloat16* o = out + (m0 + i) * N + n0;
-      for (int c = 0; c < 16; ++c) o[c] = c10::BFloat16(y[c]);
     }
   }
-}
-
-// Rows [m0, m0 + rows) (rows <= MB) of column blocks [j, j + NB): MB is the full tile height.
-template <int MB, int NB>
-void row_block(int64_t rows, const float* xf, int64_t K, const uint16_t* tiles, int64_t k_tiles,
-               const c10::BFloat16* bias, c10::BFloat16* out, int64_t N, int64_t m0, int64_t j, const char* next) {
-  if constexpr (MB > 1) {
-    if (rows < MB) return row_block<MB - 1, NB>(rows, xf, K, tiles, k_tiles, bias, out, N, m0, j, next);
-  }
-  register_tile<MB, NB>(xf, K, tiles, k_tiles, bias, out, N, m0, j, next);
-}
-
-// Column blocks [j0, j1) of out for every row of x, NB blocks at a time.
-template <int MB, int NB>
-void column_blocks(const float* xf, int64_t K, const uint16_t* tiles, int64_t k_tiles, const c10::BFloat16* bias,
-                   c10::BFloat16* out, int64_t M, int64_t N, int64_t j0, int64_t j1) {
-  for (int64_t mc = 0; mc < M; mc += kRowChunk) {
-    const int64_t m_end = std::min(M, mc + kRowChunk);
-    int64_t j = j0;
-    for (; j + NB <= j1; j += NB) {
-      // One pass of few rows (decode) streams the next group in; more rows reread this group from L1/L2.
-      const bool stream = M <= MB && j + 2 * NB <= j1;
-      const char* next = stream ? reinterpret_cast<const char*>(tiles + (j + NB) * k_tiles * kTileElems) : nullptr;
-      for (int64_t m = mc; m < m_end; m += MB)
-        row_block<MB, NB>(std::min<int64_t>(MB, m_end - m), xf, K, tiles, k_tiles, bias, out, N, m, j, next);
-    }
-    for (; j < j1; ++j) {  // fewer than NB blocks left
-      for (int64_t m = mc; m < m_end; m += MB)
-        row_block<MB, 1>(std::min<int64_t>(MB, m_end - m), xf, K, tiles, k_tiles, bias, out, N, m, j, nullptr);
-    }
-  }
-}
+};
 
 }  // namespace
 
@@ -125,18 +101,14 @@ void linear_bf16_vnni_tiles(const c10::BFloat16* x, int64_t x_stride, const c10:
   std::vector<float> xf(M * K);
   for (int64_t m = 0; m < M; ++m)
     for (int64_t k = 0; k < K; ++k) xf[m * K + k] = static_cast<float>(x[m * x_stride + k]);
-  const auto* tp = reinterpret_cast<const uint16_t*>(tiles);
-  const int64_t col_blocks = N / 16, k_tiles = K / 32;
-  // Tasks of at least ~256 KiB of weight (~10 us of streaming) or ~2 M multiply-adds, whichever is less.
-  const int64_t block_bytes = k_tiles * 1024, block_macs = 16 * K * M;
-  const int64_t grain = std::max<int64_t>(1, std::min((256 * 1024) / block_bytes, (2 << 20) / block_macs));
-  at::parallel_for(0, col_blocks, grain, [&](int64_t j0, int64_t j1) {
+  const Avx2Tiles tile{{reinterpret_cast<const uint16_t*>(tiles), K / 32, bias, out, N}, xf.data(), K};
+  at::parallel_for(0, N / 16, tile_task_blocks(M, K), [&](int64_t j0, int64_t j1) {
     // 16 ymm: M = 1 takes 2 blocks (4 + 4 split-odd accumulators, more weight streams in flight); else
     // 4 rows x 1 block (8 accumulators + 4 widened weight vectors + 2 broadcasts).
     if (M == 1) {
-      column_blocks<1, 2>(xf.data(), K, tp, k_tiles, bias, out, M, N, j0, j1);
+      tile_column_blocks<1, 2>(tile, M, kRowChunk, j0, j1);
     } else {
-      column_blocks<4, 1>(xf.data(), K, tp, k_tiles, bias, out, M, N, j0, j1);
+      tile_column_blocks<4, 1>(tile, M, kRowChunk, j0, j1);
     }
   });
 }
@@ -148,10 +120,10 @@ void widen_tiles_k_major(const c10::BFloat16* tiles, int64_t j0, int64_t blocks,
   const int64_t k_tiles = K / 32, ld = blocks * 16;
   const __m256i high = _mm256_set1_epi32(int(0xFFFF0000u));
   for (int64_t b = 0; b < blocks; ++b) {
-    const uint16_t* block = tp + (j0 + b) * k_tiles * kTileElems;
+    const uint16_t* block = tp + (j0 + b) * k_tiles * kVnniTileElems;
     for (int64_t t = 0; t < k_tiles; ++t) {
       for (int p = 0; p < 16; ++p) {
-        const uint16_t* pair = block + t * kTileElems + 32 * p;
+        const uint16_t* pair = block + t * kVnniTileElems + 32 * p;
         float* even = dst + (32 * t + 2 * p) * ld + 16 * b;
         for (int h = 0; h < 2; ++h) {
           const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(pair + 16 * h));

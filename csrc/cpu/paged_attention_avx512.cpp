@@ -157,10 +157,10 @@ class Avx512Ops<c10::BFloat16> {
   }
 
  private:
-  // S rows r..r+valid_rows-1 (valid_rows <= 4) for n tokens from a quad of queries (see load_query), four tokens at
-  // a time: accumulator t has quad row i's partial sums in its 128-bit lane i, and a two-level
-  // transpose-and-add turns four accumulators into four rows x four tokens. NJ = D / 8 when known at
-  // compile time (queries held in registers), 0 = read from L1.
+  // S rows r .. r + valid_rows - 1 (valid_rows <= 4) for n tokens from a quad of queries (see load_query),
+  // four tokens at a time: accumulator t has quad row i's partial sums in its 128-bit lane i, and a
+  // two-level transpose-and-add turns four accumulators into four rows x four tokens. NJ = D / 8 when known
+  // at compile time (queries held in registers), 0 = read from L1.
   template <int NJ>
   void scores_quad(const uint16_t* quad, int64_t r, int valid_rows, const uint16_t* k, int64_t k_stride, int64_t n,
                    float* S, int64_t S_stride) const {
@@ -223,7 +223,9 @@ class Avx512Ops<c10::BFloat16> {
           const __mmask8 mk = n - tg >= 4 ? __mmask8(0xF) : __mmask8((1u << (n - tg)) - 1);
           alignas(64) float lanes[16];
           _mm512_store_ps(lanes, sums[gg]);
-          for (int i = 0; i < valid_rows; ++i) _mm_mask_storeu_ps(S + (r + i) * S_stride + tg, mk, _mm_load_ps(lanes + 4 * i));
+          for (int i = 0; i < valid_rows; ++i) {
+            _mm_mask_storeu_ps(S + (r + i) * S_stride + tg, mk, _mm_load_ps(lanes + 4 * i));
+          }
         }
       }
     }

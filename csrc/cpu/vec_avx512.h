@@ -54,25 +54,4 @@ struct Vec512 {
   }
 };
 
-// Sixteen vectors -> one vector whose lane i is the horizontal sum of v[i], in 45 shuffles and adds
-// (a transpose-and-add tree) instead of 16 separate horizontal reductions.
-inline __m512 reduce_add_16(const __m512 v[16]) {
-  __m512 s1[8];
-  for (int k = 0; k < 8; ++k) {  // per 128-bit lane: [a0+a2, b0+b2, a1+a3, b1+b3]
-    s1[k] = _mm512_add_ps(_mm512_unpacklo_ps(v[2 * k], v[2 * k + 1]), _mm512_unpackhi_ps(v[2 * k], v[2 * k + 1]));
-  }
-  __m512 s2[4];
-  for (int k = 0; k < 4; ++k) {  // per 128-bit lane: the lane's partial sums of 4 vectors, in order
-    const __m512d a = _mm512_castps_pd(s1[2 * k]), b = _mm512_castps_pd(s1[2 * k + 1]);
-    s2[k] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(a, b)), _mm512_castpd_ps(_mm512_unpackhi_pd(a, b)));
-  }
-  __m512 s3[2];
-  for (int k = 0; k < 2; ++k) {  // lanes: [w0 L0+L1, w0 L2+L3, w1 L0+L1, w1 L2+L3]
-    s3[k] = _mm512_add_ps(_mm512_shuffle_f32x4(s2[2 * k], s2[2 * k + 1], _MM_SHUFFLE(2, 0, 2, 0)),
-                          _mm512_shuffle_f32x4(s2[2 * k], s2[2 * k + 1], _MM_SHUFFLE(3, 1, 3, 1)));
-  }
-  return _mm512_add_ps(_mm512_shuffle_f32x4(s3[0], s3[1], _MM_SHUFFLE(2, 0, 2, 0)),
-                       _mm512_shuffle_f32x4(s3[0], s3[1], _MM_SHUFFLE(3, 1, 3, 1)));
-}
-
 }  // namespace fast_inference::cpu::avx512

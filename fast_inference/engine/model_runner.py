@@ -48,9 +48,7 @@ class ModelRunner:
         self.max_num_seqs = max_num_seqs
         self.model = load_model(cfg, tensor_parallel)
         kv_heads = self.model.config.num_kv_heads  # this rank's KV heads under tensor parallelism
-        # Two weight layouts on CPU bf16 (batch-1 streaming + oneDNN prepacked) when memory allows.
-        keep_plain = self.model.weight_bytes <= available_memory(self.device) // 8
-        self.model.prepack(batch_hint=32, keep_plain=keep_plain)
+        self.model.prepack()
         # Bytes of key + value for one token across all layers.
         self.kv_bytes_per_token = (
             2 * cfg.num_layers * kv_heads * cfg.head_dim * torch.empty((), dtype=cfg.dtype).element_size()

@@ -20,13 +20,6 @@ def _param(*shape: int, dtype: torch.dtype, device: torch.device) -> nn.Paramete
     return nn.Parameter(torch.empty(*shape, dtype=dtype, device=device), requires_grad=False)
 
 
-# With native bf16 (ops.cpu_bf16_native()), a weight that is not VNNI tiles (N % 16 or K % 32) streams the
-# plain layout through ops.linear up to this many rows; above it oneDNN's prepacked GEMM is faster there.
-# Without native bf16 every size goes through ops.linear (its blocked GEMM runs at f32 GEMM speed; torch's
-# bf16 GEMM is ~4x slower).
-SMALL_M = 2
-
-
 class _DirectCall(nn.Module):
     """A module whose call goes straight to forward. The model registers no hooks, and nn.Module.__call__'s
     hook bookkeeping costs ~2 us per call: a batch-1 decode step makes ~270 module calls."""
@@ -54,8 +47,8 @@ class Linear(_DirectCall):
     """y = x W^T (+ b). On CPU, after prepack(): inputs of at most `op_rows` rows go through ops.linear
     (our kernels: a weight-streaming GEMV for decode batches, for bf16 a blocked GEMM above); f32 above the
     GEMV size is F.linear. With AVX2 or better a bf16 weight becomes VNNI tiles (ops.vnni_tiles), one copy
-    that ops.linear runs for every M; with native bf16 a weight whose shape does not tile gets a
-    oneDNN-prepacked copy for the larger inputs instead."""
+    that ops.linear runs for every M; a bf16 weight whose shape does not tile (N % 16, K % 32) goes through
+    ops.linear for every M in its row layout."""
 
     def __init__(
         self, in_features: int, out_features: int, bias: bool, dtype: torch.dtype, device: torch.device
@@ -63,10 +56,9 @@ class Linear(_DirectCall):
         super().__init__()
         self.weight = _param(out_features, in_features, dtype=dtype, device=device)
         self.bias = _param(out_features, dtype=dtype, device=device) if bias else None
-        self.packed: torch.Tensor | None = None
         self.op_rows = 0  # inputs with at most this many rows use ops.linear
 
-    def prepack(self, batch_hint: int, keep_plain: bool) -> None:
+    def prepack(self) -> None:
         if self.weight.device.type != "cpu":
             return
         if self.weight.dtype == torch.float32:
@@ -76,48 +68,16 @@ class Linear(_DirectCall):
             return  # not bf16, or tiled already
         if _tiles_fit(self.weight):
             self.weight = nn.Parameter(ops.vnni_tiles(self.weight.data), requires_grad=False)
-            self.op_rows = sys.maxsize
-            return
-        if not (ops.cpu_bf16_native() and _mkldnn_linear_ok()):
-            self.op_rows = sys.maxsize  # our kernels for every size, one weight copy
-            return
-        self.op_rows = SMALL_M
-        self.packed = torch.ops.mkldnn._reorder_linear_weight(self.weight.data, batch_hint)
-        if not keep_plain:
-            # Memory is tight: one copy only (the packed one), every size goes through oneDNN.
-            self.weight = nn.Parameter(self.weight.data.new_empty(0), requires_grad=False)
-            self.op_rows = 0
+        self.op_rows = sys.maxsize  # our kernels for every size, one weight copy
 
     def projection(self) -> torch.ScriptObject:
         """This module's forward as a C++ fast_inference.Projection (for DecoderStack), over the same tensors."""
-        return torch.classes.fast_inference.Projection(
-            [self.weight], [-1], self.bias, self.packed, self.op_rows
-        )
+        return torch.classes.fast_inference.Projection([self.weight], [-1], self.bias, self.op_rows)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[0] <= self.op_rows:
             return ops.linear(x, self.weight, self.bias)
-        if self.packed is not None:
-            return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
         return F.linear(x, self.weight, self.bias)
-
-
-_MKLDNN_OK: bool | None = None
-
-
-def _mkldnn_linear_ok() -> bool:
-    """Whether this torch build has the oneDNN prepacked bf16 linear, and it agrees with F.linear."""
-    global _MKLDNN_OK
-    if _MKLDNN_OK is None:
-        try:
-            w = torch.randn(24, 40).to(torch.bfloat16)
-            x = torch.randn(3, 40).to(torch.bfloat16)
-            packed = torch.ops.mkldnn._reorder_linear_weight(w, 4)
-            y = torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], "")
-            _MKLDNN_OK = bool(torch.allclose(y.float(), F.linear(x, w).float(), atol=1e-2, rtol=1e-2))
-        except (RuntimeError, AttributeError):
-            _MKLDNN_OK = False
-    return _MKLDNN_OK
 
 
 class RMSNorm(_DirectCall):
@@ -351,7 +311,7 @@ class LlamaForCausalLM(nn.Module):
             else _param(cfg.vocab_size, cfg.hidden_size, dtype=cfg.dtype, device=cfg.device)
         )
 
-    lm_head_packed: torch.Tensor | None = None  # CPU bf16: oneDNN's layout, or VNNI tiles on AMX (3-D)
+    lm_head_tiles: torch.Tensor | None = None  # CPU bf16 with AVX2 or better: the head as VNNI tiles
     weight_bytes: int = 0  # bytes of the checkpoint weights as loaded (each read once per decode step)
     # On CPU after prepack(): the layers as one C++ fast_inference.DecoderStack (csrc/cpu/decoder_stack.cpp),
     # the same ops without ~450 Python calls per step; None runs the Python layers (CUDA, tensor parallel).
@@ -360,16 +320,14 @@ class LlamaForCausalLM(nn.Module):
     # sampled row's logits are computed the same whatever the batch (see Projection::forward).
     head_projection: torch.ScriptObject | None = None
 
-    def prepack(self, batch_hint: int = 32, keep_plain: bool = True) -> None:
+    def prepack(self) -> None:
         """After loading: re-lay out the layer weights for the device's fastest GEMM (CPU bf16: VNNI tiles with
-        AVX2 or better), and on CPU build the layer stack.
-        keep_plain: a weight that gets a oneDNN-prepacked copy keeps the checkpoint layout too (the batch-1
-        decode kernel streams it): 2x its memory."""
+        AVX2 or better, one copy), and on CPU build the layer stack."""
         for module in self.modules():
             if isinstance(module, Linear):
-                module.prepack(batch_hint, keep_plain)
+                module.prepack()
         if self.head is None:
-            self._prepack_dense_head(batch_hint)
+            self._prepack_dense_head()
         self.layer_stack = self._build_layer_stack()
         quantized_head = self.head is not None and hasattr(self.head, "projection")
         self.head_projection = (
@@ -407,13 +365,11 @@ class LlamaForCausalLM(nn.Module):
             stack.bind_kv_cache([a.key_cache for a in attns], [a.value_cache for a in attns])
         return stack
 
-    def _prepack_dense_head(self, batch_hint: int) -> None:
+    def _prepack_dense_head(self) -> None:
         cpu_bf16 = self.lm_head.device.type == "cpu" and self.lm_head.dtype == torch.bfloat16
         if _tiles_fit(self.lm_head):
-            self.lm_head_packed = ops.vnni_tiles(self.lm_head.data)
-        elif cpu_bf16 and ops.cpu_bf16_native() and _mkldnn_linear_ok():
-            # A packed copy (the embedding, tied or not, still serves token lookups).
-            self.lm_head_packed = torch.ops.mkldnn._reorder_linear_weight(self.lm_head.data, batch_hint)
+            # A tiled copy: the embedding, tied or not, still serves token lookups.
+            self.lm_head_tiles = ops.vnni_tiles(self.lm_head.data)
         # The weights the batch-1 kernel streams every decode step move onto huge pages (see hugepages.py).
         streamed = [
             m.weight
@@ -422,13 +378,13 @@ class LlamaForCausalLM(nn.Module):
         ]
         if streamed and cpu_bf16:
             # The head the step streams too: its tiles, or the embedding's Parameter itself (tied, so lookups follow).
-            tiled_head = self.lm_head_packed is not None and self.lm_head_packed.dim() == 3
-            head = self.lm_head_packed if tiled_head else self.lm_head.data
+            tiled_head = self.lm_head_tiles is not None
+            head = self.lm_head_tiles if tiled_head else self.lm_head.data
             *moved, moved_head = move_to_huge_pages([p.data for p in streamed] + [head])
             for param, tensor in zip(streamed, moved, strict=True):
                 param.data = tensor
             if tiled_head:
-                self.lm_head_packed = moved_head
+                self.lm_head_tiles = moved_head
             else:
                 self.lm_head.data = moved_head
 
@@ -466,18 +422,10 @@ class LlamaForCausalLM(nn.Module):
         if self.head is not None:
             return self.head(hidden).float()
         on_cpu = hidden.device.type == "cpu"
-        if on_cpu and self.lm_head_packed is not None and self.lm_head_packed.dim() == 3:
-            return ops.linear(hidden, self.lm_head_packed).float()
-        if (
-            on_cpu
-            and hidden.dtype == torch.bfloat16
-            and (hidden.shape[0] <= SMALL_M or self.lm_head_packed is None)
-        ):
+        if on_cpu and self.lm_head_tiles is not None:
+            return ops.linear(hidden, self.lm_head_tiles).float()
+        if on_cpu and hidden.dtype == torch.bfloat16:
             return ops.linear(hidden, self.lm_head).float()
         if on_cpu and hidden.dtype == torch.float32 and hidden.shape[0] <= ops.dense.GEMV_MAX_ROWS:
             return ops.linear(hidden, self.lm_head).float()
-        if self.lm_head_packed is not None:
-            return torch.ops.mkldnn._linear_pointwise(
-                hidden, self.lm_head_packed, None, "none", [], ""
-            ).float()
         return F.linear(hidden, self.lm_head).float()

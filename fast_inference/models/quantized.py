@@ -102,9 +102,7 @@ class QuantizedLinear(_DirectCall):
     def projection(self) -> torch.ScriptObject:
         """This module's forward as a C++ fast_inference.Projection (for DecoderStack), over the same tensors."""
         qtypes = [-1 if p.qtype is None else p.qtype for p in self.parts]
-        return torch.classes.fast_inference.Projection(
-            [p.data for p in self.parts], qtypes, self.bias, None, 0
-        )
+        return torch.classes.fast_inference.Projection([p.data for p in self.parts], qtypes, self.bias, 0)
 
     def _one(self, x: torch.Tensor, part: StoredWeight, bias: torch.Tensor | None) -> torch.Tensor:
         if part.qtype is None:

@@ -9,10 +9,10 @@ GEMV_MAX_ROWS = 8
 
 
 def cpu_bf16_native() -> bool:
-    """The one capability gate that picks every CPU bfloat16 path (projections, encoders, dtype='auto').
+    """The capability gate of the CPU bfloat16 paths that need native bf16 (encoders' oneDNN GEMM).
 
     True when the CPU computes bf16 natively (AVX512_BF16, what our AVX-512 kernels and oneDNN's fast
-    bf16 GEMM need): larger bf16 batches may then use oneDNN's prepacked GEMM. False on AVX2-only CPUs
+    bf16 GEMM need): bf16 encoders may then use oneDNN's prepacked GEMM. False on AVX2-only CPUs
     (Zen 1/2/3, Haswell..Skylake client), and whenever FI_CPU_ISA=avx2|portable lowers our kernels (how
     tests and benchmarks emulate such a CPU): then every bf16 projection runs ops.linear's own kernels,
     and nothing calls oneDNN's bf16 weight reorder, which raises on those CPUs."""
@@ -51,5 +51,6 @@ def linear(
     to f32 in registers (AVX2+FMA, or AVX512_BF16 dot products); bf16 with more rows runs a blocked GEMM
     (weight slabs widened to f32 in cache + torch's f32 GEMM) unless cpu_bf16_native(), where torch's own
     bf16 GEMM is the fast one. Tiles, every M: AMX when cpu_amx(), AVX512_BF16 register tiles when
-    cpu_bf16_native(), else the row paths on the untiled weight. Other cases and CUDA: torch's linear."""
+    cpu_bf16_native(), AVX2 FMA register tiles (above 128 rows widened tile slabs + torch's f32 GEMM), and
+    the row paths on the untiled weight in the portable build. Other cases and CUDA: torch's linear."""
     return torch.ops.fast_inference.linear(x, weight, bias)

@@ -119,32 +119,30 @@ def test_bfloat16_decode_paths_agree(llama_dir, monkeypatch, cpu_kind):
     proj = llm.engine.runner.model.layers[0].mlp.down_proj
     # One copy, every size through ops.linear: no oneDNN bf16 reorder (it raises on AVX2-only CPUs).
     assert proj.weight.dim() == (2 if ops.cpu_isa() == "portable" else 3)
-    assert proj.packed is None and proj.op_rows >= 10
+    assert proj.op_rows >= 10
     alone = llm.generate(PROMPTS[1], params, use_tqdm=False)[0].outputs[0].token_ids
     batch = llm.generate([PROMPTS[1]] * 10, params, use_tqdm=False)
     assert [o.outputs[0].token_ids for o in batch] == [alone] * 10
 
 
-@pytest.mark.parametrize("keep_plain", [True, False])
-def test_untiled_bf16_weight_on_onednn(keep_plain):
-    # With native bf16 a weight whose shape does not tile (K % 32) keeps oneDNN's prepacked copy for the
-    # larger inputs, and with keep_plain=False (memory-tight) that copy only, for every size.
+def test_untiled_bf16_weight_runs_our_kernels_for_every_size():
+    # A bf16 weight whose shape does not tile (K % 32) keeps its row layout, one copy, and ops.linear
+    # runs it for every size (GEMV, blocked GEMM or at::linear): no oneDNN weight reorder anywhere.
+    import sys
+
     import torch
 
-    from fast_inference.models.llama import SMALL_M, Linear
+    from fast_inference.models.llama import Linear
 
-    if not ops.cpu_bf16_native():
-        pytest.skip("oneDNN's bf16 prepack is used only on a CPU with native bf16")
     torch.manual_seed(0)
     layer = Linear(40, 24, bias=True, dtype=torch.bfloat16, device=torch.device("cpu"))
     layer.weight.data.normal_()
     layer.bias.data.normal_()
-    want = {m: torch.randn(m, 40).bfloat16() for m in (1, 10)}
-    ref = {m: x.double() @ layer.weight.double().t() + layer.bias.double() for m, x in want.items()}
-    layer.prepack(batch_hint=32, keep_plain=keep_plain)
-    assert layer.packed is not None and layer.op_rows == (SMALL_M if keep_plain else 0)
-    assert layer.weight.numel() == (24 * 40 if keep_plain else 0)
-    for m, x in want.items():
+    xs = {m: torch.randn(m, 40).bfloat16() for m in (1, 10, 300)}
+    ref = {m: x.double() @ layer.weight.double().t() + layer.bias.double() for m, x in xs.items()}
+    layer.prepack()
+    assert layer.weight.shape == (24, 40) and layer.op_rows == sys.maxsize
+    for m, x in xs.items():
         torch.testing.assert_close(layer(x).double(), ref[m], atol=0.05, rtol=0.02)
 
 
