@@ -43,6 +43,13 @@ def _tiles_fit(weight: torch.Tensor) -> bool:
     )
 
 
+def _rows_of_tiles(tiles: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """Rows `ids` of the weight that VNNI tiles [N / 16, K / 32, 512] hold (ops.vnni_tiles) -> [len(ids), K]."""
+    blocks, k_tiles, _ = tiles.shape
+    per_column = tiles.view(blocks, k_tiles, 16, 16, 2)  # [block, k-tile, k-pair, column, pair element]
+    return per_column[ids // 16, :, :, ids % 16].reshape(ids.shape[0], k_tiles * 32)
+
+
 class Linear(_DirectCall):
     """y = x W^T (+ b). On CPU, after prepack(): inputs of at most `op_rows` rows go through ops.linear
     (our kernels: a weight-streaming GEMV for decode batches, for bf16 a blocked GEMM above); f32 above the
@@ -368,8 +375,9 @@ class LlamaForCausalLM(nn.Module):
     def _prepack_dense_head(self) -> None:
         cpu_bf16 = self.lm_head.device.type == "cpu" and self.lm_head.dtype == torch.bfloat16
         if _tiles_fit(self.lm_head):
-            # A tiled copy: the embedding, tied or not, still serves token lookups.
+            # One copy: the head's rows go, and a tied table's lookups gather from the tiles (_rows_of_tiles).
             self.lm_head_tiles = ops.vnni_tiles(self.lm_head.data)
+            self.lm_head.data = self.lm_head.data.new_empty(0)
         # The weights the batch-1 kernel streams every decode step move onto huge pages (see hugepages.py).
         streamed = [
             m.weight
@@ -399,11 +407,12 @@ class LlamaForCausalLM(nn.Module):
         self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata
     ) -> torch.Tensor:
         """input_ids, positions: int64 [num_tokens] (all sequences flattened) -> final hidden [num_tokens, hidden]."""
-        h = (
-            self.embedding.embed(input_ids)
-            if self.embedding is not None
-            else F.embedding(input_ids, self.embed_tokens)
-        )
+        if self.embedding is not None:
+            h = self.embedding.embed(input_ids)
+        elif self.embed_tokens.numel() == 0:  # tied, and its one copy is the head's tiles
+            h = _rows_of_tiles(self.lm_head_tiles, input_ids)
+        else:
+            h = F.embedding(input_ids, self.embed_tokens)
         rope = self.rope(positions, h.dtype)
         if self.layer_stack is not None:
             h, residual = self.layer_stack.forward(

@@ -125,6 +125,46 @@ def test_bfloat16_decode_paths_agree(llama_dir, monkeypatch, cpu_kind):
     assert [o.outputs[0].token_ids for o in batch] == [alone] * 10
 
 
+def test_tied_head_is_one_tiled_copy(tmp_path):
+    # A tied bf16 table becomes the head's VNNI tiles only (no row copy); token lookups gather their rows
+    # from the tiles, exactly the checkpoint's rows, and decoding alone or in a batch agrees. The test
+    # tokenizer has 655 tokens, so the table is padded to 656 rows (as real checkpoints pad theirs) to tile.
+    import json
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from fast_inference.models.demo import build_model_dir
+    from fast_inference.models.llama import _rows_of_tiles
+
+    path = build_model_dir(tmp_path / "tied", "Qwen2ForCausalLM", tie_word_embeddings=True, seed=3)
+    (weights_file,) = path.glob("*.safetensors")
+    weights = load_file(weights_file)
+    table = weights["model.embed_tokens.weight"]
+    rows = -(-table.shape[0] // 16) * 16
+    weights["model.embed_tokens.weight"] = torch.cat(
+        (table, table.new_zeros(rows - table.shape[0], table.shape[1]))
+    )
+    save_file(weights, weights_file, metadata={"format": "pt"})
+    config = json.loads((path / "config.json").read_text())
+    config["vocab_size"] = rows
+    (path / "config.json").write_text(json.dumps(config))
+
+    llm = LLM(path, dtype="bfloat16", kv_cache_memory="8MiB")
+    model = llm.engine.runner.model
+    if ops.cpu_isa() == "portable":
+        assert model.lm_head_tiles is None and model.embed_tokens.numel() > 0
+        return
+    assert model.lm_head_tiles is not None and model.embed_tokens.numel() == 0
+    ids = torch.tensor([0, 1, 17, rows - 1, 17])
+    want = weights["model.embed_tokens.weight"].bfloat16()[ids]
+    assert torch.equal(_rows_of_tiles(model.lm_head_tiles, ids), want)
+    params = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
+    alone = llm.generate(PROMPTS[0], params, use_tqdm=False)[0].outputs[0].token_ids
+    batch = llm.generate([PROMPTS[0]] * 3, params, use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in batch] == [alone] * 3
+
+
 def test_untiled_bf16_weight_runs_our_kernels_for_every_size():
     # A bf16 weight whose shape does not tile (K % 32) keeps its row layout, one copy, and ops.linear
     # runs it for every size (GEMV, blocked GEMM or at::linear): no oneDNN weight reorder anywhere.
