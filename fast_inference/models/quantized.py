@@ -1,6 +1,7 @@
 """Weights kept in ggml block formats (from a GGUF file or quantized at load): the stored-weight record and the
 linear / embedding module that runs them through ops.quant_linear and ops.dequantize."""
 
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -9,7 +10,7 @@ import torch.nn.functional as F
 from fast_inference import ops
 from fast_inference.ops import quant
 
-from .llama import _DirectCall
+from .llama import _DirectCall, _rows_of_tiles, _tiles_fit
 
 # ggml type id -> name, for the block formats the quantized ops implement.
 QUANTIZED_TYPES = quant.QTYPE_NAMES
@@ -69,12 +70,25 @@ def _cpu_layout(part: StoredWeight) -> StoredWeight:
     return StoredWeight(part.qtype, data.view(tiles.shape), part.cols)
 
 
+def _dense_layout(part: StoredWeight, dtype: torch.dtype) -> StoredWeight:
+    """A dense part (F32/F16/BF16 in the file) in the activation dtype; on CPU a bf16 part whose shape tiles
+    becomes VNNI tiles (ops.vnni_tiles, what ops.linear runs fastest for every M) over the same memory, as
+    _cpu_layout does for the block formats."""
+    data = part.data.to(dtype).contiguous()
+    if data.dim() != 2 or not _tiles_fit(data):
+        return StoredWeight(None, data, part.cols)
+    tiles = ops.vnni_tiles(data)
+    data.view(-1).copy_(tiles.view(-1))
+    return StoredWeight(None, data.view(tiles.shape), part.cols)
+
+
 class QuantizedLinear(_DirectCall):
     """y = x W^T (+ b) with W's row groups (fused q/k/v, gate/up) each in its own format.
 
     A Q4_K_M file stores attn_v in Q6_K next to Q4_K q/k: parts in different formats stay separate ops whose
     outputs are concatenated; parts in the same format are concatenated once at load into one op. Dense parts
-    (F32/F16/BF16 in the file) are kept in the activation dtype. The rows double as an embedding table
+    (F32/F16/BF16 in the file) are kept in the activation dtype and run through ops.linear (bf16 on CPU as
+    VNNI tiles). The rows double as an embedding table
     (embed), so a tied head and the token lookup share one quantized copy."""
 
     def __init__(self, parts: list[StoredWeight], bias: torch.Tensor | None, dtype: torch.dtype):
@@ -86,10 +100,7 @@ class QuantizedLinear(_DirectCall):
                 merged[-1] = StoredWeight(last.qtype, _concat_rows(last.data, part.data), last.cols)
             else:
                 merged.append(part)
-        self.parts = [
-            StoredWeight(p.qtype, p.data.to(dtype), p.cols) if p.qtype is None else _cpu_layout(p)
-            for p in merged
-        ]
+        self.parts = [_dense_layout(p, dtype) if p.qtype is None else _cpu_layout(p) for p in merged]
         self.in_features = parts[0].cols
         self.out_features = sum(p.rows for p in parts)
         self.bias = bias
@@ -102,11 +113,13 @@ class QuantizedLinear(_DirectCall):
     def projection(self) -> torch.ScriptObject:
         """This module's forward as a C++ fast_inference.Projection (for DecoderStack), over the same tensors."""
         qtypes = [-1 if p.qtype is None else p.qtype for p in self.parts]
-        return torch.classes.fast_inference.Projection([p.data for p in self.parts], qtypes, self.bias, 0)
+        return torch.classes.fast_inference.Projection(
+            [p.data for p in self.parts], qtypes, self.bias, sys.maxsize
+        )
 
     def _one(self, x: torch.Tensor, part: StoredWeight, bias: torch.Tensor | None) -> torch.Tensor:
         if part.qtype is None:
-            return F.linear(x, part.data, bias)
+            return ops.linear(x, part.data, bias)
         return ops.quant_linear(x, part.data, part.qtype, bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -120,7 +133,7 @@ class QuantizedLinear(_DirectCall):
         """Rows `ids` (int64 [T]) as [T, K] in the activation dtype: only those rows are dequantized."""
         (part,) = self.parts  # an embedding table is one tensor
         if part.qtype is None:
-            return F.embedding(ids, part.data)
+            return _rows_of_tiles(part.data, ids) if part.data.dim() == 3 else F.embedding(ids, part.data)
         if part.data.dim() == 2:
             return ops.dequantize(part.data.index_select(0, ids), part.qtype, part.cols, self.dtype)
         # Interleaved: the tiles holding the rows, dequantized (16 rows each), then the rows themselves.

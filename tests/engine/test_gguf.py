@@ -219,6 +219,49 @@ def test_gguf_matches_dequantized_hf(tmp_path, architecture, qtype):
         assert _greedy(file) == _greedy(reference)
 
 
+def test_bf16_gguf_runs_the_dense_kernels(tmp_path):
+    # A BF16 file at bf16 activations: its layers are laid out as the HF folder's are (VNNI tiles on x86
+    # with AVX2) and its table-and-head module's dense part goes through ops.linear as the folder's head
+    # does, so greedy decoding equals the same weights from safetensors.
+    from fast_inference import ops
+
+    hf = build_model_dir(tmp_path / "hf", hidden_size=64, intermediate_size=128, seed=3)
+    file = tmp_path / "model.gguf"
+    weights = write_gguf(hf, file, GT.BF16)
+    reference = _hf_copy(hf, tmp_path / "dequantized", weights)
+    llm = LLM(str(file), dtype="bfloat16", kv_cache_memory="16MiB")
+    model = llm.engine.runner.model
+    assert model.layers[0].mlp.down_proj.weight.dim() == (2 if ops.cpu_isa() == "portable" else 3)
+    (part,) = model.head.parts
+    assert part.qtype is None and part.data.dtype == torch.bfloat16
+    ref = LLM(str(reference), dtype="bfloat16", kv_cache_memory="16MiB")
+    got, want = (
+        [o.outputs[0].token_ids for o in engine.generate(PROMPTS, GREEDY, use_tqdm=False)]
+        for engine in (llm, ref)
+    )
+    assert got == want
+
+
+def test_dense_bf16_part_is_tiled_in_place():
+    # A dense bf16 part whose shape tiles becomes VNNI tiles over its own memory (no second copy of the
+    # file's arena); projections and row lookups through it match the rows.
+    from fast_inference import ops
+    from fast_inference.models.quantized import QuantizedLinear, StoredWeight
+
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(48, 64, generator=g).bfloat16()
+    arena = w.clone()
+    layer = QuantizedLinear([StoredWeight(None, arena, 64)], None, torch.bfloat16)
+    (part,) = layer.parts
+    if ops.cpu_isa() != "portable":
+        assert part.data.dim() == 3 and part.data.data_ptr() == arena.data_ptr()
+    x = torch.randn(5, 64, generator=g).bfloat16()
+    ref = x.double() @ w.double().t()
+    torch.testing.assert_close(layer(x).double(), ref, atol=0.02 * ref.abs().max().item(), rtol=1e-2)
+    ids = torch.tensor([0, 47, 16, 16])
+    assert torch.equal(layer.embed(ids), w[ids])
+
+
 def test_quantization_q8_0_matches_dequantized(tmp_path):
     hf = build_model_dir(tmp_path / "hf", hidden_size=64, intermediate_size=128, seed=5)
     weights = write_gguf(hf, tmp_path / "model.gguf", GT.Q8_0)  # the same Q8_0 blocks, dequantized
