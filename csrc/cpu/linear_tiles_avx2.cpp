@@ -18,6 +18,8 @@
 
 namespace fast_inference::cpu::avx2 {
 
+void widen_bf16_rows(const c10::BFloat16* src, int64_t src_stride, float* dst, int64_t rows, int64_t K);
+
 namespace {
 
 // Rows of x per pass over a thread's column blocks: 128 rows of K = 1536 f32 (768 KiB) stay in L2.
@@ -99,8 +101,7 @@ struct Avx2Tiles : VnniTileOperands {
 void linear_bf16_vnni_tiles(const c10::BFloat16* x, int64_t x_stride, const c10::BFloat16* tiles,
                             const c10::BFloat16* bias, c10::BFloat16* out, int64_t M, int64_t N, int64_t K) {
   std::vector<float> xf(M * K);
-  for (int64_t m = 0; m < M; ++m)
-    for (int64_t k = 0; k < K; ++k) xf[m * K + k] = static_cast<float>(x[m * x_stride + k]);
+  widen_bf16_rows(x, x_stride, xf.data(), M, K);
   const Avx2Tiles tile{{reinterpret_cast<const uint16_t*>(tiles), K / 32, bias, out, N}, xf.data(), K};
   at::parallel_for(0, N / 16, tile_task_blocks(M, K), [&](int64_t j0, int64_t j1) {
     // 16 ymm: M = 1 takes 2 blocks (4 + 4 split-odd accumulators, more weight streams in flight); else
